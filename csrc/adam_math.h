@@ -1,0 +1,59 @@
+// The per-element Adam / AdamW update, shared by the CPU and CUDA kernels.
+// Mirrors torch.optim.Adam's single-tensor path (lerp for the first moment,
+// denom = sqrt(v) / sqrt(bc2) + eps, step size lr / bc1).
+#pragma once
+#include <cmath>
+
+#include "sgd_math.h"  // SAM_HD
+
+namespace sam_kernels {
+
+struct AdamArgs {
+  float lr;
+  float beta1_weight;  // 1 - beta1, the lerp weight
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float weight_decay;
+  float decay_factor;  // 1 - lr * wd for AdamW
+  float step_size;     // lr / bias_correction1
+  float bc2_sqrt;      // sqrt(bias_correction2)
+  bool decoupled;
+  bool maximize;
+};
+
+inline AdamArgs make_adam_args(
+    double lr, double beta1, double beta2, double eps, double wd, bool decoupled, bool maximize,
+    double bc1, double bc2) {
+  return AdamArgs{
+      static_cast<float>(lr), static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
+      static_cast<float>(1.0 - beta2), static_cast<float>(eps), static_cast<float>(wd),
+      static_cast<float>(1.0 - lr * wd), static_cast<float>(lr / bc1),
+      static_cast<float>(std::sqrt(bc2)), decoupled, maximize};
+}
+
+template <typename T>
+SAM_HD void adam_update(T& x, T& m, T& v, T& vmax, T g, const AdamArgs& a, bool amsgrad) {
+  T d = a.maximize ? -g : g;
+  if (a.weight_decay != 0.f) {
+    if (a.decoupled) {
+      x *= T(a.decay_factor);
+    } else {
+      d += T(a.weight_decay) * x;
+    }
+  }
+  // torch's lerp: start + w * (end - start) for w < 0.5, end - (end - start) * (1 - w) otherwise
+  const T w = T(a.beta1_weight);
+  m = w < T(0.5) ? m + w * (d - m) : d - (d - m) * (T(1) - w);
+  v = T(a.beta2) * v + T(a.one_minus_beta2) * d * d;
+  T vden = v;
+  if (amsgrad) {
+    vmax = vmax > v ? vmax : v;
+    vden = vmax;
+  }
+  using std::sqrt;
+  const T denom = sqrt(vden) / T(a.bc2_sqrt) + T(a.eps);
+  x -= T(a.step_size) * m / denom;
+}
+
+}  // namespace sam_kernels

@@ -1,0 +1,84 @@
+// restore_adam_: SAM's second half fused with torch.optim.Adam / AdamW, one pass per element:
+//   x = old; d = maximize ? -g : g
+//   decoupled: x *= 1 - lr * wd          else: d += wd * x
+//   m = lerp(m, d, 1 - beta1); v = beta2 * v + (1 - beta2) * d^2; vmax = max(vmax, v) (amsgrad)
+//   x -= (lr / bc1) * m / (sqrt(v or vmax) / sqrt(bc2) + eps)
+// Bytes per element (fp32): read old, g, m, v; write x, m, v = 28 B (+8 B with amsgrad).
+#include "../adam_math.h"
+#include "multi_tensor.h"
+
+namespace sam_kernels::cpu {
+namespace {
+
+// Kept out of the AT_DISPATCH lambda: a pragma cannot sit inside a macro argument.
+template <typename scalar_t, bool kAmsgrad>
+void adam_chunk(
+    scalar_t* x, const scalar_t* old, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax,
+    const AdamArgs& args, int64_t n) {
+  using opmath_t = at::opmath_type<scalar_t>;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    opmath_t xv = static_cast<opmath_t>(old[i]);
+    opmath_t mv = static_cast<opmath_t>(m[i]);
+    opmath_t vv = static_cast<opmath_t>(v[i]);
+    opmath_t vmv = kAmsgrad ? static_cast<opmath_t>(vmax[i]) : opmath_t(0);
+    adam_update<opmath_t>(xv, mv, vv, vmv, static_cast<opmath_t>(g[i]), args, kAmsgrad);
+    x[i] = static_cast<scalar_t>(xv);
+    m[i] = static_cast<scalar_t>(mv);
+    v[i] = static_cast<scalar_t>(vv);
+    if constexpr (kAmsgrad) vmax[i] = static_cast<scalar_t>(vmv);
+  }
+}
+
+}  // namespace
+
+void restore_adam_(
+    at::TensorList params,
+    at::TensorList olds,
+    at::TensorList grads,
+    at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs,
+    at::TensorList max_exp_avg_sqs,
+    double lr,
+    double beta1,
+    double beta2,
+    double eps,
+    double weight_decay,
+    bool decoupled,
+    bool amsgrad,
+    bool maximize,
+    double bias_correction1,
+    double bias_correction2) {
+  if (params.empty()) return;
+  const auto device = list_device("restore_adam_", params, at::kCPU);
+  check_list("restore_adam_", "olds", olds, params, device);
+  check_list("restore_adam_", "grads", grads, params, device);
+  check_list("restore_adam_", "exp_avgs", exp_avgs, params, device);
+  check_list("restore_adam_", "exp_avg_sqs", exp_avg_sqs, params, device);
+  if (amsgrad) check_list("restore_adam_", "max_exp_avg_sqs", max_exp_avg_sqs, params, device);
+
+  const AdamArgs args = make_adam_args(
+      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2);
+  parallel_chunks(make_chunks(params), [&](const Chunk& c) {
+    const auto& p = params[c.tensor];
+    SAM_DISPATCH_FLOATING(p.scalar_type(), "restore_adam_", [&] {
+      scalar_t* x = p.data_ptr<scalar_t>() + c.begin;
+      const scalar_t* old = olds[c.tensor].const_data_ptr<scalar_t>() + c.begin;
+      const scalar_t* g = grads[c.tensor].const_data_ptr<scalar_t>() + c.begin;
+      scalar_t* m = exp_avgs[c.tensor].data_ptr<scalar_t>() + c.begin;
+      scalar_t* v = exp_avg_sqs[c.tensor].data_ptr<scalar_t>() + c.begin;
+      const int64_t n = c.end - c.begin;
+      if (amsgrad) {
+        adam_chunk<scalar_t, true>(x, old, g, m, v, max_exp_avg_sqs[c.tensor].data_ptr<scalar_t>() + c.begin, args, n);
+      } else {
+        adam_chunk<scalar_t, false>(x, old, g, m, v, nullptr, args, n);
+      }
+    });
+  });
+}
+
+}  // namespace sam_kernels::cpu
+
+TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
+  m.impl("restore_adam_", &sam_kernels::cpu::restore_adam_);
+}

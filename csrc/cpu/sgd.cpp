@@ -1,0 +1,70 @@
+// restore_sgd_: SAM's second half fused with torch.optim.SGD, one pass per element:
+//   x = old; d = (maximize ? -g : g) + wd * x
+//   buf = init ? d : momentum * buf + (1 - dampening) * d      (only when momentum != 0)
+//   x = x - lr * (nesterov ? d + momentum * buf : buf)          (d when momentum == 0)
+// Bytes per element (fp32, momentum): read old, g, buf; write x, buf = 20 B.
+#include "multi_tensor.h"
+#include "../sgd_math.h"
+
+namespace sam_kernels::cpu {
+namespace {
+
+// Kept out of the AT_DISPATCH lambda: a pragma cannot sit inside a macro argument.
+template <typename scalar_t, bool kMomentum>
+void sgd_chunk(scalar_t* x, const scalar_t* old, const scalar_t* g, scalar_t* buf, const SgdArgs& args, int64_t n) {
+  using opmath_t = at::opmath_type<scalar_t>;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    opmath_t xv = static_cast<opmath_t>(old[i]);
+    opmath_t bv = (kMomentum && !args.init_bufs) ? static_cast<opmath_t>(buf[i]) : opmath_t(0);
+    sgd_update<opmath_t>(xv, bv, static_cast<opmath_t>(g[i]), args, kMomentum);
+    x[i] = static_cast<scalar_t>(xv);
+    if constexpr (kMomentum) buf[i] = static_cast<scalar_t>(bv);
+  }
+}
+
+}  // namespace
+
+void restore_sgd_(
+    at::TensorList params,
+    at::TensorList olds,
+    at::TensorList grads,
+    at::TensorList bufs,
+    double lr,
+    double momentum,
+    double dampening,
+    bool nesterov,
+    double weight_decay,
+    bool maximize,
+    bool init_bufs) {
+  if (params.empty()) return;
+  const auto device = list_device("restore_sgd_", params, at::kCPU);
+  check_list("restore_sgd_", "olds", olds, params, device);
+  check_list("restore_sgd_", "grads", grads, params, device);
+  const bool has_momentum = momentum != 0.0;
+  if (has_momentum) check_list("restore_sgd_", "bufs", bufs, params, device);
+
+  const SgdArgs args{
+      static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
+      static_cast<float>(weight_decay), nesterov, maximize, init_bufs};
+  parallel_chunks(make_chunks(params), [&](const Chunk& c) {
+    const auto& p = params[c.tensor];
+    SAM_DISPATCH_FLOATING(p.scalar_type(), "restore_sgd_", [&] {
+      scalar_t* x = p.data_ptr<scalar_t>() + c.begin;
+      const scalar_t* old = olds[c.tensor].const_data_ptr<scalar_t>() + c.begin;
+      const scalar_t* g = grads[c.tensor].const_data_ptr<scalar_t>() + c.begin;
+      const int64_t n = c.end - c.begin;
+      if (has_momentum) {
+        sgd_chunk<scalar_t, true>(x, old, g, bufs[c.tensor].data_ptr<scalar_t>() + c.begin, args, n);
+      } else {
+        sgd_chunk<scalar_t, false>(x, old, g, nullptr, args, n);
+      }
+    });
+  });
+}
+
+}  // namespace sam_kernels::cpu
+
+TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
+  m.impl("restore_sgd_", &sam_kernels::cpu::restore_sgd_);
+}

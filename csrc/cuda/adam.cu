@@ -1,0 +1,99 @@
+// restore_adam_: x <- olds, then one torch.optim.Adam / AdamW step, in one pass (see adam_math.h).
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "../adam_math.h"
+#include "multi_tensor_apply.cuh"
+
+namespace sam_kernels::cuda {
+namespace {
+
+template <typename scalar_t, bool kAmsgrad>
+__global__ void __launch_bounds__(kThreads)
+    restore_adam_kernel(const int64_t* __restrict__ meta, int64_t n_tensors, AdamArgs args) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const ChunkRef c = chunk_of(meta, kAmsgrad ? 6 : 5, n_tensors);
+  scalar_t* x = list_ptr<scalar_t>(meta, 0, n_tensors, c.tensor);
+  const scalar_t* old = list_ptr<const scalar_t>(meta, 1, n_tensors, c.tensor);
+  const scalar_t* g = list_ptr<const scalar_t>(meta, 2, n_tensors, c.tensor);
+  scalar_t* m = list_ptr<scalar_t>(meta, 3, n_tensors, c.tensor);
+  scalar_t* v = list_ptr<scalar_t>(meta, 4, n_tensors, c.tensor);
+  scalar_t* vmax = kAmsgrad ? list_ptr<scalar_t>(meta, 5, n_tensors, c.tensor) : nullptr;
+  for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
+    opmath_t xv[kILP], gv[kILP], mv[kILP], vv[kILP], vmv[kILP];
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const int64_t i = base + int64_t(k) * kThreads;
+      if (i < c.end) {
+        xv[k] = static_cast<opmath_t>(old[i]);
+        gv[k] = static_cast<opmath_t>(g[i]);
+        mv[k] = static_cast<opmath_t>(m[i]);
+        vv[k] = static_cast<opmath_t>(v[i]);
+        vmv[k] = kAmsgrad ? static_cast<opmath_t>(vmax[i]) : opmath_t(0);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const int64_t i = base + int64_t(k) * kThreads;
+      if (i < c.end) {
+        adam_update<opmath_t>(xv[k], mv[k], vv[k], vmv[k], gv[k], args, kAmsgrad);
+        x[i] = static_cast<scalar_t>(xv[k]);
+        m[i] = static_cast<scalar_t>(mv[k]);
+        v[i] = static_cast<scalar_t>(vv[k]);
+        if constexpr (kAmsgrad) vmax[i] = static_cast<scalar_t>(vmv[k]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void restore_adam_(
+    at::TensorList params,
+    at::TensorList olds,
+    at::TensorList grads,
+    at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs,
+    at::TensorList max_exp_avg_sqs,
+    double lr,
+    double beta1,
+    double beta2,
+    double eps,
+    double weight_decay,
+    bool decoupled,
+    bool amsgrad,
+    bool maximize,
+    double bias_correction1,
+    double bias_correction2) {
+  if (params.empty()) return;
+  const auto device = list_device("restore_adam_", params, at::kCUDA);
+  check_list("restore_adam_", "olds", olds, params, device);
+  check_list("restore_adam_", "grads", grads, params, device);
+  check_list("restore_adam_", "exp_avgs", exp_avgs, params, device);
+  check_list("restore_adam_", "exp_avg_sqs", exp_avg_sqs, params, device);
+  if (amsgrad) check_list("restore_adam_", "max_exp_avg_sqs", max_exp_avg_sqs, params, device);
+  const AdamArgs args = make_adam_args(
+      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2);
+  const c10::cuda::CUDAGuard guard(device);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  for (const auto& [dtype, index] : dtype_groups(params)) {
+    SAM_CUDA_DISPATCH(dtype, "restore_adam_", [&] {
+      if (amsgrad) {
+        const Table table = make_table({params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, index);
+        restore_adam_kernel<scalar_t, true>
+            <<<table.n_chunks, kThreads, 0, stream>>>(table.data(), table.n_tensors, args);
+      } else {
+        const Table table = make_table({params, olds, grads, exp_avgs, exp_avg_sqs}, index);
+        restore_adam_kernel<scalar_t, false>
+            <<<table.n_chunks, kThreads, 0, stream>>>(table.data(), table.n_tensors, args);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+}
+
+}  // namespace sam_kernels::cuda
+
+TORCH_LIBRARY_IMPL(sam_kernels, CUDA, m) {
+  m.impl("restore_adam_", &sam_kernels::cuda::restore_adam_);
+}

@@ -1,0 +1,88 @@
+// restore_sgd_: x <- olds, then one torch.optim.SGD step, in one pass (see sgd_math.h).
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "../sgd_math.h"
+#include "multi_tensor_apply.cuh"
+
+namespace sam_kernels::cuda {
+namespace {
+
+template <typename scalar_t, bool kMomentum>
+__global__ void __launch_bounds__(kThreads)
+    restore_sgd_kernel(const int64_t* __restrict__ meta, int64_t n_tensors, SgdArgs args) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const ChunkRef c = chunk_of(meta, kMomentum ? 4 : 3, n_tensors);
+  scalar_t* x = list_ptr<scalar_t>(meta, 0, n_tensors, c.tensor);
+  const scalar_t* old = list_ptr<const scalar_t>(meta, 1, n_tensors, c.tensor);
+  const scalar_t* g = list_ptr<const scalar_t>(meta, 2, n_tensors, c.tensor);
+  scalar_t* buf = kMomentum ? list_ptr<scalar_t>(meta, 3, n_tensors, c.tensor) : nullptr;
+  for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
+    opmath_t xv[kILP], gv[kILP], bv[kILP];
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const int64_t i = base + int64_t(k) * kThreads;
+      if (i < c.end) {
+        xv[k] = static_cast<opmath_t>(old[i]);
+        gv[k] = static_cast<opmath_t>(g[i]);
+        bv[k] = (kMomentum && !args.init_bufs) ? static_cast<opmath_t>(buf[i]) : opmath_t(0);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const int64_t i = base + int64_t(k) * kThreads;
+      if (i < c.end) {
+        sgd_update<opmath_t>(xv[k], bv[k], gv[k], args, kMomentum);
+        x[i] = static_cast<scalar_t>(xv[k]);
+        if constexpr (kMomentum) buf[i] = static_cast<scalar_t>(bv[k]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void restore_sgd_(
+    at::TensorList params,
+    at::TensorList olds,
+    at::TensorList grads,
+    at::TensorList bufs,
+    double lr,
+    double momentum,
+    double dampening,
+    bool nesterov,
+    double weight_decay,
+    bool maximize,
+    bool init_bufs) {
+  if (params.empty()) return;
+  const auto device = list_device("restore_sgd_", params, at::kCUDA);
+  check_list("restore_sgd_", "olds", olds, params, device);
+  check_list("restore_sgd_", "grads", grads, params, device);
+  const bool has_momentum = momentum != 0.0;
+  if (has_momentum) check_list("restore_sgd_", "bufs", bufs, params, device);
+  const SgdArgs args{
+      static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
+      static_cast<float>(weight_decay), nesterov, maximize, init_bufs};
+  const c10::cuda::CUDAGuard guard(device);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  for (const auto& [dtype, index] : dtype_groups(params)) {
+    SAM_CUDA_DISPATCH(dtype, "restore_sgd_", [&] {
+      if (has_momentum) {
+        const Table table = make_table({params, olds, grads, bufs}, index);
+        restore_sgd_kernel<scalar_t, true>
+            <<<table.n_chunks, kThreads, 0, stream>>>(table.data(), table.n_tensors, args);
+      } else {
+        const Table table = make_table({params, olds, grads}, index);
+        restore_sgd_kernel<scalar_t, false>
+            <<<table.n_chunks, kThreads, 0, stream>>>(table.data(), table.n_tensors, args);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+}
+
+}  // namespace sam_kernels::cuda
+
+TORCH_LIBRARY_IMPL(sam_kernels, CUDA, m) {
+  m.impl("restore_sgd_", &sam_kernels::cuda::restore_sgd_);
+}

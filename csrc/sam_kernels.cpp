@@ -1,0 +1,36 @@
+// Operator schemas for torch.ops.sam_kernels.*, shared by the CPU and CUDA kernels.
+// Mutated lists carry alias annotations (a!) so functionalization and torch.compile
+// know what each op writes. Fake (meta) implementations live in sam_kernels/_ext.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A plain module object: the ops are registered by the static initializers below,
+// so importing sam_kernels._C is all Python has to do (no pybind11 needed).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(sam_kernels, m) {
+  // sqrt(sum_i ||w_i * t_i||^2) with w_i = |weights_i| + offset (or 1 when weights is empty).
+  m.def("global_norm(Tensor[] tensors, Tensor[] weights, float offset) -> Tensor");
+  // olds <- params; params <- params + s * w^2 * grads, s = rho / (norm + 1e-12),
+  // and params untouched when norm is not finite.
+  m.def(
+      "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] olds, Tensor norm, "
+      "float rho, bool adaptive, float offset) -> ()");
+  m.def("restore_(Tensor(a!)[] params, Tensor[] olds) -> ()");
+  // params <- olds, then one torch.optim.SGD step with grads; bufs are the momentum buffers.
+  m.def(
+      "restore_sgd_(Tensor(a!)[] params, Tensor[] olds, Tensor[] grads, Tensor(b!)[] bufs, "
+      "float lr, float momentum, float dampening, bool nesterov, float weight_decay, "
+      "bool maximize, bool init_bufs) -> ()");
+  // params <- olds, then one torch.optim.Adam / AdamW step (bias corrections given by the caller).
+  m.def(
+      "restore_adam_(Tensor(a!)[] params, Tensor[] olds, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
+      "float bias_correction1, float bias_correction2) -> ()");
+}

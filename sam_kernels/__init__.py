@@ -1,0 +1,8 @@
+"""sam_kernels: fused, multi-tensor sharpness-aware optimizers for PyTorch."""
+from . import _ext  # noqa: F401  (loads the native ops, or warns once)
+from . import backends, ops
+from .backends import BackendUnavailableError
+from .sam import SAM
+
+__all__ = ["SAM", "ops", "backends", "BackendUnavailableError"]
+__version__ = "0.1.0"

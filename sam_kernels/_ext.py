@@ -1,0 +1,57 @@
+"""Loading the native extension sam_kernels._C, and the fake (meta) implementations of its ops.
+
+Importing _C registers torch.ops.sam_kernels.* (CPU kernels always, CUDA kernels when built
+with them). If it cannot be loaded, sam_kernels still works on its Triton and pure-torch paths
+and warns once, saying what is missing.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+_LOADED = False
+_ERROR: str | None = None
+
+try:
+    from . import _C  # noqa: F401  (registers the ops)
+
+    _LOADED = True
+except ImportError as exc:  # pragma: no cover - exercised by the no-extension CI job
+    _ERROR = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        "sam_kernels: the native extension sam_kernels._C could not be loaded "
+        f"({_ERROR}); the 'cpu' and 'cuda' backends are unavailable and CPU tensors use the "
+        "pure-torch path. Rebuild with `pip install --no-build-isolation .` to get them.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def loaded() -> bool:
+    return _LOADED
+
+
+def load_error() -> str | None:
+    return _ERROR
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether torch.ops.sam_kernels.<op> has a kernel for `dispatch_key` ("CPU" or "CUDA")."""
+    if not _LOADED:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sam_kernels::{op}", dispatch_key)
+
+
+if _LOADED:
+    # Fake implementations: shapes only, so torch.compile / FakeTensor tracing can run
+    # through the optimizer without executing kernels.
+    @torch.library.register_fake("sam_kernels::global_norm")
+    def _global_norm_fake(tensors, weights, offset):
+        return tensors[0].new_empty((), dtype=torch.float32)
+
+    def _mutating_fake(*args, **kwargs):
+        return None
+
+    for _op in ("perturb_", "restore_", "restore_sgd_", "restore_adam_"):
+        torch.library.register_fake(f"sam_kernels::{_op}")(_mutating_fake)

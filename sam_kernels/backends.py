@@ -1,0 +1,77 @@
+"""Which implementation of the primitives runs, and why another cannot.
+
+"triton" (default on CUDA tensors; on CPU tensors only with TRITON_INTERPRET=1), "cuda" (the
+CUDA C++ kernels of the extension), "cpu" (its C++ CPU kernels, default on CPU tensors),
+"torch" (pure-torch reference, works everywhere), "auto" (the best available for the device).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run on these tensors."""
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_unavailable(backend: str, device: torch.device) -> str | None:
+    """None if `backend` can run on tensors of `device`, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not _triton_installed():
+            return "triton is not installed (pip install triton)"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpret():
+            return None
+        return f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+    if backend in ("cpu", "cuda"):
+        if not _ext.loaded():
+            return f"the native extension is not loaded ({_ext.load_error()})"
+        if device.type != backend:
+            return f"backend {backend!r} runs on {backend.upper()} tensors, got {device}"
+        if backend == "cuda" and not _ext.has_kernel("perturb_", "CUDA"):
+            return "the extension was built without CUDA kernels (rebuild with a CUDA toolkit, or FORCE_CUDA=1)"
+        return None
+    return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+
+
+def check_name(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend for tensors on `device`; raises if an explicit one cannot run."""
+    check_name(backend)
+    if backend == "auto":
+        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+        return next(b for b in order if why_unavailable(b, device) is None)
+    reason = why_unavailable(backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend={backend!r} is unavailable: {reason}")
+    return backend
+
+
+def available(device: torch.device | str = "cpu") -> list[str]:
+    """The concrete backends that can run on `device`."""
+    device = torch.device(device)
+    return [b for b in BACKENDS[1:] if why_unavailable(b, device) is None]

@@ -1,0 +1,39 @@
+"""The "cpu" and "cuda" backends: the extension's ops, torch.ops.sam_kernels.*; the dispatcher
+picks the CPU or CUDA kernel from the tensors' device."""
+from __future__ import annotations
+
+import torch
+
+
+def _ops():
+    return torch.ops.sam_kernels
+
+
+def global_norm(tensors, weights, offset):
+    return _ops().global_norm(tensors, weights or [], float(offset))
+
+
+def perturb_(params, grads, olds, norm, rho, adaptive, offset):
+    _ops().perturb_(params, grads, olds, norm, float(rho), bool(adaptive), float(offset))
+
+
+def restore_(params, olds):
+    _ops().restore_(params, olds)
+
+
+def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs):
+    _ops().restore_sgd_(
+        params, olds, grads, bufs or [], float(lr), float(momentum), float(dampening), bool(nesterov),
+        float(weight_decay), bool(maximize), bool(init_bufs),
+    )
+
+
+def restore_adam_(
+    params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
+    weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2,
+):
+    _ops().restore_adam_(
+        params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], float(lr), float(beta1), float(beta2),
+        float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize),
+        float(bias_correction1), float(bias_correction2),
+    )

@@ -1,0 +1,139 @@
+"""The primitives of sam_kernels, each dispatched to one backend (see backends.py).
+
+Every primitive takes whole lists of tensors (all on one device; any mix of fp32 / fp64 /
+bf16 / fp16, fp32 arithmetic for the half types) and does the work of the whole list in one
+launch per dtype group. Kernel backends need contiguous memory: non-contiguous tensors are
+staged through contiguous copies here, once, for every kernel backend.
+
+    global_norm(tensors, weights=None, offset=0.)  ||T t|| over all tensors, T = |w| + offset or 1
+    perturb_(params, grads, olds, norm, rho, ...)   olds <- x; x <- x + rho T^2 g / (norm + eps)
+    restore_(params, olds)                          x <- olds (bit for bit)
+    restore_sgd_(params, olds, grads, bufs, ...)    x <- olds, then one fused torch.optim.SGD step
+    restore_adam_(params, olds, grads, m, v, ...)   x <- olds, then one fused Adam / AdamW step
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import backends
+
+_IMPL_MODULES = {"torch": ".reference", "cpu": ".native", "cuda": ".native", "triton": ".triton_ops"}
+
+
+def _impl(backend: str):
+    return importlib.import_module(_IMPL_MODULES[backend], __package__)
+
+
+def _device_of(name: str, tensors) -> torch.device:
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    return next(iter(devices))
+
+
+def _check_lists(op: str, params, lists: dict):
+    for name, lst in lists.items():
+        if lst is not None and len(lst) != len(params):
+            raise ValueError(f"{op}: '{name}' has {len(lst)} tensors, params has {len(params)}")
+
+
+class _Staged:
+    """Contiguous stand-ins for non-contiguous tensors; written lists are copied back on exit."""
+
+    def __init__(self, lists: dict, written: tuple[str, ...]):
+        self.lists = {k: (list(v) if v is not None else None) for k, v in lists.items()}
+        self._originals = lists
+        self._written = written
+        n = len(next(iter(lists.values())))
+        self._index = [
+            i for i in range(n) if any(v is not None and len(v) and not v[i].is_contiguous() for v in lists.values())
+        ]
+        for i in self._index:
+            for v in self.lists.values():
+                if v is not None and len(v):
+                    v[i] = v[i].contiguous()
+
+    def __enter__(self):
+        return self.lists
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            for i in self._index:
+                for name in self._written:
+                    src, dst = self.lists[name], self._originals[name]
+                    if dst is not None and len(dst) and src[i] is not dst[i]:
+                        dst[i].copy_(src[i])
+        return False
+
+
+def _run(op: str, backend: str, lists: dict, written: tuple[str, ...], scalars: dict):
+    params = next(iter(lists.values()))
+    _check_lists(op, params, lists)
+    if not params:
+        return None
+    device = _device_of(op, [t for v in lists.values() if v for t in v])
+    name = backends.resolve(backend, device)
+    fn = getattr(_impl(name), op)
+    if name == "torch":
+        return fn(**{k: (v if v is not None else []) for k, v in lists.items()}, **scalars)
+    with _Staged(lists, written) as staged:
+        return fn(**{k: (v if v is not None else []) for k, v in staged.items()}, **scalars)
+
+
+@torch.no_grad()
+def global_norm(tensors, weights=None, offset: float = 0.0, *, backend: str = "auto") -> torch.Tensor:
+    """0-dim fp32 tensor on the tensors' device: sqrt(sum_i ||T_i t_i||^2), T_i = |w_i| + offset (or 1)."""
+    tensors = list(tensors)
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    weights = list(weights) if weights is not None else None
+    return _run("global_norm", backend, {"tensors": tensors, "weights": weights}, (), {"offset": float(offset)})
+
+
+@torch.no_grad()
+def perturb_(params, grads, olds, norm, rho: float, *, adaptive: bool = False, offset: float = 0.0,
+             backend: str = "auto") -> None:
+    """olds <- params; params <- params + rho * T^2 grads / (norm + eps); params untouched if norm is not finite."""
+    _run("perturb_", backend, {"params": list(params), "grads": list(grads), "olds": list(olds)}, ("params", "olds"),
+         {"norm": norm, "rho": float(rho), "adaptive": bool(adaptive), "offset": float(offset)})
+
+
+@torch.no_grad()
+def restore_(params, olds, *, backend: str = "auto") -> None:
+    """params <- olds, bit for bit."""
+    _run("restore_", backend, {"params": list(params), "olds": list(olds)}, ("params",), {})
+
+
+@torch.no_grad()
+def restore_sgd_(params, olds, grads, bufs=None, *, lr: float, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0, maximize: bool = False, init_bufs: bool = False,
+                 backend: str = "auto") -> None:
+    """params <- olds, then one torch.optim.SGD step with grads (bufs: momentum buffers, updated in place)."""
+    if momentum != 0 and bufs is None:
+        raise ValueError("restore_sgd_: momentum != 0 needs 'bufs' (the momentum buffers)")
+    _run("restore_sgd_", backend,
+         {"params": list(params), "olds": list(olds), "grads": list(grads),
+          "bufs": list(bufs) if momentum != 0 else None},
+         ("params", "bufs"),
+         {"lr": float(lr), "momentum": float(momentum), "dampening": float(dampening), "nesterov": bool(nesterov),
+          "weight_decay": float(weight_decay), "maximize": bool(maximize), "init_bufs": bool(init_bufs)})
+
+
+@torch.no_grad()
+def restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr: float, beta1: float,
+                  beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False, amsgrad: bool = False,
+                  maximize: bool = False, bias_correction1: float, bias_correction2: float,
+                  backend: str = "auto") -> None:
+    """params <- olds, then one torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step with grads."""
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("restore_adam_: amsgrad=True needs 'max_exp_avg_sqs'")
+    _run("restore_adam_", backend,
+         {"params": list(params), "olds": list(olds), "grads": list(grads), "exp_avgs": list(exp_avgs),
+          "exp_avg_sqs": list(exp_avg_sqs), "max_exp_avg_sqs": list(max_exp_avg_sqs) if amsgrad else None},
+         ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+         {"lr": float(lr), "beta1": float(beta1), "beta2": float(beta2), "eps": float(eps),
+          "weight_decay": float(weight_decay), "decoupled": bool(decoupled), "amsgrad": bool(amsgrad),
+          "maximize": bool(maximize), "bias_correction1": float(bias_correction1),
+          "bias_correction2": float(bias_correction2)})

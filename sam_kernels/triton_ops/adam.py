@@ -1,0 +1,74 @@
+"""restore_adam_: x <- olds, then one torch.optim.Adam / AdamW step, fused in one pass:
+    d = maximize ? -g : g;  AdamW: x *= 1 - lr * wd,  Adam: d += wd * x
+    m = lerp(m, d, 1 - beta1);  v = beta2 * v + (1 - beta2) * d^2;  vmax = max(vmax, v) (amsgrad)
+    x -= (lr / bc1) * m / (sqrt(v or vmax) / sqrt(bc2) + eps)
+Floor: read olds, g, m, v; write x, m, v (28 B per fp32 element, +8 B with amsgrad)."""
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+
+from ._tables import Launch, compute_dtype, dtype_groups, launch_kwargs, pick, tl_dtype
+
+
+@triton.jit
+def _restore_adam_kernel(
+    ptrs, n_tensors, numels, blk_tensor, blk_start,
+    beta1_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size, bc2_sqrt,
+    AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+    DTYPE: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(blk_tensor + pid)
+    offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    x_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+    o_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(DTYPE))
+    m_ptr = tl.load(ptrs + 3 * n_tensors + t).to(tl.pointer_type(DTYPE))
+    v_ptr = tl.load(ptrs + 4 * n_tensors + t).to(tl.pointer_type(DTYPE))
+
+    x = tl.load(o_ptr + offs, mask=mask).to(CT)
+    d = tl.load(g_ptr + offs, mask=mask).to(CT)
+    m = tl.load(m_ptr + offs, mask=mask).to(CT)
+    v = tl.load(v_ptr + offs, mask=mask).to(CT)
+    if MAXIMIZE:
+        d = -d
+    if HAS_WD:
+        if DECOUPLED:
+            x = x * decay_factor
+        else:
+            d = d + weight_decay * x
+    # torch's lerp: start + w * (end - start) for w < 0.5, end - (end - start) * (1 - w) otherwise
+    m = tl.where(beta1_weight < 0.5, m + beta1_weight * (d - m), d - (d - m) * (1.0 - beta1_weight))
+    v = beta2 * v + one_minus_beta2 * d * d
+    v_den = v
+    if AMSGRAD:
+        vm_ptr = tl.load(ptrs + 5 * n_tensors + t).to(tl.pointer_type(DTYPE))
+        vmax = tl.maximum(tl.load(vm_ptr + offs, mask=mask).to(CT), v)
+        tl.store(vm_ptr + offs, vmax.to(DTYPE), mask=mask)
+        v_den = vmax
+    denom = tl.sqrt(v_den) / bc2_sqrt + eps
+    tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
+    tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
+    tl.store(x_ptr + offs, (x - step_size * m / denom).to(DTYPE), mask=mask)
+
+
+def restore_adam_(
+    params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
+    weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2,
+):
+    for dtype, index in dtype_groups(params):
+        lists = [pick(params, index), pick(olds, index), pick(grads, index), pick(exp_avgs, index),
+                 pick(exp_avg_sqs, index)]
+        if amsgrad:
+            lists.append(pick(max_exp_avg_sqs, index))
+        launch = Launch(lists)
+        _restore_adam_kernel[launch.grid](
+            *launch.args(), float(1 - beta1), float(beta2), float(1 - beta2), float(eps), float(weight_decay),
+            float(1 - lr * weight_decay), float(lr / bias_correction1), float(math.sqrt(bias_correction2)),
+            AMSGRAD=bool(amsgrad), DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
+            DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), BLOCK=launch.block, **launch_kwargs(),
+        )

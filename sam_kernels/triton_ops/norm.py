@@ -1,0 +1,60 @@
+"""Global l2 norm: deterministic, two launches for one dtype group (one per extra group).
+Launch 1 writes each program's fp32 sum of squares to a partials buffer; launch 2, a single
+program, adds the partials in a fixed order and writes sqrt(total) to a device scalar, which
+the perturb kernel then reads without a host synchronization.
+Floor: read every element once (plus the weights for ASAM)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tables import Launch, dtype_groups, launch_kwargs, pick, tl_dtype
+
+
+@triton.jit
+def _sumsq_kernel(
+    ptrs, n_tensors, numels, blk_tensor, blk_start, partials, offset,
+    WEIGHTED: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(blk_tensor + pid)
+    offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    g_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+    v = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if WEIGHTED:
+        w_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(DTYPE))
+        v = v * (tl.abs(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)) + offset)
+    tl.store(partials + pid, tl.sum(v * v, axis=0))
+
+
+@triton.jit
+def _finalize_kernel(partials, n, out, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(partials + offs, mask=offs < n, other=0.0)
+    tl.store(out, tl.sqrt(tl.sum(acc, axis=0)))
+
+
+def global_norm(tensors, weights, offset):
+    device = tensors[0].device
+    out = torch.zeros((), dtype=torch.float32, device=device)
+    launches = []
+    for dtype, index in dtype_groups(tensors):
+        lists = [pick(tensors, index)] + ([pick(weights, index)] if weights else [])
+        launches.append((dtype, Launch(lists)))
+    total = sum(l.n_blocks for _, l in launches)
+    if total == 0:
+        return out
+    partials = torch.empty(total, dtype=torch.float32, device=device)
+    at = 0
+    for dtype, launch in launches:
+        _sumsq_kernel[launch.grid](
+            *launch.args(), partials[at:], float(offset),
+            WEIGHTED=bool(weights), DTYPE=tl_dtype(dtype), BLOCK=launch.block, **launch_kwargs(),
+        )
+        at += launch.n_blocks
+    _finalize_kernel[(1,)](partials, total, out, BLOCK=1024)
+    return out

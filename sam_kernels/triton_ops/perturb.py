@@ -1,0 +1,48 @@
+"""perturb_: olds <- x;  x <- x + s * T^2 * g  with  s = rho / (||T g|| + eps)  read from the
+device-resident norm (no host synchronization). T = |x| + offset for ASAM, 1 for SAM.
+A non-finite norm leaves x untouched. Floor: read x, g; write olds, x (16 B per fp32 element)."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._tables import Launch, compute_dtype, dtype_groups, launch_kwargs, pick, tl_dtype
+
+EPS = 1e-12
+
+
+@triton.jit
+def _perturb_kernel(
+    ptrs, n_tensors, numels, blk_tensor, blk_start, norm_ptr, rho, offset,
+    ADAPTIVE: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(blk_tensor + pid)
+    offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    x_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(DTYPE))
+    o_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(DTYPE))
+
+    norm = tl.load(norm_ptr)
+    finite = (norm == norm) & (tl.abs(norm) < float("inf"))
+    scale = tl.where(finite, rho / (norm + EPS), 0.0).to(CT)
+
+    x = tl.load(x_ptr + offs, mask=mask)
+    tl.store(o_ptr + offs, x, mask=mask)
+    xf = x.to(CT)
+    step = scale * tl.load(g_ptr + offs, mask=mask, other=0.0).to(CT)
+    if ADAPTIVE:
+        w = tl.abs(xf) + offset
+        step = step * (w * w)
+    tl.store(x_ptr + offs, (xf + step).to(DTYPE), mask=mask & finite)
+
+
+def perturb_(params, grads, olds, norm, rho, adaptive, offset):
+    for dtype, index in dtype_groups(params):
+        launch = Launch([pick(params, index), pick(grads, index), pick(olds, index)])
+        _perturb_kernel[launch.grid](
+            *launch.args(), norm, float(rho), float(offset),
+            ADAPTIVE=bool(adaptive), DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), EPS=EPS, BLOCK=launch.block,
+            **launch_kwargs(),
+        )

@@ -1,0 +1,60 @@
+"""restore_sgd_: x <- olds, then one torch.optim.SGD step, fused in one pass:
+    d = (maximize ? -g : g) + wd * x;  buf = init ? d : momentum * buf + (1 - dampening) * d
+    x = x - lr * (nesterov ? d + momentum * buf : buf)
+Floor with momentum: read olds, g, buf; write x, buf (20 B per fp32 element)."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._tables import Launch, compute_dtype, dtype_groups, launch_kwargs, pick, tl_dtype
+
+
+@triton.jit
+def _restore_sgd_kernel(
+    ptrs, n_tensors, numels, blk_tensor, blk_start,
+    lr, momentum, one_minus_dampening, weight_decay,
+    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr,
+    HAS_WD: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(blk_tensor + pid)
+    offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    x_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+    o_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(DTYPE))
+
+    x = tl.load(o_ptr + offs, mask=mask).to(CT)
+    d = tl.load(g_ptr + offs, mask=mask).to(CT)
+    if MAXIMIZE:
+        d = -d
+    if HAS_WD:
+        d = d + weight_decay * x
+    if MOMENTUM:
+        b_ptr = tl.load(ptrs + 3 * n_tensors + t).to(tl.pointer_type(DTYPE))
+        if INIT_BUFS:
+            buf = d
+        else:
+            buf = momentum * tl.load(b_ptr + offs, mask=mask).to(CT) + one_minus_dampening * d
+        tl.store(b_ptr + offs, buf.to(DTYPE), mask=mask)
+        if NESTEROV:
+            d = d + momentum * buf
+        else:
+            d = buf
+    tl.store(x_ptr + offs, (x - lr * d).to(DTYPE), mask=mask)
+
+
+def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs):
+    has_momentum = momentum != 0
+    for dtype, index in dtype_groups(params):
+        lists = [pick(params, index), pick(olds, index), pick(grads, index)]
+        if has_momentum:
+            lists.append(pick(bufs, index))
+        launch = Launch(lists)
+        _restore_sgd_kernel[launch.grid](
+            *launch.args(), float(lr), float(momentum), float(1 - dampening), float(weight_decay),
+            MOMENTUM=has_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), INIT_BUFS=bool(init_bufs),
+            HAS_WD=weight_decay != 0, DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), BLOCK=launch.block,
+            **launch_kwargs(),
+        )
