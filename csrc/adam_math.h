@@ -9,15 +9,15 @@
 namespace sam_kernels {
 
 struct AdamArgs {
-  float lr;
-  float beta1_weight;  // 1 - beta1, the lerp weight
-  float beta2;
-  float one_minus_beta2;
-  float eps;
-  float weight_decay;
-  float decay_factor;  // 1 - lr * wd for AdamW
-  float step_size;     // lr / bias_correction1
-  float bc2_sqrt;      // sqrt(bias_correction2)
+  double lr;
+  double beta1_weight;  // 1 - beta1, the lerp weight
+  double beta2;
+  double one_minus_beta2;
+  double eps;
+  double weight_decay;
+  double decay_factor;  // 1 - lr * wd for AdamW
+  double step_size;     // lr / bias_correction1
+  double bc2_sqrt;      // sqrt(bias_correction2)
   bool decoupled;
   bool maximize;
 };
@@ -25,17 +25,14 @@ struct AdamArgs {
 inline AdamArgs make_adam_args(
     double lr, double beta1, double beta2, double eps, double wd, bool decoupled, bool maximize,
     double bc1, double bc2) {
-  return AdamArgs{
-      static_cast<float>(lr), static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
-      static_cast<float>(1.0 - beta2), static_cast<float>(eps), static_cast<float>(wd),
-      static_cast<float>(1.0 - lr * wd), static_cast<float>(lr / bc1),
-      static_cast<float>(std::sqrt(bc2)), decoupled, maximize};
+  return AdamArgs{lr,  1.0 - beta1, beta2, 1.0 - beta2, eps, wd, 1.0 - lr * wd, lr / bc1,
+                  std::sqrt(bc2), decoupled, maximize};
 }
 
 template <typename T>
 SAM_HD void adam_update(T& x, T& m, T& v, T& vmax, T g, const AdamArgs& a, bool amsgrad) {
   T d = a.maximize ? -g : g;
-  if (a.weight_decay != 0.f) {
+  if (a.weight_decay != 0.0) {
     if (a.decoupled) {
       x *= T(a.decay_factor);
     } else {

@@ -9,10 +9,10 @@
 namespace sam_kernels {
 
 struct SgdArgs {
-  float lr;
-  float momentum;
-  float one_minus_dampening;
-  float weight_decay;
+  double lr;
+  double momentum;
+  double one_minus_dampening;
+  double weight_decay;
   bool nesterov;
   bool maximize;
   bool init_bufs;  // first step: torch.optim.SGD sets buf = d (no dampening)
@@ -22,7 +22,7 @@ struct SgdArgs {
 template <typename T>
 SAM_HD void sgd_update(T& x, T& buf, T g, const SgdArgs& a, bool has_momentum) {
   T d = a.maximize ? -g : g;
-  if (a.weight_decay != 0.f) d += T(a.weight_decay) * x;
+  if (a.weight_decay != 0.0) d += T(a.weight_decay) * x;
   if (has_momentum) {
     buf = a.init_bufs ? d : T(a.momentum) * buf + T(a.one_minus_dampening) * d;
     d = a.nesterov ? d + T(a.momentum) * buf : buf;

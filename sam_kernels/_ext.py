@@ -6,6 +6,7 @@ and warns once, saying what is missing.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -14,10 +15,12 @@ _LOADED = False
 _ERROR: str | None = None
 
 try:
+    if os.environ.get("SAM_KERNELS_DISABLE_EXT", "0") == "1":
+        raise ImportError("disabled by SAM_KERNELS_DISABLE_EXT=1")
     from . import _C  # noqa: F401  (registers the ops)
 
     _LOADED = True
-except ImportError as exc:  # pragma: no cover - exercised by the no-extension CI job
+except ImportError as exc:  # tested in a subprocess with SAM_KERNELS_DISABLE_EXT=1
     _ERROR = f"{type(exc).__name__}: {exc}"
     warnings.warn(
         "sam_kernels: the native extension sam_kernels._C could not be loaded "

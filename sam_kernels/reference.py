@@ -26,14 +26,15 @@ def _write(dst, src):
 
 def global_norm(tensors, weights, offset):
     """||T g|| over all tensors together, T = |w| + offset (ASAM) or 1."""
+    # Accumulated in float64: torch's fp32 CPU norm drifts by ~3e-5 over 1M elements, more
+    # than the kernels' own fp32 partial sums; the oracle must be the more exact of the two.
     device = tensors[0].device
-    ts = _opmath(tensors)
+    ts = [t.double() for t in tensors]
     if weights:
-        ts = torch._foreach_mul(ts, torch._foreach_add(torch._foreach_abs(_opmath(weights)), offset))
-    norms = torch._foreach_norm(ts) if ts else []
-    if not norms:
+        ts = torch._foreach_mul(ts, torch._foreach_add(torch._foreach_abs([w.double() for w in weights]), offset))
+    if not ts:
         return torch.zeros((), dtype=torch.float32, device=device)
-    return torch.linalg.vector_norm(torch.stack([n.double() for n in norms])).float()
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(ts))).float()
 
 
 def perturb_(params, grads, olds, norm, rho, adaptive, offset):

@@ -50,9 +50,10 @@ void perturb_(
   check_list("perturb_", "grads", grads, params, device);
   check_list("perturb_", "olds", olds, params, device);
   TORCH_CHECK(norm.numel() == 1, "perturb_: norm must hold one value, got ", norm.numel());
-  const double nv = norm.item<double>();  // a CPU scalar: no device synchronization here
+  const float nv = norm.item<float>();  // a CPU scalar: no device synchronization here
   const bool finite = std::isfinite(nv);
-  const float scale = finite ? static_cast<float>(rho / (nv + kNormEps)) : 0.f;
+  // fp32 like the GPU kernels: the norm is an fp32 value, and so is the scale
+  const float scale = finite ? static_cast<float>(rho) / (nv + static_cast<float>(kNormEps)) : 0.f;
 
   parallel_chunks(make_chunks(params), [&](const Chunk& c) {
     const auto& p = params[c.tensor];

@@ -45,8 +45,7 @@ void restore_sgd_(
   if (has_momentum) check_list("restore_sgd_", "bufs", bufs, params, device);
 
   const SgdArgs args{
-      static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
-      static_cast<float>(weight_decay), nesterov, maximize, init_bufs};
+      lr, momentum, 1.0 - dampening, weight_decay, nesterov, maximize, init_bufs};
   parallel_chunks(make_chunks(params), [&](const Chunk& c) {
     const auto& p = params[c.tensor];
     SAM_DISPATCH_FLOATING(p.scalar_type(), "restore_sgd_", [&] {

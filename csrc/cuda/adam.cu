@@ -75,7 +75,7 @@ void restore_adam_(
   const AdamArgs args = make_adam_args(
       lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2);
   const c10::cuda::CUDAGuard guard(device);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& [dtype, index] : dtype_groups(params)) {
     SAM_CUDA_DISPATCH(dtype, "restore_adam_", [&] {
       if (amsgrad) {

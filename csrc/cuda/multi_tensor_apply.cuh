@@ -8,9 +8,12 @@
 // loads are in flight per thread.
 #pragma once
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "../common.h"

@@ -68,7 +68,7 @@ at::Tensor global_norm(at::TensorList tensors, at::TensorList weights, double of
   const bool weighted = !weights.empty();
   if (weighted) check_list("global_norm", "weights", weights, tensors, device);
   const c10::cuda::CUDAGuard guard(device);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   auto out = at::zeros({}, tensors[0].options().dtype(at::kFloat));
 
   std::vector<at::TensorList> lists{tensors};

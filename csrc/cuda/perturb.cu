@@ -91,7 +91,7 @@ void perturb_(
       norm.device() == device && norm.scalar_type() == at::kFloat && norm.numel() == 1,
       "perturb_: norm must be one float32 value on ", device);
   const c10::cuda::CUDAGuard guard(device);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& [dtype, index] : dtype_groups(params)) {
     const Table table = make_table({params, grads, olds}, index);
     SAM_CUDA_DISPATCH(dtype, "perturb_", [&] {
@@ -113,7 +113,7 @@ void restore_(at::TensorList params, at::TensorList olds) {
   const auto device = list_device("restore_", params, at::kCUDA);
   check_list("restore_", "olds", olds, params, device);
   const c10::cuda::CUDAGuard guard(device);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& [dtype, index] : dtype_groups(params)) {
     const Table table = make_table({params, olds}, index);
     SAM_CUDA_DISPATCH(dtype, "restore_", [&] {

@@ -61,10 +61,9 @@ void restore_sgd_(
   const bool has_momentum = momentum != 0.0;
   if (has_momentum) check_list("restore_sgd_", "bufs", bufs, params, device);
   const SgdArgs args{
-      static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
-      static_cast<float>(weight_decay), nesterov, maximize, init_bufs};
+      lr, momentum, 1.0 - dampening, weight_decay, nesterov, maximize, init_bufs};
   const c10::cuda::CUDAGuard guard(device);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& [dtype, index] : dtype_groups(params)) {
     SAM_CUDA_DISPATCH(dtype, "restore_sgd_", [&] {
       if (has_momentum) {

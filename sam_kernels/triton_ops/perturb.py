@@ -25,7 +25,7 @@ def _perturb_kernel(
     o_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(DTYPE))
 
     norm = tl.load(norm_ptr)
-    finite = (norm == norm) & (tl.abs(norm) < float("inf"))
+    finite = tl.abs(norm) < float("inf")  # False for inf and NaN
     scale = tl.where(finite, rho / (norm + EPS), 0.0).to(CT)
 
     x = tl.load(x_ptr + offs, mask=mask)
@@ -35,7 +35,8 @@ def _perturb_kernel(
     if ADAPTIVE:
         w = tl.abs(xf) + offset
         step = step * (w * w)
-    tl.store(x_ptr + offs, (xf + step).to(DTYPE), mask=mask & finite)
+    # x round-trips exactly through CT, so the not-finite branch rewrites x bit for bit
+    tl.store(x_ptr + offs, tl.where(finite, xf + step, xf).to(DTYPE), mask=mask)
 
 
 def perturb_(params, grads, olds, norm, rho, adaptive, offset):

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Compile (not run) the CUDA kernels in csrc/cuda against a CUDA build of torch, so CUDA code
+# never lands uncompiled on a machine without a GPU. Uses its own venv (.venv-cuda): the CUDA
+# torch is large and must not replace the CPU torch of .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${CUDA_CHECK_VENV:-.venv-cuda}
+CUDA_TORCH_SPEC=${CUDA_TORCH_SPEC:-torch==2.14.1}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+  echo "cuda-build-check: no nvcc under CUDA_HOME=$CUDA_HOME; skipped"
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q "$CUDA_TORCH_SPEC" ninja setuptools wheel
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-2}
+rm -rf build/cuda-check
+"$VENV/bin/python" setup.py -q build_ext --build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib
+so=$(find build/cuda-check/lib -name '_C*.so' | head -1)
+test -n "$so"
+# The CUDA kernels must be in the library we built.
+nm -C "$so" | grep -q "sam_kernels::cuda::restore_adam_"
+echo "cuda-build-check: OK ($so)"

@@ -1,0 +1,39 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv if absent, install
+# torch (TORCH_SPEC, the local CPU build by default), triton, the test tools and the package
+# (building its native extension), then run.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sam_kernels-installed
+DEPS := triton ninja numpy pytest pytest-benchmark hypothesis scikit-learn tqdm pytorch_optimizer
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: install test demo bench cuda-check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python $(SOURCES)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q $(DEPS)
+	$(BIN)/python -m pip install -q --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest python_tests -q -p no:cacheprovider
+
+demo: install
+	$(BIN)/python -m sam_kernels.demo
+
+bench: install
+	$(BIN)/python -m sam_kernels.bench --quick --json bench/results/cpu-quick.json
+
+cuda-check:
+	bash .ci/cuda_build_check.sh
+
+clean:
+	rm -rf build *.egg-info sam_kernels/_C*.so $(STAMP)

@@ -1,0 +1,284 @@
+"""Every primitive on every available backend against the pure-torch reference
+(sam_kernels.reference, which mirrors ALGORITHMS.md and torch.optim line by line)."""
+import math
+
+import pytest
+import torch
+from conftest import DTYPES, KERNEL_BACKENDS, NORM_RTOL, assert_close, poison
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sam_kernels import ops
+
+SIZES = {
+    "empty": [0],
+    "one": [1],
+    "odd": [7],
+    "large": [1_000_003],
+    "mixed": [0, 1, 7, 4095, 4096, 4097, 33, 65537, 3, 300],
+}
+
+
+def make(sizes, dtype, device, scale=1.0):
+    return [(torch.randn(n, dtype=torch.float64) * scale).to(dtype).to(device) for n in sizes]
+
+
+def clone_all(ts):
+    return [t.clone() for t in ts]
+
+
+def size_cases():
+    for name, sizes in SIZES.items():
+        for dtype in DTYPES:
+            if name == "large" and dtype == torch.float64:
+                continue  # fp64 large adds nothing over fp32 large and doubles the interpreter time
+            yield pytest.param(sizes, dtype, id=f"{name}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("sizes,dtype", list(size_cases()))
+@pytest.mark.parametrize("weighted", [False, True], ids=["sam", "asam"])
+def test_global_norm(backend, device, sizes, dtype, weighted):
+    g = make(sizes, dtype, device)
+    w = make(sizes, dtype, device) if weighted else None
+    out = ops.global_norm(g, w, 0.01, backend=backend)
+    ref = ops.global_norm(g, w, 0.01, backend="torch")
+    assert out.dtype == torch.float32 and out.shape == () and out.device.type == device
+    torch.testing.assert_close(out.cpu(), ref.cpu(), rtol=NORM_RTOL, atol=1e-30)
+    # and against float64 math written out
+    g64 = [t.double().cpu() for t in g]
+    if weighted:
+        g64 = [t * (s.double().cpu().abs() + 0.01) for t, s in zip(g64, w)]
+    exact = math.sqrt(sum(float((t * t).sum()) for t in g64))
+    assert abs(out.item() - exact) <= NORM_RTOL * exact + 1e-30
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("sizes,dtype", list(size_cases()))
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_perturb(backend, device, sizes, dtype, adaptive):
+    x = make(sizes, dtype, device)
+    g = make(sizes, dtype, device)
+    norm = ops.global_norm(g, x if adaptive else None, 0.1, backend="torch").to(device)
+    x_ref, olds, olds_ref = clone_all(x), [poison(torch.empty_like(t)) for t in x], [torch.empty_like(t) for t in x]
+    x0 = clone_all(x)
+    ops.perturb_(x, g, olds, norm, 0.05, adaptive=adaptive, offset=0.1, backend=backend)
+    ops.perturb_(x_ref, g, olds_ref, norm, 0.05, adaptive=adaptive, offset=0.1, backend="torch")
+    for a, b, o, o0 in zip(x, x_ref, olds, x0):
+        assert_close(a, b)
+        assert torch.equal(o, o0), "x_old must be a bit-exact copy of x"
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("sizes,dtype", list(size_cases()))
+def test_restore_is_bit_exact(backend, device, sizes, dtype):
+    olds = make(sizes, dtype, device)
+    x = [poison(torch.empty_like(t)) for t in olds]
+    ops.restore_(x, olds, backend=backend)
+    for a, b in zip(x, olds):
+        assert torch.equal(a, b)
+
+
+SGD_CONFIGS = [
+    dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False),
+    dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=5e-4, maximize=False),
+    dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=1e-2, maximize=False),
+    dict(momentum=0.5, dampening=0.3, nesterov=False, weight_decay=0.0, maximize=True),
+]
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("sizes,dtype", list(size_cases()))
+@pytest.mark.parametrize("cfg,init_bufs", [
+    pytest.param(cfg, init, id=f"{name}-{'init' if init else 'buf'}")
+    for cfg, name in zip(SGD_CONFIGS, ["plain", "momentum-wd", "nesterov", "dampening-maximize"])
+    for init in ([False, True] if cfg["momentum"] else [False])  # first-step buffers exist only with momentum
+])
+def test_restore_sgd(backend, device, sizes, dtype, cfg, init_bufs):
+    olds, g, bufs = make(sizes, dtype, device), make(sizes, dtype, device), make(sizes, dtype, device)
+    x, x_ref = [poison(torch.empty_like(t)) for t in olds], [torch.empty_like(t) for t in olds]
+    if init_bufs:
+        bufs = [poison(b) for b in bufs]
+    bufs_ref = clone_all(bufs)
+    ops.restore_sgd_(x, olds, g, bufs, lr=0.1, init_bufs=init_bufs, backend=backend, **cfg)
+    ops.restore_sgd_(x_ref, olds, g, bufs_ref, lr=0.1, init_bufs=init_bufs, backend="torch", **cfg)
+    for a, b in zip(x, x_ref):
+        assert_close(a, b)
+    if cfg["momentum"]:
+        for a, b in zip(bufs, bufs_ref):
+            assert_close(a, b)
+
+
+ADAM_CONFIGS = [
+    dict(weight_decay=0.0, decoupled=False, amsgrad=False, maximize=False),
+    dict(weight_decay=1e-2, decoupled=False, amsgrad=False, maximize=False),
+    dict(weight_decay=5e-2, decoupled=True, amsgrad=False, maximize=False),
+    dict(weight_decay=5e-2, decoupled=True, amsgrad=True, maximize=True),
+]
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("sizes,dtype", list(size_cases()))
+@pytest.mark.parametrize("cfg", ADAM_CONFIGS, ids=["adam", "adam-l2", "adamw", "adamw-amsgrad-max"])
+@pytest.mark.parametrize("beta1", [0.9, 0.3], ids=["b1-0.9", "b1-0.3"])
+def test_restore_adam(backend, device, sizes, dtype, cfg, beta1):
+    olds, g = make(sizes, dtype, device), make(sizes, dtype, device)
+    m = make(sizes, dtype, device, 0.1)
+    v = [t.abs() for t in make(sizes, dtype, device, 0.01)]
+    vmax = [t.abs() for t in make(sizes, dtype, device, 0.01)]
+    x, x_ref = [poison(torch.empty_like(t)) for t in olds], [torch.empty_like(t) for t in olds]
+    state_ref = [clone_all(m), clone_all(v), clone_all(vmax)]
+    kw = dict(lr=1e-3, beta1=beta1, beta2=0.999, eps=1e-8, bias_correction1=1 - beta1 ** 3,
+              bias_correction2=1 - 0.999 ** 3, **cfg)
+    ops.restore_adam_(x, olds, g, m, v, vmax, backend=backend, **kw)
+    ops.restore_adam_(x_ref, olds, g, *state_ref, backend="torch", **kw)
+    for got, want in zip([x, m, v] + ([vmax] if cfg["amsgrad"] else []), [x_ref] + state_ref):
+        for a, b in zip(got, want):
+            assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_non_contiguous_tensors_are_staged(backend, device):
+    base = [torch.randn(37, 29, device=device), torch.randn(8, 130, device=device)]
+    x = [base[0].t(), base[1][:, ::2]]  # transposed and strided views
+    assert not any(t.is_contiguous() for t in x)
+    g = [torch.randn_like(t).t().contiguous().t() if i == 0 else torch.randn_like(t) for i, t in enumerate(x)]
+    x_ref = [t.clone() for t in x]
+    olds = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in x]
+    olds_ref = [torch.empty_like(t) for t in olds]
+    norm = ops.global_norm(g, backend=backend)
+    torch.testing.assert_close(norm.cpu(), ops.global_norm(g, backend="torch").cpu(), rtol=NORM_RTOL, atol=0)
+    ops.perturb_(x, g, olds, norm, 0.1, backend=backend)
+    ops.perturb_(x_ref, g, olds_ref, norm, 0.1, backend="torch")
+    for a, b in zip(x, x_ref):
+        assert_close(a, b)
+    ops.restore_(x, olds, backend=backend)
+    for a, o in zip(x, olds):
+        assert torch.equal(a, o)
+    bufs = [torch.randn_like(t) for t in x]
+    bufs_ref = [b.clone() for b in bufs]
+    ops.restore_sgd_(x, olds, g, bufs, lr=0.1, momentum=0.9, backend=backend)
+    ops.restore_sgd_(x_ref, olds_ref, g, bufs_ref, lr=0.1, momentum=0.9, backend="torch")
+    for a, b in zip(x + bufs, x_ref + bufs_ref):
+        assert_close(a, b)
+    assert base[1][:, 1::2].isfinite().all()  # the elements between the strided view's are untouched
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_mixed_dtypes_in_one_call(backend, device):
+    x = [torch.randn(n, device=device).to(dt) for n, dt in [(5, torch.float32), (9, torch.bfloat16), (3, torch.float16)]]
+    g = [torch.randn_like(t) for t in x]
+    norm = ops.global_norm(g, backend=backend)
+    torch.testing.assert_close(norm.cpu(), ops.global_norm(g, backend="torch").cpu(), rtol=NORM_RTOL, atol=0)
+    olds = [torch.empty_like(t) for t in x]
+    x_ref, olds_ref = [t.clone() for t in x], [torch.empty_like(t) for t in x]
+    ops.perturb_(x, g, olds, norm, 0.5, backend=backend)
+    ops.perturb_(x_ref, g, olds_ref, norm, 0.5, backend="torch")
+    for a, b in zip(x, x_ref):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_perturb_with_nonfinite_norm_leaves_x_untouched(backend, device, bad):
+    x = [torch.randn(100, device=device), torch.randn(7, device=device)]
+    g = [torch.randn_like(t) for t in x]
+    g[1][3] = bad
+    norm = ops.global_norm(g, backend=backend)
+    assert not torch.isfinite(norm)
+    x0 = [t.clone() for t in x]
+    olds = [poison(torch.empty_like(t)) for t in x]
+    ops.perturb_(x, g, olds, norm, 0.1, backend=backend)
+    for a, b, o in zip(x, x0, olds):
+        assert torch.equal(a, b) and torch.equal(o, b)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_many_tensors_one_call(backend, device):
+    sizes = [int(s) for s in torch.randint(0, 3000, (150,))]
+    x, g = make(sizes, torch.float32, device), make(sizes, torch.float32, device)
+    torch.testing.assert_close(ops.global_norm(g, backend=backend).cpu(), ops.global_norm(g, backend="torch").cpu(),
+                               rtol=NORM_RTOL, atol=0)
+    olds, x_ref = [poison(torch.empty_like(t)) for t in x], [t.clone() for t in x]
+    ops.perturb_(x, g, olds, torch.tensor(3.0, device=device), 0.2, backend=backend)
+    ops.perturb_(x_ref, g, [torch.empty_like(t) for t in x], torch.tensor(3.0, device=device), 0.2, backend="torch")
+    for a, b in zip(x, x_ref):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_norm_is_deterministic(backend, device):
+    g = make([1_000_003, 77, 4096], torch.float32, device)
+    first = ops.global_norm(g, backend=backend)
+    for _ in range(3):
+        assert torch.equal(ops.global_norm(g, backend=backend), first)
+
+
+def test_lists_of_different_lengths_are_rejected():
+    with pytest.raises(ValueError, match="'olds' has 1 tensors, params has 2"):
+        ops.restore_([torch.zeros(2), torch.zeros(2)], [torch.zeros(2)])
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.global_norm([torch.ones(3)], backend="fast")
+
+
+# --- property-based: any sizes, scales and hyperparameters --------------------------------
+
+_settings = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_sizes = st.lists(st.integers(0, 5000), min_size=1, max_size=6)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@_settings
+@given(sizes=_sizes, scale=st.floats(1e-3, 1e3), rho=st.floats(0, 2), adaptive=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_property_perturb_then_restore(backend, device, sizes, scale, rho, adaptive, dtype):
+    x = make(sizes, dtype, device)
+    g = make(sizes, dtype, device, scale)
+    x0 = [t.clone() for t in x]
+    norm = ops.global_norm(g, x if adaptive else None, backend=backend)
+    ref = ops.global_norm(g, x if adaptive else None, backend="torch")
+    torch.testing.assert_close(norm.cpu(), ref.cpu(), rtol=NORM_RTOL, atol=1e-30)
+    x_ref = [t.clone() for t in x]
+    olds = [poison(torch.empty_like(t)) for t in x]
+    ops.perturb_(x, g, olds, norm, rho, adaptive=adaptive, backend=backend)
+    ops.perturb_(x_ref, g, [torch.empty_like(t) for t in x], norm, rho, adaptive=adaptive, backend="torch")
+    for a, b in zip(x, x_ref):
+        assert_close(a, b)
+    ops.restore_(x, olds, backend=backend)
+    for a, b in zip(x, x0):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@_settings
+@given(sizes=_sizes, lr=st.floats(0, 1), momentum=st.floats(0, 0.99), wd=st.floats(0, 0.1),
+       nesterov=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_property_restore_sgd(backend, device, sizes, lr, momentum, wd, nesterov, dtype):
+    olds, g, bufs = make(sizes, dtype, device), make(sizes, dtype, device), make(sizes, dtype, device)
+    x, x_ref, bufs_ref = [torch.empty_like(t) for t in olds], [torch.empty_like(t) for t in olds], clone_all(bufs)
+    kw = dict(lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov and momentum > 0)
+    ops.restore_sgd_(x, olds, g, bufs, backend=backend, **kw)
+    ops.restore_sgd_(x_ref, olds, g, bufs_ref, backend="torch", **kw)
+    for a, b in zip(x + bufs, x_ref + bufs_ref):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@_settings
+@given(sizes=_sizes, lr=st.floats(1e-5, 1e-1), beta1=st.floats(0, 0.99), beta2=st.floats(0.5, 0.9999),
+       wd=st.floats(0, 0.1), decoupled=st.booleans(), amsgrad=st.booleans(), step=st.integers(1, 1000))
+def test_property_restore_adam(backend, device, sizes, lr, beta1, beta2, wd, decoupled, amsgrad, step):
+    dtype = torch.float32
+    olds, g, m = make(sizes, dtype, device), make(sizes, dtype, device), make(sizes, dtype, device, 0.1)
+    v, vmax = [t.abs() for t in make(sizes, dtype, device, 0.1)], [t.abs() for t in make(sizes, dtype, device, 0.1)]
+    refs = [clone_all(m), clone_all(v), clone_all(vmax)]
+    x, x_ref = [torch.empty_like(t) for t in olds], [torch.empty_like(t) for t in olds]
+    kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=1e-8, weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad,
+              bias_correction1=1 - beta1 ** step, bias_correction2=1 - beta2 ** step)
+    ops.restore_adam_(x, olds, g, m, v, vmax, backend=backend, **kw)
+    ops.restore_adam_(x_ref, olds, g, *refs, backend="torch", **kw)
+    for a, b in zip(x + m + v, x_ref + refs[0] + refs[1]):
+        assert_close(a, b)
