@@ -21,5 +21,7 @@ rm -rf build/cuda-check
 so=$(find build/cuda-check/lib -name '_C*.so' | head -1)
 test -n "$so"
 # The CUDA kernels must be in the library we built.
-nm -C "$so" | grep -q "sam_kernels::cuda::restore_adam_"
+# (count, not grep -q: an early grep exit would SIGPIPE nm and trip pipefail)
+n=$(nm -C "$so" | grep -c "sam_kernels::cuda::restore_adam_" || true)
+if [ "$n" -eq 0 ]; then echo "cuda-build-check: CUDA kernels missing from $so"; exit 1; fi
 echo "cuda-build-check: OK ($so)"

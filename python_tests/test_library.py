@@ -1,0 +1,84 @@
+"""Packaging-level behaviour: the registered torch ops, backend selection, running without the
+native extension, and torch.compile tracing through the ops (fake implementations)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import sam_kernels
+from sam_kernels import _ext, backends, ops
+
+
+def test_ops_are_registered_with_mutation_annotations():
+    assert _ext.loaded(), f"native extension failed to load: {_ext.load_error()}"
+    schema = str(torch.ops.sam_kernels.perturb_.default._schema)
+    assert "Tensor(a!)[] params" in schema and "Tensor(b!)[] olds" in schema
+    assert "Tensor(a!)[] params" in str(torch.ops.sam_kernels.restore_sgd_.default._schema)
+    assert _ext.has_kernel("restore_adam_", "CPU")
+
+
+def test_auto_backend_per_device():
+    assert backends.resolve("auto", torch.device("cpu")) == "cpu"
+    assert backends.resolve("torch", torch.device("cpu")) == "torch"
+    if torch.cuda.is_available():
+        assert backends.resolve("auto", torch.device("cuda")) == "triton"
+
+
+def test_explicit_unavailable_backend_says_why():
+    with pytest.raises(sam_kernels.BackendUnavailableError, match="runs on CUDA tensors, got cpu"):
+        ops.global_norm([torch.ones(3)], backend="cuda")
+
+
+def test_without_the_extension_the_package_still_works():
+    """SAM_KERNELS_DISABLE_EXT=1 stands for a failed build: one warning naming what is missing,
+    the torch path for CPU tensors, and a clear error when 'cpu' is asked for."""
+    code = textwrap.dedent("""
+        import warnings, torch
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import sam_kernels
+            import sam_kernels.ops
+        msgs = [str(x.message) for x in w if "native extension" in str(x.message)]
+        assert len(msgs) == 1, msgs
+        assert "SAM_KERNELS_DISABLE_EXT" in msgs[0] and "'cpu' and 'cuda' backends are unavailable" in msgs[0]
+        assert sam_kernels.backends.resolve("auto", torch.device("cpu")) == "torch"
+        m = torch.nn.Linear(4, 2)
+        opt = sam_kernels.SAM(m.parameters(), torch.optim.SGD, lr=0.1)
+        m(torch.randn(3, 4)).sum().backward()
+        opt.step(lambda: m(torch.randn(3, 4)).sum().backward())
+        try:
+            sam_kernels.SAM(m.parameters(), torch.optim.SGD, lr=0.1, backend="cpu")
+        except sam_kernels.BackendUnavailableError as e:
+            assert "native extension is not loaded" in str(e)
+        else:
+            raise AssertionError("backend='cpu' must fail without the extension")
+        print("OK")
+    """)
+    env = dict(os.environ, SAM_KERNELS_DISABLE_EXT="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("OK")
+
+
+def test_torch_compile_traces_through_the_ops_without_graph_breaks():
+    params = [torch.randn(10), torch.randn(3, 4)]
+    grads = [torch.randn_like(p) for p in params]
+    olds = [torch.empty_like(p) for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+
+    def sam_update(params, grads, olds, bufs):
+        norm = torch.ops.sam_kernels.global_norm(grads, [], 0.0)
+        torch.ops.sam_kernels.perturb_(params, grads, olds, norm, 0.05, False, 0.0)
+        torch.ops.sam_kernels.restore_sgd_(params, olds, grads, bufs, 0.1, 0.9, 0.0, False, 0.0, False, False)
+        return norm
+
+    eager = [p.clone() for p in params], [b.clone() for b in bufs]
+    n_eager = sam_update(eager[0], grads, [torch.empty_like(p) for p in params], eager[1])
+    compiled = torch.compile(sam_update, backend="aot_eager", fullgraph=True)
+    n_comp = compiled(params, grads, olds, bufs)
+    assert torch.equal(n_eager, n_comp)
+    for a, b in zip(params + bufs, eager[0] + eager[1]):
+        assert torch.equal(a, b)
