@@ -25,7 +25,7 @@ def _extensions():
 
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-    cxx = ["-O3", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]  # errno-free sqrt vectorizes
     # torch's ParallelOpenMP.h uses `#pragma omp parallel`: without -fopenmp at::parallel_for
     # would run serially. libgomp is already loaded by torch, so the soname resolves to it.
     link = ["-fopenmp"]

@@ -44,13 +44,14 @@ def test_global_norm(backend, device, sizes, dtype, weighted):
     out = ops.global_norm(g, w, 0.01, backend=backend)
     ref = ops.global_norm(g, w, 0.01, backend="torch")
     assert out.dtype == torch.float32 and out.shape == () and out.device.type == device
-    torch.testing.assert_close(out.cpu(), ref.cpu(), rtol=NORM_RTOL, atol=1e-30)
-    # and against float64 math written out
+    # against float64 math written out: the kernels' fp32 partial sums stay within NORM_RTOL;
+    # the torch path uses torch's fp32 norm, which drifts more on a million elements (~3e-5)
     g64 = [t.double().cpu() for t in g]
     if weighted:
         g64 = [t * (s.double().cpu().abs() + 0.01) for t, s in zip(g64, w)]
     exact = math.sqrt(sum(float((t * t).sum()) for t in g64))
     assert abs(out.item() - exact) <= NORM_RTOL * exact + 1e-30
+    assert abs(ref.item() - exact) <= 1e-4 * exact + 1e-30
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)

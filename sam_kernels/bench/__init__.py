@@ -1,0 +1,1 @@
+"""Benchmarks of sam_kernels: `python -m sam_kernels.bench --help`."""

@@ -1,0 +1,153 @@
+"""python -m sam_kernels.bench [--quick] [--device D] [--backends a,b] [--json PATH] [--markdown PATH]
+
+Measures the device's copy bandwidth first, then every primitive and the whole SAM step on a
+many-tensor parameter set (ViT-shaped, ~150 tensors) and one large flat tensor, for each of
+our backends and the peers (the torch foreach path, a per-parameter loop, pytorch-optimizer's
+SAM, torch's own SGD), and reports median time, GB/s against the floor bytes, the fraction of
+the copy bandwidth, and speed-ups measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from .. import backends
+from .cases import (BYTES_PER_ELEMENT, loop_sam_case, make_params, peer_sam_case, primitive_case, sam_step_case,
+                    torch_sgd_case)
+from .shapes import PARAM_SETS, numel
+from .timing import copy_bandwidth_gbps, device_name, median_ms
+
+PRIMITIVES = ("grad_norm", "perturb", "restore", "restore_sgd", "restore_adamw")
+
+
+def _progress(total):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="bench", file=sys.stderr, leave=False)
+    except ImportError:  # pragma: no cover
+        class _Bar:
+            def update(self, n=1):
+                pass
+
+            def close(self):
+                pass
+        return _Bar()
+
+
+def plan(device, backend_list, quick):
+    sets = ["vit_s", "flat_16m"] if quick else ["vit_b", "flat_128m"]
+    jobs = []
+    for name in sets:
+        for b in backend_list:
+            for op in PRIMITIVES:
+                jobs.append((name, op, b))
+            jobs.append((name, "sam_step", b))
+            jobs.append((name, "sam_step_adamw", b))
+        jobs.append((name, "sam_step", "loop"))
+        jobs.append((name, "sam_step_adamw", "loop"))
+        try:
+            import pytorch_optimizer  # noqa: F401
+
+            jobs.append((name, "sam_step", "peer_sam"))
+            jobs.append((name, "sam_step_adamw", "peer_sam"))
+        except ImportError:
+            pass
+        jobs.append((name, "sgd_step", "torch_foreach"))
+        if device.type == "cuda":
+            jobs.append((name, "sgd_step", "torch_fused"))
+    return jobs
+
+
+def build(op, backend, params):
+    if op in PRIMITIVES:
+        return primitive_case(op, params, backend)
+    base = "adamw" if op == "sam_step_adamw" else "sgd"
+    if op == "sgd_step":
+        return torch_sgd_case(params, backend.split("_", 1)[1])
+    if backend == "loop":
+        return loop_sam_case(params, base)
+    if backend == "peer_sam":
+        return peer_sam_case(params, base)
+    return sam_step_case(params, backend, base)
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    if args.backends:
+        backend_list = args.backends.split(",")
+        for b in backend_list:
+            backends.resolve(b, device)
+    else:
+        backend_list = [b for b in backends.available(device) if not (b == "triton" and device.type == "cpu")]
+    copy = copy_bandwidth_gbps(device, mib=256 if args.quick else 1024)
+    name = device_name(device)
+    records = [{"op": "copy", "backend": "torch", "device": name, "dtype": "float32", "gbps": copy}]
+    reps = 5 if args.quick else 20
+    jobs = plan(device, backend_list, args.quick)
+    bar = _progress(len(jobs))
+    params_cache = {}
+    for set_name, op, backend in jobs:
+        if set_name not in params_cache:
+            params_cache.clear()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            params_cache[set_name] = PARAM_SETS[set_name]()
+        shapes = params_cache[set_name]
+        params = make_params(shapes, device)
+        fn = build(op, backend, params)
+        ms = median_ms(fn, device, warmup=2 if args.quick else 5, reps=reps)
+        n = numel(shapes)
+        gbps = BYTES_PER_ELEMENT[op] * n / (ms * 1e-3) / 1e9
+        records.append({"op": op, "backend": backend, "device": name, "dtype": "float32", "numel": n,
+                        "tensors": len(shapes), "params": set_name, "median_ms": ms, "gbps": gbps,
+                        "frac_of_copy": gbps / copy})
+        del fn, params
+        bar.update(1)
+    bar.close()
+    return records
+
+
+def table(records) -> str:
+    copy = next(r for r in records if r["op"] == "copy")
+    lines = [f"device: {copy['device']}; copy bandwidth {copy['gbps']:.1f} GB/s (read + write)", "",
+             "| params | op | backend | tensors | numel | median ms | GB/s | of copy | speed-up vs torch | vs loop | vs peer_sam |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [r for r in records if r["op"] != "copy"]
+    ref = {(r["params"], r["op"], r["backend"]): r["median_ms"] for r in rows}
+    for r in rows:
+        def ratio(peer):
+            t = ref.get((r["params"], r["op"], peer))
+            return f"{t / r['median_ms']:.2f}x" if t and peer != r["backend"] else ""
+        lines.append(f"| {r['params']} | {r['op']} | {r['backend']} | {r['tensors']} | {r['numel']:,} | "
+                     f"{r['median_ms']:.2f} | {r['gbps']:.1f} | {r['frac_of_copy']:.0%} | {ratio('torch')} | "
+                     f"{ratio('loop')} | {ratio('peer_sam')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m sam_kernels.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CPU-sized run (ViT-S shapes, 16M flat), a couple of minutes")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--backends", default="", help="comma-separated subset of our backends (default: all available)")
+    ap.add_argument("--json", default="", help="write the records as JSON here")
+    ap.add_argument("--markdown", default="", help="write the table as markdown here")
+    args = ap.parse_args(argv)
+    records = run(args)
+    text = table(records)
+    print(text)
+    for path, payload in ((args.json, json.dumps(records, indent=1)), (args.markdown, text + "\n")):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(payload)
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""What the benchmarks time: each primitive, and the whole SAM optimizer step, on a parameter set.
+
+Bytes counted per fp32 element (the floor: each input read once, each output written once):
+    grad_norm 4 (read g) | perturb 16 (read x, g; write x_old, x) | restore 8
+    restore_sgd 20 (read x_old, g, buf; write x, buf) | restore_adamw 28 (read x_old, g, m, v; write x, m, v)
+    sam_step with SGD+momentum 40 = norm 4 + perturb 16 + restore_sgd 20
+    sam_step with AdamW 48 = norm 4 + perturb 16 + restore_adamw 28
+Our SAM step also reads the second gradient once more (4 B) to refuse a non-finite one: that
+guard is in the measured time but not in the floor, so GB/s here is against the floor.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import SAM, ops
+
+BYTES_PER_ELEMENT = {
+    "grad_norm": 4, "perturb": 16, "restore": 8, "restore_sgd": 20, "restore_adamw": 28,
+    "sam_step": 40, "sam_step_adamw": 48, "sgd_step": 20,
+}
+
+
+def make_params(shapes, device, dtype=torch.float32, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device=device, dtype=dtype))
+        p.grad = (torch.randn(s, generator=g) * 1e-3).to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+def primitive_case(op: str, params, backend: str):
+    """A zero-argument callable running primitive `op` once over `params`."""
+    xs = [p.data for p in params]
+    gs = [p.grad for p in params]
+    olds = [torch.empty_like(x) for x in xs]
+    norm = torch.ones((), device=xs[0].device)
+    if op == "grad_norm":
+        return lambda: ops.global_norm(gs, backend=backend)
+    if op == "perturb":
+        return lambda: ops.perturb_(xs, gs, olds, norm, 1e-9, backend=backend)
+    if op == "restore":
+        for o, x in zip(olds, xs):
+            o.copy_(x)
+        return lambda: ops.restore_(xs, olds, backend=backend)
+    if op == "restore_sgd":
+        for o, x in zip(olds, xs):
+            o.copy_(x)
+        bufs = [torch.zeros_like(x) for x in xs]
+        return lambda: ops.restore_sgd_(xs, olds, gs, bufs, lr=1e-9, momentum=0.9, backend=backend)
+    if op == "restore_adamw":
+        for o, x in zip(olds, xs):
+            o.copy_(x)
+        m = [torch.zeros_like(x) for x in xs]
+        v = [torch.zeros_like(x) for x in xs]
+        return lambda: ops.restore_adam_(xs, olds, gs, m, v, lr=1e-9, beta1=0.9, beta2=0.999, eps=1e-8,
+                                         weight_decay=0.01, decoupled=True, bias_correction1=0.1,
+                                         bias_correction2=0.001, backend=backend)
+    raise ValueError(op)
+
+
+def sam_step_case(params, backend: str, base: str = "sgd"):
+    """One whole SAM optimizer step (first_step + second_step) with the gradients in .grad."""
+    if base == "sgd":
+        opt = SAM(params, torch.optim.SGD, rho=0.05, lr=1e-9, momentum=0.9, backend=backend)
+    else:
+        opt = SAM(params, torch.optim.AdamW, rho=0.05, lr=1e-9, weight_decay=0.01, backend=backend)
+
+    def step():
+        opt.first_step()
+        opt.second_step()
+    return step
+
+
+def loop_sam_case(params, base: str = "sgd"):
+    """SAM as the popular per-parameter implementations write it (one tensor at a time)."""
+    base_opt = (torch.optim.SGD(params, lr=1e-9, momentum=0.9, foreach=False) if base == "sgd"
+                else torch.optim.AdamW(params, lr=1e-9, weight_decay=0.01, foreach=False))
+    rho, olds = 0.05, {}
+
+    @torch.no_grad()
+    def step():
+        norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in params]), p=2)
+        scale = rho / (norm + 1e-12)
+        for p in params:
+            olds[p] = p.clone()
+            p.add_(p.grad * scale)
+        for p in params:
+            p.data = olds[p]
+        base_opt.step()
+    return step
+
+
+def peer_sam_case(params, base: str = "sgd"):
+    """pytorch-optimizer's SAM (PyPI), when installed."""
+    import pytorch_optimizer
+
+    opt = (pytorch_optimizer.SAM(params, torch.optim.SGD, rho=0.05, lr=1e-9, momentum=0.9) if base == "sgd"
+           else pytorch_optimizer.SAM(params, torch.optim.AdamW, rho=0.05, lr=1e-9, weight_decay=0.01))
+
+    def step():
+        opt.first_step()
+        opt.second_step()
+    return step
+
+
+def torch_sgd_case(params, variant: str):
+    """torch's own SGD+momentum step (no SAM), for context: foreach or fused."""
+    kw = {"foreach": True} if variant == "foreach" else {"fused": True}
+    opt = torch.optim.SGD(params, lr=1e-9, momentum=0.9, **kw)
+    return opt.step

@@ -1,0 +1,35 @@
+"""Parameter sets built in code (no download): the tensors of a ViT, by shape."""
+from __future__ import annotations
+
+
+def vit_shapes(dim: int, depth: int = 12, mlp: int | None = None, classes: int = 1000, patch: int = 16,
+               tokens: int = 197) -> list[tuple[int, ...]]:
+    """The parameter shapes of a ViT (timm layout): 4 + 12 * depth + 4 tensors."""
+    mlp = mlp or 4 * dim
+    shapes = [(dim, 3, patch, patch), (dim,), (1, 1, dim), (1, tokens, dim)]
+    for _ in range(depth):
+        shapes += [(dim,), (dim,), (3 * dim, dim), (3 * dim,), (dim, dim), (dim,),
+                   (dim,), (dim,), (mlp, dim), (mlp,), (dim, mlp), (dim,)]
+    shapes += [(dim,), (dim,), (classes, dim), (classes,)]
+    return shapes
+
+
+PARAM_SETS = {
+    # ~22M parameters in 152 tensors (ViT-S/16): the CPU-sized many-tensor case
+    "vit_s": lambda: vit_shapes(384),
+    # ~86M parameters in 152 tensors (ViT-B/16): the GPU many-tensor case
+    "vit_b": lambda: vit_shapes(768),
+    # one large flat tensor
+    "flat_16m": lambda: [(16 * 2**20,)],
+    "flat_128m": lambda: [(128 * 2**20,)],
+}
+
+
+def numel(shapes) -> int:
+    total = 0
+    for s in shapes:
+        n = 1
+        for d in s:
+            n *= d
+        total += n
+    return total

@@ -1,0 +1,52 @@
+"""Timing helpers: device-event timing on CUDA, perf_counter on CPU; warm-up, then the median."""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def median_ms(fn, device: torch.device, warmup: int = 3, reps: int = 10, min_time_s: float = 0.0) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(reps):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        t_end = time.perf_counter() + min_time_s
+        while len(times) < reps or time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device, mib: int = 512) -> float:
+    """Bytes read plus bytes written per second of a large tensor copy: the ceiling we report against."""
+    n = mib * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup=2, reps=10)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
