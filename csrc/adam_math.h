@@ -1,6 +1,6 @@
 // The per-element Adam / AdamW update, shared by the CPU and CUDA kernels.
 // Mirrors torch.optim.Adam's single-tensor path (lerp for the first moment,
-// denom = sqrt(v) / sqrt(bc2) + eps, step size lr / bc1).
+// denom = sqrt(v) / sqrt(bc2) + eps, step size lr / bc1). Branch-free like sgd_math.h.
 #pragma once
 #include <cmath>
 
@@ -9,48 +9,47 @@
 namespace sam_kernels {
 
 struct AdamArgs {
-  double lr;
   double beta1_weight;  // 1 - beta1, the lerp weight
   double beta2;
   double one_minus_beta2;
   double eps;
-  double weight_decay;
-  double decay_factor;  // 1 - lr * wd for AdamW
-  double step_size;     // lr / bias_correction1
-  double bc2_sqrt;      // sqrt(bias_correction2)
-  bool decoupled;
-  bool maximize;
+  double l2;         // Adam: weight_decay (d += wd * x); AdamW: 0
+  double decay;      // AdamW: 1 - lr * wd (x *= decay); Adam: 1
+  double step_size;  // lr / bias_correction1
+  double bc2_sqrt;   // sqrt(bias_correction2)
+  double sign;       // -1 for maximize
 };
 
 inline AdamArgs make_adam_args(
     double lr, double beta1, double beta2, double eps, double wd, bool decoupled, bool maximize,
     double bc1, double bc2) {
-  return AdamArgs{lr,  1.0 - beta1, beta2, 1.0 - beta2, eps, wd, 1.0 - lr * wd, lr / bc1,
-                  std::sqrt(bc2), decoupled, maximize};
+  return AdamArgs{1.0 - beta1, beta2, 1.0 - beta2, eps, decoupled ? 0.0 : wd, decoupled ? 1.0 - lr * wd : 1.0,
+                  lr / bc1, std::sqrt(bc2), maximize ? -1.0 : 1.0};
 }
 
-template <typename T>
-SAM_HD void adam_update(T& x, T& m, T& v, T& vmax, T g, const AdamArgs& a, bool amsgrad) {
-  T d = a.maximize ? -g : g;
-  if (a.weight_decay != 0.0) {
-    if (a.decoupled) {
-      x *= T(a.decay_factor);
-    } else {
-      d += T(a.weight_decay) * x;
-    }
-  }
-  // torch's lerp: start + w * (end - start) for w < 0.5, end - (end - start) * (1 - w) otherwise
+// kLerpLow: torch's lerp is start + w * (end - start) for w < 0.5, end - (end - start) * (1 - w) otherwise.
+template <typename T, bool kAmsgrad, bool kLerpLow>
+SAM_HD void adam_update(T& x, T& m, T& v, T& vmax, T g, const AdamArgs& a) {
+  using std::sqrt;
+  T d = T(a.sign) * g + T(a.l2) * x;
+  x *= T(a.decay);
   const T w = T(a.beta1_weight);
-  m = w < T(0.5) ? m + w * (d - m) : d - (d - m) * (T(1) - w);
+  m = kLerpLow ? m + w * (d - m) : d - (d - m) * (T(1) - w);
   v = T(a.beta2) * v + T(a.one_minus_beta2) * d * d;
   T vden = v;
-  if (amsgrad) {
+  if constexpr (kAmsgrad) {
     vmax = vmax > v ? vmax : v;
     vden = vmax;
   }
-  using std::sqrt;
-  const T denom = sqrt(vden) / T(a.bc2_sqrt) + T(a.eps);
-  x -= T(a.step_size) * m / denom;
+  x -= T(a.step_size) * m / (sqrt(vden) / T(a.bc2_sqrt) + T(a.eps));
+}
+
+template <typename F>
+void dispatch_adam_flags(bool amsgrad, bool lerp_low, F&& f) {
+  if (amsgrad) {
+    return lerp_low ? f.template operator()<true, true>() : f.template operator()<true, false>();
+  }
+  return lerp_low ? f.template operator()<false, true>() : f.template operator()<false, false>();
 }
 
 }  // namespace sam_kernels

@@ -1,4 +1,6 @@
 // The per-element SGD update, shared by the CPU and CUDA kernels (host and device code).
+// Structural options are template flags and the others enter as coefficients, so the
+// element loop has no branches and vectorizes on the CPU.
 #pragma once
 #if defined(__CUDACC__)
 #define SAM_HD __host__ __device__ __forceinline__
@@ -12,22 +14,36 @@ struct SgdArgs {
   double lr;
   double momentum;
   double one_minus_dampening;
-  double weight_decay;
-  bool nesterov;
-  bool maximize;
-  bool init_bufs;  // first step: torch.optim.SGD sets buf = d (no dampening)
+  double weight_decay;  // 0 when unused: d + 0 * x == d for finite x
+  double sign;          // -1 for maximize: multiplying by +-1 is exact
 };
 
+inline SgdArgs make_sgd_args(double lr, double momentum, double dampening, double wd, bool maximize) {
+  return SgdArgs{lr, momentum, 1.0 - dampening, wd, maximize ? -1.0 : 1.0};
+}
+
 // x holds the restored weight on entry and the updated one on exit; buf likewise.
-template <typename T>
-SAM_HD void sgd_update(T& x, T& buf, T g, const SgdArgs& a, bool has_momentum) {
-  T d = a.maximize ? -g : g;
-  if (a.weight_decay != 0.0) d += T(a.weight_decay) * x;
-  if (has_momentum) {
-    buf = a.init_bufs ? d : T(a.momentum) * buf + T(a.one_minus_dampening) * d;
-    d = a.nesterov ? d + T(a.momentum) * buf : buf;
+//   d = sign * g + wd * x
+//   buf = kInit ? d : momentum * buf + (1 - dampening) * d   (torch.optim.SGD's first step: buf = d)
+//   x -= lr * (kNesterov ? d + momentum * buf : buf)          (lr * d without momentum)
+template <typename T, bool kMomentum, bool kNesterov, bool kInit>
+SAM_HD void sgd_update(T& x, T& buf, T g, const SgdArgs& a) {
+  T d = T(a.sign) * g + T(a.weight_decay) * x;
+  if constexpr (kMomentum) {
+    buf = kInit ? d : T(a.momentum) * buf + T(a.one_minus_dampening) * d;
+    d = kNesterov ? d + T(a.momentum) * buf : buf;
   }
   x -= T(a.lr) * d;
+}
+
+// Calls f.template operator()<kMomentum, kNesterov, kInit>() for the runtime flags.
+template <typename F>
+void dispatch_sgd_flags(bool momentum, bool nesterov, bool init, F&& f) {
+  if (!momentum) return f.template operator()<false, false, false>();
+  if (nesterov) {
+    return init ? f.template operator()<true, true, true>() : f.template operator()<true, true, false>();
+  }
+  return init ? f.template operator()<true, false, true>() : f.template operator()<true, false, false>();
 }
 
 }  // namespace sam_kernels

@@ -43,10 +43,12 @@ def sgd_step(base, group, params, olds, grads, backend):
         ops.restore_sgd_(params, olds, grads, None, **kw)
         return
     state = base.state
-    fresh = [i for i, p in enumerate(params) if state[p].get("momentum_buffer") is None]
-    for p in (params[i] for i in fresh):
-        state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
-    for init, index in ((True, fresh), (False, [i for i in range(len(params)) if i not in set(fresh)])):
+    fresh = [state[p].get("momentum_buffer") is None for p in params]
+    for p, new in zip(params, fresh):
+        if new:  # torch.optim.SGD's first step sets buf = d (no dampening): the kernel's init_bufs
+            state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+    for init in (True, False):
+        index = [i for i, new in enumerate(fresh) if new is init]
         if index:
             ops.restore_sgd_([params[i] for i in index], [olds[i] for i in index], [grads[i] for i in index],
                              [state[params[i]]["momentum_buffer"] for i in index], init_bufs=init, **kw)

@@ -46,10 +46,12 @@ class _Staged:
         self.lists = {k: (list(v) if v is not None else None) for k, v in lists.items()}
         self._originals = lists
         self._written = written
-        n = len(next(iter(lists.values())))
-        self._index = [
-            i for i in range(n) if any(v is not None and len(v) and not v[i].is_contiguous() for v in lists.values())
-        ]
+        present = [v for v in lists.values() if v]
+        if all(t.is_contiguous() for v in present for t in v):  # the common case, checked cheaply
+            self._index = []
+        else:
+            n = len(present[0])
+            self._index = [i for i in range(n) if any(not v[i].is_contiguous() for v in present)]
         for i in self._index:
             for v in self.lists.values():
                 if v is not None and len(v):

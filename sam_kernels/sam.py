@@ -28,8 +28,13 @@ def _check_nonneg(name: str, value) -> float:
     return float(value)
 
 
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def _check_grad(p: torch.Tensor, where: str):
     g = p.grad
+    if g.layout is torch.strided and g.dtype is p.dtype and p.dtype in _FLOATS and g.shape == p.shape:
+        return  # the common case, checked cheaply (this runs for every parameter, twice a step)
     if g.is_sparse or g.layout != torch.strided:
         raise TypeError(f"SAM {where}: sparse gradients are not supported (parameter of shape {tuple(p.shape)})")
     if g.is_complex() or p.is_complex():
@@ -39,6 +44,7 @@ def _check_grad(p: torch.Tensor, where: str):
             f"SAM {where}: gradient of dtype {g.dtype} and shape {tuple(g.shape)} does not match its parameter "
             f"({p.dtype}, {tuple(p.shape)})"
         )
+    raise TypeError(f"SAM {where}: parameters of dtype {p.dtype} are not supported (expected one of {_FLOATS})")
 
 
 class SAM(Optimizer):
@@ -206,6 +212,16 @@ class SAM(Optimizer):
     def skipped_steps(self) -> int:
         """Steps skipped because a gradient held NaN or inf."""
         return self._skipped
+
+    def memory_report(self) -> dict:
+        """Bytes held by the optimizer: `perturbation` (SAM's x_old buffers, one copy of the
+        perturbed parameters) and `base_state` (the base optimizer's tensors)."""
+        def nbytes(states):
+            return sum(t.numel() * t.element_size() for st in states for t in st.values() if torch.is_tensor(t))
+
+        perturbation = sum(st["old_p"].numel() * st["old_p"].element_size() for st in self.state.values()
+                           if "old_p" in st)
+        return {"perturbation": perturbation, "base_state": nbytes(self.base_optimizer.state.values())}
 
     def state_dict(self) -> dict:
         """The base optimizer's state_dict (param_groups hold rho / adaptive) plus SAM's counters."""

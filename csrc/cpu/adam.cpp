@@ -1,9 +1,5 @@
-// restore_adam_: SAM's second half fused with torch.optim.Adam / AdamW, one pass per element:
-//   x = old; d = maximize ? -g : g
-//   decoupled: x *= 1 - lr * wd          else: d += wd * x
-//   m = lerp(m, d, 1 - beta1); v = beta2 * v + (1 - beta2) * d^2; vmax = max(vmax, v) (amsgrad)
-//   x -= (lr / bc1) * m / (sqrt(v or vmax) / sqrt(bc2) + eps)
-// Bytes per element (fp32): read old, g, m, v; write x, m, v = 28 B (+8 B with amsgrad).
+// restore_adam_: SAM's second half fused with torch.optim.Adam / AdamW, one pass per element
+// (adam_math.h). Bytes per element (fp32): read old, g, m, v; write x, m, v = 28 B (+8 B amsgrad).
 #include "../adam_math.h"
 #include "multi_tensor.h"
 
@@ -11,7 +7,7 @@ namespace sam_kernels::cpu {
 namespace {
 
 // Kept out of the AT_DISPATCH lambda: a pragma cannot sit inside a macro argument.
-template <typename scalar_t, bool kAmsgrad>
+template <typename scalar_t, bool kAmsgrad, bool kLerpLow>
 void adam_chunk(
     scalar_t* x, const scalar_t* old, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax,
     const AdamArgs& args, int64_t n) {
@@ -22,7 +18,7 @@ void adam_chunk(
     opmath_t mv = static_cast<opmath_t>(m[i]);
     opmath_t vv = static_cast<opmath_t>(v[i]);
     opmath_t vmv = kAmsgrad ? static_cast<opmath_t>(vmax[i]) : opmath_t(0);
-    adam_update<opmath_t>(xv, mv, vv, vmv, static_cast<opmath_t>(g[i]), args, kAmsgrad);
+    adam_update<opmath_t, kAmsgrad, kLerpLow>(xv, mv, vv, vmv, static_cast<opmath_t>(g[i]), args);
     x[i] = static_cast<scalar_t>(xv);
     m[i] = static_cast<scalar_t>(mv);
     v[i] = static_cast<scalar_t>(vv);
@@ -67,12 +63,10 @@ void restore_adam_(
       const scalar_t* g = grads[c.tensor].const_data_ptr<scalar_t>() + c.begin;
       scalar_t* m = exp_avgs[c.tensor].data_ptr<scalar_t>() + c.begin;
       scalar_t* v = exp_avg_sqs[c.tensor].data_ptr<scalar_t>() + c.begin;
-      const int64_t n = c.end - c.begin;
-      if (amsgrad) {
-        adam_chunk<scalar_t, true>(x, old, g, m, v, max_exp_avg_sqs[c.tensor].data_ptr<scalar_t>() + c.begin, args, n);
-      } else {
-        adam_chunk<scalar_t, false>(x, old, g, m, v, nullptr, args, n);
-      }
+      scalar_t* vmax = amsgrad ? max_exp_avg_sqs[c.tensor].data_ptr<scalar_t>() + c.begin : nullptr;
+      dispatch_adam_flags(amsgrad, 1.0 - beta1 < 0.5, [&]<bool kA, bool kL>() {
+        adam_chunk<scalar_t, kA, kL>(x, old, g, m, v, vmax, args, c.end - c.begin);
+      });
     });
   });
 }

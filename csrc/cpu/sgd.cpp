@@ -1,23 +1,21 @@
-// restore_sgd_: SAM's second half fused with torch.optim.SGD, one pass per element:
-//   x = old; d = (maximize ? -g : g) + wd * x
-//   buf = init ? d : momentum * buf + (1 - dampening) * d      (only when momentum != 0)
-//   x = x - lr * (nesterov ? d + momentum * buf : buf)          (d when momentum == 0)
+// restore_sgd_: SAM's second half fused with torch.optim.SGD, one pass per element (sgd_math.h):
+// x = old, then d = sign * g + wd * x, the momentum buffer, and x -= lr * (d, buf or d + mu * buf).
 // Bytes per element (fp32, momentum): read old, g, buf; write x, buf = 20 B.
-#include "multi_tensor.h"
 #include "../sgd_math.h"
+#include "multi_tensor.h"
 
 namespace sam_kernels::cpu {
 namespace {
 
 // Kept out of the AT_DISPATCH lambda: a pragma cannot sit inside a macro argument.
-template <typename scalar_t, bool kMomentum>
+template <typename scalar_t, bool kMomentum, bool kNesterov, bool kInit>
 void sgd_chunk(scalar_t* x, const scalar_t* old, const scalar_t* g, scalar_t* buf, const SgdArgs& args, int64_t n) {
   using opmath_t = at::opmath_type<scalar_t>;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     opmath_t xv = static_cast<opmath_t>(old[i]);
-    opmath_t bv = (kMomentum && !args.init_bufs) ? static_cast<opmath_t>(buf[i]) : opmath_t(0);
-    sgd_update<opmath_t>(xv, bv, static_cast<opmath_t>(g[i]), args, kMomentum);
+    opmath_t bv = (kMomentum && !kInit) ? static_cast<opmath_t>(buf[i]) : opmath_t(0);
+    sgd_update<opmath_t, kMomentum, kNesterov, kInit>(xv, bv, static_cast<opmath_t>(g[i]), args);
     x[i] = static_cast<scalar_t>(xv);
     if constexpr (kMomentum) buf[i] = static_cast<scalar_t>(bv);
   }
@@ -44,20 +42,17 @@ void restore_sgd_(
   const bool has_momentum = momentum != 0.0;
   if (has_momentum) check_list("restore_sgd_", "bufs", bufs, params, device);
 
-  const SgdArgs args{
-      lr, momentum, 1.0 - dampening, weight_decay, nesterov, maximize, init_bufs};
+  const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize);
   parallel_chunks(make_chunks(params), [&](const Chunk& c) {
     const auto& p = params[c.tensor];
     SAM_DISPATCH_FLOATING(p.scalar_type(), "restore_sgd_", [&] {
       scalar_t* x = p.data_ptr<scalar_t>() + c.begin;
       const scalar_t* old = olds[c.tensor].const_data_ptr<scalar_t>() + c.begin;
       const scalar_t* g = grads[c.tensor].const_data_ptr<scalar_t>() + c.begin;
-      const int64_t n = c.end - c.begin;
-      if (has_momentum) {
-        sgd_chunk<scalar_t, true>(x, old, g, bufs[c.tensor].data_ptr<scalar_t>() + c.begin, args, n);
-      } else {
-        sgd_chunk<scalar_t, false>(x, old, g, nullptr, args, n);
-      }
+      scalar_t* buf = has_momentum ? bufs[c.tensor].data_ptr<scalar_t>() + c.begin : nullptr;
+      dispatch_sgd_flags(has_momentum, nesterov, init_bufs, [&]<bool kM, bool kN, bool kI>() {
+        sgd_chunk<scalar_t, kM, kN, kI>(x, old, g, buf, args, c.end - c.begin);
+      });
     });
   });
 }

@@ -8,7 +8,7 @@
 namespace sam_kernels::cuda {
 namespace {
 
-template <typename scalar_t, bool kAmsgrad>
+template <typename scalar_t, bool kAmsgrad, bool kLerpLow>
 __global__ void __launch_bounds__(kThreads)
     restore_adam_kernel(const int64_t* __restrict__ meta, int64_t n_tensors, AdamArgs args) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < kILP; ++k) {
       const int64_t i = base + int64_t(k) * kThreads;
       if (i < c.end) {
-        adam_update<opmath_t>(xv[k], mv[k], vv[k], vmv[k], gv[k], args, kAmsgrad);
+        adam_update<opmath_t, kAmsgrad, kLerpLow>(xv[k], mv[k], vv[k], vmv[k], gv[k], args);
         x[i] = static_cast<scalar_t>(xv[k]);
         m[i] = static_cast<scalar_t>(mv[k]);
         v[i] = static_cast<scalar_t>(vv[k]);
@@ -78,16 +78,13 @@ void restore_adam_(
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& [dtype, index] : dtype_groups(params)) {
     SAM_CUDA_DISPATCH(dtype, "restore_adam_", [&] {
-      if (amsgrad) {
-        const Table table = make_table({params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, index);
-        restore_adam_kernel<scalar_t, true>
+      const Table table = amsgrad ? make_table({params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, index)
+                                  : make_table({params, olds, grads, exp_avgs, exp_avg_sqs}, index);
+      dispatch_adam_flags(amsgrad, 1.0 - beta1 < 0.5, [&]<bool kA, bool kL>() {
+        restore_adam_kernel<scalar_t, kA, kL>
             <<<table.n_chunks, kThreads, 0, stream>>>(table.data(), table.n_tensors, args);
-      } else {
-        const Table table = make_table({params, olds, grads, exp_avgs, exp_avg_sqs}, index);
-        restore_adam_kernel<scalar_t, false>
-            <<<table.n_chunks, kThreads, 0, stream>>>(table.data(), table.n_tensors, args);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   }
 }

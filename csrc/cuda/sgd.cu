@@ -8,7 +8,7 @@
 namespace sam_kernels::cuda {
 namespace {
 
-template <typename scalar_t, bool kMomentum>
+template <typename scalar_t, bool kMomentum, bool kNesterov, bool kInit>
 __global__ void __launch_bounds__(kThreads)
     restore_sgd_kernel(const int64_t* __restrict__ meta, int64_t n_tensors, SgdArgs args) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -25,14 +25,14 @@ __global__ void __launch_bounds__(kThreads)
       if (i < c.end) {
         xv[k] = static_cast<opmath_t>(old[i]);
         gv[k] = static_cast<opmath_t>(g[i]);
-        bv[k] = (kMomentum && !args.init_bufs) ? static_cast<opmath_t>(buf[i]) : opmath_t(0);
+        bv[k] = (kMomentum && !kInit) ? static_cast<opmath_t>(buf[i]) : opmath_t(0);
       }
     }
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
       const int64_t i = base + int64_t(k) * kThreads;
       if (i < c.end) {
-        sgd_update<opmath_t>(xv[k], bv[k], gv[k], args, kMomentum);
+        sgd_update<opmath_t, kMomentum, kNesterov, kInit>(xv[k], bv[k], gv[k], args);
         x[i] = static_cast<scalar_t>(xv[k]);
         if constexpr (kMomentum) buf[i] = static_cast<scalar_t>(bv[k]);
       }
@@ -60,22 +60,18 @@ void restore_sgd_(
   check_list("restore_sgd_", "grads", grads, params, device);
   const bool has_momentum = momentum != 0.0;
   if (has_momentum) check_list("restore_sgd_", "bufs", bufs, params, device);
-  const SgdArgs args{
-      lr, momentum, 1.0 - dampening, weight_decay, nesterov, maximize, init_bufs};
+  const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize);
   const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& [dtype, index] : dtype_groups(params)) {
     SAM_CUDA_DISPATCH(dtype, "restore_sgd_", [&] {
-      if (has_momentum) {
-        const Table table = make_table({params, olds, grads, bufs}, index);
-        restore_sgd_kernel<scalar_t, true>
+      const Table table = has_momentum ? make_table({params, olds, grads, bufs}, index)
+                                       : make_table({params, olds, grads}, index);
+      dispatch_sgd_flags(has_momentum, nesterov, init_bufs, [&]<bool kM, bool kN, bool kI>() {
+        restore_sgd_kernel<scalar_t, kM, kN, kI>
             <<<table.n_chunks, kThreads, 0, stream>>>(table.data(), table.n_tensors, args);
-      } else {
-        const Table table = make_table({params, olds, grads}, index);
-        restore_sgd_kernel<scalar_t, false>
-            <<<table.n_chunks, kThreads, 0, stream>>>(table.data(), table.n_tensors, args);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   }
 }

@@ -39,8 +39,8 @@ def _progress(total):
         return _Bar()
 
 
-def plan(device, backend_list, quick):
-    sets = ["vit_s", "flat_16m"] if quick else ["vit_b", "flat_128m"]
+def plan(device, backend_list, quick, sets=None):
+    sets = sets or (["vit_s", "flat_16m"] if quick else ["vit_b", "flat_128m"])
     jobs = []
     for name in sets:
         for b in backend_list:
@@ -87,8 +87,8 @@ def run(args) -> list[dict]:
     copy = copy_bandwidth_gbps(device, mib=256 if args.quick else 1024)
     name = device_name(device)
     records = [{"op": "copy", "backend": "torch", "device": name, "dtype": "float32", "gbps": copy}]
-    reps = 5 if args.quick else 20
-    jobs = plan(device, backend_list, args.quick)
+    reps = 10 if args.quick else 20
+    jobs = plan(device, backend_list, args.quick, [s for s in args.sets.split(",") if s])
     bar = _progress(len(jobs))
     params_cache = {}
     for set_name, op, backend in jobs:
@@ -135,6 +135,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="CPU-sized run (ViT-S shapes, 16M flat), a couple of minutes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backends", default="", help="comma-separated subset of our backends (default: all available)")
+    ap.add_argument("--sets", default="", help=f"comma-separated parameter sets of {sorted(PARAM_SETS)}")
     ap.add_argument("--json", default="", help="write the records as JSON here")
     ap.add_argument("--markdown", default="", help="write the table as markdown here")
     args = ap.parse_args(argv)

@@ -1,0 +1,43 @@
+"""Per-primitive and whole-step benchmarks (measured, never asserted)."""
+import pytest
+from conftest import BACKENDS, sync
+
+from sam_kernels.bench.cases import loop_sam_case, primitive_case, sam_step_case
+
+PRIMITIVES = ["grad_norm", "perturb", "restore", "restore_sgd", "restore_adamw"]
+
+
+def _timed(benchmark, fn):
+    def run():
+        fn()
+        sync()
+    benchmark.pedantic(run, rounds=10, warmup_rounds=2, iterations=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", PRIMITIVES)
+def test_primitive(benchmark, params, op, backend):
+    benchmark.group = op
+    _timed(benchmark, primitive_case(op, params, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_sam_step(benchmark, params, base, backend):
+    benchmark.group = f"sam_step_{base}"
+    _timed(benchmark, sam_step_case(params, backend, base))
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_sam_step_per_parameter_loop(benchmark, params, base):
+    benchmark.group = f"sam_step_{base}"
+    _timed(benchmark, loop_sam_case(params, base))
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_sam_step_pytorch_optimizer(benchmark, params, base):
+    pytest.importorskip("pytorch_optimizer", reason="the peer is installed by `make install`")
+    from sam_kernels.bench.cases import peer_sam_case
+
+    benchmark.group = f"sam_step_{base}"
+    _timed(benchmark, peer_sam_case(params, base))
