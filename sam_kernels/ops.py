@@ -14,6 +14,7 @@ staged through contiguous copies here, once, for every kernel backend.
 from __future__ import annotations
 
 import importlib
+import operator
 
 import torch
 
@@ -26,8 +27,14 @@ def _impl(backend: str):
     return importlib.import_module(_IMPL_MODULES[backend], __package__)
 
 
-def _device_of(name: str, tensors) -> torch.device:
-    devices = {t.device for t in tensors}
+_device = operator.attrgetter("device")
+_contiguous = torch.Tensor.is_contiguous
+
+
+def _device_of(name: str, lists) -> torch.device:
+    devices = set()
+    for lst in lists:
+        devices.update(map(_device, lst))
     if len(devices) > 1:
         raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
     return next(iter(devices))
@@ -47,7 +54,7 @@ class _Staged:
         self._originals = lists
         self._written = written
         present = [v for v in lists.values() if v]
-        if all(t.is_contiguous() for v in present for t in v):  # the common case, checked cheaply
+        if all(all(map(_contiguous, v)) for v in present):  # the common case, checked cheaply
             self._index = []
         else:
             n = len(present[0])
@@ -75,7 +82,7 @@ def _run(op: str, backend: str, lists: dict, written: tuple[str, ...], scalars: 
     _check_lists(op, params, lists)
     if not params:
         return None
-    device = _device_of(op, [t for v in lists.values() if v for t in v])
+    device = _device_of(op, [v for v in lists.values() if v])
     name = backends.resolve(backend, device)
     fn = getattr(_impl(name), op)
     if name == "torch":

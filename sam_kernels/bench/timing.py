@@ -43,6 +43,19 @@ def median_ms(fn, device: torch.device, warmup: int = 3, reps: int = 10, min_tim
     return statistics.median(times)
 
 
+def median_ms_interleaved(fns: dict, device: torch.device, warmup: int = 3, reps: int = 10) -> dict:
+    """Median time of each callable, measured in interleaved rounds (one call of each per round),
+    so that drift of a shared machine hits every contender alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            times[k].append(median_ms(fn, device, warmup=0, reps=1))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def copy_bandwidth_gbps(device: torch.device, mib: int = 512) -> float:
     """Bytes read plus bytes written per second of a large tensor copy: the ceiling we report against."""
     n = mib * 2**20 // 4
