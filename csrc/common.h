@@ -40,4 +40,41 @@ inline at::Device list_device(const char* op, at::TensorList params, at::DeviceT
   return device;
 }
 
+// The argument checks of each op, shared by its CPU and CUDA implementations.
+inline at::Device check_perturb_args(
+    at::DeviceType type, at::TensorList params, at::TensorList grads, at::TensorList olds) {
+  const auto device = list_device("perturb_", params, type);
+  check_list("perturb_", "grads", grads, params, device);
+  check_list("perturb_", "olds", olds, params, device);
+  return device;
+}
+
+inline at::Device check_restore_args(at::DeviceType type, at::TensorList params, at::TensorList olds) {
+  const auto device = list_device("restore_", params, type);
+  check_list("restore_", "olds", olds, params, device);
+  return device;
+}
+
+inline at::Device check_sgd_args(
+    at::DeviceType type, at::TensorList params, at::TensorList olds, at::TensorList grads, at::TensorList bufs,
+    bool has_momentum) {
+  const auto device = list_device("restore_sgd_", params, type);
+  check_list("restore_sgd_", "olds", olds, params, device);
+  check_list("restore_sgd_", "grads", grads, params, device);
+  if (has_momentum) check_list("restore_sgd_", "bufs", bufs, params, device);
+  return device;
+}
+
+inline at::Device check_adam_args(
+    at::DeviceType type, at::TensorList params, at::TensorList olds, at::TensorList grads, at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, bool amsgrad) {
+  const auto device = list_device("restore_adam_", params, type);
+  check_list("restore_adam_", "olds", olds, params, device);
+  check_list("restore_adam_", "grads", grads, params, device);
+  check_list("restore_adam_", "exp_avgs", exp_avgs, params, device);
+  check_list("restore_adam_", "exp_avg_sqs", exp_avg_sqs, params, device);
+  if (amsgrad) check_list("restore_adam_", "max_exp_avg_sqs", max_exp_avg_sqs, params, device);
+  return device;
+}
+
 }  // namespace sam_kernels

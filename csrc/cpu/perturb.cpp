@@ -45,10 +45,7 @@ void perturb_(
     bool adaptive,
     double offset) {
   if (params.empty()) return;
-  const auto device = list_device("perturb_", params, at::kCPU);
-  check_list("perturb_", "params", params, params, device);
-  check_list("perturb_", "grads", grads, params, device);
-  check_list("perturb_", "olds", olds, params, device);
+  check_perturb_args(at::kCPU, params, grads, olds);
   TORCH_CHECK(norm.numel() == 1, "perturb_: norm must hold one value, got ", norm.numel());
   const float nv = norm.item<float>();  // a CPU scalar: no device synchronization here
   const bool finite = std::isfinite(nv);
@@ -77,8 +74,7 @@ void perturb_(
 
 void restore_(at::TensorList params, at::TensorList olds) {
   if (params.empty()) return;
-  const auto device = list_device("restore_", params, at::kCPU);
-  check_list("restore_", "olds", olds, params, device);
+  check_restore_args(at::kCPU, params, olds);
   parallel_chunks(make_chunks(params), [&](const Chunk& c) {
     const auto& p = params[c.tensor];
     const int64_t bytes = p.element_size();

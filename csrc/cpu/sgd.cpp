@@ -36,11 +36,8 @@ void restore_sgd_(
     bool maximize,
     bool init_bufs) {
   if (params.empty()) return;
-  const auto device = list_device("restore_sgd_", params, at::kCPU);
-  check_list("restore_sgd_", "olds", olds, params, device);
-  check_list("restore_sgd_", "grads", grads, params, device);
   const bool has_momentum = momentum != 0.0;
-  if (has_momentum) check_list("restore_sgd_", "bufs", bufs, params, device);
+  check_sgd_args(at::kCPU, params, olds, grads, bufs, has_momentum);
 
   const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize);
   parallel_chunks(make_chunks(params), [&](const Chunk& c) {

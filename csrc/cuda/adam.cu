@@ -66,12 +66,7 @@ void restore_adam_(
     double bias_correction1,
     double bias_correction2) {
   if (params.empty()) return;
-  const auto device = list_device("restore_adam_", params, at::kCUDA);
-  check_list("restore_adam_", "olds", olds, params, device);
-  check_list("restore_adam_", "grads", grads, params, device);
-  check_list("restore_adam_", "exp_avgs", exp_avgs, params, device);
-  check_list("restore_adam_", "exp_avg_sqs", exp_avg_sqs, params, device);
-  if (amsgrad) check_list("restore_adam_", "max_exp_avg_sqs", max_exp_avg_sqs, params, device);
+  const auto device = check_adam_args(at::kCUDA, params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
   const AdamArgs args = make_adam_args(
       lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2);
   const c10::cuda::CUDAGuard guard(device);

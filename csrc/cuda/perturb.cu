@@ -84,9 +84,7 @@ void perturb_(
     bool adaptive,
     double offset) {
   if (params.empty()) return;
-  const auto device = list_device("perturb_", params, at::kCUDA);
-  check_list("perturb_", "grads", grads, params, device);
-  check_list("perturb_", "olds", olds, params, device);
+  const auto device = check_perturb_args(at::kCUDA, params, grads, olds);
   TORCH_CHECK(
       norm.device() == device && norm.scalar_type() == at::kFloat && norm.numel() == 1,
       "perturb_: norm must be one float32 value on ", device);
@@ -110,8 +108,7 @@ void perturb_(
 
 void restore_(at::TensorList params, at::TensorList olds) {
   if (params.empty()) return;
-  const auto device = list_device("restore_", params, at::kCUDA);
-  check_list("restore_", "olds", olds, params, device);
+  const auto device = check_restore_args(at::kCUDA, params, olds);
   const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& [dtype, index] : dtype_groups(params)) {

@@ -55,11 +55,8 @@ void restore_sgd_(
     bool maximize,
     bool init_bufs) {
   if (params.empty()) return;
-  const auto device = list_device("restore_sgd_", params, at::kCUDA);
-  check_list("restore_sgd_", "olds", olds, params, device);
-  check_list("restore_sgd_", "grads", grads, params, device);
   const bool has_momentum = momentum != 0.0;
-  if (has_momentum) check_list("restore_sgd_", "bufs", bufs, params, device);
+  const auto device = check_sgd_args(at::kCUDA, params, olds, grads, bufs, has_momentum);
   const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize);
   const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();

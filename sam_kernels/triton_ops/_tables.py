@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
 import triton.language as tl
 
 from ..backends import triton_interpret
@@ -27,6 +28,21 @@ TL_DTYPE = {
 # with 8 warps; the interpreter runs programs one by one, so it gets the same size.
 BLOCK = 4096
 NUM_WARPS = 8
+
+
+@triton.jit
+def block_of(numels, blk_tensor, blk_start, BLOCK: tl.constexpr):
+    """This program's tensor index, element offsets and in-bounds mask."""
+    pid = tl.program_id(0)
+    t = tl.load(blk_tensor + pid)
+    offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK)
+    return t, offs, offs < tl.load(numels + t)
+
+
+@triton.jit
+def tensor_ptr(ptrs, n_tensors, t, LIST: tl.constexpr, DTYPE: tl.constexpr):
+    """The base pointer of tensor t of list LIST in the pointer table."""
+    return tl.load(ptrs + LIST * n_tensors + t).to(tl.pointer_type(DTYPE))
 
 
 def tl_dtype(dtype: torch.dtype):

@@ -10,7 +10,7 @@ import math
 import triton
 import triton.language as tl
 
-from ._tables import Launch, compute_dtype, dtype_groups, launch_kwargs, pick, tl_dtype
+from ._tables import Launch, block_of, tensor_ptr, compute_dtype, dtype_groups, launch_kwargs, pick, tl_dtype
 
 
 @triton.jit
@@ -20,15 +20,12 @@ def _restore_adam_kernel(
     AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
     DTYPE: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(blk_tensor + pid)
-    offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
-    x_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
-    o_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(ptrs + 3 * n_tensors + t).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(ptrs + 4 * n_tensors + t).to(tl.pointer_type(DTYPE))
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+    x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
+    o_ptr = tensor_ptr(ptrs, n_tensors, t, 1, DTYPE)
+    g_ptr = tensor_ptr(ptrs, n_tensors, t, 2, DTYPE)
+    m_ptr = tensor_ptr(ptrs, n_tensors, t, 3, DTYPE)
+    v_ptr = tensor_ptr(ptrs, n_tensors, t, 4, DTYPE)
 
     x = tl.load(o_ptr + offs, mask=mask).to(CT)
     d = tl.load(g_ptr + offs, mask=mask).to(CT)
@@ -46,7 +43,7 @@ def _restore_adam_kernel(
     v = beta2 * v + one_minus_beta2 * d * d
     v_den = v
     if AMSGRAD:
-        vm_ptr = tl.load(ptrs + 5 * n_tensors + t).to(tl.pointer_type(DTYPE))
+        vm_ptr = tensor_ptr(ptrs, n_tensors, t, 5, DTYPE)
         vmax = tl.maximum(tl.load(vm_ptr + offs, mask=mask).to(CT), v)
         tl.store(vm_ptr + offs, vmax.to(DTYPE), mask=mask)
         v_den = vmax

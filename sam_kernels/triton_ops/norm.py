@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tables import Launch, dtype_groups, launch_kwargs, pick, tl_dtype
+from ._tables import Launch, block_of, tensor_ptr, dtype_groups, launch_kwargs, pick, tl_dtype
 
 
 @triton.jit
@@ -17,16 +17,13 @@ def _sumsq_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start, partials, offset,
     WEIGHTED: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(blk_tensor + pid)
-    offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
-    g_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+    g_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
     v = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if WEIGHTED:
-        w_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(DTYPE))
+        w_ptr = tensor_ptr(ptrs, n_tensors, t, 1, DTYPE)
         v = v * (tl.abs(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)) + offset)
-    tl.store(partials + pid, tl.sum(v * v, axis=0))
+    tl.store(partials + tl.program_id(0), tl.sum(v * v, axis=0))
 
 
 @triton.jit

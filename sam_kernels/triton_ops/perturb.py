@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tables import Launch, compute_dtype, dtype_groups, launch_kwargs, pick, tl_dtype
+from ._tables import Launch, block_of, tensor_ptr, compute_dtype, dtype_groups, launch_kwargs, pick, tl_dtype
 
 EPS = 1e-12
 
@@ -16,13 +16,10 @@ def _perturb_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start, norm_ptr, rho, offset,
     ADAPTIVE: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(blk_tensor + pid)
-    offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
-    x_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(DTYPE))
-    o_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(DTYPE))
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+    x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
+    g_ptr = tensor_ptr(ptrs, n_tensors, t, 1, DTYPE)
+    o_ptr = tensor_ptr(ptrs, n_tensors, t, 2, DTYPE)
 
     norm = tl.load(norm_ptr)
     finite = tl.abs(norm) < float("inf")  # False for inf and NaN

@@ -4,17 +4,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tables import Launch, dtype_groups, launch_kwargs, pick, tl_dtype
+from ._tables import Launch, block_of, tensor_ptr, dtype_groups, launch_kwargs, pick, tl_dtype
 
 
 @triton.jit
 def _restore_kernel(ptrs, n_tensors, numels, blk_tensor, blk_start, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(blk_tensor + pid)
-    offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
-    x_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
-    o_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(DTYPE))
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+    x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
+    o_ptr = tensor_ptr(ptrs, n_tensors, t, 1, DTYPE)
     tl.store(x_ptr + offs, tl.load(o_ptr + offs, mask=mask), mask=mask)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tables import Launch, compute_dtype, dtype_groups, launch_kwargs, pick, tl_dtype
+from ._tables import Launch, block_of, tensor_ptr, compute_dtype, dtype_groups, launch_kwargs, pick, tl_dtype
 
 
 @triton.jit
@@ -17,13 +17,10 @@ def _restore_sgd_kernel(
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr,
     HAS_WD: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(blk_tensor + pid)
-    offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
-    x_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
-    o_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(DTYPE))
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+    x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
+    o_ptr = tensor_ptr(ptrs, n_tensors, t, 1, DTYPE)
+    g_ptr = tensor_ptr(ptrs, n_tensors, t, 2, DTYPE)
 
     x = tl.load(o_ptr + offs, mask=mask).to(CT)
     d = tl.load(g_ptr + offs, mask=mask).to(CT)
@@ -32,7 +29,7 @@ def _restore_sgd_kernel(
     if HAS_WD:
         d = d + weight_decay * x
     if MOMENTUM:
-        b_ptr = tl.load(ptrs + 3 * n_tensors + t).to(tl.pointer_type(DTYPE))
+        b_ptr = tensor_ptr(ptrs, n_tensors, t, 3, DTYPE)
         if INIT_BUFS:
             buf = d
         else:
