@@ -227,7 +227,9 @@ def test_unknown_backend_is_rejected():
 
 # --- property-based: any sizes, scales and hyperparameters --------------------------------
 
-_settings = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples on every CI run (a failure reproduces; no flaky runs)
+_settings = settings(max_examples=25, deadline=None, derandomize=True,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 _sizes = st.lists(st.integers(0, 5000), min_size=1, max_size=6)
 
 

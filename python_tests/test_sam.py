@@ -451,6 +451,19 @@ def test_step_order_errors():
     opt.state_dict()
 
 
+def test_no_gradient_in_the_first_pass_is_a_plain_base_step():
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    ref_model = mlp()
+    ref = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    x, y = data(steps=1)[0]
+    opt.step(lambda: _backward(loss_fn(model, x, y)))  # no .grad anywhere before the step
+    loss_fn(ref_model, x, y).backward()
+    ref.step()
+    torch.testing.assert_close(flat(model), flat(ref_model), **TRAJ_TOL)
+    assert not torch.equal(flat(model), flat(mlp()))
+
+
 def test_per_group_rho_and_adaptive():
     model = mlp()
     groups = [{"params": model[0].parameters(), "rho": 0.5, "adaptive": True},

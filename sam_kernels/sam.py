@@ -120,7 +120,10 @@ class SAM(Optimizer):
                 _check_grad(p, "first_step")
             work.append((group, ps))
         params = [p for _, ps in work for p in ps]
-        if not params:
+        if not params:  # nothing to perturb: second_step() is then a plain base step
+            self._first_norm, self._perturbed = None, []
+            if zero_grad:
+                self.zero_grad()
             return
         devices = {p.device for p in params}
         if len(devices) > 1:
@@ -151,9 +154,10 @@ class SAM(Optimizer):
             self.restore()
             raise
         grads = [p.grad for _, ps in groups for p in ps]
-        second = ops.global_norm(grads, backend=self.backend) if grads else torch.zeros_like(self._first_norm)
+        norms = [n for n in (self._first_norm, ops.global_norm(grads, backend=self.backend) if grads else None)
+                 if n is not None]
         # The one host synchronization of a SAM step: is either gradient non-finite?
-        if not bool(torch.isfinite(self._first_norm + second.to(self._first_norm.device))):
+        if norms and not bool(torch.isfinite(sum(n.to(norms[0].device) for n in norms))):
             self.restore()
             self._skipped += 1
             if self.nonfinite == "raise":
