@@ -33,4 +33,22 @@ TORCH_LIBRARY(sam_kernels, m) {
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
       "float bias_correction1, float bias_correction2) -> ()");
+
+  // nuSAM (rank-1 perturbations of weight matrices). mats are 2-D (n_i x m_i); us, vs fp32.
+  // T power iterations warm-started from us: v = G^T u / (|G^T u| + tau), u = G v / (|G v| + tau).
+  m.def(
+      "power_iteration_(Tensor[] mats, Tensor(a!)[] us, Tensor(b!)[] vs, Tensor(c!) sigmas, int iters, "
+      "float tau) -> ()");
+  // M_i <- M_i + scales[i] * u_i v_i^T (scales: fp32 on the device; 0 leaves M_i untouched).
+  m.def("rank1_update_(Tensor(a!)[] mats, Tensor[] us, Tensor[] vs, Tensor scales) -> ()");
+  // M <- M - s u v^T, then the SGD / Adam step of restore_sgd_ / restore_adam_, in one pass.
+  m.def(
+      "rank1_restore_sgd_(Tensor(a!)[] params, Tensor[] us, Tensor[] vs, Tensor scales, Tensor[] grads, "
+      "Tensor(b!)[] bufs, float lr, float momentum, float dampening, bool nesterov, float weight_decay, "
+      "bool maximize, bool init_bufs) -> ()");
+  m.def(
+      "rank1_restore_adam_(Tensor(a!)[] params, Tensor[] us, Tensor[] vs, Tensor scales, Tensor[] grads, "
+      "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
+      "float bias_correction1, float bias_correction2) -> ()");
 }

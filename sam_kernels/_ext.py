@@ -56,5 +56,6 @@ if _LOADED:
     def _mutating_fake(*args, **kwargs):
         return None
 
-    for _op in ("perturb_", "restore_", "restore_sgd_", "restore_adam_"):
+    for _op in ("perturb_", "restore_", "restore_sgd_", "restore_adam_", "power_iteration_", "rank1_update_",
+                "rank1_restore_sgd_", "rank1_restore_adam_"):
         torch.library.register_fake(f"sam_kernels::{_op}")(_mutating_fake)

@@ -30,8 +30,12 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def why_unavailable(backend: str, device: torch.device) -> str | None:
-    """None if `backend` can run on tensors of `device`, else the reason it cannot."""
+# Primitives without a CUDA C++ kernel (Triton is their GPU path).
+NO_CUDA_KERNEL = ("power_iteration_", "rank1_update_", "rank1_restore_sgd_", "rank1_restore_adam_")
+
+
+def why_unavailable(backend: str, device: torch.device, op: str | None = None) -> str | None:
+    """None if `backend` can run (primitive `op`) on tensors of `device`, else the reason it cannot."""
     if backend == "torch":
         return None
     if backend == "triton":
@@ -49,6 +53,8 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
             return f"backend {backend!r} runs on {backend.upper()} tensors, got {device}"
         if backend == "cuda" and not _ext.has_kernel("perturb_", "CUDA"):
             return "the extension was built without CUDA kernels (rebuild with a CUDA toolkit, or FORCE_CUDA=1)"
+        if backend == "cuda" and op in NO_CUDA_KERNEL:
+            return f"{op} has no CUDA C++ kernel (its GPU path is 'triton')"
         return None
     return f"unknown backend {backend!r}; expected one of {BACKENDS}"
 
@@ -59,13 +65,13 @@ def check_name(backend: str) -> str:
     return backend
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend for tensors on `device`; raises if an explicit one cannot run."""
+def resolve(backend: str, device: torch.device, op: str | None = None) -> str:
+    """The concrete backend for (primitive `op` on) tensors on `device`; raises if an explicit one cannot run."""
     check_name(backend)
     if backend == "auto":
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
-        return next(b for b in order if why_unavailable(b, device) is None)
-    reason = why_unavailable(backend, device)
+        return next(b for b in order if why_unavailable(b, device, op) is None)
+    reason = why_unavailable(backend, device, op)
     if reason is not None:
         raise BackendUnavailableError(f"backend={backend!r} is unavailable: {reason}")
     return backend

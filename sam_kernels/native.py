@@ -37,3 +37,28 @@ def restore_adam_(
         float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize),
         float(bias_correction1), float(bias_correction2),
     )
+
+
+def power_iteration_(mats, us, vs, sigmas, iters, tau):
+    _ops().power_iteration_(mats, us, vs, sigmas, int(iters), float(tau))
+
+
+def rank1_update_(mats, us, vs, scales):
+    _ops().rank1_update_(mats, us, vs, scales)
+
+
+def rank1_restore_sgd_(params, us, vs, scales, grads, bufs, lr, momentum, dampening, nesterov, weight_decay,
+                       maximize, init_bufs):
+    _ops().rank1_restore_sgd_(
+        params, us, vs, scales, grads, bufs or [], float(lr), float(momentum), float(dampening), bool(nesterov),
+        float(weight_decay), bool(maximize), bool(init_bufs),
+    )
+
+
+def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2,
+                        eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2):
+    _ops().rank1_restore_adam_(
+        params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], float(lr), float(beta1),
+        float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize),
+        float(bias_correction1), float(bias_correction2),
+    )

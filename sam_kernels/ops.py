@@ -10,6 +10,11 @@ staged through contiguous copies here, once, for every kernel backend.
     restore_(params, olds)                          x <- olds (bit for bit)
     restore_sgd_(params, olds, grads, bufs, ...)    x <- olds, then one fused torch.optim.SGD step
     restore_adam_(params, olds, grads, m, v, ...)   x <- olds, then one fused Adam / AdamW step
+
+nuSAM (rank-1 perturbations of weight matrices; us / vs fp32 vectors, scales an fp32 device vector):
+    power_iteration_(mats, us, vs, sigmas, iters, tau)   warm-started top singular pairs of every matrix
+    rank1_update_(mats, us, vs, scales)                  M_i <- M_i + s_i u_i v_i^T
+    rank1_restore_sgd_ / rank1_restore_adam_             M <- M - s u v^T, then the fused base step
 """
 from __future__ import annotations
 
@@ -83,7 +88,7 @@ def _run(op: str, backend: str, lists: dict, written: tuple[str, ...], scalars: 
     if not params:
         return None
     device = _device_of(op, [v for v in lists.values() if v])
-    name = backends.resolve(backend, device)
+    name = backends.resolve(backend, device, op)
     fn = getattr(_impl(name), op)
     if name == "torch":
         return fn(**{k: (v if v is not None else []) for k, v in lists.items()}, **scalars)
@@ -143,6 +148,74 @@ def restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=No
           "exp_avg_sqs": list(exp_avg_sqs), "max_exp_avg_sqs": list(max_exp_avg_sqs) if amsgrad else None},
          ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
          {"lr": float(lr), "beta1": float(beta1), "beta2": float(beta2), "eps": float(eps),
+          "weight_decay": float(weight_decay), "decoupled": bool(decoupled), "amsgrad": bool(amsgrad),
+          "maximize": bool(maximize), "bias_correction1": float(bias_correction1),
+          "bias_correction2": float(bias_correction2)})
+
+
+# --- nuSAM -----------------------------------------------------------------------------------
+
+def _rank1_lists(op, mats, us, vs):
+    mats, us, vs = list(mats), list(us), list(vs)
+    for i, m in enumerate(mats):
+        if m.dim() != 2:
+            raise ValueError(f"{op}: mats[{i}] must be a matrix, got shape {tuple(m.shape)}")
+        for name, vec, n in (("us", us, m.shape[0]), ("vs", vs, m.shape[1])):
+            if i < len(vec) and (vec[i].dtype != torch.float32 or vec[i].shape != (n,)):
+                raise ValueError(f"{op}: {name}[{i}] must be a float32 vector of {n} values, "
+                                 f"got {vec[i].dtype} {tuple(vec[i].shape)}")
+    return mats, us, vs
+
+
+@torch.no_grad()
+def power_iteration_(mats, us, vs, sigmas, iters: int = 1, tau: float = 1e-12, *, backend: str = "auto") -> None:
+    """T warm-started power iterations per matrix G_i: v = G^T u / (||G^T u|| + tau), u = G v / (||G v|| + tau).
+    us (in: warm start, out: u), vs (out: v), sigmas[i] = ||G_i v_i|| (out)."""
+    if int(iters) < 1:
+        raise ValueError(f"power_iteration_: iters must be >= 1, got {iters}")
+    mats, us, vs = _rank1_lists("power_iteration_", mats, us, vs)
+    _run("power_iteration_", backend, {"mats": mats, "us": us, "vs": vs}, ("us", "vs"),
+         {"sigmas": sigmas, "iters": int(iters), "tau": float(tau)})
+
+
+@torch.no_grad()
+def rank1_update_(mats, us, vs, scales, *, backend: str = "auto") -> None:
+    """M_i <- M_i + scales[i] * u_i v_i^T (a zero scale leaves M_i untouched)."""
+    mats, us, vs = _rank1_lists("rank1_update_", mats, us, vs)
+    _run("rank1_update_", backend, {"mats": mats, "us": us, "vs": vs}, ("mats",), {"scales": scales})
+
+
+@torch.no_grad()
+def rank1_restore_sgd_(params, us, vs, scales, grads, bufs=None, *, lr: float, momentum: float = 0.0,
+                       dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                       maximize: bool = False, init_bufs: bool = False, backend: str = "auto") -> None:
+    """M <- M - s u v^T, then one torch.optim.SGD step with grads, in one pass."""
+    if momentum != 0 and bufs is None:
+        raise ValueError("rank1_restore_sgd_: momentum != 0 needs 'bufs' (the momentum buffers)")
+    params, us, vs = _rank1_lists("rank1_restore_sgd_", params, us, vs)
+    _run("rank1_restore_sgd_", backend,
+         {"params": params, "us": us, "vs": vs, "grads": list(grads),
+          "bufs": list(bufs) if momentum != 0 else None},
+         ("params", "bufs"),
+         {"scales": scales, "lr": float(lr), "momentum": float(momentum), "dampening": float(dampening),
+          "nesterov": bool(nesterov), "weight_decay": float(weight_decay), "maximize": bool(maximize),
+          "init_bufs": bool(init_bufs)})
+
+
+@torch.no_grad()
+def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr: float,
+                        beta1: float, beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False,
+                        amsgrad: bool = False, maximize: bool = False, bias_correction1: float,
+                        bias_correction2: float, backend: str = "auto") -> None:
+    """M <- M - s u v^T, then one torch.optim.Adam / AdamW step with grads, in one pass."""
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("rank1_restore_adam_: amsgrad=True needs 'max_exp_avg_sqs'")
+    params, us, vs = _rank1_lists("rank1_restore_adam_", params, us, vs)
+    _run("rank1_restore_adam_", backend,
+         {"params": params, "us": us, "vs": vs, "grads": list(grads), "exp_avgs": list(exp_avgs),
+          "exp_avg_sqs": list(exp_avg_sqs), "max_exp_avg_sqs": list(max_exp_avg_sqs) if amsgrad else None},
+         ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+         {"scales": scales, "lr": float(lr), "beta1": float(beta1), "beta2": float(beta2), "eps": float(eps),
           "weight_decay": float(weight_decay), "decoupled": bool(decoupled), "amsgrad": bool(amsgrad),
           "maximize": bool(maximize), "bias_correction1": float(bias_correction1),
           "bias_correction2": float(bias_correction2)})

@@ -101,3 +101,56 @@ def restore_adam_(
     _commit(exp_avgs, m)
     _commit(exp_avg_sqs, v)
     _commit(params, x)
+
+
+# --- nuSAM: rank-1 perturbations of weight matrices (ALGORITHMS.md, "nuSAM") ----------------
+
+def power_iteration_(mats, us, vs, sigmas, iters, tau):
+    """Algorithm 2 of the nuSAM paper per matrix G (n x m), warm-started from u (in place):
+    T times v = G^T u / (||G^T u|| + tau), u = G v / (||G v|| + tau); sigma = ||G v||."""
+    for i, (g, u, v) in enumerate(zip(mats, us, vs)):
+        g32 = g.float()
+        uu = u.clone()
+        for _ in range(iters):
+            vv = g32.t() @ uu
+            vv = vv / (torch.linalg.vector_norm(vv) + tau)
+            gv = g32 @ vv
+            sigma = torch.linalg.vector_norm(gv)
+            uu = gv / (sigma + tau)
+        u.copy_(uu)
+        v.copy_(vv)
+        sigmas[i] = sigma
+
+
+def _rank1_term(m, u, v, s):
+    """(s * u_r) * v_c in fp32, the order every backend uses."""
+    return torch.outer(s * u, v)
+
+
+def rank1_update_(mats, us, vs, scales):
+    """M_i <- M_i + s_i u_i v_i^T; a zero s_i leaves M_i untouched (even if u, v are not finite)."""
+    for i, (m, u, v) in enumerate(zip(mats, us, vs)):
+        s = scales[i]
+        if bool(s != 0):
+            m.copy_(_work([m])[0] + _rank1_term(m, u, v, s))
+
+
+def _rank1_olds(mats, us, vs, scales):
+    """x = M - s u v^T for every matrix (the weights nuSAM restores, recomputed, not stored)."""
+    return [torch.where(scales[i] != 0, x - _rank1_term(m, u, v, scales[i]), x)
+            for i, (m, u, v, x) in enumerate(zip(mats, us, vs, _work(mats)))]
+
+
+def rank1_restore_sgd_(params, us, vs, scales, grads, bufs, lr, momentum, dampening, nesterov, weight_decay,
+                       maximize, init_bufs):
+    """M <- M - s u v^T, then torch.optim.SGD's step with gradient g."""
+    olds = _rank1_olds(params, us, vs, scales)
+    restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs)
+
+
+def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2,
+                        eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2):
+    """M <- M - s u v^T, then torch.optim.Adam / AdamW's step with gradient g."""
+    olds = _rank1_olds(params, us, vs, scales)
+    restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
+                  weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2)

@@ -7,9 +7,9 @@ namespace sam_kernels::cpu {
 namespace {
 
 // Kept out of the AT_DISPATCH lambda: a pragma cannot sit inside a macro argument.
-template <typename scalar_t, bool kAmsgrad, bool kLerpLow>
+template <typename scalar_t, bool kAmsgrad, bool kLerpLow, typename old_t = scalar_t>
 void adam_chunk(
-    scalar_t* x, const scalar_t* old, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax,
+    scalar_t* x, const old_t* old, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax,
     const AdamArgs& args, int64_t n) {
   using opmath_t = at::opmath_type<scalar_t>;
 #pragma omp simd
@@ -66,8 +66,51 @@ void restore_adam_(
   });
 }
 
+void rank1_restore_adam_(
+    at::TensorList params,
+    at::TensorList us,
+    at::TensorList vs,
+    const at::Tensor& scales,
+    at::TensorList grads,
+    at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs,
+    at::TensorList max_exp_avg_sqs,
+    double lr,
+    double beta1,
+    double beta2,
+    double eps,
+    double weight_decay,
+    bool decoupled,
+    bool amsgrad,
+    bool maximize,
+    double bias_correction1,
+    double bias_correction2) {
+  if (params.empty()) return;
+  check_rank1_args("rank1_restore_adam_", at::kCPU, params, us, vs, scales);
+  check_adam_args(at::kCPU, params, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
+  const AdamArgs args = make_adam_args(
+      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2);
+  const float* s = scales.const_data_ptr<float>();
+  parallel_chunks(make_chunks(params), [&](const Chunk& c) {
+    const auto& p = params[c.tensor];
+    SAM_DISPATCH_FLOATING(p.scalar_type(), "rank1_restore_adam_", [&] {
+      scalar_t* x = p.data_ptr<scalar_t>();
+      const scalar_t* g = grads[c.tensor].const_data_ptr<scalar_t>();
+      scalar_t* m = exp_avgs[c.tensor].data_ptr<scalar_t>();
+      scalar_t* v = exp_avg_sqs[c.tensor].data_ptr<scalar_t>();
+      scalar_t* vmax = amsgrad ? max_exp_avg_sqs[c.tensor].data_ptr<scalar_t>() : nullptr;
+      dispatch_adam_flags(amsgrad, 1.0 - beta1 < 0.5, [&]<bool kA, bool kL>() {
+        for_each_rank1_block<scalar_t>(c, p, us[c.tensor], vs[c.tensor], s[c.tensor], [&](int64_t i, const auto* old, int64_t n) {
+          adam_chunk<scalar_t, kA, kL>(x + i, old, g + i, m + i, v + i, kA ? vmax + i : nullptr, args, n);
+        });
+      });
+    });
+  });
+}
+
 }  // namespace sam_kernels::cpu
 
 TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
   m.impl("restore_adam_", &sam_kernels::cpu::restore_adam_);
+  m.impl("rank1_restore_adam_", &sam_kernels::cpu::rank1_restore_adam_);
 }

@@ -43,6 +43,50 @@ void parallel_chunks(const std::vector<Chunk>& chunks, const F& f) {
   });
 }
 
+// Walks the part [begin, end) of a row-major n x m matrix one row run at a time:
+// f(first element, row, first column, length). Inner loops over a run are contiguous.
+template <typename F>
+void for_each_row_run(int64_t begin, int64_t end, int64_t m, const F& f) {
+  for (int64_t i = begin; i < end;) {
+    const int64_t r = i / m, c = i - r * m, len = std::min(end - i, m - c);
+    f(i, r, c, len);
+    i += len;
+  }
+}
+
+// nuSAM's restore without a stored copy: old[j] = x[j] - (s * u[r]) * v[c + j], in opmath,
+// for one row run (s == 0: old = x). Feeds the SGD / Adam chunk loops from an L1 block.
+constexpr int64_t kRank1Block = 256;
+
+template <typename scalar_t, typename opmath_t>
+void rank1_old_block(const scalar_t* x, float su, const float* v, bool active, opmath_t* old, int64_t len) {
+  if (!active) {
+    for (int64_t j = 0; j < len; ++j) old[j] = static_cast<opmath_t>(x[j]);
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) old[j] = static_cast<opmath_t>(x[j]) - static_cast<opmath_t>(su * v[j]);
+}
+
+// Calls f(first element, old block, length) over a whole matrix chunk in blocks of kRank1Block,
+// with old computed from the rank-1 term of matrix `t`.
+template <typename scalar_t, typename F>
+void for_each_rank1_block(
+    const Chunk& c, const at::Tensor& mat, const at::Tensor& u, const at::Tensor& v, float s, const F& f) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  opmath_t old[kRank1Block];
+  const scalar_t* x = mat.const_data_ptr<scalar_t>();
+  const float* up = u.const_data_ptr<float>();
+  const float* vp = v.const_data_ptr<float>();
+  for_each_row_run(c.begin, c.end, mat.size(1), [&](int64_t i, int64_t r, int64_t col, int64_t len) {
+    for (int64_t b = 0; b < len; b += kRank1Block) {
+      const int64_t n = std::min(kRank1Block, len - b);
+      rank1_old_block<scalar_t, opmath_t>(x + i + b, s * up[r], vp + col + b, s != 0.f, old, n);
+      f(i + b, static_cast<const opmath_t*>(old), n);
+    }
+  });
+}
+
 #define SAM_DISPATCH_FLOATING(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 

@@ -8,8 +8,8 @@ namespace sam_kernels::cpu {
 namespace {
 
 // Kept out of the AT_DISPATCH lambda: a pragma cannot sit inside a macro argument.
-template <typename scalar_t, bool kMomentum, bool kNesterov, bool kInit>
-void sgd_chunk(scalar_t* x, const scalar_t* old, const scalar_t* g, scalar_t* buf, const SgdArgs& args, int64_t n) {
+template <typename scalar_t, bool kMomentum, bool kNesterov, bool kInit, typename old_t = scalar_t>
+void sgd_chunk(scalar_t* x, const old_t* old, const scalar_t* g, scalar_t* buf, const SgdArgs& args, int64_t n) {
   using opmath_t = at::opmath_type<scalar_t>;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -54,8 +54,44 @@ void restore_sgd_(
   });
 }
 
+void rank1_restore_sgd_(
+    at::TensorList params,
+    at::TensorList us,
+    at::TensorList vs,
+    const at::Tensor& scales,
+    at::TensorList grads,
+    at::TensorList bufs,
+    double lr,
+    double momentum,
+    double dampening,
+    bool nesterov,
+    double weight_decay,
+    bool maximize,
+    bool init_bufs) {
+  if (params.empty()) return;
+  const bool has_momentum = momentum != 0.0;
+  check_rank1_args("rank1_restore_sgd_", at::kCPU, params, us, vs, scales);
+  check_sgd_args(at::kCPU, params, params, grads, bufs, has_momentum);
+  const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize);
+  const float* s = scales.const_data_ptr<float>();
+  parallel_chunks(make_chunks(params), [&](const Chunk& c) {
+    const auto& p = params[c.tensor];
+    SAM_DISPATCH_FLOATING(p.scalar_type(), "rank1_restore_sgd_", [&] {
+      scalar_t* x = p.data_ptr<scalar_t>();
+      const scalar_t* g = grads[c.tensor].const_data_ptr<scalar_t>();
+      scalar_t* buf = has_momentum ? bufs[c.tensor].data_ptr<scalar_t>() : nullptr;
+      dispatch_sgd_flags(has_momentum, nesterov, init_bufs, [&]<bool kM, bool kN, bool kI>() {
+        for_each_rank1_block<scalar_t>(c, p, us[c.tensor], vs[c.tensor], s[c.tensor], [&](int64_t i, const auto* old, int64_t n) {
+          sgd_chunk<scalar_t, kM, kN, kI>(x + i, old, g + i, kM ? buf + i : nullptr, args, n);
+        });
+      });
+    });
+  });
+}
+
 }  // namespace sam_kernels::cpu
 
 TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
   m.impl("restore_sgd_", &sam_kernels::cpu::restore_sgd_);
+  m.impl("rank1_restore_sgd_", &sam_kernels::cpu::rank1_restore_sgd_);
 }

@@ -11,14 +11,15 @@ import triton
 import triton.language as tl
 
 from ._tables import Launch, block_of, tensor_ptr, compute_dtype, dtype_groups, launch_kwargs, pick, tl_dtype
+from .rank1 import ncols_of, rank1_term
 
 
 @triton.jit
 def _restore_adam_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start,
-    beta1_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size, bc2_sqrt,
+    beta1_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size, bc2_sqrt, ncols, scales,
     AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
-    DTYPE: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+    RANK1: tl.constexpr, U_LIST: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
@@ -27,7 +28,12 @@ def _restore_adam_kernel(
     m_ptr = tensor_ptr(ptrs, n_tensors, t, 3, DTYPE)
     v_ptr = tensor_ptr(ptrs, n_tensors, t, 4, DTYPE)
 
-    x = tl.load(o_ptr + offs, mask=mask).to(CT)
+    if RANK1:  # nuSAM: x_old = M - s u v^T, recomputed instead of stored
+        term, s = rank1_term(ptrs, n_tensors, t, offs, mask, ncols, scales, U_LIST)
+        xm = tl.load(x_ptr + offs, mask=mask).to(CT)
+        x = tl.where(s != 0, xm - term.to(CT), xm)
+    else:
+        x = tl.load(o_ptr + offs, mask=mask).to(CT)
     d = tl.load(g_ptr + offs, mask=mask).to(CT)
     m = tl.load(m_ptr + offs, mask=mask).to(CT)
     v = tl.load(v_ptr + offs, mask=mask).to(CT)
@@ -53,19 +59,39 @@ def _restore_adam_kernel(
     tl.store(x_ptr + offs, (x - step_size * m / denom).to(DTYPE), mask=mask)
 
 
-def restore_adam_(
-    params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
-    weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2,
-):
+def _launch(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, rank1, lr, beta1, beta2, eps,
+            weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2):
     for dtype, index in dtype_groups(params):
-        lists = [pick(params, index), pick(olds, index), pick(grads, index), pick(exp_avgs, index),
-                 pick(exp_avg_sqs, index)]
+        ps = pick(params, index)
+        lists = [ps, pick(olds, index), pick(grads, index), pick(exp_avgs, index), pick(exp_avg_sqs, index)]
         if amsgrad:
             lists.append(pick(max_exp_avg_sqs, index))
+        ncols = scales = lists[0][0]  # placeholders, unused without RANK1
+        if rank1 is not None:
+            us, vs, all_scales = rank1
+            lists += [pick(us, index), pick(vs, index)]
+            ncols = ncols_of(ps)
+            scales = all_scales[index] if len(index) != len(params) else all_scales
         launch = Launch(lists)
         _restore_adam_kernel[launch.grid](
             *launch.args(), float(1 - beta1), float(beta2), float(1 - beta2), float(eps), float(weight_decay),
             float(1 - lr * weight_decay), float(lr / bias_correction1), float(math.sqrt(bias_correction2)),
+            ncols, scales,
             AMSGRAD=bool(amsgrad), DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
+            RANK1=rank1 is not None, U_LIST=6 if amsgrad else 5,
             DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), BLOCK=launch.block, **launch_kwargs(),
         )
+
+
+def restore_adam_(
+    params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
+    weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2,
+):
+    _launch(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, None, lr, beta1, beta2, eps,
+            weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2)
+
+
+def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2,
+                        eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2):
+    _launch(params, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, (us, vs, scales), lr, beta1, beta2, eps,
+            weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2)

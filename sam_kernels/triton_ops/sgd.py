@@ -8,21 +8,28 @@ import triton
 import triton.language as tl
 
 from ._tables import Launch, block_of, tensor_ptr, compute_dtype, dtype_groups, launch_kwargs, pick, tl_dtype
+from .rank1 import ncols_of, rank1_term
 
 
 @triton.jit
 def _restore_sgd_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start,
-    lr, momentum, one_minus_dampening, weight_decay,
+    lr, momentum, one_minus_dampening, weight_decay, ncols, scales,
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr,
-    HAS_WD: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_WD: tl.constexpr, RANK1: tl.constexpr, U_LIST: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
     o_ptr = tensor_ptr(ptrs, n_tensors, t, 1, DTYPE)
     g_ptr = tensor_ptr(ptrs, n_tensors, t, 2, DTYPE)
 
-    x = tl.load(o_ptr + offs, mask=mask).to(CT)
+    if RANK1:  # nuSAM: x_old = M - s u v^T, recomputed instead of stored
+        term, s = rank1_term(ptrs, n_tensors, t, offs, mask, ncols, scales, U_LIST)
+        xm = tl.load(x_ptr + offs, mask=mask).to(CT)
+        x = tl.where(s != 0, xm - term.to(CT), xm)
+    else:
+        x = tl.load(o_ptr + offs, mask=mask).to(CT)
     d = tl.load(g_ptr + offs, mask=mask).to(CT)
     if MAXIMIZE:
         d = -d
@@ -42,16 +49,33 @@ def _restore_sgd_kernel(
     tl.store(x_ptr + offs, (x - lr * d).to(DTYPE), mask=mask)
 
 
-def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs):
+def _launch(params, olds, grads, bufs, rank1, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs):
     has_momentum = momentum != 0
     for dtype, index in dtype_groups(params):
-        lists = [pick(params, index), pick(olds, index), pick(grads, index)]
+        ps = pick(params, index)
+        lists = [ps, pick(olds, index), pick(grads, index)]
         if has_momentum:
             lists.append(pick(bufs, index))
+        ncols = scales = lists[0][0]  # placeholders, unused without RANK1
+        if rank1 is not None:
+            us, vs, all_scales = rank1
+            lists += [pick(us, index), pick(vs, index)]
+            ncols = ncols_of(ps)
+            scales = all_scales[index] if len(index) != len(params) else all_scales
         launch = Launch(lists)
         _restore_sgd_kernel[launch.grid](
-            *launch.args(), float(lr), float(momentum), float(1 - dampening), float(weight_decay),
+            *launch.args(), float(lr), float(momentum), float(1 - dampening), float(weight_decay), ncols, scales,
             MOMENTUM=has_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), INIT_BUFS=bool(init_bufs),
-            HAS_WD=weight_decay != 0, DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), BLOCK=launch.block,
-            **launch_kwargs(),
+            HAS_WD=weight_decay != 0, RANK1=rank1 is not None, U_LIST=4 if has_momentum else 3,
+            DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), BLOCK=launch.block, **launch_kwargs(),
         )
+
+
+def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs):
+    _launch(params, olds, grads, bufs, None, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs)
+
+
+def rank1_restore_sgd_(params, us, vs, scales, grads, bufs, lr, momentum, dampening, nesterov, weight_decay,
+                       maximize, init_bufs):
+    _launch(params, params, grads, bufs, (us, vs, scales), lr, momentum, dampening, nesterov, weight_decay,
+            maximize, init_bufs)
