@@ -9,13 +9,15 @@ from sam_kernels.bench.__main__ import main as bench_main
 
 def test_demo_trains_every_optimizer():
     rows = demo.main(["--epochs", "2", "--seeds", "1"])
-    assert [r["optimizer"] for r in rows] == ["SGD", "SAM", "ASAM"]
+    assert [r["optimizer"] for r in rows] == ["SGD", "SAM", "ASAM", "nuSAM", "GaussSAM"]
     by = {r["optimizer"]: r for r in rows}
     assert all(r["test_acc"] > 0.5 for r in rows)  # 10 classes: chance is 0.1
     assert by["SAM"]["grad_evals"] == 2 * by["SGD"]["grad_evals"]
     n_params = sum(p.numel() for p in demo.model_fn(0).parameters())
     # SGD+momentum keeps one buffer; SAM adds x_old, exactly one more copy of the parameters
     assert by["SGD"]["opt_bytes"] == 4 * n_params and by["SAM"]["opt_bytes"] == 8 * n_params
+    # nuSAM keeps vectors, not a copy: far less than SAM's extra copy of the parameters
+    assert by["SGD"]["opt_bytes"] < by["nuSAM"]["opt_bytes"] < by["SGD"]["opt_bytes"] + 0.05 * 4 * n_params
 
 
 def test_bench_cli_records(tmp_path):
@@ -27,12 +29,17 @@ def test_bench_cli_records(tmp_path):
     assert copy["op"] == "copy" and copy["gbps"] > 0
     rows = records[1:]
     ops = {r["op"] for r in rows}
-    assert {"grad_norm", "perturb", "restore", "restore_sgd", "restore_adamw", "sam_step"} <= ops
+    assert {"grad_norm", "perturb", "restore", "restore_sgd", "restore_adamw", "sam_step", "power_iteration",
+            "nusam_step"} <= ops
     assert {r["backend"] for r in rows} >= {"cpu", "torch", "loop", "peer_sam", "torch_foreach"}
     for r in rows:
         for key in ("op", "backend", "device", "dtype", "numel", "tensors", "median_ms", "gbps", "frac_of_copy"):
             assert key in r, key
-        assert r["median_ms"] > 0 and r["numel"] == 33 * 7 + 1000 + 135 + 1 and r["tensors"] == 4
+        if r["op"] == "power_iteration":  # the matrices only
+            assert r["numel"] == 33 * 7 and r["tensors"] == 1
+        else:
+            assert r["numel"] == 33 * 7 + 1000 + 135 + 1 and r["tensors"] == 4
+        assert r["median_ms"] > 0
         assert abs(r["frac_of_copy"] - r["gbps"] / copy["gbps"]) < 1e-9
     assert "| tiny | sam_step | cpu |" in md.read_text()
     assert torch.get_num_threads() >= 1

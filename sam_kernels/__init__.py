@@ -2,7 +2,9 @@
 from . import _ext  # noqa: F401  (loads the native ops, or warns once)
 from . import backends, ops
 from .backends import BackendUnavailableError
+from .gauss_sam import GaussSAM
+from .nusam import NuSAM
 from .sam import SAM
 
-__all__ = ["SAM", "ops", "backends", "BackendUnavailableError"]
+__all__ = ["SAM", "NuSAM", "GaussSAM", "ops", "backends", "BackendUnavailableError"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""`make demo`: SGD vs SAM vs ASAM on scikit-learn's bundled digits data (no download).
+"""`make demo`: SGD vs SAM, ASAM, nuSAM and GaussSAM on scikit-learn's bundled digits data (no download).
 
 A small MLP is trained with each optimizer on the same split, batches and initialisation;
 the table gives test accuracy, wall time, gradient evaluations and the optimizer's memory.
@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from . import SAM
+from . import SAM, GaussSAM, NuSAM
+from ._base import SharpnessAwareOptimizer
 
 
 def load_digits(seed: int = 0):
@@ -37,6 +38,9 @@ OPTIMIZERS = {
     "SGD": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
     "SAM": lambda p: SAM(p, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9, weight_decay=5e-4),
     "ASAM": lambda p: SAM(p, torch.optim.SGD, rho=0.5, adaptive=True, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    "nuSAM": lambda p: NuSAM(p, torch.optim.SGD, rho=0.01, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    "GaussSAM": lambda p: GaussSAM(p, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9, weight_decay=5e-4,
+                                   generator=torch.Generator().manual_seed(0)),
 }
 
 
@@ -63,7 +67,7 @@ def train(name, epochs, batch, seed, bar):
             loss = loss_fn(model(xb), yb)
             loss.backward()
             grads += 1
-            if isinstance(opt, SAM):
+            if isinstance(opt, SharpnessAwareOptimizer):
                 def closure():
                     lo = loss_fn(model(xb), yb)
                     lo.backward()

@@ -34,13 +34,28 @@ def fused_kind(base: torch.optim.Optimizer) -> str | None:
     return kind
 
 
-def sgd_step(base, group, params, olds, grads, backend):
-    """params <- olds, then torch.optim.SGD's step for `group` with `grads`."""
+def _take(lst, index):
+    return [lst[i] for i in index]
+
+
+def sgd_step(base, group, params, olds, grads, backend, rank1=None):
+    """params <- olds (or, for nuSAM, params - s u v^T with rank1 = (us, vs, scales)), then
+    torch.optim.SGD's step for `group` with `grads`."""
     momentum = group["momentum"]
     kw = dict(lr=group["lr"], momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],
               weight_decay=group["weight_decay"], maximize=group["maximize"], backend=backend)
+
+    def run(index, bufs, init):
+        ps, gs = _take(params, index), _take(grads, index)
+        if rank1 is None:
+            ops.restore_sgd_(ps, _take(olds, index), gs, bufs, init_bufs=init, **kw)
+        else:
+            us, vs, scales = rank1
+            sel = scales if len(index) == len(params) else scales[index]
+            ops.rank1_restore_sgd_(ps, _take(us, index), _take(vs, index), sel, gs, bufs, init_bufs=init, **kw)
+
     if momentum == 0:
-        ops.restore_sgd_(params, olds, grads, None, **kw)
+        run(range(len(params)), None, False)
         return
     state = base.state
     fresh = [state[p].get("momentum_buffer") is None for p in params]
@@ -50,12 +65,11 @@ def sgd_step(base, group, params, olds, grads, backend):
     for init in (True, False):
         index = [i for i, new in enumerate(fresh) if new is init]
         if index:
-            ops.restore_sgd_([params[i] for i in index], [olds[i] for i in index], [grads[i] for i in index],
-                             [state[params[i]]["momentum_buffer"] for i in index], init_bufs=init, **kw)
+            run(index, [state[params[i]]["momentum_buffer"] for i in index], init)
 
 
-def adam_step(base, group, params, olds, grads, backend):
-    """params <- olds, then torch.optim.Adam / AdamW's step for `group` with `grads`."""
+def adam_step(base, group, params, olds, grads, backend, rank1=None):
+    """params <- olds (or params - s u v^T, see sgd_step), then torch.optim.Adam / AdamW's step."""
     state = base.state
     amsgrad = group["amsgrad"]
     for p in params:
@@ -74,15 +88,19 @@ def adam_step(base, group, params, olds, grads, backend):
     beta1, beta2 = group["betas"]
     decoupled = isinstance(base, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
     for step, index in by_step.items():
-        sel = lambda lst: [lst[i] for i in index]  # noqa: E731
-        ps = sel(params)
-        ops.restore_adam_(
-            ps, sel(olds), sel(grads), [state[p]["exp_avg"] for p in ps], [state[p]["exp_avg_sq"] for p in ps],
-            [state[p]["max_exp_avg_sq"] for p in ps] if amsgrad else None,
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            decoupled=decoupled, amsgrad=amsgrad, maximize=group["maximize"],
-            bias_correction1=1 - beta1 ** step, bias_correction2=1 - beta2 ** step, backend=backend,
-        )
+        ps = _take(params, index)
+        kw = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                  decoupled=decoupled, amsgrad=amsgrad, maximize=group["maximize"],
+                  bias_correction1=1 - beta1 ** step, bias_correction2=1 - beta2 ** step, backend=backend)
+        state_lists = ([state[p]["exp_avg"] for p in ps], [state[p]["exp_avg_sq"] for p in ps],
+                       [state[p]["max_exp_avg_sq"] for p in ps] if amsgrad else None)
+        if rank1 is None:
+            ops.restore_adam_(ps, _take(olds, index), _take(grads, index), *state_lists, **kw)
+        else:
+            us, vs, scales = rank1
+            sel = scales if len(index) == len(params) else scales[index]
+            ops.rank1_restore_adam_(ps, _take(us, index), _take(vs, index), sel, _take(grads, index), *state_lists,
+                                    **kw)
 
 
 UPDATES = {"sgd": sgd_step, "adam": adam_step}

@@ -16,8 +16,8 @@ import sys
 import torch
 
 from .. import backends
-from .cases import (BYTES_PER_ELEMENT, loop_sam_case, make_params, peer_sam_case, primitive_case, sam_step_case,
-                    torch_sgd_case)
+from .cases import (BYTES_PER_ELEMENT, loop_sam_case, make_params, nusam_step_case, peer_sam_case,
+                    power_iteration_case, primitive_case, sam_step_case, torch_sgd_case)
 from .shapes import PARAM_SETS, numel
 from .timing import copy_bandwidth_gbps, device_name, median_ms_interleaved
 
@@ -57,6 +57,9 @@ def plan(device, backend_list, quick, sets=None):
             jobs.append((name, "sam_step_adamw", "peer_sam"))
         except ImportError:
             pass
+        if any(len(s) == 2 for s in PARAM_SETS[name]()):  # nuSAM perturbs matrices only
+            for b in backend_list:
+                jobs += [(name, "power_iteration", b), (name, "nusam_step", b), (name, "nusam_step_adamw", b)]
         jobs.append((name, "sgd_step", "torch_foreach"))
         if device.type == "cuda":
             jobs.append((name, "sgd_step", "torch_fused"))
@@ -66,6 +69,10 @@ def plan(device, backend_list, quick, sets=None):
 def build(op, backend, params):
     if op in PRIMITIVES:
         return primitive_case(op, params, backend)
+    if op == "power_iteration":
+        return power_iteration_case(params, backend)
+    if op.startswith("nusam_step"):
+        return nusam_step_case(params, backend, "adamw" if op.endswith("adamw") else "sgd")
     base = "adamw" if op == "sam_step_adamw" else "sgd"
     if op == "sgd_step":
         return torch_sgd_case(params, backend.split("_", 1)[1])
@@ -99,11 +106,12 @@ def run(args) -> list[dict]:
         shapes = PARAM_SETS[set_name]()
         fns = {b: build(op, b, make_params(shapes, device)) for b in group}
         times = median_ms_interleaved(fns, device, warmup=2 if args.quick else 5, reps=reps)
-        n = numel(shapes)
+        n = numel([sh for sh in shapes if len(sh) == 2]) if op == "power_iteration" else numel(shapes)
         for backend, ms in times.items():
             gbps = BYTES_PER_ELEMENT[op] * n / (ms * 1e-3) / 1e9
+            tensors = sum(len(sh) == 2 for sh in shapes) if op == "power_iteration" else len(shapes)
             records.append({"op": op, "backend": backend, "device": name, "dtype": "float32", "numel": n,
-                            "tensors": len(shapes), "params": set_name, "median_ms": ms, "gbps": gbps,
+                            "tensors": tensors, "params": set_name, "median_ms": ms, "gbps": gbps,
                             "frac_of_copy": gbps / copy})
         del fns
         bar.update(len(group))

@@ -5,6 +5,9 @@ Bytes counted per fp32 element (the floor: each input read once, each output wri
     restore_sgd 20 (read x_old, g, buf; write x, buf) | restore_adamw 28 (read x_old, g, m, v; write x, m, v)
     sam_step with SGD+momentum 40 = norm 4 + perturb 16 + restore_sgd 20
     sam_step with AdamW 48 = norm 4 + perturb 16 + restore_adamw 28
+    power_iteration 8 (T = 1: read every matrix gradient twice; counted over the matrices only)
+    nusam_step with SGD+momentum 36 = power iteration 8 + rank-1 perturb 8 (read, write M) + update 20
+    nusam_step with AdamW 44 = 8 + 8 + 28 (non-matrix parameters get no perturbation: slightly less)
 Our SAM step also reads the second gradient once more (4 B) to refuse a non-finite one: that
 guard is in the measured time but not in the floor, so GB/s here is against the floor.
 """
@@ -12,11 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import SAM, ops
+from .. import SAM, NuSAM, ops
 
 BYTES_PER_ELEMENT = {
     "grad_norm": 4, "perturb": 16, "restore": 8, "restore_sgd": 20, "restore_adamw": 28,
     "sam_step": 40, "sam_step_adamw": 48, "sgd_step": 20,
+    "power_iteration": 8, "nusam_step": 36, "nusam_step_adamw": 44,
 }
 
 
@@ -110,3 +114,25 @@ def torch_sgd_case(params, variant: str):
     kw = {"foreach": True} if variant == "foreach" else {"fused": True}
     opt = torch.optim.SGD(params, lr=1e-9, momentum=0.9, **kw)
     return opt.step
+
+
+def power_iteration_case(params, backend: str):
+    """One batched power iteration (T = 1) over the matrix gradients."""
+    mats = [p.grad for p in params if p.dim() == 2]
+    us = [torch.nn.functional.normalize(torch.randn(m.shape[0], device=m.device), dim=0) for m in mats]
+    vs = [torch.empty(m.shape[1], device=m.device) for m in mats]
+    sig = torch.empty(len(mats), device=mats[0].device)
+    return lambda: ops.power_iteration_(mats, us, vs, sig, iters=1, backend=backend)
+
+
+def nusam_step_case(params, backend: str, base: str = "sgd"):
+    """One whole nuSAM optimizer step (T = 1) with the gradients in .grad."""
+    if base == "sgd":
+        opt = NuSAM(params, torch.optim.SGD, rho=0.05, lr=1e-9, momentum=0.9, backend=backend)
+    else:
+        opt = NuSAM(params, torch.optim.AdamW, rho=0.05, lr=1e-9, weight_decay=0.01, backend=backend)
+
+    def step():
+        opt.first_step()
+        opt.second_step()
+    return step

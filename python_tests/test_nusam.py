@@ -1,0 +1,368 @@
+"""nuSAM / nuSAM-Norm / GaussSAM (ALGORITHMS.md, "nuSAM"): the power iteration against
+torch.linalg.svd, the rank-1 oracle, the layer scaling of nuSAM-Norm, what is (not) perturbed,
+restore drift, parity with an exact-SVD reference and across backends, Figure 1 of the paper,
+memory, resume and failures."""
+import io
+
+import pytest
+import torch
+from conftest import KERNEL_BACKENDS, backend_cases, poison
+
+from sam_kernels import SAM, GaussSAM, NuSAM, ops
+
+BACKENDS = backend_cases()
+TRAJ_TOL = dict(rtol=1e-4, atol=1e-5)  # fp32 rounding through a few steps and power iterations
+
+
+def planted(n, m, gap=3.0, dtype=torch.float32, seed=0):
+    """A random n x m matrix with singular values gap, 1, 1/2, ...: a clear top pair."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(n, m)
+    q1, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    s = torch.tensor([gap] + [1.0 / (i + 1) for i in range(k - 1)], dtype=torch.float64)
+    return ((q1 * s) @ q2.t()).to(dtype)
+
+
+SHAPES = [(1, 9), (9, 1), (1, 1), (40, 7), (7, 40), (33, 33), (130, 70)]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_power_iteration_finds_the_top_singular_pair(backend, device, dtype):
+    mats = [planted(n, m, dtype=dtype, seed=i).to(device) for i, (n, m) in enumerate(SHAPES)]
+    mats.append(planted(20, 30, seed=99).to(device).t())  # a non-contiguous (transposed) gradient
+    g = torch.Generator().manual_seed(5)
+    us = [torch.nn.functional.normalize(torch.randn(m.shape[0], generator=g), dim=0).to(device) for m in mats]
+    vs = [poison(torch.empty(m.shape[1], device=device)) for m in mats]
+    sigmas = poison(torch.empty(len(mats), device=device))
+    ops.power_iteration_(mats, us, vs, sigmas, iters=40, backend=backend)
+    for m, u, v, s in zip(mats, us, vs, sigmas):
+        U, S, Vh = torch.linalg.svd(m.double().cpu())
+        assert abs(abs(float(u.double().cpu() @ U[:, 0])) - 1) < 1e-5
+        assert abs(abs(float(v.double().cpu() @ Vh[0])) - 1) < 1e-5
+        assert float(s) == pytest.approx(float(S[0]), rel=1e-5)
+        assert float(u.cpu() @ m.float().cpu() @ v.cpu()) > 0  # u v^T points along G
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_power_iteration_matches_reference_per_step_and_warm_start(backend, device):
+    mats = [torch.randn(n, m, device=device) for n, m in SHAPES]
+    g = torch.Generator().manual_seed(1)
+    start = [torch.nn.functional.normalize(torch.randn(m.shape[0], generator=g), dim=0).to(device) for m in mats]
+    outs = {}
+    for b in (backend, "torch"):
+        us = [u.clone() for u in start]
+        vs = [torch.empty(m.shape[1], device=device) for m in mats]
+        sig = torch.empty(len(mats), device=device)
+        ops.power_iteration_(mats, us, vs, sig, iters=1, backend=b)
+        outs[b] = (us, vs, sig)
+    for a, r in zip(outs[backend][0] + outs[backend][1], outs["torch"][0] + outs["torch"][1]):
+        torch.testing.assert_close(a.cpu(), r.cpu(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[backend][2].cpu(), outs["torch"][2].cpu(), rtol=1e-5, atol=1e-6)
+    # warm start: from the exact top u, one iteration returns the exact pair
+    m = planted(30, 20).to(device)
+    U, S, Vh = torch.linalg.svd(m.double().cpu())
+    u = [U[:, 0].float().to(device)]
+    v = [torch.empty(20, device=device)]
+    sig = torch.empty(1, device=device)
+    ops.power_iteration_([m], u, v, sig, iters=1, backend=backend)
+    assert abs(float(v[0].double().cpu() @ Vh[0])) == pytest.approx(1, abs=1e-6)
+    assert float(sig[0]) == pytest.approx(float(S[0]), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_rank1_primitives_match_reference(backend, device, dtype):
+    shapes = SHAPES + [(300, 257)]
+    us = [torch.randn(n, device=device) for n, _ in shapes]
+    vs = [torch.randn(m, device=device) for _, m in shapes]
+    scales = torch.randn(len(shapes), device=device)
+    scales[2] = 0.0
+    us[2][0] = float("nan")  # a zero scale must ignore whatever the vectors hold
+    base = [torch.randn(n, m, device=device).to(dtype) for n, m in shapes]
+    got, ref = [b.clone() for b in base], [b.clone() for b in base]
+    ops.rank1_update_(got, us, vs, scales, backend=backend)
+    ops.rank1_update_(ref, us, vs, scales, backend="torch")
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a.float().cpu(), r.float().cpu(), rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                                   atol=1e-2 if dtype != torch.float32 else 1e-5)
+    assert torch.equal(got[2], base[2])
+    grads = [torch.randn_like(b) for b in base]
+    for kind in ("sgd", "adam"):
+        outs = []
+        for b in (backend, "torch"):
+            xs = [x.clone() for x in base]
+            if kind == "sgd":
+                bufs = [torch.ones_like(x) for x in xs]
+                ops.rank1_restore_sgd_(xs, us, vs, scales, grads, bufs, lr=0.1, momentum=0.9, weight_decay=1e-2,
+                                       backend=b)
+                outs.append(xs + bufs)
+            else:
+                ms = [torch.full_like(x, 0.1) for x in xs]
+                vv = [torch.full_like(x, 0.01) for x in xs]
+                ops.rank1_restore_adam_(xs, us, vs, scales, grads, ms, vv, lr=1e-2, beta1=0.9, beta2=0.999,
+                                        eps=1e-8, weight_decay=1e-2, decoupled=True, bias_correction1=0.19,
+                                        bias_correction2=0.002, backend=b)
+                outs.append(xs + ms + vv)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        for a, r in zip(*outs):
+            torch.testing.assert_close(a.float().cpu(), r.float().cpu(), **tol)
+
+
+def mlp(conv=False, device="cpu"):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(6, 17), torch.nn.LayerNorm(17), torch.nn.Tanh(), torch.nn.Linear(17, 9), torch.nn.Tanh(),
+              torch.nn.Linear(9, 1)]
+    if conv:
+        layers = [torch.nn.Conv1d(1, 2, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(12, 17)] + layers[1:]
+    return torch.nn.Sequential(*layers).to(device)
+
+
+def batches(steps, device="cpu", conv=False):
+    g = torch.Generator().manual_seed(1)
+    shape = (32, 1, 6) if conv else (32, 6)
+    return [(torch.randn(*shape, generator=g).to(device), torch.randn(32, 1, generator=g).to(device))
+            for _ in range(steps)]
+
+
+def loss_fn(model, x, y):
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def train(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step(lambda: loss_fn(model, x, y).backward())
+    return torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+
+
+def test_rank1_gradient_gives_exactly_sams_perturbation():
+    a, b = torch.randn(7, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    deltas = []
+    for cls in (NuSAM, SAM):
+        M = torch.nn.Parameter(torch.randn(7, 5, dtype=torch.float64))
+        start = M.detach().clone()
+        opt = cls([M], torch.optim.SGD, rho=0.3, lr=0.1)
+        (a @ M @ b).backward()  # gradient a b^T: rank 1
+        opt.first_step()
+        deltas.append(M.detach() - start)
+        opt.restore()
+    torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-6, atol=1e-9)
+    G = torch.outer(a, b)
+    torch.testing.assert_close(deltas[1], 0.3 * G / G.norm(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nusam_norm_scales_layers_by_their_top_singular_values(backend, device):
+    Ms = [torch.nn.Parameter(torch.zeros(n, m, device=device)) for n, m in [(30, 20), (12, 40)]]
+    G = [planted(30, 20, gap=4.0).to(device), planted(12, 40, gap=2.0, seed=3).to(device)]
+    opt = NuSAM(Ms, torch.optim.SGD, rho=0.5, power_iters=40, normalized=True, lr=0.1, backend=backend)
+    for M, g in zip(Ms, G):
+        M.grad = g.clone()
+    opt.first_step()
+    sig = torch.tensor([float(torch.linalg.svdvals(g.double().cpu())[0]) for g in G])
+    want = 0.5 * sig / sig.norm()
+    for M, w in zip(Ms, want):
+        assert float(torch.linalg.matrix_norm(M.detach().double().cpu(), ord="nuc")) == pytest.approx(float(w), rel=1e-4)
+    opt.restore()
+
+
+@pytest.mark.parametrize("conv", ["skip", "reshape"])
+def test_only_matrices_are_perturbed(conv):
+    model = mlp(conv=True)
+    opt = NuSAM(model.parameters(), torch.optim.SGD, rho=0.5, conv=conv, lr=0.1)
+    x, y = batches(1, conv=True)[0]
+    loss_fn(model, x, y).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.first_step()
+    for n, p in model.named_parameters():
+        moved = not torch.equal(p, before[n])
+        if p.dim() == 2:
+            assert moved, n
+        elif p.dim() == 3:
+            assert moved == (conv == "reshape"), n
+        else:
+            assert not moved, f"{n} (not a matrix) must not be perturbed"
+    opt.restore()
+    loss_fn(model, x, y).backward()
+    opt.step(lambda: loss_fn(model, x, y).backward())
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters()), "every parameter is updated"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_restore_drift_stays_at_rounding_level(backend, device):
+    model = mlp(device=device)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = NuSAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.0, backend=backend)
+    train(model, opt, batches(40, device))
+    for p, s in zip(model.parameters(), start):
+        assert (p - s).abs().max().item() < 40 * 2e-7 * max(1.0, s.abs().max().item())
+
+
+def exact_svd_nusam(model, base_cls, kw, data, rho):
+    """nuSAM with the exact top singular pair (torch.linalg.svd), one matrix at a time."""
+    mats = [p for p in model.parameters() if p.dim() == 2]
+    base = base_cls(model.parameters(), **kw)
+    for x, y in data:
+        base.zero_grad()
+        loss_fn(model, x, y).backward()
+        terms = []
+        with torch.no_grad():
+            for M in mats:
+                U, S, Vh = torch.linalg.svd(M.grad.double())
+                t = (rho * torch.outer(U[:, 0], Vh[0])).to(M.dtype)
+                M.add_(t)
+                terms.append(t)
+        base.zero_grad()
+        loss_fn(model, x, y).backward()
+        with torch.no_grad():
+            for M, t in zip(mats, terms):
+                M.sub_(t)
+        base.step()
+    return torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_trajectory_matches_exact_svd_reference_with_many_power_iterations(backend, device, base):
+    base_cls, kw = ((torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)) if base == "sgd"
+                    else (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)))
+    data = batches(8, device)
+    model = mlp(device=device)
+    ours = train(model, NuSAM(model.parameters(), base_cls, rho=0.2, power_iters=60, backend=backend, **kw), data)
+    ref = exact_svd_nusam(mlp(device=device), base_cls, kw, data, rho=0.2)
+    torch.testing.assert_close(ours, ref, **TRAJ_TOL)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("normalized", [False, True], ids=["nusam", "nusam-norm"])
+def test_backends_agree(backend, device, normalized):
+    data = batches(6, device)
+    runs = []
+    for b in (backend, "torch"):
+        model = mlp(device=device)
+        runs.append(train(model, NuSAM(model.parameters(), torch.optim.AdamW, rho=0.2, normalized=normalized,
+                                       backend=b, lr=1e-2), data))
+    torch.testing.assert_close(runs[0], runs[1], **TRAJ_TOL)
+
+
+def test_figure_1_gradient_direction_matters():
+    """Seed 002, Figure 1: f(X) = 1/2 ||X - B||^2, eta_k = 1/(k + 2), rho = 0.1: SAM and nuSAM
+    drive the gradient norm far lower than a random (Gaussian) perturbation of the same size."""
+    def run(cls, steps=2000, **kw):
+        B = torch.randn(10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        X = torch.nn.Parameter(torch.zeros(10, 10, dtype=torch.float64))
+        opt = cls([X], torch.optim.SGD, rho=0.1, lr=0.5, **kw)
+        best = float("inf")
+
+        def closure():
+            loss = 0.5 * ((X - B) ** 2).sum()
+            loss.backward()
+            return loss
+
+        for k in range(steps):
+            opt.param_groups[0]["lr"] = 1.0 / (k + 2)
+            opt.zero_grad()
+            closure()
+            best = min(best, float((X.grad ** 2).sum()))
+            opt.step(closure)
+        return best
+
+    sam, nusam = run(SAM), run(NuSAM)
+    gauss = run(GaussSAM, generator=torch.Generator().manual_seed(0))
+    assert gauss > 1e-6
+    assert sam < gauss * 1e-3 and nusam < gauss * 1e-3, (sam, nusam, gauss)
+
+
+def transformer_mlp(dim=256, blocks=2):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(blocks):
+        layers += [torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim)]
+    return torch.nn.Sequential(*layers)
+
+
+def test_memory_report():
+    x = torch.randn(8, 256)
+    reports = {}
+    for cls in (SAM, NuSAM):
+        model = transformer_mlp()
+        opt = cls(model.parameters(), torch.optim.SGD, lr=0.1)
+        model(x).square().mean().backward()
+        opt.step(lambda: model(x).square().mean().backward())
+        reports[cls.__name__] = opt.memory_report()
+    param_bytes = sum(p.numel() * 4 for p in transformer_mlp().parameters())
+    assert reports["SAM"]["perturbation"] == param_bytes
+    assert 0 < reports["NuSAM"]["perturbation"] <= 0.01 * param_bytes
+    assert reports["NuSAM"]["base_state"] == reports["SAM"]["base_state"] == 0  # SGD without momentum
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_state_dict_resume_is_bit_exact(backend, device):
+    data = batches(8, device)
+    model = mlp(device=device)
+    opt = NuSAM(model.parameters(), torch.optim.AdamW, rho=0.2, backend=backend, lr=1e-2)
+    train(model, opt, data[:4])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    straight = train(model, opt, data[4:])
+    model2 = mlp(device=device)
+    opt2 = NuSAM(model2.parameters(), torch.optim.AdamW, rho=0.2, backend=backend, lr=1e-2, seed=123)
+    ck = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    model2.load_state_dict(ck["model"])
+    opt2.load_state_dict(ck["opt"])
+    assert torch.equal(train(model2, opt2, data[4:]), straight)
+
+
+@pytest.mark.parametrize("which", ["first", "second"])
+def test_nonfinite_gradient_skips_and_keeps_the_warm_start(which):
+    model = mlp()
+    opt = NuSAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)
+    train(model, opt, batches(2))
+    params = [p.detach().clone() for p in model.parameters()]
+    us = {k: v["u"].clone() for k, v in opt.state.items() if "u" in v}
+    x, y = batches(1)[0]
+    opt.zero_grad()
+    loss_fn(model, x, y).backward()
+    if which == "first":
+        model[0].weight.grad[0, 0] = float("nan")
+
+    def closure():
+        loss_fn(model, x, y).backward()
+        if which == "second":
+            model[5].bias.grad[0] = float("inf")
+
+    opt.step(closure)
+    assert opt.skipped_steps == 1
+    for p, s in zip(model.parameters(), params):
+        if which == "first":
+            assert torch.equal(p, s)  # no perturbation was applied at all
+        else:
+            assert (p - s).abs().max() < 1e-6  # perturbation removed: rounding level
+    for k, u in us.items():
+        assert torch.equal(opt.state[k]["u"], u)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(power_iters=0), r"power_iters must be an integer >= 1, got 0"),
+    (dict(conv="flatten"), r"conv must be one of \('skip', 'reshape'\), got 'flatten'"),
+    (dict(rho=-1.0), r"rho must be a finite number >= 0, got -1.0"),
+])
+def test_bad_arguments(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        NuSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, **kwargs)
+
+
+def test_gauss_sam_ignores_the_gradient():
+    deltas = []
+    for scale in (1.0, -5.0):
+        M = torch.nn.Parameter(torch.ones(6, 4))
+        opt = GaussSAM([M], torch.optim.SGD, rho=0.2, lr=0.1, generator=torch.Generator().manual_seed(7))
+        M.grad = torch.full_like(M, scale)
+        opt.first_step()
+        deltas.append(M.detach() - 1.0)
+        opt.restore()
+    assert torch.equal(deltas[0], deltas[1])
+    assert deltas[0].norm().item() == pytest.approx(0.2, rel=1e-5)

@@ -1,0 +1,170 @@
+"""What every sharpness-aware optimizer of sam_kernels shares: building or adopting the base
+optimizer (param groups shared with it), argument checks, step(closure), zero_grad, the
+non-finite policy and its counter, and the state dict (the base optimizer's plus our own)."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch.optim import Optimizer
+
+from . import backends
+
+NONFINITE = ("skip", "raise")
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_nonneg(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_grad(p: torch.Tensor, where: str):
+    g = p.grad
+    if g.layout is torch.strided and g.dtype is p.dtype and p.dtype in _FLOATS and g.shape == p.shape:
+        return  # the common case, checked cheaply (this runs for every parameter, twice a step)
+    if g.is_sparse or g.layout != torch.strided:
+        raise TypeError(f"{where}: sparse gradients are not supported (parameter of shape {tuple(p.shape)})")
+    if g.is_complex() or p.is_complex():
+        raise TypeError(f"{where}: complex parameters are not supported (dtype {p.dtype})")
+    if g.dtype != p.dtype or g.shape != p.shape:
+        raise TypeError(
+            f"{where}: gradient of dtype {g.dtype} and shape {tuple(g.shape)} does not match its parameter "
+            f"({p.dtype}, {tuple(p.shape)})"
+        )
+    raise TypeError(f"{where}: parameters of dtype {p.dtype} are not supported (expected one of {_FLOATS})")
+
+
+def _flatten_params(params):
+    out = []
+    for item in params:
+        if isinstance(item, dict):
+            out.extend(item["params"] if not isinstance(item["params"], torch.Tensor) else [item["params"]])
+        else:
+            out.append(item)
+    return out
+
+
+class SharpnessAwareOptimizer(Optimizer):
+    """Base class: subclasses implement first_step(), second_step() and restore()."""
+
+    def __init__(self, params, base_optimizer, defaults: dict, backend: str, nonfinite: str, base_kwargs: dict):
+        backends.check_name(backend)
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if isinstance(base_optimizer, Optimizer):
+            if base_kwargs:
+                raise TypeError(f"base_optimizer is an instance: its options are set already, got {sorted(base_kwargs)}")
+            base = base_optimizer
+            if params is not None:
+                given = {id(p) for p in _flatten_params(params)}
+                owned = {id(p) for g in base.param_groups for p in g["params"]}
+                if given != owned:
+                    raise ValueError("params must be the parameters of the base_optimizer instance (or None)")
+            super().__init__(base.param_groups, defaults)
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+            if params is None:
+                raise ValueError("params is None: give the parameters, or a base_optimizer instance")
+            super().__init__(params, defaults)
+            base = base_optimizer(self.param_groups, **base_kwargs)
+        else:
+            raise TypeError(
+                f"base_optimizer must be a torch.optim.Optimizer subclass or instance, got {base_optimizer!r}"
+            )
+        self.base_optimizer = base
+        self.param_groups = base.param_groups  # shared: lr schedulers on either object drive both
+        self.defaults.update(base.defaults)
+        self.backend = backend
+        self.nonfinite = nonfinite
+        for i, group in enumerate(self.param_groups):
+            check_nonneg(f"param_groups[{i}]['rho']", group["rho"])
+            devices = {p.device for p in group["params"]}
+            if len(devices) > 1:
+                raise ValueError(
+                    f"param_groups[{i}] spans devices {sorted(map(str, devices))}: a fused group must be on one device"
+                )
+            for d in devices:
+                backends.resolve(backend, d)  # an unavailable explicit backend fails here, not mid-step
+        self._skipped = 0
+
+    # --- to implement ------------------------------------------------------------------------
+
+    def first_step(self, zero_grad: bool = False) -> None:
+        raise NotImplementedError
+
+    def second_step(self, zero_grad: bool = False) -> None:
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        raise NotImplementedError
+
+    def _perturbed_now(self) -> bool:
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict:
+        """What the subclass keeps across steps beyond the base optimizer (tensors allowed)."""
+        return {}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        pass
+
+    # --- shared ------------------------------------------------------------------------------
+
+    def _params_with_grad(self, where: str):
+        """[(group, [params with a gradient])] after checking every gradient."""
+        work = []
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            for p in ps:
+                check_grad(p, where)
+            work.append((group, ps))
+        return work
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """One step. The first gradient must already be in .grad; `closure` computes the loss and
+        its gradient at the perturbed point (forward + backward) and returns the loss."""
+        if closure is None:
+            raise ValueError(f"{type(self).__name__}.step needs a closure that recomputes the loss and gradients "
+                             "(or use first_step / second_step)")
+        self.first_step(zero_grad=True)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self.restore()
+            raise
+        self.second_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient held NaN or inf."""
+        return self._skipped
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state_dict (its param_groups hold rho and our options) plus ours."""
+        if self._perturbed_now():
+            raise RuntimeError(f"{type(self).__name__}.state_dict() between first_step() and second_step(): "
+                               "the weights are perturbed")
+        sd = self.base_optimizer.state_dict()
+        sd["sam"] = {"skipped_steps": self._skipped, **self._extra_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = dict(state_dict.pop("sam", {}))
+        self.restore()
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups  # load_state_dict makes new group dicts
+        self._skipped = int(extra.pop("skipped_steps", 0))
+        self._load_extra_state(extra)
+
+    def _base_state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for st in self.base_optimizer.state.values() for t in st.values()
+                   if torch.is_tensor(t))
