@@ -41,3 +41,20 @@ def test_sam_step_pytorch_optimizer(benchmark, params, base):
 
     benchmark.group = f"sam_step_{base}"
     _timed(benchmark, peer_sam_case(params, base))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_power_iteration(benchmark, params, backend):
+    from sam_kernels.bench.cases import power_iteration_case
+
+    benchmark.group = "power_iteration"
+    _timed(benchmark, power_iteration_case(params, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_nusam_step(benchmark, params, base, backend):
+    from sam_kernels.bench.cases import nusam_step_case
+
+    benchmark.group = f"sam_step_{base}"  # beside SAM's: the nuSAM / SAM ratio reads off one table
+    _timed(benchmark, nusam_step_case(params, backend, base))

@@ -366,3 +366,40 @@ def test_gauss_sam_ignores_the_gradient():
         opt.restore()
     assert torch.equal(deltas[0], deltas[1])
     assert deltas[0].norm().item() == pytest.approx(0.2, rel=1e-5)
+
+
+# --- property-based: any shapes (empty and degenerate ones included), scales, iterations -----
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_shapes = st.lists(st.tuples(st.integers(0, 70), st.integers(0, 70)), min_size=1, max_size=5)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shapes=_shapes, iters=st.integers(1, 3), scale=st.floats(-2, 2),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_property_power_iteration_and_rank1(backend, device, shapes, iters, scale, dtype):
+    g = torch.Generator().manual_seed(len(shapes) * 100 + iters)
+    mats = [torch.randn(n, m, generator=g).to(dtype).to(device) for n, m in shapes]
+    start = [torch.nn.functional.normalize(torch.randn(n, generator=g), dim=0).to(device) for n, _ in shapes]
+    outs = {}
+    for b in (backend, "torch"):
+        us = [u.clone() for u in start]
+        vs = [poison(torch.empty(m, device=device)) for _, m in shapes]
+        sig = poison(torch.empty(len(shapes), device=device))
+        ops.power_iteration_(mats, us, vs, sig, iters=iters, backend=b)
+        outs[b] = (us, vs, sig)
+    for a, r in zip(outs[backend][0] + outs[backend][1] + [outs[backend][2]],
+                    outs["torch"][0] + outs["torch"][1] + [outs["torch"][2]]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.cpu(), r.cpu(), rtol=1e-4, atol=1e-5)
+    us, vs, _ = outs["torch"]
+    scales = torch.full((len(shapes),), scale, device=device)
+    got, ref = [m.clone() for m in mats], [m.clone() for m in mats]
+    ops.rank1_update_(got, us, vs, scales, backend=backend)
+    ops.rank1_update_(ref, us, vs, scales, backend="torch")
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-2)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a.float().cpu(), r.float().cpu(), **tol)
