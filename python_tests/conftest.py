@@ -11,7 +11,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import sam_kernels  # noqa: E402
 from sam_kernels import backends  # noqa: E402
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

@@ -403,3 +403,26 @@ def test_property_power_iteration_and_rank1(backend, device, shapes, iters, scal
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-2)
     for a, r in zip(got, ref):
         torch.testing.assert_close(a.float().cpu(), r.float().cpu(), **tol)
+
+
+def test_generic_path_for_other_base_optimizers():
+    """Any torch.optim optimizer: the rank-1 term is removed, then its own step runs."""
+    data = batches(5)
+    model = mlp()
+    ours = train(model, NuSAM(model.parameters(), torch.optim.RMSprop, rho=0.2, power_iters=60, lr=1e-2), data)
+    ref = exact_svd_nusam(mlp(), torch.optim.RMSprop, dict(lr=1e-2), data, rho=0.2)
+    torch.testing.assert_close(ours, ref, **TRAJ_TOL)
+
+
+def test_nusam_with_an_instance_and_lr_scheduler():
+    model = mlp()
+    base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = NuSAM(None, base_optimizer=base, rho=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for x, y in batches(3):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step(lambda: loss_fn(model, x, y).backward())
+        sched.step()
+    assert base.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5 ** 3)
+    assert opt.param_groups[0]["rho"] == 0.1

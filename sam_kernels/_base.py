@@ -56,7 +56,8 @@ class SharpnessAwareOptimizer(Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
-                raise TypeError(f"base_optimizer is an instance: its options are set already, got {sorted(base_kwargs)}")
+                raise TypeError("base_optimizer is an instance: its options are set already, "
+                                f"got {sorted(base_kwargs)}")
             base = base_optimizer
             if params is not None:
                 given = {id(p) for p in _flatten_params(params)}

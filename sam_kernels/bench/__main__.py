@@ -122,7 +122,8 @@ def run(args) -> list[dict]:
 def table(records) -> str:
     copy = next(r for r in records if r["op"] == "copy")
     lines = [f"device: {copy['device']}; copy bandwidth {copy['gbps']:.1f} GB/s (read + write)", "",
-             "| params | op | backend | tensors | numel | median ms | GB/s | of copy | speed-up vs torch | vs loop | vs peer_sam |",
+             "| params | op | backend | tensors | numel | median ms | GB/s | of copy "
+             "| speed-up vs torch | vs loop | vs peer_sam |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = [r for r in records if r["op"] != "copy"]
     ref = {(r["params"], r["op"], r["backend"]): r["median_ms"] for r in rows}
