@@ -9,7 +9,8 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
-from . import backends
+from . import backends, ops
+from .fused_update import fused_kind
 
 NONFINITE = ("skip", "raise")
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -122,6 +123,42 @@ class SharpnessAwareOptimizer(Optimizer):
                 check_grad(p, where)
             work.append((group, ps))
         return work
+
+    def _second_step(self, first_check: torch.Tensor | None, zero_grad: bool) -> bool:
+        """The shared second half: check both gradients, then the fused or generic update.
+
+        first_check: a device scalar that is finite iff the first gradient was. Returns whether
+        the step was taken (False: skipped, the weights restored, the state untouched)."""
+        name = type(self).__name__
+        try:
+            groups = self._params_with_grad(f"{name} second_step")
+        except BaseException:
+            self.restore()
+            raise
+        grads = [p.grad for _, ps in groups for p in ps]
+        checks = [n for n in (first_check, ops.global_norm(grads, backend=self.backend) if grads else None)
+                  if n is not None]
+        # The one host synchronization of a step: is either gradient non-finite?
+        accepted = not checks or bool(torch.isfinite(sum(n.to(checks[0].device) for n in checks)))
+        if not accepted:
+            self.restore()
+            self._skipped += 1
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"{name}.second_step: NaN or inf in a gradient; the step was skipped")
+        else:
+            kind = fused_kind(self.base_optimizer)
+            if kind is None:
+                self.restore()
+                self.base_optimizer.step()
+            else:
+                self._fused_step(kind, groups)
+        self._opt_called = True  # what torch's lr schedulers check, as after a plain optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+        return accepted
+
+    def _fused_step(self, kind: str, groups) -> None:
+        raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):

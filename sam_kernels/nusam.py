@@ -20,7 +20,7 @@ import torch
 
 from . import ops
 from ._base import SharpnessAwareOptimizer, check_nonneg
-from .fused_update import UPDATES, fused_kind
+from .fused_update import UPDATES
 
 CONV = ("skip", "reshape")
 
@@ -119,33 +119,10 @@ class NuSAM(SharpnessAwareOptimizer):
         if self._perturbed is None:
             raise RuntimeError("NuSAM.second_step() called without first_step()")
         mats, params, us, vs, scales, sigmas = self._perturbed
-        try:
-            groups = self._params_with_grad("NuSAM second_step")
-        except BaseException:
-            self.restore()
-            raise
-        grads = [p.grad for _, ps in groups for p in ps]
-        checks = [n for n in (sigmas.sum() if sigmas is not None else None,
-                              ops.global_norm(grads, backend=self.backend) if grads else None) if n is not None]
-        # The one host synchronization of a step: is either gradient non-finite?
-        if checks and not bool(torch.isfinite(sum(n.to(checks[0].device) for n in checks))):
-            self.restore()
-            self._skipped += 1
-            if self.nonfinite == "raise":
-                raise FloatingPointError("NuSAM.second_step: NaN or inf in a gradient; the step was skipped")
-        else:
-            kind = fused_kind(self.base_optimizer)
-            if kind is None:
-                self.restore()
-                self.base_optimizer.step()
-            else:
-                self._fused_step(kind, groups)
+        if self._second_step(sigmas.sum() if sigmas is not None else None, zero_grad):
             for p, u in zip(params, us):  # accepted: the new u is the next warm start
                 self.state[p]["u"] = u
         self._perturbed = None
-        self._opt_called = True  # what torch's lr schedulers check, as after a plain optimizer.step()
-        if zero_grad:
-            self.zero_grad()
 
     def _fused_step(self, kind: str, groups) -> None:
         mats, params, us, vs, scales, _ = self._perturbed

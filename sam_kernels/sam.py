@@ -14,7 +14,7 @@ import torch
 
 from . import ops
 from ._base import SharpnessAwareOptimizer, check_nonneg
-from .fused_update import UPDATES, fused_kind
+from .fused_update import UPDATES
 
 
 class SAM(SharpnessAwareOptimizer):
@@ -75,30 +75,8 @@ class SAM(SharpnessAwareOptimizer):
         """Restore x_t and take the base step with the gradient at the perturbed point."""
         if self._perturbed is None:
             raise RuntimeError("SAM.second_step() called without first_step()")
-        try:
-            groups = self._params_with_grad("SAM second_step")
-        except BaseException:
-            self.restore()
-            raise
-        grads = [p.grad for _, ps in groups for p in ps]
-        norms = [n for n in (self._first_norm, ops.global_norm(grads, backend=self.backend) if grads else None)
-                 if n is not None]
-        # The one host synchronization of a SAM step: is either gradient non-finite?
-        if norms and not bool(torch.isfinite(sum(n.to(norms[0].device) for n in norms))):
-            self.restore()
-            self._skipped += 1
-            if self.nonfinite == "raise":
-                raise FloatingPointError("SAM.second_step: NaN or inf in a gradient; the step was skipped")
-        else:
-            kind = fused_kind(self.base_optimizer)
-            if kind is None:
-                self.restore()
-                self.base_optimizer.step()
-            else:
-                self._fused_step(kind, groups)
-        self._opt_called = True  # what torch's lr schedulers check, as after a plain optimizer.step()
-        if zero_grad:
-            self.zero_grad()
+        self._second_step(self._first_norm, zero_grad)
+        self._perturbed = None
 
     def _fused_step(self, kind: str, groups) -> None:
         perturbed = {id(p) for p in self._perturbed}

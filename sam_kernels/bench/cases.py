@@ -64,12 +64,12 @@ def primitive_case(op: str, params, backend: str):
     raise ValueError(op)
 
 
-def sam_step_case(params, backend: str, base: str = "sgd"):
-    """One whole SAM optimizer step (first_step + second_step) with the gradients in .grad."""
+def sam_step_case(params, backend: str, base: str = "sgd", cls=SAM):
+    """One whole optimizer step (first_step + second_step) of `cls` with the gradients in .grad."""
     if base == "sgd":
-        opt = SAM(params, torch.optim.SGD, rho=0.05, lr=1e-9, momentum=0.9, backend=backend)
+        opt = cls(params, torch.optim.SGD, rho=0.05, lr=1e-9, momentum=0.9, backend=backend)
     else:
-        opt = SAM(params, torch.optim.AdamW, rho=0.05, lr=1e-9, weight_decay=0.01, backend=backend)
+        opt = cls(params, torch.optim.AdamW, rho=0.05, lr=1e-9, weight_decay=0.01, backend=backend)
 
     def step():
         opt.first_step()
@@ -127,12 +127,4 @@ def power_iteration_case(params, backend: str):
 
 def nusam_step_case(params, backend: str, base: str = "sgd"):
     """One whole nuSAM optimizer step (T = 1) with the gradients in .grad."""
-    if base == "sgd":
-        opt = NuSAM(params, torch.optim.SGD, rho=0.05, lr=1e-9, momentum=0.9, backend=backend)
-    else:
-        opt = NuSAM(params, torch.optim.AdamW, rho=0.05, lr=1e-9, weight_decay=0.01, backend=backend)
-
-    def step():
-        opt.first_step()
-        opt.second_step()
-    return step
+    return sam_step_case(params, backend, base, cls=NuSAM)
