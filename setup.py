@@ -20,7 +20,14 @@ def _flag(name):
 def _extensions():
     if _flag("SAM_KERNELS_NO_EXT"):
         return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError:
+        # A build-isolated `pip install .` has no torch to build against: install the pure-Python
+        # package (Triton and torch paths; it says so at import) rather than fail.
+        print("sam_kernels: torch is not importable at build time; building without the native extension "
+              "(use `pip install --no-build-isolation .` to build it)")
+        return [], {}
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
