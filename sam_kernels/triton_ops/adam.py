@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._tables import Launch, block_of, tensor_ptr, compute_dtype, dtype_groups, launch_kwargs, pick, tl_dtype
-from .rank1 import ncols_of, rank1_term
+from .rank1 import load_old, rank1_lists
 
 
 @triton.jit
@@ -23,17 +23,11 @@ def _restore_adam_kernel(
 ):
     t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
-    o_ptr = tensor_ptr(ptrs, n_tensors, t, 1, DTYPE)
     g_ptr = tensor_ptr(ptrs, n_tensors, t, 2, DTYPE)
     m_ptr = tensor_ptr(ptrs, n_tensors, t, 3, DTYPE)
     v_ptr = tensor_ptr(ptrs, n_tensors, t, 4, DTYPE)
 
-    if RANK1:  # nuSAM: x_old = M - s u v^T, recomputed instead of stored
-        term, s = rank1_term(ptrs, n_tensors, t, offs, mask, ncols, scales, U_LIST)
-        xm = tl.load(x_ptr + offs, mask=mask).to(CT)
-        x = tl.where(s != 0, xm - term.to(CT), xm)
-    else:
-        x = tl.load(o_ptr + offs, mask=mask).to(CT)
+    x = load_old(ptrs, n_tensors, t, offs, mask, ncols, scales, RANK1, U_LIST, DTYPE, CT)  # nuSAM: M - s u v^T
     d = tl.load(g_ptr + offs, mask=mask).to(CT)
     m = tl.load(m_ptr + offs, mask=mask).to(CT)
     v = tl.load(v_ptr + offs, mask=mask).to(CT)
@@ -62,16 +56,10 @@ def _restore_adam_kernel(
 def _launch(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, rank1, lr, beta1, beta2, eps,
             weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2):
     for dtype, index in dtype_groups(params):
-        ps = pick(params, index)
-        lists = [ps, pick(olds, index), pick(grads, index), pick(exp_avgs, index), pick(exp_avg_sqs, index)]
+        lists = [pick(params, index), pick(olds, index), pick(grads, index), pick(exp_avgs, index), pick(exp_avg_sqs, index)]
         if amsgrad:
             lists.append(pick(max_exp_avg_sqs, index))
-        ncols = scales = lists[0][0]  # placeholders, unused without RANK1
-        if rank1 is not None:
-            us, vs, all_scales = rank1
-            lists += [pick(us, index), pick(vs, index)]
-            ncols = ncols_of(ps)
-            scales = all_scales[index] if len(index) != len(params) else all_scales
+        lists, ncols, scales = rank1_lists(lists, params, index, rank1)
         launch = Launch(lists)
         _restore_adam_kernel[launch.grid](
             *launch.args(), float(1 - beta1), float(beta2), float(1 - beta2), float(eps), float(weight_decay),

@@ -25,6 +25,30 @@ def rank1_term(ptrs, n_tensors, t, offs, mask, ncols, scales, U_LIST: tl.constex
 
 
 @triton.jit
+def load_old(ptrs, n_tensors, t, offs, mask, ncols, scales, RANK1: tl.constexpr, U_LIST: tl.constexpr,
+             DTYPE: tl.constexpr, CT: tl.constexpr):
+    """x_old for the fused updates: list 1 of the table (SAM), or for nuSAM M - s u v^T
+    recomputed from list 0 (M) and the vectors at U_LIST, U_LIST + 1."""
+    if RANK1:
+        term, s = rank1_term(ptrs, n_tensors, t, offs, mask, ncols, scales, U_LIST)
+        xm = tl.load(tensor_ptr(ptrs, n_tensors, t, 0, DTYPE) + offs, mask=mask).to(CT)
+        x = tl.where(s != 0, xm - term.to(CT), xm)
+    else:
+        x = tl.load(tensor_ptr(ptrs, n_tensors, t, 1, DTYPE) + offs, mask=mask).to(CT)
+    return x
+
+
+def rank1_lists(lists, params, index, rank1):
+    """Append nuSAM's vectors to a fused update's table; the per-tensor column counts and scales
+    (placeholders when rank1 is None: the kernels then never read them)."""
+    if rank1 is None:
+        return lists, lists[0][0], lists[0][0]
+    us, vs, scales = rank1
+    return (lists + [pick(us, index), pick(vs, index)], ncols_of(lists[0]),
+            scales if len(index) == len(params) else scales[index])
+
+
+@triton.jit
 def _rank1_kernel(ptrs, n_tensors, numels, blk_tensor, blk_start, ncols, scales,
                   DTYPE: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)

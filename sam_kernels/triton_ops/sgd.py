@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from ._tables import Launch, block_of, tensor_ptr, compute_dtype, dtype_groups, launch_kwargs, pick, tl_dtype
-from .rank1 import ncols_of, rank1_term
+from .rank1 import load_old, rank1_lists
 
 
 @triton.jit
@@ -21,15 +21,9 @@ def _restore_sgd_kernel(
 ):
     t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
-    o_ptr = tensor_ptr(ptrs, n_tensors, t, 1, DTYPE)
     g_ptr = tensor_ptr(ptrs, n_tensors, t, 2, DTYPE)
 
-    if RANK1:  # nuSAM: x_old = M - s u v^T, recomputed instead of stored
-        term, s = rank1_term(ptrs, n_tensors, t, offs, mask, ncols, scales, U_LIST)
-        xm = tl.load(x_ptr + offs, mask=mask).to(CT)
-        x = tl.where(s != 0, xm - term.to(CT), xm)
-    else:
-        x = tl.load(o_ptr + offs, mask=mask).to(CT)
+    x = load_old(ptrs, n_tensors, t, offs, mask, ncols, scales, RANK1, U_LIST, DTYPE, CT)  # nuSAM: M - s u v^T
     d = tl.load(g_ptr + offs, mask=mask).to(CT)
     if MAXIMIZE:
         d = -d
@@ -52,16 +46,10 @@ def _restore_sgd_kernel(
 def _launch(params, olds, grads, bufs, rank1, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs):
     has_momentum = momentum != 0
     for dtype, index in dtype_groups(params):
-        ps = pick(params, index)
-        lists = [ps, pick(olds, index), pick(grads, index)]
+        lists = [pick(params, index), pick(olds, index), pick(grads, index)]
         if has_momentum:
             lists.append(pick(bufs, index))
-        ncols = scales = lists[0][0]  # placeholders, unused without RANK1
-        if rank1 is not None:
-            us, vs, all_scales = rank1
-            lists += [pick(us, index), pick(vs, index)]
-            ncols = ncols_of(ps)
-            scales = all_scales[index] if len(index) != len(params) else all_scales
+        lists, ncols, scales = rank1_lists(lists, params, index, rank1)
         launch = Launch(lists)
         _restore_sgd_kernel[launch.grid](
             *launch.args(), float(lr), float(momentum), float(1 - dampening), float(weight_decay), ncols, scales,
