@@ -22,6 +22,10 @@ so=$(find build/cuda-check/lib -name '_C*.so' | head -1)
 test -n "$so"
 # The CUDA kernels must be in the library we built.
 # (count, not grep -q: an early grep exit would SIGPIPE nm and trip pipefail)
-n=$(nm -C "$so" | grep -c "sam_kernels::cuda::restore_adam_" || true)
-if [ "$n" -eq 0 ]; then echo "cuda-build-check: CUDA kernels missing from $so"; exit 1; fi
+symbols=$(nm -C "$so")
+for fn in restore_adam_ restore_sgd_ perturb_ global_norm sampa_preview_sgd_ sampa_preview_adam_ \
+          sampa_update_sgd_ sampa_update_adam_; do
+  n=$(grep -c "sam_kernels::cuda::$fn(" <<<"$symbols" || true)
+  if [ "$n" -eq 0 ]; then echo "cuda-build-check: sam_kernels::cuda::$fn missing from $so"; exit 1; fi
+done
 echo "cuda-build-check: OK ($so)"

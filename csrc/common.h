@@ -2,7 +2,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 namespace sam_kernels {
 
@@ -37,6 +39,19 @@ inline at::Device list_device(const char* op, at::TensorList params, at::DeviceT
   TORCH_CHECK(!params.empty(), op, ": params is empty");
   auto device = params[0].device();
   TORCH_CHECK(device.type() == expected, op, ": expected ", expected, " tensors, got ", device);
+  return device;
+}
+
+// Every (name, list) pair against params; lists given as empty (optional state) are skipped.
+inline at::Device check_named_lists(
+    const char* op,
+    at::DeviceType type,
+    at::TensorList params,
+    std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
+  const auto device = list_device(op, params, type);
+  for (const auto& [name, list] : lists) {
+    if (!list.empty()) check_list(op, name, list, params, device);
+  }
   return device;
 }
 

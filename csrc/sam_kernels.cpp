@@ -34,6 +34,28 @@ TORCH_LIBRARY(sam_kernels, m) {
       "float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
       "float bias_correction1, float bias_correction2) -> ()");
 
+  // SAMPa. perturbed <- params + s * grads (s = rho / (norm + 1e-12); params where norm is not
+  // finite) and previews <- the base step from params with grads; the state lists are read only.
+  m.def(
+      "sampa_preview_sgd_(Tensor[] params, Tensor[] grads, Tensor(a!)[] perturbed, Tensor(b!)[] previews, "
+      "Tensor[] bufs, Tensor norm, float rho, float lr, float momentum, float dampening, bool nesterov, "
+      "float weight_decay, bool maximize, bool init_bufs) -> ()");
+  m.def(
+      "sampa_preview_adam_(Tensor[] params, Tensor[] grads, Tensor(a!)[] perturbed, Tensor(b!)[] previews, "
+      "Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, Tensor norm, float rho, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
+      "float bias_correction1, float bias_correction2) -> ()");
+  // The base step from params with d = (1 - lam) * grads + lam * grads2, in one pass.
+  m.def(
+      "sampa_update_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor[] grads2, Tensor(b!)[] bufs, float lam, "
+      "float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, "
+      "bool init_bufs) -> ()");
+  m.def(
+      "sampa_update_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor[] grads2, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float lam, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, float bias_correction1, "
+      "float bias_correction2) -> ()");
+
   // nuSAM (rank-1 perturbations of weight matrices). mats are 2-D (n_i x m_i); us, vs fp32.
   // T power iterations warm-started from us: v = G^T u / (|G^T u| + tau), u = G v / (|G v| + tau).
   m.def(

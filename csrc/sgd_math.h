@@ -36,6 +36,22 @@ SAM_HD void sgd_update(T& x, T& buf, T g, const SgdArgs& a) {
   x -= T(a.lr) * d;
 }
 
+// SAMPa's update direction d = (1 - lam) * g + lam * g2 (weights w1 = 1 - lam, w2 = lam).
+// lam = 0 gives g and lam = 1 gives g2 exactly, for finite gradients.
+template <typename T>
+SAM_HD T mix_grads(T g, T g2, double w1, double w2) {
+  return T(w1) * g + T(w2) * g2;
+}
+
+struct Mix {
+  double w1 = 1.0;
+  double w2 = 0.0;
+};
+
+inline Mix make_mix(double lam) {
+  return Mix{1.0 - lam, lam};
+}
+
 // Calls f.template operator()<kMomentum, kNesterov, kInit>() for the runtime flags.
 template <typename F>
 void dispatch_sgd_flags(bool momentum, bool nesterov, bool init, F&& f) {

@@ -62,3 +62,38 @@ def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, ma
         float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize),
         float(bias_correction1), float(bias_correction2),
     )
+
+
+def sampa_preview_sgd_(params, grads, perturbed, previews, bufs, norm, rho, lr, momentum, dampening, nesterov,
+                       weight_decay, maximize, init_bufs):
+    _ops().sampa_preview_sgd_(
+        params, grads, perturbed, previews, bufs or [], norm, float(rho), float(lr), float(momentum),
+        float(dampening), bool(nesterov), float(weight_decay), bool(maximize), bool(init_bufs),
+    )
+
+
+def sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, norm, rho, lr,
+                        beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1,
+                        bias_correction2):
+    _ops().sampa_preview_adam_(
+        params, grads, perturbed, previews, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], norm, float(rho),
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad),
+        bool(maximize), float(bias_correction1), float(bias_correction2),
+    )
+
+
+def sampa_update_sgd_(params, grads, grads2, bufs, lam, lr, momentum, dampening, nesterov, weight_decay, maximize,
+                      init_bufs):
+    _ops().sampa_update_sgd_(
+        params, grads, grads2, bufs or [], float(lam), float(lr), float(momentum), float(dampening), bool(nesterov),
+        float(weight_decay), bool(maximize), bool(init_bufs),
+    )
+
+
+def sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lam, lr, beta1, beta2, eps,
+                       weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2):
+    _ops().sampa_update_adam_(
+        params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], float(lam), float(lr), float(beta1),
+        float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize),
+        float(bias_correction1), float(bias_correction2),
+    )

@@ -15,6 +15,12 @@ nuSAM (rank-1 perturbations of weight matrices; us / vs fp32 vectors, scales an 
     power_iteration_(mats, us, vs, sigmas, iters, tau)   warm-started top singular pairs of every matrix
     rank1_update_(mats, us, vs, scales)                  M_i <- M_i + s_i u_i v_i^T
     rank1_restore_sgd_ / rank1_restore_adam_             M <- M - s u v^T, then the fused base step
+
+SAMPa (the two points of a step from one read of x, and the update with the mixed gradient):
+    sampa_preview_sgd_ / sampa_preview_adam_(params, grads, perturbed, previews, state, norm, rho, ...)
+        perturbed <- x + rho g / (norm + eps);  previews <- the base step from x with g (state read only)
+    sampa_update_sgd_ / sampa_update_adam_(params, grads, grads2, state, lam, ...)
+        the base step from x with d = (1 - lam) grads + lam grads2
 """
 from __future__ import annotations
 
@@ -96,6 +102,31 @@ def _run(op: str, backend: str, lists: dict, written: tuple[str, ...], scalars: 
         return fn(**{k: (v if v is not None else []) for k, v in staged.items()}, **scalars)
 
 
+def _sgd_scalars(op, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs) -> dict:
+    if momentum != 0 and bufs is None:
+        raise ValueError(f"{op}: momentum != 0 needs 'bufs' (the momentum buffers)")
+    return {"lr": float(lr), "momentum": float(momentum), "dampening": float(dampening), "nesterov": bool(nesterov),
+            "weight_decay": float(weight_decay), "maximize": bool(maximize), "init_bufs": bool(init_bufs)}
+
+
+def _adam_scalars(op, max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+                  bias_correction1, bias_correction2) -> dict:
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError(f"{op}: amsgrad=True needs 'max_exp_avg_sqs'")
+    return {"lr": float(lr), "beta1": float(beta1), "beta2": float(beta2), "eps": float(eps),
+            "weight_decay": float(weight_decay), "decoupled": bool(decoupled), "amsgrad": bool(amsgrad),
+            "maximize": bool(maximize), "bias_correction1": float(bias_correction1),
+            "bias_correction2": float(bias_correction2)}
+
+
+def _adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad) -> dict:
+    return {"exp_avgs": list(exp_avgs), "exp_avg_sqs": list(exp_avg_sqs),
+            "max_exp_avg_sqs": list(max_exp_avg_sqs) if amsgrad else None}
+
+
+_ADAM_WRITES = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+
+
 @torch.no_grad()
 def global_norm(tensors, weights=None, offset: float = 0.0, *, backend: str = "auto") -> torch.Tensor:
     """0-dim fp32 tensor on the tensors' device: sqrt(sum_i ||T_i t_i||^2), T_i = |w_i| + offset (or 1)."""
@@ -125,14 +156,11 @@ def restore_sgd_(params, olds, grads, bufs=None, *, lr: float, momentum: float =
                  nesterov: bool = False, weight_decay: float = 0.0, maximize: bool = False, init_bufs: bool = False,
                  backend: str = "auto") -> None:
     """params <- olds, then one torch.optim.SGD step with grads (bufs: momentum buffers, updated in place)."""
-    if momentum != 0 and bufs is None:
-        raise ValueError("restore_sgd_: momentum != 0 needs 'bufs' (the momentum buffers)")
+    scalars = _sgd_scalars("restore_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs)
     _run("restore_sgd_", backend,
          {"params": list(params), "olds": list(olds), "grads": list(grads),
           "bufs": list(bufs) if momentum != 0 else None},
-         ("params", "bufs"),
-         {"lr": float(lr), "momentum": float(momentum), "dampening": float(dampening), "nesterov": bool(nesterov),
-          "weight_decay": float(weight_decay), "maximize": bool(maximize), "init_bufs": bool(init_bufs)})
+         ("params", "bufs"), scalars)
 
 
 @torch.no_grad()
@@ -141,16 +169,78 @@ def restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=No
                   maximize: bool = False, bias_correction1: float, bias_correction2: float,
                   backend: str = "auto") -> None:
     """params <- olds, then one torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step with grads."""
-    if amsgrad and max_exp_avg_sqs is None:
-        raise ValueError("restore_adam_: amsgrad=True needs 'max_exp_avg_sqs'")
+    scalars = _adam_scalars("restore_adam_", max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
+                            amsgrad, maximize, bias_correction1, bias_correction2)
     _run("restore_adam_", backend,
-         {"params": list(params), "olds": list(olds), "grads": list(grads), "exp_avgs": list(exp_avgs),
-          "exp_avg_sqs": list(exp_avg_sqs), "max_exp_avg_sqs": list(max_exp_avg_sqs) if amsgrad else None},
-         ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
-         {"lr": float(lr), "beta1": float(beta1), "beta2": float(beta2), "eps": float(eps),
-          "weight_decay": float(weight_decay), "decoupled": bool(decoupled), "amsgrad": bool(amsgrad),
-          "maximize": bool(maximize), "bias_correction1": float(bias_correction1),
-          "bias_correction2": float(bias_correction2)})
+         {"params": list(params), "olds": list(olds), "grads": list(grads),
+          **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)},
+         ("params", *_ADAM_WRITES), scalars)
+
+
+# --- SAMPa -----------------------------------------------------------------------------------
+
+def _lam(op: str, lam) -> float:
+    if not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f"{op}: lam must be in [0, 1], got {lam!r}")
+    return float(lam)
+
+
+@torch.no_grad()
+def sampa_preview_sgd_(params, grads, perturbed, previews, bufs=None, *, norm: torch.Tensor, rho: float, lr: float,
+                       momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+                       weight_decay: float = 0.0, maximize: bool = False, init_bufs: bool = False,
+                       backend: str = "auto") -> None:
+    """perturbed <- x + rho g / (norm + eps) (x if norm is not finite); previews <- the torch.optim.SGD
+    step from x with g. Reads the momentum buffers without writing them: the optimizer state stays."""
+    scalars = _sgd_scalars("sampa_preview_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize,
+                           init_bufs)
+    _run("sampa_preview_sgd_", backend,
+         {"params": list(params), "grads": list(grads), "perturbed": list(perturbed), "previews": list(previews),
+          "bufs": list(bufs) if momentum != 0 else None},
+         ("perturbed", "previews"), {"norm": norm, "rho": float(rho), **scalars})
+
+
+@torch.no_grad()
+def sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *,
+                        norm: torch.Tensor, rho: float, lr: float, beta1: float, beta2: float, eps: float,
+                        weight_decay: float = 0.0, decoupled: bool = False, amsgrad: bool = False,
+                        maximize: bool = False, bias_correction1: float, bias_correction2: float,
+                        backend: str = "auto") -> None:
+    """perturbed <- x + rho g / (norm + eps); previews <- the Adam / AdamW step from x with g (bias
+    corrections of the step it previews). The moments are read, not written."""
+    scalars = _adam_scalars("sampa_preview_adam_", max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
+                            amsgrad, maximize, bias_correction1, bias_correction2)
+    _run("sampa_preview_adam_", backend,
+         {"params": list(params), "grads": list(grads), "perturbed": list(perturbed), "previews": list(previews),
+          **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)},
+         ("perturbed", "previews"), {"norm": norm, "rho": float(rho), **scalars})
+
+
+@torch.no_grad()
+def sampa_update_sgd_(params, grads, grads2, bufs=None, *, lam: float, lr: float, momentum: float = 0.0,
+                      dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                      maximize: bool = False, init_bufs: bool = False, backend: str = "auto") -> None:
+    """One torch.optim.SGD step from x with d = (1 - lam) * grads + lam * grads2, in one pass."""
+    scalars = _sgd_scalars("sampa_update_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize,
+                           init_bufs)
+    _run("sampa_update_sgd_", backend,
+         {"params": list(params), "grads": list(grads), "grads2": list(grads2),
+          "bufs": list(bufs) if momentum != 0 else None},
+         ("params", "bufs"), {"lam": _lam("sampa_update_sgd_", lam), **scalars})
+
+
+@torch.no_grad()
+def sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lam: float, lr: float,
+                       beta1: float, beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False,
+                       amsgrad: bool = False, maximize: bool = False, bias_correction1: float,
+                       bias_correction2: float, backend: str = "auto") -> None:
+    """One torch.optim.Adam / AdamW step from x with d = (1 - lam) * grads + lam * grads2, in one pass."""
+    scalars = _adam_scalars("sampa_update_adam_", max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
+                            amsgrad, maximize, bias_correction1, bias_correction2)
+    _run("sampa_update_adam_", backend,
+         {"params": list(params), "grads": list(grads), "grads2": list(grads2),
+          **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)},
+         ("params", *_ADAM_WRITES), {"lam": _lam("sampa_update_adam_", lam), **scalars})
 
 
 # --- nuSAM -----------------------------------------------------------------------------------
@@ -190,16 +280,13 @@ def rank1_restore_sgd_(params, us, vs, scales, grads, bufs=None, *, lr: float, m
                        dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                        maximize: bool = False, init_bufs: bool = False, backend: str = "auto") -> None:
     """M <- M - s u v^T, then one torch.optim.SGD step with grads, in one pass."""
-    if momentum != 0 and bufs is None:
-        raise ValueError("rank1_restore_sgd_: momentum != 0 needs 'bufs' (the momentum buffers)")
+    scalars = _sgd_scalars("rank1_restore_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize,
+                           init_bufs)
     params, us, vs = _rank1_lists("rank1_restore_sgd_", params, us, vs)
     _run("rank1_restore_sgd_", backend,
          {"params": params, "us": us, "vs": vs, "grads": list(grads),
           "bufs": list(bufs) if momentum != 0 else None},
-         ("params", "bufs"),
-         {"scales": scales, "lr": float(lr), "momentum": float(momentum), "dampening": float(dampening),
-          "nesterov": bool(nesterov), "weight_decay": float(weight_decay), "maximize": bool(maximize),
-          "init_bufs": bool(init_bufs)})
+         ("params", "bufs"), {"scales": scales, **scalars})
 
 
 @torch.no_grad()
@@ -208,14 +295,10 @@ def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, ma
                         amsgrad: bool = False, maximize: bool = False, bias_correction1: float,
                         bias_correction2: float, backend: str = "auto") -> None:
     """M <- M - s u v^T, then one torch.optim.Adam / AdamW step with grads, in one pass."""
-    if amsgrad and max_exp_avg_sqs is None:
-        raise ValueError("rank1_restore_adam_: amsgrad=True needs 'max_exp_avg_sqs'")
+    scalars = _adam_scalars("rank1_restore_adam_", max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
+                            amsgrad, maximize, bias_correction1, bias_correction2)
     params, us, vs = _rank1_lists("rank1_restore_adam_", params, us, vs)
     _run("rank1_restore_adam_", backend,
-         {"params": params, "us": us, "vs": vs, "grads": list(grads), "exp_avgs": list(exp_avgs),
-          "exp_avg_sqs": list(exp_avg_sqs), "max_exp_avg_sqs": list(max_exp_avg_sqs) if amsgrad else None},
-         ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
-         {"scales": scales, "lr": float(lr), "beta1": float(beta1), "beta2": float(beta2), "eps": float(eps),
-          "weight_decay": float(weight_decay), "decoupled": bool(decoupled), "amsgrad": bool(amsgrad),
-          "maximize": bool(maximize), "bias_correction1": float(bias_correction1),
-          "bias_correction2": float(bias_correction2)})
+         {"params": params, "us": us, "vs": vs, "grads": list(grads),
+          **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)},
+         ("params", *_ADAM_WRITES), {"scales": scales, **scalars})

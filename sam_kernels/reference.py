@@ -35,6 +35,10 @@ def global_norm(tensors, weights, offset):
 def perturb_(params, grads, olds, norm, rho, adaptive, offset):
     """olds <- x;  x <- x + s * T^2 * g,  s = rho / (||T g|| + eps); x untouched if the norm is not finite."""
     torch._foreach_copy_(olds, params)
+    _add_perturbation(params, grads, norm, rho, adaptive, offset)
+
+
+def _add_perturbation(params, grads, norm, rho, adaptive=False, offset=0.0):
     if not bool(torch.isfinite(norm)):
         return
     x = _work(params)
@@ -101,6 +105,56 @@ def restore_adam_(
     _commit(exp_avgs, m)
     _commit(exp_avg_sqs, v)
     _commit(params, x)
+
+
+# --- SAMPa: the preview y_{t+1} with x~_t, and the update with d = (1 - lam) g~ + lam g_y' ---------
+
+def _clones(tensors):
+    return [t.clone() for t in tensors] if tensors else tensors
+
+
+def sampa_preview_sgd_(params, grads, perturbed, previews, bufs, norm, rho, lr, momentum, dampening, nesterov,
+                       weight_decay, maximize, init_bufs):
+    """perturbed <- x + rho g / (||g|| + eps);  previews <- torch.optim.SGD's step from x with g,
+    computed on copies of the momentum buffers (the optimizer state is not changed)."""
+    torch._foreach_copy_(perturbed, params)
+    _add_perturbation(perturbed, grads, norm, rho)
+    torch._foreach_copy_(previews, params)
+    restore_sgd_(previews, previews, grads, _clones(bufs), lr, momentum, dampening, nesterov, weight_decay,
+                 maximize, init_bufs)
+
+
+def sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, norm, rho, lr,
+                        beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1,
+                        bias_correction2):
+    """perturbed <- x + rho g / (||g|| + eps);  previews <- torch.optim.Adam / AdamW's step from x with
+    g, computed on copies of the moments (the optimizer state is not changed)."""
+    torch._foreach_copy_(perturbed, params)
+    _add_perturbation(perturbed, grads, norm, rho)
+    torch._foreach_copy_(previews, params)
+    restore_adam_(previews, previews, grads, _clones(exp_avgs), _clones(exp_avg_sqs), _clones(max_exp_avg_sqs), lr,
+                  beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2)
+
+
+def _mix(grads, grads2, lam):
+    """d = (1 - lam) * g + lam * g2, in fp32 for half-precision gradients."""
+    d = torch._foreach_mul(_work(grads), 1 - lam)
+    torch._foreach_add_(d, _work(grads2), alpha=lam)
+    return d
+
+
+def sampa_update_sgd_(params, grads, grads2, bufs, lam, lr, momentum, dampening, nesterov, weight_decay, maximize,
+                      init_bufs):
+    """torch.optim.SGD's step from x with d = (1 - lam) g + lam g2."""
+    restore_sgd_(params, params, _mix(grads, grads2, lam), bufs, lr, momentum, dampening, nesterov, weight_decay,
+                 maximize, init_bufs)
+
+
+def sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lam, lr, beta1, beta2, eps,
+                       weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2):
+    """torch.optim.Adam / AdamW's step from x with d = (1 - lam) g + lam g2."""
+    restore_adam_(params, params, _mix(grads, grads2, lam), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2,
+                  eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2)
 
 
 # --- nuSAM: rank-1 perturbations of weight matrices (ALGORITHMS.md, "nuSAM") ----------------

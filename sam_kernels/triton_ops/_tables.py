@@ -108,3 +108,15 @@ def pick(lst, index):
 
 def launch_kwargs():
     return {} if triton_interpret() else {"num_warps": NUM_WARPS}
+
+
+@triton.jit
+def load_grad(ptrs, n_tensors, t, offs, mask, lam, G_LIST: tl.constexpr, MIX: tl.constexpr, G2_LIST: tl.constexpr,
+              DTYPE: tl.constexpr, CT: tl.constexpr):
+    """The gradient of a fused update: list G_LIST, or for SAMPa (MIX) (1 - lam) g + lam g2 with g2
+    from list G2_LIST, in the compute type."""
+    d = tl.load(tensor_ptr(ptrs, n_tensors, t, G_LIST, DTYPE) + offs, mask=mask).to(CT)
+    if MIX:
+        g2 = tl.load(tensor_ptr(ptrs, n_tensors, t, G2_LIST, DTYPE) + offs, mask=mask).to(CT)
+        d = (1.0 - lam) * d + lam * g2
+    return d

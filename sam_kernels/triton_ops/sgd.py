@@ -1,60 +1,80 @@
 """restore_sgd_: x <- olds, then one torch.optim.SGD step, fused in one pass:
     d = (maximize ? -g : g) + wd * x;  buf = init ? d : momentum * buf + (1 - dampening) * d
     x = x - lr * (nesterov ? d + momentum * buf : buf)
-Floor with momentum: read olds, g, buf; write x, buf (20 B per fp32 element)."""
+Floor with momentum: read olds, g, buf; write x, buf (20 B per fp32 element).
+
+The same kernel is nuSAM's rank1_restore_sgd_ (x_old = M - s u v^T recomputed: RANK1) and
+SAMPa's sampa_update_sgd_ (olds = params, d from (1 - lam) g + lam g2: MIX; 24 B)."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._tables import Launch, block_of, tensor_ptr, compute_dtype, dtype_groups, launch_kwargs, pick, tl_dtype
+from ._tables import (Launch, block_of, compute_dtype, dtype_groups, launch_kwargs, load_grad, pick, tensor_ptr,
+                      tl_dtype)
 from .rank1 import load_old, rank1_lists
 
 
 @triton.jit
-def _restore_sgd_kernel(
-    ptrs, n_tensors, numels, blk_tensor, blk_start,
-    lr, momentum, one_minus_dampening, weight_decay, ncols, scales,
-    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr,
-    HAS_WD: tl.constexpr, RANK1: tl.constexpr, U_LIST: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
-    x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
-    g_ptr = tensor_ptr(ptrs, n_tensors, t, 2, DTYPE)
-
-    x = load_old(ptrs, n_tensors, t, offs, mask, ncols, scales, RANK1, U_LIST, DTYPE, CT)  # nuSAM: M - s u v^T
-    d = tl.load(g_ptr + offs, mask=mask).to(CT)
+def sgd_math(x, d, buf, lr, momentum, one_minus_dampening, weight_decay, MOMENTUM: tl.constexpr,
+             NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr, HAS_WD: tl.constexpr):
+    """torch.optim.SGD's step of x with gradient d: (new x, new momentum buffer)."""
     if MAXIMIZE:
         d = -d
     if HAS_WD:
         d = d + weight_decay * x
     if MOMENTUM:
-        b_ptr = tensor_ptr(ptrs, n_tensors, t, 3, DTYPE)
         if INIT_BUFS:
             buf = d
         else:
-            buf = momentum * tl.load(b_ptr + offs, mask=mask).to(CT) + one_minus_dampening * d
-        tl.store(b_ptr + offs, buf.to(DTYPE), mask=mask)
+            buf = momentum * buf + one_minus_dampening * d
         if NESTEROV:
             d = d + momentum * buf
         else:
             d = buf
-    tl.store(x_ptr + offs, (x - lr * d).to(DTYPE), mask=mask)
+    return x - lr * d, buf
 
 
-def _launch(params, olds, grads, bufs, rank1, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs):
+@triton.jit
+def _restore_sgd_kernel(
+    ptrs, n_tensors, numels, blk_tensor, blk_start,
+    lr, momentum, one_minus_dampening, weight_decay, ncols, scales, lam,
+    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr,
+    HAS_WD: tl.constexpr, RANK1: tl.constexpr, U_LIST: tl.constexpr, MIX: tl.constexpr, DTYPE: tl.constexpr,
+    CT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+    x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
+
+    x = load_old(ptrs, n_tensors, t, offs, mask, ncols, scales, RANK1, U_LIST, DTYPE, CT)  # nuSAM: M - s u v^T
+    d = load_grad(ptrs, n_tensors, t, offs, mask, lam, 2, MIX, U_LIST, DTYPE, CT)  # SAMPa: (1 - lam) g + lam g2
+    buf = d
+    if MOMENTUM and not INIT_BUFS:
+        buf = tl.load(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, mask=mask).to(CT)
+    x, buf = sgd_math(x, d, buf, lr, momentum, one_minus_dampening, weight_decay, MOMENTUM, NESTEROV, MAXIMIZE,
+                      INIT_BUFS, HAS_WD)
+    if MOMENTUM:
+        tl.store(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, buf.to(DTYPE), mask=mask)
+    tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
+
+
+def _launch(params, olds, grads, bufs, rank1, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
+            grads2=None, lam=0.0):
     has_momentum = momentum != 0
     for dtype, index in dtype_groups(params):
         lists = [pick(params, index), pick(olds, index), pick(grads, index)]
         if has_momentum:
             lists.append(pick(bufs, index))
+        extra = len(lists)  # first list after the fixed ones: u, v (RANK1) or g2 (MIX)
+        if grads2 is not None:
+            lists.append(pick(grads2, index))
         lists, ncols, scales = rank1_lists(lists, params, index, rank1)
         launch = Launch(lists)
         _restore_sgd_kernel[launch.grid](
             *launch.args(), float(lr), float(momentum), float(1 - dampening), float(weight_decay), ncols, scales,
+            float(lam),
             MOMENTUM=has_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), INIT_BUFS=bool(init_bufs),
-            HAS_WD=weight_decay != 0, RANK1=rank1 is not None, U_LIST=4 if has_momentum else 3,
+            HAS_WD=weight_decay != 0, RANK1=rank1 is not None, U_LIST=extra, MIX=grads2 is not None,
             DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), BLOCK=launch.block, **launch_kwargs(),
         )
 
@@ -67,3 +87,9 @@ def rank1_restore_sgd_(params, us, vs, scales, grads, bufs, lr, momentum, dampen
                        maximize, init_bufs):
     _launch(params, params, grads, bufs, (us, vs, scales), lr, momentum, dampening, nesterov, weight_decay,
             maximize, init_bufs)
+
+
+def sampa_update_sgd_(params, grads, grads2, bufs, lam, lr, momentum, dampening, nesterov, weight_decay, maximize,
+                      init_bufs):
+    _launch(params, params, grads, bufs, None, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
+            grads2=grads2, lam=lam)

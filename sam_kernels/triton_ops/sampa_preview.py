@@ -1,0 +1,96 @@
+"""sampa_preview_sgd_ / sampa_preview_adam_: SAMPa's two points of a step from one read of x and g_y:
+    perturbed = x + s * g,  s = rho / (||g|| + eps) read from the device (x where the norm is not finite)
+    previews  = the base optimizer's step from x with g (SGD or Adam / AdamW, sgd.py / adam.py math),
+                with the optimizer state read and not written
+Floor (fp32): read x, g (+ buf for SGD momentum, + m, v for Adam); write perturbed, previews:
+20 B per element for SGD with momentum, 24 B for Adam."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._tables import Launch, block_of, compute_dtype, dtype_groups, launch_kwargs, pick, tensor_ptr, tl_dtype
+from .adam import adam_math, adam_scalars
+from .perturb import EPS
+from .sgd import sgd_math
+
+
+@triton.jit
+def _perturbed_point(ptrs, n_tensors, t, offs, mask, norm_ptr, rho, DTYPE: tl.constexpr, CT: tl.constexpr,
+                     EPS: tl.constexpr):
+    """Loads x and g (lists 0, 1), stores x + s g into list 2, returns x and g in the compute type."""
+    norm = tl.load(norm_ptr)
+    finite = tl.abs(norm) < float("inf")  # False for inf and NaN
+    scale = tl.where(finite, rho / (norm + EPS), 0.0).to(CT)
+    x = tl.load(tensor_ptr(ptrs, n_tensors, t, 0, DTYPE) + offs, mask=mask).to(CT)
+    g = tl.load(tensor_ptr(ptrs, n_tensors, t, 1, DTYPE) + offs, mask=mask).to(CT)
+    tl.store(tensor_ptr(ptrs, n_tensors, t, 2, DTYPE) + offs, tl.where(finite, x + scale * g, x).to(DTYPE), mask=mask)
+    return x, g
+
+
+@triton.jit
+def _preview_sgd_kernel(
+    ptrs, n_tensors, numels, blk_tensor, blk_start, norm_ptr, rho,
+    lr, momentum, one_minus_dampening, weight_decay,
+    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr,
+    HAS_WD: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+    x, g = _perturbed_point(ptrs, n_tensors, t, offs, mask, norm_ptr, rho, DTYPE, CT, EPS)
+    buf = g
+    if MOMENTUM and not INIT_BUFS:
+        buf = tl.load(tensor_ptr(ptrs, n_tensors, t, 4, DTYPE) + offs, mask=mask).to(CT)
+    y, buf = sgd_math(x, g, buf, lr, momentum, one_minus_dampening, weight_decay, MOMENTUM, NESTEROV, MAXIMIZE,
+                      INIT_BUFS, HAS_WD)
+    tl.store(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, y.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _preview_adam_kernel(
+    ptrs, n_tensors, numels, blk_tensor, blk_start, norm_ptr, rho,
+    beta1_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size, bc2_sqrt,
+    AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+    DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+    x, g = _perturbed_point(ptrs, n_tensors, t, offs, mask, norm_ptr, rho, DTYPE, CT, EPS)
+    m = tl.load(tensor_ptr(ptrs, n_tensors, t, 4, DTYPE) + offs, mask=mask).to(CT)
+    v = tl.load(tensor_ptr(ptrs, n_tensors, t, 5, DTYPE) + offs, mask=mask).to(CT)
+    vmax = v
+    if AMSGRAD:
+        vmax = tl.load(tensor_ptr(ptrs, n_tensors, t, 6, DTYPE) + offs, mask=mask).to(CT)
+    y, m, v, vmax = adam_math(x, g, m, v, vmax, beta1_weight, beta2, one_minus_beta2, eps, weight_decay,
+                              decay_factor, step_size, bc2_sqrt, AMSGRAD, DECOUPLED, MAXIMIZE, HAS_WD)
+    tl.store(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, y.to(DTYPE), mask=mask)
+
+
+def _groups(params, grads, perturbed, previews, *state):
+    for dtype, index in dtype_groups(params):
+        lists = [pick(lst, index) for lst in (params, grads, perturbed, previews, *state) if lst]
+        yield dtype, Launch(lists)
+
+
+def sampa_preview_sgd_(params, grads, perturbed, previews, bufs, norm, rho, lr, momentum, dampening, nesterov,
+                       weight_decay, maximize, init_bufs):
+    has_momentum = momentum != 0
+    state = [bufs] if has_momentum and not init_bufs else []
+    for dtype, launch in _groups(params, grads, perturbed, previews, *state):
+        _preview_sgd_kernel[launch.grid](
+            *launch.args(), norm, float(rho), float(lr), float(momentum), float(1 - dampening), float(weight_decay),
+            MOMENTUM=has_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), INIT_BUFS=bool(init_bufs),
+            HAS_WD=weight_decay != 0, DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), EPS=EPS, BLOCK=launch.block,
+            **launch_kwargs(),
+        )
+
+
+def sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, norm, rho, lr,
+                        beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1,
+                        bias_correction2):
+    state = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    for dtype, launch in _groups(params, grads, perturbed, previews, *state):
+        _preview_adam_kernel[launch.grid](
+            *launch.args(), norm, float(rho),
+            *adam_scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2),
+            AMSGRAD=bool(amsgrad), DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
+            DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), EPS=EPS, BLOCK=launch.block, **launch_kwargs(),
+        )
