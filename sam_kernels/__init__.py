@@ -5,6 +5,7 @@ from .backends import BackendUnavailableError
 from .gauss_sam import GaussSAM
 from .nusam import NuSAM
 from .sam import SAM
+from .sampa import SAMPa
 
-__all__ = ["SAM", "NuSAM", "GaussSAM", "ops", "backends", "BackendUnavailableError"]
+__all__ = ["SAM", "NuSAM", "GaussSAM", "SAMPa", "ops", "backends", "BackendUnavailableError"]
 __version__ = "0.1.0"

@@ -38,69 +38,126 @@ def _take(lst, index):
     return [lst[i] for i in index]
 
 
-def sgd_step(base, group, params, olds, grads, backend, rank1=None):
+def _sgd_kw(group, backend) -> dict:
+    return dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"], maximize=group["maximize"], backend=backend)
+
+
+def _by_momentum_buffer(base, group, params, run, create: bool) -> None:
+    """run(index, bufs, init) over the params with a momentum buffer (init False) and without one
+    (init True: torch.optim.SGD's first step sets buf = d). create: allocate the missing buffers
+    (an update) or not (a preview: bufs None for them, the kernel does not read them)."""
+    if group["momentum"] == 0:
+        run(range(len(params)), None, False)
+        return
+    state = base.state
+    fresh = [state[p].get("momentum_buffer") is None if p in state else True for p in params]
+    if create:
+        for p, new in zip(params, fresh):
+            if new:
+                state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+    for init in (True, False):
+        index = [i for i, new in enumerate(fresh) if new is init]
+        if index:
+            bufs = [state[params[i]]["momentum_buffer"] for i in index] if create or not init else None
+            run(index, bufs, init)
+
+
+def sgd_step(base, group, params, olds, grads, backend, rank1=None, mix=None):
     """params <- olds (or, for nuSAM, params - s u v^T with rank1 = (us, vs, scales)), then
-    torch.optim.SGD's step for `group` with `grads`."""
-    momentum = group["momentum"]
-    kw = dict(lr=group["lr"], momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],
-              weight_decay=group["weight_decay"], maximize=group["maximize"], backend=backend)
+    torch.optim.SGD's step for `group` with `grads` (SAMPa: mix = (grads2, lam), the step from
+    params itself with (1 - lam) grads + lam grads2)."""
+    kw = _sgd_kw(group, backend)
 
     def run(index, bufs, init):
         ps, gs = _take(params, index), _take(grads, index)
-        if rank1 is None:
+        if mix is not None:
+            ops.sampa_update_sgd_(ps, gs, _take(mix[0], index), bufs, lam=mix[1], init_bufs=init, **kw)
+        elif rank1 is None:
             ops.restore_sgd_(ps, _take(olds, index), gs, bufs, init_bufs=init, **kw)
         else:
             us, vs, scales = rank1
             sel = scales if len(index) == len(params) else scales[index]
             ops.rank1_restore_sgd_(ps, _take(us, index), _take(vs, index), sel, gs, bufs, init_bufs=init, **kw)
 
-    if momentum == 0:
-        run(range(len(params)), None, False)
-        return
-    state = base.state
-    fresh = [state[p].get("momentum_buffer") is None for p in params]
-    for p, new in zip(params, fresh):
-        if new:  # torch.optim.SGD's first step sets buf = d (no dampening): the kernel's init_bufs
-            state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
-    for init in (True, False):
-        index = [i for i, new in enumerate(fresh) if new is init]
-        if index:
-            run(index, [state[params[i]]["momentum_buffer"] for i in index], init)
+    _by_momentum_buffer(base, group, params, run, create=True)
 
 
-def adam_step(base, group, params, olds, grads, backend, rank1=None):
-    """params <- olds (or params - s u v^T, see sgd_step), then torch.optim.Adam / AdamW's step."""
+def sgd_preview(base, group, params, grads, perturbed, previews, norm, rho, backend):
+    """SAMPa: perturbed <- x + rho g / (norm + eps), previews <- torch.optim.SGD's step from x with
+    g, one pass; the momentum buffers are read, never created or written."""
+    kw = _sgd_kw(group, backend)
+
+    def run(index, bufs, init):
+        ops.sampa_preview_sgd_(_take(params, index), _take(grads, index), _take(perturbed, index),
+                               _take(previews, index), bufs, norm=norm, rho=rho, init_bufs=init, **kw)
+
+    _by_momentum_buffer(base, group, params, run, create=False)
+
+
+def _adam_batches(base, group, params, create: bool):
+    """(index, step after this update, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs or None]) for the
+    params grouped by step count (the bias corrections depend on it). create: initialize missing
+    state as torch.optim.Adam does and count the step (an update); otherwise (a preview) zeros
+    stand in for missing moments and no state is created or changed."""
     state = base.state
     amsgrad = group["amsgrad"]
-    for p in params:
-        st = state[p]
-        if len(st) == 0:  # as torch.optim.Adam._init_group does
-            st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if amsgrad:
-                st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    steps = [state[p]["step"] for p in params]
-    torch._foreach_add_(steps, 1.0)
-    by_step = defaultdict(list)  # bias corrections depend on the step: one launch per distinct step
-    for i, s in enumerate(steps):
-        by_step[s.item()].append(i)  # CPU scalars: no device synchronization
+    keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+    if create:
+        for p in params:
+            st = state[p]
+            if len(st) == 0:  # as torch.optim.Adam._init_group does
+                st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                for k in keys:
+                    st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        steps = [state[p]["step"] for p in params]
+        torch._foreach_add_(steps, 1.0)
+        counts = [s.item() for s in steps]  # CPU scalars: no device synchronization
+    else:
+        counts = [state[p]["step"].item() + 1 if p in state and len(state[p]) else 1.0 for p in params]
+    by_step = defaultdict(list)
+    for i, c in enumerate(counts):
+        by_step[c].append(i)
+    for step, index in by_step.items():
+        lists = []
+        for k in keys:
+            lists.append([state[params[i]][k] if params[i] in state and k in state[params[i]]
+                          else torch.zeros_like(params[i]) for i in index])
+        yield index, step, lists + ([] if amsgrad else [None])
+
+
+def _adam_kw(base, group, step, backend) -> dict:
     beta1, beta2 = group["betas"]
     decoupled = isinstance(base, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
-    for step, index in by_step.items():
-        ps = _take(params, index)
-        kw = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                  decoupled=decoupled, amsgrad=amsgrad, maximize=group["maximize"],
-                  bias_correction1=1 - beta1 ** step, bias_correction2=1 - beta2 ** step, backend=backend)
-        state_lists = ([state[p]["exp_avg"] for p in ps], [state[p]["exp_avg_sq"] for p in ps],
-                       [state[p]["max_exp_avg_sq"] for p in ps] if amsgrad else None)
-        if rank1 is None:
-            ops.restore_adam_(ps, _take(olds, index), _take(grads, index), *state_lists, **kw)
+    return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                decoupled=decoupled, amsgrad=group["amsgrad"], maximize=group["maximize"],
+                bias_correction1=1 - beta1 ** step, bias_correction2=1 - beta2 ** step, backend=backend)
+
+
+def adam_step(base, group, params, olds, grads, backend, rank1=None, mix=None):
+    """params <- olds (or params - s u v^T, see sgd_step), then torch.optim.Adam / AdamW's step
+    (SAMPa: mix = (grads2, lam), see sgd_step)."""
+    for index, step, state_lists in _adam_batches(base, group, params, create=True):
+        kw = _adam_kw(base, group, step, backend)
+        ps, gs = _take(params, index), _take(grads, index)
+        if mix is not None:
+            ops.sampa_update_adam_(ps, gs, _take(mix[0], index), *state_lists, lam=mix[1], **kw)
+        elif rank1 is None:
+            ops.restore_adam_(ps, _take(olds, index), gs, *state_lists, **kw)
         else:
             us, vs, scales = rank1
             sel = scales if len(index) == len(params) else scales[index]
-            ops.rank1_restore_adam_(ps, _take(us, index), _take(vs, index), sel, _take(grads, index), *state_lists,
-                                    **kw)
+            ops.rank1_restore_adam_(ps, _take(us, index), _take(vs, index), sel, gs, *state_lists, **kw)
+
+
+def adam_preview(base, group, params, grads, perturbed, previews, norm, rho, backend):
+    """SAMPa: perturbed <- x + rho g / (norm + eps), previews <- Adam / AdamW's step from x with g
+    (the bias corrections of that step), one pass; the state is read, never created or written."""
+    for index, step, state_lists in _adam_batches(base, group, params, create=False):
+        ops.sampa_preview_adam_(_take(params, index), _take(grads, index), _take(perturbed, index),
+                                _take(previews, index), *state_lists, norm=norm, rho=rho,
+                                **_adam_kw(base, group, step, backend))
 
 
 UPDATES = {"sgd": sgd_step, "adam": adam_step}
+PREVIEWS = {"sgd": sgd_preview, "adam": adam_preview}

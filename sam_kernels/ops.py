@@ -102,8 +102,9 @@ def _run(op: str, backend: str, lists: dict, written: tuple[str, ...], scalars: 
         return fn(**{k: (v if v is not None else []) for k, v in staged.items()}, **scalars)
 
 
-def _sgd_scalars(op, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs) -> dict:
-    if momentum != 0 and bufs is None:
+def _sgd_scalars(op, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
+                 reads_only: bool = False) -> dict:
+    if momentum != 0 and bufs is None and not (reads_only and init_bufs):
         raise ValueError(f"{op}: momentum != 0 needs 'bufs' (the momentum buffers)")
     return {"lr": float(lr), "momentum": float(momentum), "dampening": float(dampening), "nesterov": bool(nesterov),
             "weight_decay": float(weight_decay), "maximize": bool(maximize), "init_bufs": bool(init_bufs)}
@@ -193,10 +194,10 @@ def sampa_preview_sgd_(params, grads, perturbed, previews, bufs=None, *, norm: t
     """perturbed <- x + rho g / (norm + eps) (x if norm is not finite); previews <- the torch.optim.SGD
     step from x with g. Reads the momentum buffers without writing them: the optimizer state stays."""
     scalars = _sgd_scalars("sampa_preview_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize,
-                           init_bufs)
+                           init_bufs, reads_only=True)  # init_bufs: no buffer yet, none read
     _run("sampa_preview_sgd_", backend,
          {"params": list(params), "grads": list(grads), "perturbed": list(perturbed), "previews": list(previews),
-          "bufs": list(bufs) if momentum != 0 else None},
+          "bufs": list(bufs) if momentum != 0 and bufs is not None else None},
          ("perturbed", "previews"), {"norm": norm, "rho": float(rho), **scalars})
 
 

@@ -120,7 +120,8 @@ def sampa_preview_sgd_(params, grads, perturbed, previews, bufs, norm, rho, lr, 
     torch._foreach_copy_(perturbed, params)
     _add_perturbation(perturbed, grads, norm, rho)
     torch._foreach_copy_(previews, params)
-    restore_sgd_(previews, previews, grads, _clones(bufs), lr, momentum, dampening, nesterov, weight_decay,
+    scratch = [torch.empty_like(p) for p in params] if momentum != 0 and init_bufs else _clones(bufs)
+    restore_sgd_(previews, previews, grads, scratch, lr, momentum, dampening, nesterov, weight_decay,
                  maximize, init_bufs)
 
 

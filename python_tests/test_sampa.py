@@ -1,0 +1,402 @@
+"""SAMPa-lambda against a sequential reference written from ALGORITHMS.md with torch's own
+optimizers, Theorem 4.4 of the slides, the BatchNorm policy, state_dict, and the failure cases.
+The distributed mode (gloo, two processes) is in test_sampa_distributed.py."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+from conftest import backend_cases
+from torch import nn
+
+from sam_kernels import SAMPa
+
+TRAJ_TOL = dict(rtol=2e-5, atol=2e-6)  # fp32 rounding carried through 12 steps of a small network
+EPS = 1e-12
+
+BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4)),
+    "nesterov": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    "adamw": (torch.optim.AdamW, dict(lr=3e-3, weight_decay=1e-2)),
+}
+
+
+def make_model(batchnorm=False, seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(6, 16)] + ([nn.BatchNorm1d(16)] if batchnorm else []) + [nn.Tanh(), nn.Linear(16, 3)]
+    return nn.Sequential(*layers).to(device)
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def make_batches(n, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(24, 6, generator=g).to(device), torch.randint(0, 3, (24,), generator=g).to(device))
+            for _ in range(n)]
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()
+
+
+def buffers(model):
+    return [b.detach().clone().cpu() for b in model.buffers()]
+
+
+# --- the reference: ALGORITHMS.md line by line, torch.optim doing every base step ----------------
+
+def reference_sampa(model, batches, base_cls, base_kw, rho, lam, plain_preview=False):
+    """Runs SAMPa on `model` in place. plain_preview: y = x - lr g_y (the generic path)."""
+    params = list(model.parameters())
+    opt = base_cls(params, **base_kw)
+
+    def grad_at(values, batch, keep_buffers):
+        probe = copy.deepcopy(model)  # carries the current buffers
+        with torch.no_grad():
+            for p, v in zip(probe.parameters(), values):
+                p.copy_(v)
+        grads = torch.autograd.grad(loss_fn(probe, batch), list(probe.parameters()))
+        if keep_buffers:  # running statistics move with the y-pass only
+            with torch.no_grad():
+                for b, pb in zip(model.buffers(), probe.buffers()):
+                    b.copy_(pb)
+        return list(grads)
+
+    def preview(g_y):
+        """Where the base optimizer would move x_t with gradient g_y, its state untouched."""
+        x = [p.detach().clone() for p in params]
+        if plain_preview:
+            return [xi - base_kw["lr"] * gi for xi, gi in zip(x, g_y)]
+        shadow = [xi.clone().requires_grad_() for xi in x]
+        twin = base_cls(shadow, **base_kw)
+        twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for s, g in zip(shadow, g_y):
+            s.grad = g.clone()
+        twin.step()
+        return [s.detach() for s in shadow]
+
+    g_y = grad_at([p.detach() for p in params], batches[0], False)  # step 0: g_y = grad f(x_0; B_0)
+    kept = batches[0]
+    for batch in batches:
+        norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in g_y))
+        x_tilde = [p.detach() + rho * g / (norm + EPS) for p, g in zip(params, g_y)]
+        y_next = preview(g_y)
+        g_tilde = grad_at(x_tilde, kept, False)
+        g_y_next = grad_at(y_next, batch, True)
+        for p, gt, gy in zip(params, g_tilde, g_y_next):
+            p.grad = (1 - lam) * gt + lam * gy
+        opt.step()
+        g_y, kept = g_y_next, batch
+    return model
+
+
+def run_sampa(model, batches, base_cls, base_kw, rho, lam, **kw):
+    opt = SAMPa(model, loss_fn, base_cls, rho=rho, lam=lam, **base_kw, **kw)
+    for b in batches:
+        opt.step(b)
+    return opt
+
+
+# --- parity with the reference ----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("lam", [0.2, 0.0, 1.0])
+def test_trajectory_matches_reference(backend, device, base, lam):
+    cls, kw = BASES[base]
+    batches = make_batches(12, device)
+    model, ref = make_model(device=device), make_model(device=device)
+    run_sampa(model, batches, cls, kw, rho=0.1, lam=lam, backend=backend, parallel="sequential")
+    reference_sampa(ref, batches, cls, kw, rho=0.1, lam=lam)
+    torch.testing.assert_close(flat(model), flat(ref), **TRAJ_TOL)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_batchnorm_statistics_move_with_the_y_pass_only(backend, device):
+    cls, kw = BASES["sgd"]
+    batches = make_batches(6, device)
+    model, ref = make_model(batchnorm=True, device=device), make_model(batchnorm=True, device=device)
+    run_sampa(model, batches, cls, kw, rho=0.1, lam=0.2, backend=backend, parallel="sequential")
+    reference_sampa(ref, batches, cls, kw, rho=0.1, lam=0.2)
+    torch.testing.assert_close(flat(model), flat(ref), **TRAJ_TOL)
+    for a, b in zip(buffers(model), buffers(ref)):
+        torch.testing.assert_close(a, b, **TRAJ_TOL)
+    assert int(model[1].num_batches_tracked) == len(batches)  # one y-pass per step
+
+
+def test_generic_path_for_other_base_optimizers():
+    """Base optimizers we do not fuse: y previews a plain gradient step, the update is their own step."""
+    batches = make_batches(8)
+    model, ref = make_model(), make_model()
+    run_sampa(model, batches, torch.optim.RMSprop, dict(lr=1e-3), rho=0.1, lam=0.2)
+    reference_sampa(ref, batches, torch.optim.RMSprop, dict(lr=1e-3), rho=0.1, lam=0.2, plain_preview=True)
+    torch.testing.assert_close(flat(model), flat(ref), **TRAJ_TOL)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_backends_agree(backend, device):
+    cls, kw = BASES["adamw"]
+    batches = make_batches(6, device)
+    a, b = make_model(device=device), make_model(device=device)
+    run_sampa(a, batches, cls, kw, rho=0.1, lam=0.2, backend=backend)
+    run_sampa(b, batches, cls, kw, rho=0.1, lam=0.2, backend="torch")
+    torch.testing.assert_close(flat(a), flat(b), **TRAJ_TOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="parallel='streams' needs a CUDA device")
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_streams_equal_sequential_on_cuda(base):
+    cls, kw = BASES[base]
+    batches = make_batches(10, "cuda")
+    a, b = make_model(batchnorm=True, device="cuda"), make_model(batchnorm=True, device="cuda")
+    run_sampa(a, batches, cls, kw, rho=0.1, lam=0.2, parallel="streams")
+    run_sampa(b, batches, cls, kw, rho=0.1, lam=0.2, parallel="sequential")
+    torch.testing.assert_close(flat(a), flat(b), rtol=0, atol=0)
+    for x, y in zip(buffers(a), buffers(b)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_auto_parallel_is_sequential_on_cpu():
+    assert SAMPa(make_model(), loss_fn, lr=0.1).parallel == "sequential"
+
+
+def test_loss_fn_is_called_2T_plus_1_times():
+    calls = []
+
+    def counting(model, batch):
+        calls.append(1)
+        return loss_fn(model, batch)
+
+    opt = SAMPa(make_model(), counting, lr=0.1, momentum=0.9)
+    for b in make_batches(7):
+        opt.step(b)
+    assert len(calls) == 2 * 7 + 1 == opt.loss_calls
+
+
+def test_step_returns_the_y_pass_loss_on_the_new_batch():
+    model = make_model()
+    opt = SAMPa(model, loss_fn, lr=0.1)
+    batches = make_batches(2)
+    opt.step(batches[0])
+    loss = opt.step(batches[1])
+    assert loss.requires_grad is False and loss.shape == ()
+    assert torch.isfinite(loss)
+
+
+# --- Theorem 4.4 -----------------------------------------------------------------------------
+
+class Quadratic(nn.Module):
+    """f(x) = 1/2 x^T A x, convex and L-smooth with L = the largest eigenvalue of A."""
+
+    def __init__(self, a, x0):
+        super().__init__()
+        self.register_buffer("a", a)
+        self.x = nn.Parameter(x0.clone())
+
+    def loss(self):
+        return 0.5 * self.x @ self.a @ self.x
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_theorem_4_4_bound_on_a_convex_quadratic(backend, device):
+    torch.manual_seed(0)
+    d = 20
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    eig = torch.linspace(0.01, 1.0, d, dtype=torch.float64)
+    a = (q * eig) @ q.T
+    L, rho, T = float(eig.max()), 0.1, 300
+    eta = 0.45 / L  # < 1 / (2L), fixed
+    model = Quadratic(a, torch.randn(d, dtype=torch.float64) * 3).to(device)
+    opt = SAMPa(model, lambda m, batch: m.loss(), torch.optim.SGD, rho=rho, lam=0.0, lr=eta, backend=backend)
+    f0 = float(model.loss().detach())  # inf f = 0
+    sq_grads = []
+    for _ in range(T):
+        with torch.no_grad():
+            sq_grads.append(float(((a.to(device) @ model.x) ** 2).sum()))  # ||grad f(x_t)||^2
+        opt.step(batch=0)  # deterministic: the batch is ignored
+    C = (L ** 2 + L ** 3) / 2 + 2 * L ** 4 / 3
+    bound = 4 / 3 * (f0 / (T * eta) + C * rho ** 2 * eta)
+    average = sum(sq_grads) / T
+    assert average <= bound, (average, bound)
+    assert sq_grads[-1] < 1e-2 * sq_grads[0]  # and it does descend
+
+
+# --- state and resume ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_state_dict_resume_is_bit_exact(base):
+    cls, kw = BASES[base]
+    batches = make_batches(12)
+    model = make_model(batchnorm=True)
+    opt = SAMPa(model, loss_fn, cls, **kw)
+    for b in batches[:6]:
+        opt.step(b)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    for b in batches[6:]:
+        opt.step(b)
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    resumed = make_model(batchnorm=True, seed=99)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = SAMPa(resumed, loss_fn, cls, **kw)
+    opt2.load_state_dict(ckpt["opt"])
+    for b in batches[6:]:
+        opt2.step(b)
+    assert torch.equal(flat(model), flat(resumed))
+    for x, y in zip(buffers(model), buffers(resumed)):
+        assert torch.equal(x, y)
+    assert opt2.loss_calls == opt.loss_calls
+
+
+def test_param_groups_are_shared_and_schedulers_drive_them():
+    model = make_model()
+    opt = SAMPa(model, loss_fn, torch.optim.SGD, lr=0.1, momentum=0.9)
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert opt.param_groups[0]["lam"] == 0.2 and opt.param_groups[0]["rho"] == 0.1
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(make_batches(1)[0])
+    sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_base_optimizer_instance():
+    model = make_model()
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = SAMPa(model, loss_fn, base)
+    opt.step(make_batches(1)[0])
+    assert opt.base_optimizer is base and len(base.state) == len(list(model.parameters()))
+
+
+def test_memory_report():
+    model = make_model()
+    opt = SAMPa(model, loss_fn, lr=0.1, momentum=0.9)
+    opt.step(make_batches(1)[0])
+    n = sum(p.numel() * 4 for p in model.parameters())
+    assert opt.memory_report() == {"g_y": n, "shadows": 2 * n, "base_state": n}
+
+
+# --- failures --------------------------------------------------------------------------------
+
+def snapshot(model, opt):
+    sd = copy.deepcopy(opt.state_dict())
+    return flat(model), buffers(model), sd
+
+
+def assert_unchanged(model, opt, snap):
+    x, bufs, sd = snap
+    assert torch.equal(flat(model), x)
+    for a, b in zip(buffers(model), bufs):
+        assert torch.equal(a, b)
+    now = opt.state_dict()
+    assert now["sam"]["skipped_steps"] == sd["sam"]["skipped_steps"]
+    for a, b in zip(now["sam"]["batch"] or (), sd["sam"]["batch"] or ()):  # the kept batch
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    for k, st in sd["state"].items():
+        for name, t in st.items():
+            assert torch.equal(now["state"][k][name], t)
+    if sd["sam"]["g_y"] is None:
+        assert now["sam"]["g_y"] is None
+    else:
+        for a, b in zip(now["sam"]["g_y"], sd["sam"]["g_y"]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("at_call", [1, 2, 3, 5, 6])  # bootstrap, x~ or y pass of step 0; x~ / y of step 1+
+def test_exception_in_loss_fn_leaves_everything_as_it_was(at_call):
+    calls = []
+
+    def flaky(model, batch):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise RuntimeError("data loader hiccup")
+        return loss_fn(model, batch)
+
+    model = make_model(batchnorm=True)
+    opt = SAMPa(model, flaky, torch.optim.SGD, lr=0.1, momentum=0.9)
+    batches = make_batches(3)
+    done = 0
+    while True:
+        snap = snapshot(model, opt)
+        try:
+            opt.step(batches[done])
+            done += 1
+        except RuntimeError as e:
+            assert "hiccup" in str(e)
+            break
+    assert_unchanged(model, opt, snap)
+    opt.step(batches[done])  # and it goes on
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("which", ["x~", "y"])
+def test_nonfinite_gradient_skips_the_step(bad, which):
+    model = make_model(batchnorm=True)
+    opt = SAMPa(model, loss_fn, torch.optim.SGD, lr=0.1, momentum=0.9)
+    batches = make_batches(3)
+    opt.step(batches[0])
+    opt.step(batches[1])
+    poisoned = (batches[2][0].clone(), batches[2][1])
+    poisoned[0][0, 0] = bad
+    snap = snapshot(model, opt)
+    if which == "y":  # the new batch is bad: the y-pass gradient is not finite
+        opt.step(poisoned)
+    else:  # the kept batch is bad: plant it, the x~-pass gradient is not finite
+        opt._batch = poisoned
+        snap = snapshot(model, opt)
+        opt.step(batches[2])
+    assert opt.skipped_steps == 1
+    assert_unchanged(model, opt, (snap[0], snap[1], {**snap[2], "sam": {**snap[2]["sam"], "skipped_steps": 1}}))
+
+
+def test_nonfinite_raise_mode():
+    model = make_model()
+    opt = SAMPa(model, loss_fn, lr=0.1, nonfinite="raise")
+    x, y = make_batches(1)[0]
+    x = x.clone()
+    x[0, 0] = float("nan")
+    before = flat(model)
+    with pytest.raises(FloatingPointError, match="SAMPa.step: NaN or inf"):
+        opt.step((x, y))
+    assert torch.equal(flat(model), before)
+
+
+@pytest.mark.parametrize("kwargs,exc,pattern", [
+    (dict(lam=1.5), ValueError, r"lam must be a number in \[0, 1\], got 1.5"),
+    (dict(lam=-0.1), ValueError, r"lam must be a number in \[0, 1\], got -0.1"),
+    (dict(rho=-1.0), ValueError, r"rho must be a finite number >= 0, got -1.0"),
+    (dict(parallel="threads"), ValueError, r"parallel must be one of .*got 'threads'"),
+    (dict(parallel="streams"), ValueError, r"parallel='streams' needs the model on a CUDA device, got cpu"),
+    (dict(parallel="distributed"), RuntimeError, r"needs torch.distributed initialized"),
+    (dict(backend="fast"), ValueError, r"backend must be one of"),
+    (dict(nonfinite="ignore"), ValueError, r"nonfinite must be one of"),
+])
+def test_bad_arguments(kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        SAMPa(make_model(), loss_fn, lr=0.1, **kwargs)
+
+
+def test_bad_model_loss_and_batch():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got list"):
+        SAMPa([nn.Parameter(torch.ones(2))], loss_fn, lr=0.1)
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        SAMPa(make_model(), "cross_entropy", lr=0.1)
+    opt = SAMPa(make_model(), lambda m, b: m(b[0]), lr=0.1)  # not a scalar
+    with pytest.raises(ValueError, match=r"must return a scalar tensor .* shape \(24, 3\)"):
+        opt.step(make_batches(1)[0])
+    with pytest.raises(ValueError, match="needs the new minibatch"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="call step\\(batch\\)"):
+        opt.first_step()
+
+
+def test_foreign_parameters_are_rejected():
+    model = make_model()
+    base = torch.optim.SGD([nn.Parameter(torch.ones(3))], lr=0.1)
+    with pytest.raises(ValueError, match="not the model's"):
+        SAMPa(model, loss_fn, base)

@@ -1,0 +1,348 @@
+"""SAMPa-lambda (ALGORITHMS.md, "SAMPa-lambda"): SAM's two gradients made independent, so that
+they can be computed at the same time.
+
+    x~_t    = x_t + rho g_y / (||g_y|| + eps)        g_y = grad f(y_t; B_t), kept from the last step
+    y_{t+1} = the base optimizer's step from x_t with g_y, its state untouched
+              (x~_t and y_{t+1} come out of one fused pass over x_t, g_y and the state)
+    in parallel:  g~ = grad f(x~_t; B_t)   and   g_y' = grad f(y_{t+1}; B_{t+1})
+    d_t     = (1 - lam) g~ + lam g_y'
+    x_{t+1} = the base step from x_t with d_t        (one fused pass);  g_y <- g_y', B_t <- B_{t+1}
+
+The model's parameters hold x_t throughout a step: both gradients are taken at shadow copies
+(x~ and y) through torch.func.functional_call, so the two passes share nothing they write and
+can run on two CUDA streams, or on two ranks of a process group.
+
+Module buffers (BatchNorm running statistics): they move only with the y-pass, which sees every
+batch first, at the unperturbed preview point (the counterpart of the reference SAM, which
+updates them in its first pass only). Both passes run on private copies of the buffers; the
+y-pass's copies are written back when the step is accepted, the x~-pass's are discarded.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from . import ops
+from ._base import SharpnessAwareOptimizer, check_nonneg
+from .fused_update import PREVIEWS, UPDATES, fused_kind
+
+PARALLEL = ("auto", "streams", "sequential", "distributed")
+
+
+def check_lam(lam) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
+    return float(lam)
+
+
+class _LossModule(nn.Module):
+    """loss_fn(model, batch) as a module, so that functional_call can swap the model's tensors."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+class SAMPa(SharpnessAwareOptimizer):
+    """SAMPa-lambda around torch.optim.SGD (momentum, nesterov, weight decay), Adam or AdamW (fused),
+    or any other torch.optim optimizer (generic: y previews a plain gradient step, x_{t+1} is the
+    optimizer's own step with d_t in .grad).
+
+    Args:
+        model: the module to train; its parameters that require grad are optimized.
+        loss_fn: loss_fn(model, batch) -> scalar loss tensor (called 2T + 1 times over T steps).
+        base_optimizer: a torch.optim.Optimizer subclass (built with base_kwargs on the model's
+            parameters) or an instance over (some of) the model's parameters.
+        rho: perturbation radius (per group: a 'rho' key).  lam: the weight of g_y' in d_t, in [0, 1]
+            (per group: a 'lam' key); 0 is SAMPa-0, 0.2 the paper's default.
+        parallel: "sequential" (one pass after the other), "streams" (two CUDA streams on one
+            device), "distributed" (ranks 2i and 2i+1 of the process group form pair i: the even
+            rank takes the x~-pass, the odd one the y-pass; both must be given the pair's batch),
+            or "auto" ("streams" on CUDA, "sequential" otherwise).
+        backend, nonfinite: as for SAM.  process_group: for "distributed" (default: the world).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                 base_optimizer=torch.optim.SGD, rho: float = 0.1, lam: float = 0.2, parallel: str = "auto",
+                 backend: str = "auto", nonfinite: str = "skip", process_group=None, **base_kwargs):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
+        check_nonneg("rho", rho)
+        lam = check_lam(lam)
+        if parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+        named = dict(model.named_parameters())
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            params = None
+        else:
+            params = [p for p in named.values() if p.requires_grad]
+            if not params:
+                raise ValueError("model has no parameter that requires grad")
+        super().__init__(params, base_optimizer, dict(rho=float(rho), lam=lam), backend, nonfinite, base_kwargs)
+        for i, group in enumerate(self.param_groups):
+            try:
+                group["lam"] = check_lam(group["lam"])
+            except ValueError:
+                raise ValueError(f"param_groups[{i}]['lam'] must be a number in [0, 1], got {group['lam']!r}") from None
+        names = {id(p): n for n, p in named.items()}
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        missing = [tuple(p.shape) for p in self._params if id(p) not in names]
+        if missing:
+            raise ValueError(f"base_optimizer holds parameters that are not the model's (shapes {missing})")
+        self._names = ["model." + names[id(p)] for p in self._params]
+        self._buffer_names = ["model." + n for n, _ in model.named_buffers()]
+        self.model = model
+        self.loss_fn = loss_fn
+        self._module = _LossModule(model, loss_fn)
+        devices = {p.device for p in self._params}
+        if len(devices) > 1:
+            raise ValueError(f"SAMPa: the parameters span devices {sorted(map(str, devices))}")
+        self.device = next(iter(devices))
+        self.parallel = self._resolve_parallel(parallel, process_group)
+        self._group = process_group
+        self._streams = None
+        # SAMPa's own state: g_y, its norm and the batch it was computed on (None before step 0)
+        self._g_y: list[torch.Tensor] | None = None
+        self._g_y_norm: torch.Tensor | None = None
+        self._batch: Any = None
+        self._shadows: tuple[list, list] | None = None
+        self.loss_calls = 0  # loss_fn evaluations on this process (2T + 1 after T sequential steps)
+
+    # --- configuration ---------------------------------------------------------------------
+
+    def _resolve_parallel(self, parallel: str, process_group) -> str:
+        if parallel == "auto":
+            return "streams" if self.device.type == "cuda" else "sequential"
+        if parallel == "streams" and self.device.type != "cuda":
+            raise ValueError(f"parallel='streams' needs the model on a CUDA device, got {self.device}")
+        if parallel == "distributed":
+            dist = torch.distributed
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError("parallel='distributed' needs torch.distributed initialized "
+                                   "(torch.distributed.init_process_group)")
+            world = dist.get_world_size(process_group)
+            if world < 2 or world % 2:
+                raise ValueError(f"parallel='distributed' needs an even number of ranks (pairs), got {world}")
+        return parallel
+
+    # --- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, batch=None):
+        """One SAMPa step with the new minibatch `batch`; returns the detached loss of the y-pass,
+        f(y_{t+1}; batch). An exception in loss_fn leaves model and optimizer as they were."""
+        if batch is None:
+            raise ValueError("SAMPa.step(batch) needs the new minibatch (SAMPa computes its gradients itself; "
+                             "loss_fn(model, batch) gives the loss)")
+        g_y, g_y_norm, kept = self._g_y, self._g_y_norm, self._batch
+        if g_y is None:  # step 0: g_y = grad f(x_0; B_0), and B_0 for both passes
+            g_y, g_y_norm, kept = self._bootstrap(batch)
+        xt, y = self._preview(g_y, g_y_norm)
+        (loss_t, g_t, _), (loss_y, g_yn, buffers_y) = self._both_passes(xt, kept, y, batch)
+        if self.parallel == "distributed":
+            g_t, g_yn, buffers_y, loss_y = self._exchange(g_t, g_yn, buffers_y, loss_y)
+        n_t, n_y = ops.global_norm(g_t, backend=self.backend), ops.global_norm(g_yn, backend=self.backend)
+        # The one host synchronization of a step: is either gradient non-finite?
+        if not bool(torch.isfinite(n_t + n_y)):
+            self._skipped += 1
+            if self.nonfinite == "raise":
+                raise FloatingPointError("SAMPa.step: NaN or inf in a gradient; the step was skipped")
+            return loss_y.detach()
+        self._update(g_t, g_yn)
+        if buffers_y:
+            torch._foreach_copy_([b for _, b in self._model_buffers()], buffers_y)
+        self._g_y, self._g_y_norm, self._batch = list(g_yn), n_y, batch
+        self._opt_called = True
+        return loss_y.detach()
+
+    def _bootstrap(self, batch):
+        if self.parallel == "distributed" and self._role() == "x~":
+            grads = [torch.zeros_like(p) for p in self._params]  # the y-rank of the pair computes it
+        else:
+            _, grads, _ = self._grad_at(self._params, batch)
+        if self.parallel == "distributed":
+            grads = self._all_reduce_mean(grads)
+        return grads, ops.global_norm(grads, backend=self.backend), batch
+
+    def _preview(self, g_y, g_y_norm):
+        """x~ and y into the shadow parameter sets, one fused pass per param group."""
+        xt, y = self._shadow_sets()
+        kind = fused_kind(self.base_optimizer)
+        offset = 0
+        for group in self.param_groups:
+            n = len(group["params"])
+            sl = slice(offset, offset + n)
+            offset += n
+            if not n:
+                continue
+            args = (group["params"], g_y[sl], xt[sl], y[sl], g_y_norm, group["rho"], self.backend)
+            if kind is None:  # generic: y previews a plain gradient step with the group's lr
+                ops.sampa_preview_sgd_(*args[:4], norm=g_y_norm, rho=group["rho"], lr=group["lr"],
+                                       backend=self.backend)
+            else:
+                PREVIEWS[kind](self.base_optimizer, group, *args)
+        return xt, y
+
+    def _update(self, g_t, g_yn) -> None:
+        """x_{t+1}: the base step from x_t with d = (1 - lam) g~ + lam g_y'."""
+        kind = fused_kind(self.base_optimizer)
+        offset = 0
+        for group in self.param_groups:
+            ps = group["params"]
+            sl = slice(offset, offset + len(ps))
+            offset += len(ps)
+            if not ps:
+                continue
+            if kind is not None:
+                UPDATES[kind](self.base_optimizer, group, ps, ps, g_t[sl], self.backend, mix=(g_yn[sl], group["lam"]))
+            else:
+                d = torch._foreach_mul(g_t[sl], 1 - group["lam"])
+                torch._foreach_add_(d, g_yn[sl], alpha=group["lam"])
+                for p, dp in zip(ps, d):
+                    p.grad = dp
+        if kind is None:
+            self.base_optimizer.step()
+            self.zero_grad()
+
+    # --- gradients ---------------------------------------------------------------------------
+
+    def _model_buffers(self):
+        return list(self.model.named_buffers())
+
+    def _grad_at(self, point, batch):
+        """(loss, gradients w.r.t. `point`, the buffers after the pass) for loss_fn at the
+        parameters `point` on `batch`; the model's own buffers are not touched (private copies)."""
+        buffers = [b.clone() for _, b in self._model_buffers()]
+        tensors = dict(zip(self._buffer_names, buffers))
+        if point is not self._params:
+            tensors.update(zip(self._names, point))
+        self.loss_calls += 1
+        with torch.enable_grad():
+            loss = functional_call(self._module, tensors, (batch,))
+            if not (torch.is_tensor(loss) and loss.numel() == 1 and loss.requires_grad):
+                raise ValueError("loss_fn(model, batch) must return a scalar tensor that depends on the parameters, "
+                                 f"got {loss if not torch.is_tensor(loss) else f'a tensor of shape {tuple(loss.shape)}'}")
+            grads = torch.autograd.grad(loss.reshape(()), point, allow_unused=True, materialize_grads=True)
+        return loss.detach(), list(grads), buffers
+
+    def _both_passes(self, xt, kept, y, batch):
+        if self.parallel == "sequential":
+            return self._grad_at(xt, kept), self._grad_at(y, batch)
+        if self.parallel == "distributed":
+            # this rank's pass; the pair's other gradient arrives in _exchange
+            if self._role() == "x~":
+                loss, g, _ = self._grad_at(xt, kept)
+                return (loss, g, []), (torch.zeros((), device=self.device), None, None)
+            loss, g, bufs = self._grad_at(y, batch)
+            return (torch.zeros((), device=self.device), None, []), (loss, g, bufs)
+        return self._on_streams(xt, kept, y, batch)
+
+    def _on_streams(self, xt, kept, y, batch):
+        """The two passes on two CUDA streams: the host enqueues one after the other, the device
+        runs them concurrently. Each side stream first waits for the preview on the current stream;
+        the current stream waits for both before the gradients are read. Tensors allocated on a
+        side stream are only reused by it after its next wait on the current stream."""
+        if self._streams is None:
+            self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+        main = torch.cuda.current_stream(self.device)
+        results = []
+        for stream, (point, b) in zip(self._streams, ((xt, kept), (y, batch))):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                results.append(self._grad_at(point, b))
+        for stream in self._streams:
+            main.wait_stream(stream)
+        return results
+
+    # --- distributed -------------------------------------------------------------------------
+
+    def _role(self) -> str:
+        return "x~" if torch.distributed.get_rank(self._group) % 2 == 0 else "y"
+
+    def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sum over the group divided by the number of pairs, one flat all-reduce per dtype
+        (exact for one pair: each value is added to zeros)."""
+        dist = torch.distributed
+        pairs = dist.get_world_size(self._group) // 2
+        out = list(tensors)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        for dtype, index in by_dtype.items():
+            flat = torch.cat([tensors[i].reshape(-1) for i in index])
+            dist.all_reduce(flat, group=self._group)
+            if pairs > 1:
+                flat = flat / pairs if dtype.is_floating_point else flat // pairs
+            for i, piece in zip(index, flat.split([tensors[i].numel() for i in index])):
+                out[i] = piece.view_as(tensors[i])
+        return out
+
+    def _exchange(self, g_t, g_yn, buffers_y, loss_y):
+        """Both gradients, the y-pass buffers and its loss on every rank of the pair (and averaged
+        over pairs): each rank contributes its own pass and zeros for the other."""
+        x_rank = self._role() == "x~"
+        if x_rank:
+            g_yn = [torch.zeros_like(p) for p in self._params]
+            buffers_y = [b.clone() for _, b in self._model_buffers()]
+            for b in buffers_y:
+                b.zero_()
+        else:
+            g_t = [torch.zeros_like(p) for p in self._params]
+        merged = self._all_reduce_mean(list(g_t) + list(g_yn) + list(buffers_y) + [loss_y.float().reshape(1)])
+        n = len(self._params)
+        return merged[:n], merged[n:2 * n], merged[2 * n:-1], merged[-1].reshape(())
+
+    # --- state -------------------------------------------------------------------------------
+
+    def _shadow_sets(self):
+        """The x~ and y parameter sets: leaf tensors shaped like the parameters, allocated once."""
+        if self._shadows is None or any(s.shape != p.shape or s.dtype != p.dtype
+                                        for s, p in zip(self._shadows[0], self._params)):
+            self._shadows = tuple(
+                [torch.empty_like(p, memory_format=torch.contiguous_format).requires_grad_(True) for p in self._params]
+                for _ in range(2))
+        return self._shadows
+
+    def first_step(self, zero_grad: bool = False) -> None:
+        raise RuntimeError("SAMPa computes both gradients itself: call step(batch)")
+
+    second_step = first_step
+
+    def restore(self) -> None:
+        pass  # the model's parameters hold x_t throughout a step: nothing to restore
+
+    def _perturbed_now(self) -> bool:
+        return False
+
+    def _extra_state(self) -> dict:
+        return {"g_y": self._g_y, "g_y_norm": self._g_y_norm, "batch": self._batch, "loss_calls": self.loss_calls}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        g_y = extra.get("g_y")
+        if g_y is not None:
+            if len(g_y) != len(self._params) or any(g.shape != p.shape for g, p in zip(g_y, self._params)):
+                raise ValueError("load_state_dict: 'g_y' does not match the parameters of this SAMPa")
+            g_y = [g.to(p.device, p.dtype) for g, p in zip(g_y, self._params)]
+        norm = extra.get("g_y_norm")
+        self._g_y = g_y
+        self._g_y_norm = norm.to(self.device) if norm is not None else None
+        self._batch = extra.get("batch")
+        self.loss_calls = int(extra.get("loss_calls", 0))
+
+    def memory_report(self) -> dict:
+        """Bytes held across steps: `g_y` (the kept gradient), `shadows` (the x~ and y parameter
+        sets the passes run at) and `base_state`."""
+        def nbytes(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors or ())
+
+        shadows = sum(nbytes(s) for s in self._shadows or ())
+        return {"g_y": nbytes(self._g_y), "shadows": shadows, "base_state": self._base_state_bytes()}
