@@ -58,3 +58,23 @@ def test_nusam_step(benchmark, params, base, backend):
 
     benchmark.group = f"sam_step_{base}"  # beside SAM's: the nuSAM / SAM ratio reads off one table
     _timed(benchmark, nusam_step_case(params, backend, base))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_sampa_step(benchmark, params, base, backend):
+    """SAMPa's optimizer work of a step (fused preview, guard norms, fused update), no gradients."""
+    from sam_kernels.bench.cases import sampa_step_case
+
+    benchmark.group = f"sam_step_{base}"
+    _timed(benchmark, sampa_step_case(params, backend, base))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sam", "sampa"])
+@pytest.mark.parametrize("model", ["resnet20", "resnet56", "vit_s"] if DEVICE.type == "cuda" else ["resnet20"])
+def test_train_step(benchmark, model, optimizer):
+    """A whole training step (forward, backward, optimizer) on synthetic CIFAR-sized data."""
+    from sam_kernels.bench.train import train_step_case
+
+    benchmark.group = f"train_step_{model}"
+    _timed(benchmark, train_step_case(model, optimizer, 128 if DEVICE.type == "cuda" else 32, DEVICE))

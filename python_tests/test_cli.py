@@ -9,11 +9,14 @@ from sam_kernels.bench.__main__ import main as bench_main
 
 def test_demo_trains_every_optimizer():
     rows = demo.main(["--epochs", "2", "--seeds", "1"])
-    assert [r["optimizer"] for r in rows] == ["SGD", "SAM", "ASAM", "nuSAM", "GaussSAM"]
+    assert [r["optimizer"] for r in rows] == ["SGD", "SAM", "ASAM", "nuSAM", "SAMPa", "GaussSAM"]
     by = {r["optimizer"]: r for r in rows}
     assert all(r["test_acc"] > 0.5 for r in rows)  # 10 classes: chance is 0.1
     assert by["SAM"]["grad_evals"] == 2 * by["SGD"]["grad_evals"]
+    assert by["SAMPa"]["grad_evals"] == 2 * by["SGD"]["grad_evals"] + 1  # 2T + 1
     n_params = sum(p.numel() for p in demo.model_fn(0).parameters())
+    # SAMPa keeps g_y and the two shadow parameter sets next to SGD's momentum buffer
+    assert by["SAMPa"]["opt_bytes"] == 4 * 4 * n_params
     # SGD+momentum keeps one buffer; SAM adds x_old, exactly one more copy of the parameters
     assert by["SGD"]["opt_bytes"] == 4 * n_params and by["SAM"]["opt_bytes"] == 8 * n_params
     # nuSAM keeps vectors, not a copy: far less than SAM's extra copy of the parameters
@@ -23,14 +26,21 @@ def test_demo_trains_every_optimizer():
 def test_bench_cli_records(tmp_path):
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
-    bench_main(["--sets", "tiny", "--device", "cpu", "--json", str(out), "--markdown", str(md)])
+    bench_main(["--sets", "tiny", "--device", "cpu", "--models", "vit_tiny", "--batch", "4", "--json", str(out),
+                "--markdown", str(md)])
     records = json.loads(out.read_text())
     copy = records[0]
     assert copy["op"] == "copy" and copy["gbps"] > 0
-    rows = records[1:]
+    train = [r for r in records if r["op"] == "train_step"]
+    assert {r["optimizer"] for r in train} == {"sgd", "sam", "sampa", "peer_sam"}
+    for r in train:
+        assert r["model"] == "vit_tiny" and r["size"] == "small" and r["median_ms"] > 0 and r["batch"] == 4
+        assert r["device"] == copy["device"] and "peak_bytes" in r
+    assert "| vit_tiny | small | 4 | sampa |" in md.read_text()
+    rows = [r for r in records[1:] if r["op"] != "train_step"]
     ops = {r["op"] for r in rows}
     assert {"grad_norm", "perturb", "restore", "restore_sgd", "restore_adamw", "sam_step", "power_iteration",
-            "nusam_step"} <= ops
+            "nusam_step", "sampa_step", "sampa_step_adamw"} <= ops
     assert {r["backend"] for r in rows} >= {"cpu", "torch", "loop", "peer_sam", "torch_foreach"}
     for r in rows:
         for key in ("op", "backend", "device", "dtype", "numel", "tensors", "median_ms", "gbps", "frac_of_copy"):

@@ -1,4 +1,4 @@
-"""`make demo`: SGD vs SAM, ASAM, nuSAM and GaussSAM on scikit-learn's bundled digits data (no download).
+"""`make demo`: SGD vs SAM, ASAM, nuSAM, SAMPa and GaussSAM on scikit-learn's bundled digits data (no download).
 
 A small MLP is trained with each optimizer on the same split, batches and initialisation;
 the table gives test accuracy, wall time, gradient evaluations and the optimizer's memory.
@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from . import SAM, GaussSAM, NuSAM
+from . import SAM, GaussSAM, NuSAM, SAMPa
 from ._base import SharpnessAwareOptimizer
 
 
@@ -39,6 +39,8 @@ OPTIMIZERS = {
     "SAM": lambda p: SAM(p, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9, weight_decay=5e-4),
     "ASAM": lambda p: SAM(p, torch.optim.SGD, rho=0.5, adaptive=True, lr=0.05, momentum=0.9, weight_decay=5e-4),
     "nuSAM": lambda p: NuSAM(p, torch.optim.SGD, rho=0.01, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    # SAMPa takes the model and the loss (it computes its two gradients itself): built in train()
+    "SAMPa": None,
     "GaussSAM": lambda p: GaussSAM(p, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9, weight_decay=5e-4,
                                    generator=torch.Generator().manual_seed(0)),
 }
@@ -53,8 +55,12 @@ def optimizer_bytes(opt) -> int:
 def train(name, epochs, batch, seed, bar):
     (xtr, ytr), (xte, yte) = load_digits(seed)
     model = model_fn(seed)
-    opt = OPTIMIZERS[name](model.parameters())
     loss_fn = torch.nn.CrossEntropyLoss()
+    if name == "SAMPa":
+        opt = SAMPa(model, lambda m, b: loss_fn(m(b[0]), b[1]), torch.optim.SGD, rho=0.1, lam=0.2, lr=0.05,
+                    momentum=0.9, weight_decay=5e-4)
+    else:
+        opt = OPTIMIZERS[name](model.parameters())
     grads = 0
     gen = torch.Generator().manual_seed(seed + 1)
     t0 = time.perf_counter()
@@ -63,6 +69,9 @@ def train(name, epochs, batch, seed, bar):
         for i in range(0, len(xtr), batch):
             idx = perm[i:i + batch]
             xb, yb = xtr[idx], ytr[idx]
+            if isinstance(opt, SAMPa):
+                opt.step((xb, yb))
+                continue
             opt.zero_grad()
             loss = loss_fn(model(xb), yb)
             loss.backward()
@@ -78,6 +87,8 @@ def train(name, epochs, batch, seed, bar):
                 opt.step()
         bar.update(1)
     wall = time.perf_counter() - t0
+    if isinstance(opt, SAMPa):
+        grads = opt.loss_calls
     with torch.no_grad():
         acc = (model(xte).argmax(1) == yte).float().mean().item()
     return {"optimizer": name, "test_acc": acc, "wall_s": wall, "grad_evals": grads, "opt_bytes": optimizer_bytes(opt)}

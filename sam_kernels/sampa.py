@@ -150,19 +150,25 @@ class SAMPa(SharpnessAwareOptimizer):
         (loss_t, g_t, _), (loss_y, g_yn, buffers_y) = self._both_passes(xt, kept, y, batch)
         if self.parallel == "distributed":
             g_t, g_yn, buffers_y, loss_y = self._exchange(g_t, g_yn, buffers_y, loss_y)
+        self._finish(g_t, g_yn, buffers_y, batch)
+        return loss_y.detach()
+
+    def _finish(self, g_t, g_yn, buffers_y, batch) -> bool:
+        """The optimizer's second half: refuse non-finite gradients, else the fused update and the
+        commit of the y-pass buffers, g_y and the batch. Returns whether the step was taken."""
         n_t, n_y = ops.global_norm(g_t, backend=self.backend), ops.global_norm(g_yn, backend=self.backend)
         # The one host synchronization of a step: is either gradient non-finite?
         if not bool(torch.isfinite(n_t + n_y)):
             self._skipped += 1
             if self.nonfinite == "raise":
                 raise FloatingPointError("SAMPa.step: NaN or inf in a gradient; the step was skipped")
-            return loss_y.detach()
+            return False
         self._update(g_t, g_yn)
         if buffers_y:
             torch._foreach_copy_([b for _, b in self._model_buffers()], buffers_y)
         self._g_y, self._g_y_norm, self._batch = list(g_yn), n_y, batch
         self._opt_called = True
-        return loss_y.detach()
+        return True
 
     def _bootstrap(self, batch):
         if self.parallel == "distributed" and self._role() == "x~":

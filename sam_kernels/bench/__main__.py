@@ -1,10 +1,12 @@
 """python -m sam_kernels.bench [--quick] [--device D] [--backends a,b] [--json PATH] [--markdown PATH]
 
-Measures the device's copy bandwidth first, then every primitive and the whole SAM step on a
-many-tensor parameter set (ViT-shaped, ~150 tensors) and one large flat tensor, for each of
-our backends and the peers (the torch foreach path, a per-parameter loop, pytorch-optimizer's
-SAM, torch's own SGD), and reports median time, GB/s against the floor bytes, the fraction of
-the copy bandwidth, and speed-ups measured in the same run.
+Measures the device's copy bandwidth first, then every primitive and the whole SAM, nuSAM and
+SAMPa optimizer steps on a many-tensor parameter set (ViT-shaped, ~150 tensors) and one large
+flat tensor, for each of our backends and the peers (the torch foreach path, a per-parameter
+loop, pytorch-optimizer's SAM, torch's own SGD), and reports median time, GB/s against the
+floor bytes, the fraction of the copy bandwidth, and speed-ups measured in the same run.
+Then whole training steps (SGD, SAM, SAMPa, pytorch-optimizer's SAM) on CIFAR ResNets and a
+ViT-S-sized network on synthetic data, with the SAMPa / SAM ratio of the same run.
 """
 from __future__ import annotations
 
@@ -18,8 +20,12 @@ import torch
 from .. import backends
 from .cases import (BYTES_PER_ELEMENT, loop_sam_case, make_params, nusam_step_case, peer_sam_case,
                     power_iteration_case, primitive_case, sam_step_case, torch_sgd_case)
+from .cases import sampa_step_case
+from .models import MODELS
 from .shapes import PARAM_SETS, numel
 from .timing import copy_bandwidth_gbps, device_name, median_ms_interleaved
+from .train import run_train_steps
+from .train import table as train_table
 
 PRIMITIVES = ("grad_norm", "perturb", "restore", "restore_sgd", "restore_adamw")
 
@@ -46,8 +52,7 @@ def plan(device, backend_list, quick, sets=None):
         for b in backend_list:
             for op in PRIMITIVES:
                 jobs.append((name, op, b))
-            jobs.append((name, "sam_step", b))
-            jobs.append((name, "sam_step_adamw", b))
+            jobs += [(name, op, b) for op in ("sam_step", "sam_step_adamw", "sampa_step", "sampa_step_adamw")]
         jobs.append((name, "sam_step", "loop"))
         jobs.append((name, "sam_step_adamw", "loop"))
         try:
@@ -73,6 +78,8 @@ def build(op, backend, params):
         return power_iteration_case(params, backend)
     if op.startswith("nusam_step"):
         return nusam_step_case(params, backend, "adamw" if op.endswith("adamw") else "sgd")
+    if op.startswith("sampa_step"):
+        return sampa_step_case(params, backend, "adamw" if op.endswith("adamw") else "sgd")
     base = "adamw" if op == "sam_step_adamw" else "sgd"
     if op == "sgd_step":
         return torch_sgd_case(params, backend.split("_", 1)[1])
@@ -116,6 +123,11 @@ def run(args) -> list[dict]:
         del fns
         bar.update(len(group))
     bar.close()
+    models = [m for m in args.models.split(",") if m] if args.models is not None else (
+        ["resnet20"] if args.quick else ["resnet20", "resnet56", "vit_s"])
+    if models:
+        batch = args.batch or (32 if args.quick else 128)
+        records += run_train_steps(device, models, batch, reps=3 if args.quick else 20, warmup=1 if args.quick else 5)
     return records
 
 
@@ -125,7 +137,7 @@ def table(records) -> str:
              "| params | op | backend | tensors | numel | median ms | GB/s | of copy "
              "| speed-up vs torch | vs loop | vs peer_sam |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    rows = [r for r in records if r["op"] != "copy"]
+    rows = [r for r in records if r["op"] not in ("copy", "train_step")]
     ref = {(r["params"], r["op"], r["backend"]): r["median_ms"] for r in rows}
     for r in rows:
         def ratio(peer):
@@ -134,7 +146,9 @@ def table(records) -> str:
         lines.append(f"| {r['params']} | {r['op']} | {r['backend']} | {r['tensors']} | {r['numel']:,} | "
                      f"{r['median_ms']:.2f} | {r['gbps']:.1f} | {r['frac_of_copy']:.0%} | {ratio('torch')} | "
                      f"{ratio('loop')} | {ratio('peer_sam')} |")
-    return "\n".join(lines)
+    train = train_table(records)
+    return "\n".join(lines) + ("\n\nWhole training steps (median ms; ratios of the same run):\n\n" + train
+                               if train else "")
 
 
 def main(argv=None):
@@ -144,6 +158,10 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backends", default="", help="comma-separated subset of our backends (default: all available)")
     ap.add_argument("--sets", default="", help=f"comma-separated parameter sets of {sorted(PARAM_SETS)}")
+    ap.add_argument("--models", default=None,
+                    help=f"comma-separated training-step models of {sorted(MODELS)} ('' for none; default: "
+                         "resnet20 with --quick, else resnet20,resnet56,vit_s)")
+    ap.add_argument("--batch", type=int, default=0, help="training-step batch size (default 32 with --quick, else 128)")
     ap.add_argument("--json", default="", help="write the records as JSON here")
     ap.add_argument("--markdown", default="", help="write the table as markdown here")
     args = ap.parse_args(argv)

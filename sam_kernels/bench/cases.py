@@ -8,6 +8,9 @@ Bytes counted per fp32 element (the floor: each input read once, each output wri
     power_iteration 8 (T = 1: read every matrix gradient twice; counted over the matrices only)
     nusam_step with SGD+momentum 36 = power iteration 8 + rank-1 perturb 8 (read, write M) + update 20
     nusam_step with AdamW 44 = 8 + 8 + 28 (non-matrix parameters get no perturbation: slightly less)
+    sampa_step with SGD+momentum 52 = preview 20 (read x, g_y, buf; write x~, y) + norms of g~ and g_y' 8
+        + update 24 (read x, g~, g_y', buf; write x, buf)
+    sampa_step with AdamW 64 = preview 24 (read x, g_y, m, v; write x~, y) + 8 + update 32
 Our SAM step also reads the second gradient once more (4 B) to refuse a non-finite one: that
 guard is in the measured time but not in the floor, so GB/s here is against the floor.
 """
@@ -15,12 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import SAM, NuSAM, ops
+from .. import SAM, NuSAM, SAMPa, ops
 
 BYTES_PER_ELEMENT = {
     "grad_norm": 4, "perturb": 16, "restore": 8, "restore_sgd": 20, "restore_adamw": 28,
     "sam_step": 40, "sam_step_adamw": 48, "sgd_step": 20,
     "power_iteration": 8, "nusam_step": 36, "nusam_step_adamw": 44,
+    "sampa_step": 52, "sampa_step_adamw": 64,
 }
 
 
@@ -128,3 +132,26 @@ def power_iteration_case(params, backend: str):
 def nusam_step_case(params, backend: str, base: str = "sgd"):
     """One whole nuSAM optimizer step (T = 1) with the gradients in .grad."""
     return sam_step_case(params, backend, base, cls=NuSAM)
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, params):
+        super().__init__()
+        self.params = torch.nn.ParameterList(params)
+
+
+def sampa_step_case(params, backend: str, base: str = "sgd"):
+    """SAMPa's optimizer work in one step, without the two gradient passes: the fused preview
+    (x~ and y), the guard norms of g~ and g_y', and the fused update with the mixed gradient."""
+    holder = _Holder(params)
+    kw = dict(lr=1e-9, momentum=0.9) if base == "sgd" else dict(lr=1e-9, weight_decay=0.01)
+    opt = SAMPa(holder, lambda m, b: None, torch.optim.SGD if base == "sgd" else torch.optim.AdamW, rho=0.05,
+                backend=backend, **kw)
+    grads = [p.grad for p in params]
+    norm = ops.global_norm(grads, backend=backend)
+    opt._update(grads, grads)  # the base state exists, as in every step after the first
+
+    def step():
+        opt._preview(grads, norm)
+        opt._finish(grads, grads, [], None)
+    return step
