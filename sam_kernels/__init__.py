@@ -4,8 +4,9 @@ from . import backends, ops
 from .backends import BackendUnavailableError
 from .gauss_sam import GaussSAM
 from .nusam import NuSAM
+from .psam import PSAM
 from .sam import SAM
 from .sampa import SAMPa
 
-__all__ = ["SAM", "NuSAM", "GaussSAM", "SAMPa", "ops", "backends", "BackendUnavailableError"]
+__all__ = ["SAM", "NuSAM", "GaussSAM", "SAMPa", "PSAM", "ops", "backends", "BackendUnavailableError"]
 __version__ = "0.1.0"

@@ -22,6 +22,19 @@ def check_nonneg(name: str, value) -> float:
     return float(value)
 
 
+def check_step(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def split_rho(rho):
+    """(the radius at step 0, the schedule step -> rho or None): rho is a number or a callable."""
+    if callable(rho):
+        return check_nonneg("rho(0)", rho(0)), rho
+    return check_nonneg("rho", rho), None
+
+
 def check_grad(p: torch.Tensor, where: str):
     g = p.grad
     if g.layout is torch.strided and g.dtype is p.dtype and p.dtype in _FLOATS and g.shape == p.shape:
@@ -49,9 +62,15 @@ def _flatten_params(params):
 
 
 class SharpnessAwareOptimizer(Optimizer):
-    """Base class: subclasses implement first_step(), second_step() and restore()."""
+    """Base class: subclasses implement _sam_first_step(), _sam_second_step() and _sam_restore().
 
-    def __init__(self, params, base_optimizer, defaults: dict, backend: str, nonfinite: str, base_kwargs: dict):
+    Shared schedule (ALGORITHMS.md, "Perturbation delay and rho schedules"): before `start_step`
+    a step is a plain base step (one gradient); `rho` may be a callable step -> rho, applied to
+    every param group when a SAM step starts. `sam_step_due` says which kind the next step is.
+    """
+
+    def __init__(self, params, base_optimizer, defaults: dict, backend: str, nonfinite: str, base_kwargs: dict,
+                 start_step: int = 0, rho_fn: Callable[[int], float] | None = None):
         backends.check_name(backend)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
@@ -90,16 +109,20 @@ class SharpnessAwareOptimizer(Optimizer):
             for d in devices:
                 backends.resolve(backend, d)  # an unavailable explicit backend fails here, not mid-step
         self._skipped = 0
+        self.start_step = check_step("start_step", start_step)
+        self._rho_fn = rho_fn
+        self._t = 0  # steps taken (SAM, plain or skipped): what start_step and the rho schedule count
+        self._plain_pending = False  # first_step() found no SAM step due: second_step() is a base step
 
     # --- to implement ------------------------------------------------------------------------
 
-    def first_step(self, zero_grad: bool = False) -> None:
+    def _sam_first_step(self, zero_grad: bool) -> None:
         raise NotImplementedError
 
-    def second_step(self, zero_grad: bool = False) -> None:
+    def _sam_second_step(self, zero_grad: bool) -> None:
         raise NotImplementedError
 
-    def restore(self) -> None:
+    def _sam_restore(self) -> None:
         raise NotImplementedError
 
     def _perturbed_now(self) -> bool:
@@ -111,6 +134,77 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _load_extra_state(self, extra: dict) -> None:
         pass
+
+    # --- the schedule ------------------------------------------------------------------------
+
+    @property
+    def sam_step_due(self) -> bool:
+        """Whether the next step is a SAM step (two gradients) rather than a plain base step."""
+        return self._t >= self.start_step
+
+    @property
+    def steps(self) -> int:
+        """Steps taken so far (SAM steps, plain base steps and skipped steps)."""
+        return self._t
+
+    def _apply_rho_schedule(self) -> None:
+        if self._rho_fn is not None:
+            rho = check_nonneg(f"rho({self._t})", self._rho_fn(self._t))
+            for group in self.param_groups:
+                group["rho"] = rho
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Perturb the weights along the gradient in .grad, if a SAM step is due (else nothing:
+        second_step() will then take a plain base step)."""
+        name = type(self).__name__
+        if self._plain_pending or self._perturbed_now():
+            raise RuntimeError(f"{name}.first_step() called twice: call second_step() or restore() in between")
+        if not self.sam_step_due:
+            self._plain_pending = True
+            if zero_grad:
+                self.zero_grad()
+            return
+        self._apply_rho_schedule()
+        self._sam_first_step(zero_grad)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore x_t and take the base step with the gradient at the perturbed point (after a
+        first_step() that found no SAM step due: a plain base step with the gradient in .grad)."""
+        if self._plain_pending:
+            self._plain_pending = False
+            self.base_step(zero_grad)
+            return
+        self._sam_second_step(zero_grad)
+
+    @torch.no_grad()
+    def base_step(self, zero_grad: bool = False) -> bool:
+        """A plain base-optimizer step with the gradient in .grad (one gradient, no perturbation),
+        for the steps where no SAM step is due. The same non-finite policy as a SAM step."""
+        name = type(self).__name__
+        if self._perturbed_now():
+            raise RuntimeError(f"{name}.base_step() between first_step() and second_step(): the weights are perturbed")
+        self._plain_pending = False
+        grads = [p.grad for _, ps in self._params_with_grad(f"{name} base_step") for p in ps]
+        accepted = not grads or bool(torch.isfinite(ops.global_norm(grads, backend=self.backend)))
+        self._t += 1
+        if not accepted:
+            self._skipped += 1
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"{name}.base_step: NaN or inf in a gradient; the step was skipped")
+        else:
+            self.base_optimizer.step()
+        self._opt_called = True
+        if zero_grad:
+            self.zero_grad()
+        return accepted
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put x_t back after first_step() without updating (bit for bit for SAM)."""
+        self._plain_pending = False
+        self._sam_restore()
 
     # --- shared ------------------------------------------------------------------------------
 
@@ -140,6 +234,7 @@ class SharpnessAwareOptimizer(Optimizer):
                   if n is not None]
         # The one host synchronization of a step: is either gradient non-finite?
         accepted = not checks or bool(torch.isfinite(sum(n.to(checks[0].device) for n in checks)))
+        self._t += 1
         if not accepted:
             self.restore()
             self._skipped += 1
@@ -163,10 +258,15 @@ class SharpnessAwareOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """One step. The first gradient must already be in .grad; `closure` computes the loss and
-        its gradient at the perturbed point (forward + backward) and returns the loss."""
+        its gradient at the perturbed point (forward + backward) and returns the loss. When no SAM
+        step is due (sam_step_due), a plain base step with .grad: the closure is not called and
+        None is returned."""
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure that recomputes the loss and gradients "
                              "(or use first_step / second_step)")
+        if not self.sam_step_due:
+            self.base_step()
+            return None
         self.first_step(zero_grad=True)
         try:
             with torch.enable_grad():
@@ -191,7 +291,7 @@ class SharpnessAwareOptimizer(Optimizer):
             raise RuntimeError(f"{type(self).__name__}.state_dict() between first_step() and second_step(): "
                                "the weights are perturbed")
         sd = self.base_optimizer.state_dict()
-        sd["sam"] = {"skipped_steps": self._skipped, **self._extra_state()}
+        sd["sam"] = {"skipped_steps": self._skipped, "step": self._t, **self._extra_state()}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -201,6 +301,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict makes new group dicts
         self._skipped = int(extra.pop("skipped_steps", 0))
+        self._t = int(extra.pop("step", 0))
         self._load_extra_state(extra)
 
     def _base_state_bytes(self) -> int:

@@ -14,10 +14,11 @@ class GaussSAM(SAM):
     generator: a torch.Generator on the parameters' device for z (None: torch's global RNG).
     """
 
-    def __init__(self, params=None, base_optimizer=torch.optim.SGD, rho: float = 0.05, backend: str = "auto",
-                 nonfinite: str = "skip", generator: torch.Generator | None = None, **base_kwargs):
+    def __init__(self, params=None, base_optimizer=torch.optim.SGD, rho=0.05, backend: str = "auto",
+                 nonfinite: str = "skip", generator: torch.Generator | None = None, start_step: int = 0,
+                 **base_kwargs):
         super().__init__(params, base_optimizer, rho=rho, adaptive=False, backend=backend, nonfinite=nonfinite,
-                         **base_kwargs)
+                         start_step=start_step, **base_kwargs)
         self.generator = generator
 
     def _directions(self, params) -> dict:

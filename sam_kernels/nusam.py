@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from ._base import SharpnessAwareOptimizer, check_nonneg
+from ._base import SharpnessAwareOptimizer, check_nonneg, split_rho
 from .fused_update import UPDATES
 
 CONV = ("skip", "reshape")
@@ -38,19 +38,23 @@ class NuSAM(SharpnessAwareOptimizer):
         seed: the left vectors u_i start as normalized N(0, I) draws from torch.Generator(seed),
             in parameter order, on the CPU (so the start is the same on every device).
         tau: the guard of the power iteration's divisions (1e-12).
+        start_step: plain base steps before it (perturbation delay). Those steps move one gradient
+            and do not run the power iteration: the first SAM step starts from the seeded vectors
+            (raise power_iters if one iteration from a random start is too rough for you).
+        rho may be a callable step -> rho, as for SAM.
     """
 
     def __init__(self, params=None, base_optimizer=torch.optim.AdamW, rho: float = 0.1, power_iters: int = 1,
                  normalized: bool = False, conv: str = "skip", backend: str = "auto", nonfinite: str = "skip",
-                 seed: int = 0, tau: float = 1e-12, **base_kwargs):
-        check_nonneg("rho", rho)
+                 seed: int = 0, tau: float = 1e-12, start_step: int = 0, **base_kwargs):
+        rho, rho_fn = split_rho(rho)
         check_nonneg("tau", tau)
         if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
             raise ValueError(f"power_iters must be an integer >= 1, got {power_iters!r}")
         if conv not in CONV:
             raise ValueError(f"conv must be one of {CONV}, got {conv!r}")
-        defaults = dict(rho=float(rho), normalized=bool(normalized))
-        super().__init__(params, base_optimizer, defaults, backend, nonfinite, base_kwargs)
+        defaults = dict(rho=rho, normalized=bool(normalized))
+        super().__init__(params, base_optimizer, defaults, backend, nonfinite, base_kwargs, start_step, rho_fn)
         self.power_iters, self.conv, self.tau, self.seed = power_iters, conv, float(tau), seed
         gen = torch.Generator().manual_seed(seed)
         for group in self.param_groups:
@@ -75,7 +79,7 @@ class NuSAM(SharpnessAwareOptimizer):
     # --- the two steps ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def _sam_first_step(self, zero_grad: bool) -> None:
         """Top singular pairs of the matrix gradients (batched power iteration), then M += s u v^T."""
         if self._perturbed is not None:
             raise RuntimeError("NuSAM.first_step() called twice: call second_step() or restore() in between")
@@ -114,7 +118,7 @@ class NuSAM(SharpnessAwareOptimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def _sam_second_step(self, zero_grad: bool) -> None:
         """M - s u v^T and the base step with the gradient at the perturbed point, in one pass."""
         if self._perturbed is None:
             raise RuntimeError("NuSAM.second_step() called without first_step()")
@@ -147,7 +151,7 @@ class NuSAM(SharpnessAwareOptimizer):
                               -scales[left], backend=self.backend)
 
     @torch.no_grad()
-    def restore(self) -> None:
+    def _sam_restore(self) -> None:
         """Remove the rank-1 perturbation after first_step() without updating (M - s u v^T)."""
         if self._perturbed is not None:
             mats, _, us, vs, scales, _ = self._perturbed

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from ._base import SharpnessAwareOptimizer, check_nonneg
+from ._base import SharpnessAwareOptimizer, check_nonneg, split_rho
 from .fused_update import UPDATES
 
 
@@ -24,26 +24,29 @@ class SAM(SharpnessAwareOptimizer):
         params: parameters or param groups (may be None when base_optimizer is an instance).
         base_optimizer: a torch.optim.Optimizer subclass (built with base_kwargs on SAM's param
             groups) or an instance (SAM then shares its param groups).
-        rho: perturbation radius (per group: a 'rho' key in a param group).
+        rho: perturbation radius (per group: a 'rho' key in a param group), or a callable
+            step -> rho applied to every group when a SAM step starts.
         adaptive: ASAM, e = rho T^2 g / ||T g|| with T = |x| + adaptive_offset.
         backend: "auto", "triton", "cuda", "cpu" or "torch" (see sam_kernels.backends).
         nonfinite: "skip" (default): a NaN / inf in either gradient skips the step, the weights are
             restored bit for bit and skipped_steps grows; "raise": FloatingPointError instead.
+        start_step: plain base steps before this step (perturbation delay), SAM steps from it on.
     """
 
-    def __init__(self, params=None, base_optimizer=torch.optim.SGD, rho: float = 0.05, adaptive: bool = False,
-                 backend: str = "auto", nonfinite: str = "skip", adaptive_offset: float = 0.0, **base_kwargs):
-        check_nonneg("rho", rho)
+    def __init__(self, params=None, base_optimizer=torch.optim.SGD, rho=0.05, adaptive: bool = False,
+                 backend: str = "auto", nonfinite: str = "skip", adaptive_offset: float = 0.0, start_step: int = 0,
+                 **base_kwargs):
+        rho, rho_fn = split_rho(rho)
         check_nonneg("adaptive_offset", adaptive_offset)
-        defaults = dict(rho=float(rho), adaptive=bool(adaptive), adaptive_offset=float(adaptive_offset))
-        super().__init__(params, base_optimizer, defaults, backend, nonfinite, base_kwargs)
+        defaults = dict(rho=rho, adaptive=bool(adaptive), adaptive_offset=float(adaptive_offset))
+        super().__init__(params, base_optimizer, defaults, backend, nonfinite, base_kwargs, start_step, rho_fn)
         self._perturbed: list[torch.Tensor] | None = None
         self._first_norm: torch.Tensor | None = None
 
     # --- the two steps ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def _sam_first_step(self, zero_grad: bool) -> None:
         """Perturb x in place along the gradient in .grad (no host synchronization)."""
         if self._perturbed is not None:
             raise RuntimeError("SAM.first_step() called twice: call second_step() or restore() in between")
@@ -71,7 +74,7 @@ class SAM(SharpnessAwareOptimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def _sam_second_step(self, zero_grad: bool) -> None:
         """Restore x_t and take the base step with the gradient at the perturbed point."""
         if self._perturbed is None:
             raise RuntimeError("SAM.second_step() called without first_step()")
@@ -89,7 +92,7 @@ class SAM(SharpnessAwareOptimizer):
         self._perturbed = None
 
     @torch.no_grad()
-    def restore(self) -> None:
+    def _sam_restore(self) -> None:
         """Put x_t back after first_step() without updating (bit for bit)."""
         if self._perturbed is not None:
             self._restore(self._perturbed)

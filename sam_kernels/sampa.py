@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import ops
-from ._base import SharpnessAwareOptimizer, check_nonneg
+from ._base import SharpnessAwareOptimizer, split_rho
 from .fused_update import PREVIEWS, UPDATES, fused_kind
 
 PARALLEL = ("auto", "streams", "sequential", "distributed")
@@ -67,16 +67,19 @@ class SAMPa(SharpnessAwareOptimizer):
             rank takes the x~-pass, the odd one the y-pass; both must be given the pair's batch),
             or "auto" ("streams" on CUDA, "sequential" otherwise).
         backend, nonfinite: as for SAM.  process_group: for "distributed" (default: the world).
+        start_step: plain base steps before it (one gradient at x_t on the new batch; SAMPa's step
+            0, which computes g_y, is then step start_step). rho may be a callable step -> rho.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-                 base_optimizer=torch.optim.SGD, rho: float = 0.1, lam: float = 0.2, parallel: str = "auto",
-                 backend: str = "auto", nonfinite: str = "skip", process_group=None, **base_kwargs):
+                 base_optimizer=torch.optim.SGD, rho=0.1, lam: float = 0.2, parallel: str = "auto",
+                 backend: str = "auto", nonfinite: str = "skip", process_group=None, start_step: int = 0,
+                 **base_kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
-        check_nonneg("rho", rho)
+        rho, rho_fn = split_rho(rho)
         lam = check_lam(lam)
         if parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
@@ -87,7 +90,8 @@ class SAMPa(SharpnessAwareOptimizer):
             params = [p for p in named.values() if p.requires_grad]
             if not params:
                 raise ValueError("model has no parameter that requires grad")
-        super().__init__(params, base_optimizer, dict(rho=float(rho), lam=lam), backend, nonfinite, base_kwargs)
+        super().__init__(params, base_optimizer, dict(rho=rho, lam=lam), backend, nonfinite, base_kwargs, start_step,
+                         rho_fn)
         for i, group in enumerate(self.param_groups):
             try:
                 group["lam"] = check_lam(group["lam"])
@@ -143,6 +147,9 @@ class SAMPa(SharpnessAwareOptimizer):
         if batch is None:
             raise ValueError("SAMPa.step(batch) needs the new minibatch (SAMPa computes its gradients itself; "
                              "loss_fn(model, batch) gives the loss)")
+        if not self.sam_step_due:
+            return self._plain_step(batch)
+        self._apply_rho_schedule()
         g_y, g_y_norm, kept = self._g_y, self._g_y_norm, self._batch
         if g_y is None:  # step 0: g_y = grad f(x_0; B_0), and B_0 for both passes
             g_y, g_y_norm, kept = self._bootstrap(batch)
@@ -153,20 +160,37 @@ class SAMPa(SharpnessAwareOptimizer):
         self._finish(g_t, g_yn, buffers_y, batch)
         return loss_y.detach()
 
-    def _finish(self, g_t, g_yn, buffers_y, batch) -> bool:
+    def _plain_step(self, batch):
+        """Before start_step: the base step with one gradient at x_t on `batch` (in the distributed
+        mode the y-rank of each pair computes it)."""
+        if self.parallel == "distributed" and self._role() == "x~":
+            loss, grads = torch.zeros((), device=self.device), [torch.zeros_like(p) for p in self._params]
+            bufs = [b.clone().zero_() for _, b in self._model_buffers()]
+        else:
+            loss, grads, bufs = self._grad_at(self._params, batch)
+        if self.parallel == "distributed":
+            merged = self._all_reduce_mean(grads + bufs + [loss.float().reshape(1)])
+            grads, bufs, loss = merged[:len(grads)], merged[len(grads):-1], merged[-1].reshape(())
+        self._finish(grads, grads, bufs, None, plain=True)
+        return loss.detach()
+
+    def _finish(self, g_t, g_yn, buffers_y, batch, plain: bool = False) -> bool:
         """The optimizer's second half: refuse non-finite gradients, else the fused update and the
-        commit of the y-pass buffers, g_y and the batch. Returns whether the step was taken."""
+        commit of the y-pass buffers, g_y and the batch (plain: the base step with g_t alone, g_y
+        not kept). Returns whether the step was taken."""
         n_t, n_y = ops.global_norm(g_t, backend=self.backend), ops.global_norm(g_yn, backend=self.backend)
+        self._t += 1
         # The one host synchronization of a step: is either gradient non-finite?
         if not bool(torch.isfinite(n_t + n_y)):
             self._skipped += 1
             if self.nonfinite == "raise":
                 raise FloatingPointError("SAMPa.step: NaN or inf in a gradient; the step was skipped")
             return False
-        self._update(g_t, g_yn)
+        self._update(g_t, g_yn, lam=0.0 if plain else None)
         if buffers_y:
             torch._foreach_copy_([b for _, b in self._model_buffers()], buffers_y)
-        self._g_y, self._g_y_norm, self._batch = list(g_yn), n_y, batch
+        if not plain:
+            self._g_y, self._g_y_norm, self._batch = list(g_yn), n_y, batch
         self._opt_called = True
         return True
 
@@ -198,8 +222,8 @@ class SAMPa(SharpnessAwareOptimizer):
                 PREVIEWS[kind](self.base_optimizer, group, *args)
         return xt, y
 
-    def _update(self, g_t, g_yn) -> None:
-        """x_{t+1}: the base step from x_t with d = (1 - lam) g~ + lam g_y'."""
+    def _update(self, g_t, g_yn, lam: float | None = None) -> None:
+        """x_{t+1}: the base step from x_t with d = (1 - lam) g~ + lam g_y' (lam: the groups' or this)."""
         kind = fused_kind(self.base_optimizer)
         offset = 0
         for group in self.param_groups:
@@ -208,11 +232,12 @@ class SAMPa(SharpnessAwareOptimizer):
             offset += len(ps)
             if not ps:
                 continue
+            w = group["lam"] if lam is None else lam
             if kind is not None:
-                UPDATES[kind](self.base_optimizer, group, ps, ps, g_t[sl], self.backend, mix=(g_yn[sl], group["lam"]))
+                UPDATES[kind](self.base_optimizer, group, ps, ps, g_t[sl], self.backend, mix=(g_yn[sl], w))
             else:
-                d = torch._foreach_mul(g_t[sl], 1 - group["lam"])
-                torch._foreach_add_(d, g_yn[sl], alpha=group["lam"])
+                d = torch._foreach_mul(g_t[sl], 1 - w)
+                torch._foreach_add_(d, g_yn[sl], alpha=w)
                 for p, dp in zip(ps, d):
                     p.grad = dp
         if kind is None:
@@ -321,7 +346,7 @@ class SAMPa(SharpnessAwareOptimizer):
     def first_step(self, zero_grad: bool = False) -> None:
         raise RuntimeError("SAMPa computes both gradients itself: call step(batch)")
 
-    second_step = first_step
+    second_step = base_step = first_step
 
     def restore(self) -> None:
         pass  # the model's parameters hold x_t throughout a step: nothing to restore
