@@ -17,14 +17,14 @@ struct AdamArgs {
   double decay;      // AdamW: 1 - lr * wd (x *= decay); Adam: 1
   double step_size;  // lr / bias_correction1
   double bc2_sqrt;   // sqrt(bias_correction2)
-  double sign;       // -1 for maximize
+  double sign;       // -1 for maximize, times the gradient scale (GradScaler's 1 / scale)
 };
 
 inline AdamArgs make_adam_args(
     double lr, double beta1, double beta2, double eps, double wd, bool decoupled, bool maximize,
-    double bc1, double bc2) {
+    double bc1, double bc2, double grad_scale = 1.0) {
   return AdamArgs{1.0 - beta1, beta2, 1.0 - beta2, eps, decoupled ? 0.0 : wd, decoupled ? 1.0 - lr * wd : 1.0,
-                  lr / bc1, std::sqrt(bc2), maximize ? -1.0 : 1.0};
+                  lr / bc1, std::sqrt(bc2), (maximize ? -1.0 : 1.0) * grad_scale};
 }
 
 // kLerpLow: torch's lerp is start + w * (end - start) for w < 0.5, end - (end - start) * (1 - w) otherwise.

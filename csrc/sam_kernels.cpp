@@ -23,16 +23,17 @@ TORCH_LIBRARY(sam_kernels, m) {
       "float rho, bool adaptive, float offset) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] olds) -> ()");
   // params <- olds, then one torch.optim.SGD step with grads; bufs are the momentum buffers.
+  // grad_scale multiplies the gradients (GradScaler's 1 / scale: unscaling inside the update).
   m.def(
       "restore_sgd_(Tensor(a!)[] params, Tensor[] olds, Tensor[] grads, Tensor(b!)[] bufs, "
       "float lr, float momentum, float dampening, bool nesterov, float weight_decay, "
-      "bool maximize, bool init_bufs) -> ()");
+      "bool maximize, bool init_bufs, float grad_scale=1.0) -> ()");
   // params <- olds, then one torch.optim.Adam / AdamW step (bias corrections given by the caller).
   m.def(
       "restore_adam_(Tensor(a!)[] params, Tensor[] olds, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
-      "float bias_correction1, float bias_correction2) -> ()");
+      "float bias_correction1, float bias_correction2, float grad_scale=1.0) -> ()");
 
   // SAMPa. perturbed <- params + s * grads (s = rho / (norm + 1e-12); params where norm is not
   // finite) and previews <- the base step from params with grads; the state lists are read only.
@@ -67,10 +68,10 @@ TORCH_LIBRARY(sam_kernels, m) {
   m.def(
       "rank1_restore_sgd_(Tensor(a!)[] params, Tensor[] us, Tensor[] vs, Tensor scales, Tensor[] grads, "
       "Tensor(b!)[] bufs, float lr, float momentum, float dampening, bool nesterov, float weight_decay, "
-      "bool maximize, bool init_bufs) -> ()");
+      "bool maximize, bool init_bufs, float grad_scale=1.0) -> ()");
   m.def(
       "rank1_restore_adam_(Tensor(a!)[] params, Tensor[] us, Tensor[] vs, Tensor scales, Tensor[] grads, "
       "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, "
-      "float bias_correction1, float bias_correction2) -> ()");
+      "float bias_correction1, float bias_correction2, float grad_scale=1.0) -> ()");
 }

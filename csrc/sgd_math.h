@@ -15,15 +15,16 @@ struct SgdArgs {
   double momentum;
   double one_minus_dampening;
   double weight_decay;  // 0 when unused: d + 0 * x == d for finite x
-  double sign;          // -1 for maximize: multiplying by +-1 is exact
+  double sign;          // -1 for maximize, times the gradient scale (GradScaler's 1 / scale: a power of 2, exact)
 };
 
-inline SgdArgs make_sgd_args(double lr, double momentum, double dampening, double wd, bool maximize) {
-  return SgdArgs{lr, momentum, 1.0 - dampening, wd, maximize ? -1.0 : 1.0};
+inline SgdArgs make_sgd_args(
+    double lr, double momentum, double dampening, double wd, bool maximize, double grad_scale = 1.0) {
+  return SgdArgs{lr, momentum, 1.0 - dampening, wd, (maximize ? -1.0 : 1.0) * grad_scale};
 }
 
 // x holds the restored weight on entry and the updated one on exit; buf likewise.
-//   d = sign * g + wd * x
+//   d = sign * g + wd * x        (sign = +-grad_scale: unscaling costs nothing)
 //   buf = kInit ? d : momentum * buf + (1 - dampening) * d   (torch.optim.SGD's first step: buf = d)
 //   x -= lr * (kNesterov ? d + momentum * buf : buf)          (lr * d without momentum)
 template <typename T, bool kMomentum, bool kNesterov, bool kInit>

@@ -7,6 +7,7 @@ import math
 from typing import Callable
 
 import torch
+from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
 from . import backends, ops
@@ -33,6 +34,11 @@ def split_rho(rho):
     if callable(rho):
         return check_nonneg("rho(0)", rho(0)), rho
     return check_nonneg("rho", rho), None
+
+
+def _check_scaler(grad_scaler) -> None:
+    if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
 
 
 def check_grad(p: torch.Tensor, where: str):
@@ -113,6 +119,8 @@ class SharpnessAwareOptimizer(Optimizer):
         self._rho_fn = rho_fn
         self._t = 0  # steps taken (SAM, plain or skipped): what start_step and the rho schedule count
         self._plain_pending = False  # first_step() found no SAM step due: second_step() is a base step
+        self._grad_scale = 1.0  # GradScaler's 1 / scale for the update in progress (1: no scaler)
+        self._scaler = None
 
     # --- to implement ------------------------------------------------------------------------
 
@@ -154,10 +162,12 @@ class SharpnessAwareOptimizer(Optimizer):
                 group["rho"] = rho
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
         """Perturb the weights along the gradient in .grad, if a SAM step is due (else nothing:
-        second_step() will then take a plain base step)."""
+        second_step() will then take a plain base step). With a GradScaler the gradient is scaled:
+        the perturbation only uses its direction, and an inf / NaN is caught by second_step()."""
         name = type(self).__name__
+        _check_scaler(grad_scaler)
         if self._plain_pending or self._perturbed_now():
             raise RuntimeError(f"{name}.first_step() called twice: call second_step() or restore() in between")
         if not self.sam_step_due:
@@ -169,31 +179,44 @@ class SharpnessAwareOptimizer(Optimizer):
         self._sam_first_step(zero_grad)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
         """Restore x_t and take the base step with the gradient at the perturbed point (after a
-        first_step() that found no SAM step due: a plain base step with the gradient in .grad)."""
+        first_step() that found no SAM step due: a plain base step with the gradient in .grad).
+        grad_scaler: the torch.amp.GradScaler that scaled both losses; the gradient is unscaled
+        inside the fused update, and the scaler learns whether the step was skipped (inf / NaN in
+        either pass), so that scaler.update() backs off as after scaler.step(optimizer)."""
+        _check_scaler(grad_scaler)
         if self._plain_pending:
             self._plain_pending = False
-            self.base_step(zero_grad)
+            self.base_step(zero_grad, grad_scaler)
             return
-        self._sam_second_step(zero_grad)
+        self._scaler = grad_scaler
+        try:
+            self._sam_second_step(zero_grad)
+        finally:
+            self._scaler = None
 
     @torch.no_grad()
-    def base_step(self, zero_grad: bool = False) -> bool:
+    def base_step(self, zero_grad: bool = False, grad_scaler=None) -> bool:
         """A plain base-optimizer step with the gradient in .grad (one gradient, no perturbation),
-        for the steps where no SAM step is due. The same non-finite policy as a SAM step."""
+        for the steps where no SAM step is due. The same non-finite and GradScaler handling as a
+        SAM step."""
         name = type(self).__name__
+        _check_scaler(grad_scaler)
         if self._perturbed_now():
             raise RuntimeError(f"{name}.base_step() between first_step() and second_step(): the weights are perturbed")
         self._plain_pending = False
         grads = [p.grad for _, ps in self._params_with_grad(f"{name} base_step") for p in ps]
         accepted = not grads or bool(torch.isfinite(ops.global_norm(grads, backend=self.backend)))
         self._t += 1
+        grad_scale = self._inform_scaler(grad_scaler, accepted)
         if not accepted:
             self._skipped += 1
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"{name}.base_step: NaN or inf in a gradient; the step was skipped")
         else:
+            if grad_scale != 1.0:
+                torch._foreach_mul_(grads, grad_scale)
             self.base_optimizer.step()
         self._opt_called = True
         if zero_grad:
@@ -235,6 +258,7 @@ class SharpnessAwareOptimizer(Optimizer):
         # The one host synchronization of a step: is either gradient non-finite?
         accepted = not checks or bool(torch.isfinite(sum(n.to(checks[0].device) for n in checks)))
         self._t += 1
+        self._grad_scale = self._inform_scaler(self._scaler, accepted)
         if not accepted:
             self.restore()
             self._skipped += 1
@@ -244,6 +268,8 @@ class SharpnessAwareOptimizer(Optimizer):
             kind = fused_kind(self.base_optimizer)
             if kind is None:
                 self.restore()
+                if self._grad_scale != 1.0:
+                    torch._foreach_mul_(grads, self._grad_scale)
                 self.base_optimizer.step()
             else:
                 self._fused_step(kind, groups)
@@ -253,10 +279,26 @@ class SharpnessAwareOptimizer(Optimizer):
         return accepted
 
     def _fused_step(self, kind: str, groups) -> None:
+        """The fused restore + update; the gradients are multiplied by self._grad_scale."""
         raise NotImplementedError
 
+    def _inform_scaler(self, scaler, accepted: bool) -> float:
+        """Record the step's inf check in `scaler` as scaler.step(optimizer) would (so that
+        scaler.update() backs the scale off after a skipped step); returns the factor that
+        unscales the gradients (1 without a scaler)."""
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        state = scaler._per_optimizer_states[id(self)]
+        if state["stage"] is OptState.STEPPED:
+            raise RuntimeError("the GradScaler already recorded a step of this optimizer since its last update()")
+        scale = scaler._scale
+        device = scale.device if scale is not None else torch.device("cpu")
+        state["found_inf_per_device"][device] = torch.full((), 0.0 if accepted else 1.0, device=device)
+        state["stage"] = OptState.STEPPED
+        return 1.0 / scaler.get_scale()  # a host read: the step's guard has synchronized already
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+    def step(self, closure: Callable[[], torch.Tensor] | None = None, grad_scaler=None):
         """One step. The first gradient must already be in .grad; `closure` computes the loss and
         its gradient at the perturbed point (forward + backward) and returns the loss. When no SAM
         step is due (sam_step_due), a plain base step with .grad: the closure is not called and
@@ -265,16 +307,16 @@ class SharpnessAwareOptimizer(Optimizer):
             raise ValueError(f"{type(self).__name__}.step needs a closure that recomputes the loss and gradients "
                              "(or use first_step / second_step)")
         if not self.sam_step_due:
-            self.base_step()
+            self.base_step(grad_scaler=grad_scaler)
             return None
-        self.first_step(zero_grad=True)
+        self.first_step(zero_grad=True, grad_scaler=grad_scaler)
         try:
             with torch.enable_grad():
                 loss = closure()
         except BaseException:
             self.restore()
             raise
-        self.second_step()
+        self.second_step(grad_scaler=grad_scaler)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -63,10 +63,10 @@ def _by_momentum_buffer(base, group, params, run, create: bool) -> None:
             run(index, bufs, init)
 
 
-def sgd_step(base, group, params, olds, grads, backend, rank1=None, mix=None):
+def sgd_step(base, group, params, olds, grads, backend, rank1=None, mix=None, grad_scale=1.0):
     """params <- olds (or, for nuSAM, params - s u v^T with rank1 = (us, vs, scales)), then
     torch.optim.SGD's step for `group` with `grads` (SAMPa: mix = (grads2, lam), the step from
-    params itself with (1 - lam) grads + lam grads2)."""
+    params itself with (1 - lam) grads + lam grads2). grad_scale: GradScaler's 1 / scale."""
     kw = _sgd_kw(group, backend)
 
     def run(index, bufs, init):
@@ -74,11 +74,12 @@ def sgd_step(base, group, params, olds, grads, backend, rank1=None, mix=None):
         if mix is not None:
             ops.sampa_update_sgd_(ps, gs, _take(mix[0], index), bufs, lam=mix[1], init_bufs=init, **kw)
         elif rank1 is None:
-            ops.restore_sgd_(ps, _take(olds, index), gs, bufs, init_bufs=init, **kw)
+            ops.restore_sgd_(ps, _take(olds, index), gs, bufs, init_bufs=init, grad_scale=grad_scale, **kw)
         else:
             us, vs, scales = rank1
             sel = scales if len(index) == len(params) else scales[index]
-            ops.rank1_restore_sgd_(ps, _take(us, index), _take(vs, index), sel, gs, bufs, init_bufs=init, **kw)
+            ops.rank1_restore_sgd_(ps, _take(us, index), _take(vs, index), sel, gs, bufs, init_bufs=init,
+                                   grad_scale=grad_scale, **kw)
 
     _by_momentum_buffer(base, group, params, run, create=True)
 
@@ -134,7 +135,7 @@ def _adam_kw(base, group, step, backend) -> dict:
                 bias_correction1=1 - beta1 ** step, bias_correction2=1 - beta2 ** step, backend=backend)
 
 
-def adam_step(base, group, params, olds, grads, backend, rank1=None, mix=None):
+def adam_step(base, group, params, olds, grads, backend, rank1=None, mix=None, grad_scale=1.0):
     """params <- olds (or params - s u v^T, see sgd_step), then torch.optim.Adam / AdamW's step
     (SAMPa: mix = (grads2, lam), see sgd_step)."""
     for index, step, state_lists in _adam_batches(base, group, params, create=True):
@@ -143,11 +144,12 @@ def adam_step(base, group, params, olds, grads, backend, rank1=None, mix=None):
         if mix is not None:
             ops.sampa_update_adam_(ps, gs, _take(mix[0], index), *state_lists, lam=mix[1], **kw)
         elif rank1 is None:
-            ops.restore_adam_(ps, _take(olds, index), gs, *state_lists, **kw)
+            ops.restore_adam_(ps, _take(olds, index), gs, *state_lists, grad_scale=grad_scale, **kw)
         else:
             us, vs, scales = rank1
             sel = scales if len(index) == len(params) else scales[index]
-            ops.rank1_restore_adam_(ps, _take(us, index), _take(vs, index), sel, gs, *state_lists, **kw)
+            ops.rank1_restore_adam_(ps, _take(us, index), _take(vs, index), sel, gs, *state_lists,
+                                    grad_scale=grad_scale, **kw)
 
 
 def adam_preview(base, group, params, grads, perturbed, previews, norm, rho, backend):

@@ -21,21 +21,22 @@ def restore_(params, olds):
     _ops().restore_(params, olds)
 
 
-def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs):
+def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
+                 grad_scale=1.0):
     _ops().restore_sgd_(
         params, olds, grads, bufs or [], float(lr), float(momentum), float(dampening), bool(nesterov),
-        float(weight_decay), bool(maximize), bool(init_bufs),
+        float(weight_decay), bool(maximize), bool(init_bufs), float(grad_scale),
     )
 
 
 def restore_adam_(
     params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
-    weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2,
+    weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2, grad_scale=1.0,
 ):
     _ops().restore_adam_(
         params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], float(lr), float(beta1), float(beta2),
         float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize),
-        float(bias_correction1), float(bias_correction2),
+        float(bias_correction1), float(bias_correction2), float(grad_scale),
     )
 
 
@@ -48,19 +49,20 @@ def rank1_update_(mats, us, vs, scales):
 
 
 def rank1_restore_sgd_(params, us, vs, scales, grads, bufs, lr, momentum, dampening, nesterov, weight_decay,
-                       maximize, init_bufs):
+                       maximize, init_bufs, grad_scale=1.0):
     _ops().rank1_restore_sgd_(
         params, us, vs, scales, grads, bufs or [], float(lr), float(momentum), float(dampening), bool(nesterov),
-        float(weight_decay), bool(maximize), bool(init_bufs),
+        float(weight_decay), bool(maximize), bool(init_bufs), float(grad_scale),
     )
 
 
 def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2,
-                        eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2):
+                        eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2,
+                        grad_scale=1.0):
     _ops().rank1_restore_adam_(
         params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], float(lr), float(beta1),
         float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize),
-        float(bias_correction1), float(bias_correction2),
+        float(bias_correction1), float(bias_correction2), float(grad_scale),
     )
 
 

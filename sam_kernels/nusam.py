@@ -140,11 +140,13 @@ class NuSAM(SharpnessAwareOptimizer):
                 sel = [mats[j] for j in idx]
                 grads = [ps[i].grad.reshape(m.shape) for i, m in zip(rank1, sel)]
                 UPDATES[kind](self.base_optimizer, group, sel, None, grads, self.backend,
-                              rank1=([us[j] for j in idx], [vs[j] for j in idx], scales[idx]))
+                              rank1=([us[j] for j in idx], [vs[j] for j in idx], scales[idx]),
+                              grad_scale=self._grad_scale)
                 done.update(idx)
             if plain:
                 pp = [ps[i] for i in plain]
-                UPDATES[kind](self.base_optimizer, group, pp, pp, [p.grad for p in pp], self.backend)
+                UPDATES[kind](self.base_optimizer, group, pp, pp, [p.grad for p in pp], self.backend,
+                              grad_scale=self._grad_scale)
         left = [j for j in range(len(params)) if j not in done]  # perturbed but no second gradient
         if left:
             ops.rank1_update_([mats[j] for j in left], [us[j] for j in left], [vs[j] for j in left],

@@ -155,27 +155,29 @@ def restore_(params, olds, *, backend: str = "auto") -> None:
 @torch.no_grad()
 def restore_sgd_(params, olds, grads, bufs=None, *, lr: float, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, maximize: bool = False, init_bufs: bool = False,
-                 backend: str = "auto") -> None:
-    """params <- olds, then one torch.optim.SGD step with grads (bufs: momentum buffers, updated in place)."""
+                 grad_scale: float = 1.0, backend: str = "auto") -> None:
+    """params <- olds, then one torch.optim.SGD step with grads * grad_scale (grad_scale: GradScaler's
+    1 / scale, so that unscaling is free); bufs: momentum buffers, updated in place."""
     scalars = _sgd_scalars("restore_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs)
     _run("restore_sgd_", backend,
          {"params": list(params), "olds": list(olds), "grads": list(grads),
           "bufs": list(bufs) if momentum != 0 else None},
-         ("params", "bufs"), scalars)
+         ("params", "bufs"), {**scalars, "grad_scale": float(grad_scale)})
 
 
 @torch.no_grad()
 def restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr: float, beta1: float,
                   beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False, amsgrad: bool = False,
-                  maximize: bool = False, bias_correction1: float, bias_correction2: float,
+                  maximize: bool = False, bias_correction1: float, bias_correction2: float, grad_scale: float = 1.0,
                   backend: str = "auto") -> None:
-    """params <- olds, then one torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step with grads."""
+    """params <- olds, then one torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step with
+    grads * grad_scale."""
     scalars = _adam_scalars("restore_adam_", max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
                             amsgrad, maximize, bias_correction1, bias_correction2)
     _run("restore_adam_", backend,
          {"params": list(params), "olds": list(olds), "grads": list(grads),
           **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)},
-         ("params", *_ADAM_WRITES), scalars)
+         ("params", *_ADAM_WRITES), {**scalars, "grad_scale": float(grad_scale)})
 
 
 # --- SAMPa -----------------------------------------------------------------------------------
@@ -279,27 +281,28 @@ def rank1_update_(mats, us, vs, scales, *, backend: str = "auto") -> None:
 @torch.no_grad()
 def rank1_restore_sgd_(params, us, vs, scales, grads, bufs=None, *, lr: float, momentum: float = 0.0,
                        dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-                       maximize: bool = False, init_bufs: bool = False, backend: str = "auto") -> None:
-    """M <- M - s u v^T, then one torch.optim.SGD step with grads, in one pass."""
+                       maximize: bool = False, init_bufs: bool = False, grad_scale: float = 1.0,
+                       backend: str = "auto") -> None:
+    """M <- M - s u v^T, then one torch.optim.SGD step with grads * grad_scale, in one pass."""
     scalars = _sgd_scalars("rank1_restore_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize,
                            init_bufs)
     params, us, vs = _rank1_lists("rank1_restore_sgd_", params, us, vs)
     _run("rank1_restore_sgd_", backend,
          {"params": params, "us": us, "vs": vs, "grads": list(grads),
           "bufs": list(bufs) if momentum != 0 else None},
-         ("params", "bufs"), {"scales": scales, **scalars})
+         ("params", "bufs"), {"scales": scales, **scalars, "grad_scale": float(grad_scale)})
 
 
 @torch.no_grad()
 def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr: float,
                         beta1: float, beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False,
                         amsgrad: bool = False, maximize: bool = False, bias_correction1: float,
-                        bias_correction2: float, backend: str = "auto") -> None:
-    """M <- M - s u v^T, then one torch.optim.Adam / AdamW step with grads, in one pass."""
+                        bias_correction2: float, grad_scale: float = 1.0, backend: str = "auto") -> None:
+    """M <- M - s u v^T, then one torch.optim.Adam / AdamW step with grads * grad_scale, in one pass."""
     scalars = _adam_scalars("rank1_restore_adam_", max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
                             amsgrad, maximize, bias_correction1, bias_correction2)
     params, us, vs = _rank1_lists("rank1_restore_adam_", params, us, vs)
     _run("rank1_restore_adam_", backend,
          {"params": params, "us": us, "vs": vs, "grads": list(grads),
           **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)},
-         ("params", *_ADAM_WRITES), {"scales": scales, **scalars})
+         ("params", *_ADAM_WRITES), {"scales": scales, **scalars, "grad_scale": float(grad_scale)})

@@ -55,11 +55,20 @@ def restore_(params, olds):
     torch._foreach_copy_(params, olds)
 
 
-def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs):
-    """x <- x_old, then torch.optim.SGD's step with gradient g."""
+def _grads(grads, maximize, grad_scale):
+    """The gradient as the update sees it: unscaled by grad_scale (GradScaler), negated to maximize."""
+    d = _work(grads)
+    if grad_scale != 1.0:
+        d = torch._foreach_mul(d, grad_scale)
+    return torch._foreach_neg(d) if maximize else d
+
+
+def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
+                 grad_scale=1.0):
+    """x <- x_old, then torch.optim.SGD's step with gradient g (times grad_scale)."""
     torch._foreach_copy_(params, olds)
     x = _work(params)
-    d = torch._foreach_neg(_work(grads)) if maximize else _work(grads)
+    d = _grads(grads, maximize, grad_scale)
     if weight_decay != 0:
         d = torch._foreach_add(d, x, alpha=weight_decay)
     if momentum != 0:
@@ -77,12 +86,12 @@ def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, w
 
 def restore_adam_(
     params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
-    weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2,
+    weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2, grad_scale=1.0,
 ):
-    """x <- x_old, then torch.optim.Adam / AdamW's step with gradient g."""
+    """x <- x_old, then torch.optim.Adam / AdamW's step with gradient g (times grad_scale)."""
     torch._foreach_copy_(params, olds)
     x = _work(params)
-    d = torch._foreach_neg(_work(grads)) if maximize else _work(grads)
+    d = _grads(grads, maximize, grad_scale)
     if weight_decay != 0:
         if decoupled:
             torch._foreach_mul_(x, 1 - lr * weight_decay)
@@ -197,15 +206,17 @@ def _rank1_olds(mats, us, vs, scales):
 
 
 def rank1_restore_sgd_(params, us, vs, scales, grads, bufs, lr, momentum, dampening, nesterov, weight_decay,
-                       maximize, init_bufs):
+                       maximize, init_bufs, grad_scale=1.0):
     """M <- M - s u v^T, then torch.optim.SGD's step with gradient g."""
     olds = _rank1_olds(params, us, vs, scales)
-    restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs)
+    restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
+                 grad_scale)
 
 
 def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2,
-                        eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2):
+                        eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2,
+                        grad_scale=1.0):
     """M <- M - s u v^T, then torch.optim.Adam / AdamW's step with gradient g."""
     olds = _rank1_olds(params, us, vs, scales)
     restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
-                  weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2)
+                  weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2, grad_scale)

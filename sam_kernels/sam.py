@@ -86,7 +86,8 @@ class SAM(SharpnessAwareOptimizer):
         for group, ps in groups:
             if ps:
                 olds = [self.state[p]["old_p"] if id(p) in perturbed else p for p in ps]
-                UPDATES[kind](self.base_optimizer, group, ps, olds, [p.grad for p in ps], self.backend)
+                UPDATES[kind](self.base_optimizer, group, ps, olds, [p.grad for p in ps], self.backend,
+                              grad_scale=self._grad_scale)
         with_grad = {id(p) for _, ps in groups for p in ps}
         self._restore([p for p in self._perturbed if id(p) not in with_grad])
         self._perturbed = None

@@ -48,12 +48,13 @@ void restore_adam_(
     bool amsgrad,
     bool maximize,
     double bias_correction1,
-    double bias_correction2) {
+    double bias_correction2,
+    double grad_scale) {
   if (params.empty()) return;
   check_adam_args(at::kCPU, params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
 
   const AdamArgs args = make_adam_args(
-      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2);
+      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2, grad_scale);
   parallel_chunks(make_chunks(params), [&](const Chunk& c) {
     const auto& p = params[c.tensor];
     SAM_DISPATCH_FLOATING(p.scalar_type(), "restore_adam_", [&] {
@@ -88,12 +89,13 @@ void rank1_restore_adam_(
     bool amsgrad,
     bool maximize,
     double bias_correction1,
-    double bias_correction2) {
+    double bias_correction2,
+    double grad_scale) {
   if (params.empty()) return;
   check_rank1_args("rank1_restore_adam_", at::kCPU, params, us, vs, scales);
   check_adam_args(at::kCPU, params, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
   const AdamArgs args = make_adam_args(
-      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2);
+      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2, grad_scale);
   const float* s = scales.const_data_ptr<float>();
   parallel_chunks(make_chunks(params), [&](const Chunk& c) {
     const auto& p = params[c.tensor];

@@ -40,12 +40,13 @@ void restore_sgd_(
     bool nesterov,
     double weight_decay,
     bool maximize,
-    bool init_bufs) {
+    bool init_bufs,
+    double grad_scale) {
   if (params.empty()) return;
   const bool has_momentum = momentum != 0.0;
   check_sgd_args(at::kCPU, params, olds, grads, bufs, has_momentum);
 
-  const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize);
+  const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize, grad_scale);
   parallel_chunks(make_chunks(params), [&](const Chunk& c) {
     const auto& p = params[c.tensor];
     SAM_DISPATCH_FLOATING(p.scalar_type(), "restore_sgd_", [&] {
@@ -73,12 +74,13 @@ void rank1_restore_sgd_(
     bool nesterov,
     double weight_decay,
     bool maximize,
-    bool init_bufs) {
+    bool init_bufs,
+    double grad_scale) {
   if (params.empty()) return;
   const bool has_momentum = momentum != 0.0;
   check_rank1_args("rank1_restore_sgd_", at::kCPU, params, us, vs, scales);
   check_sgd_args(at::kCPU, params, params, grads, bufs, has_momentum);
-  const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize);
+  const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize, grad_scale);
   const float* s = scales.const_data_ptr<float>();
   parallel_chunks(make_chunks(params), [&](const Chunk& c) {
     const auto& p = params[c.tensor];

@@ -69,11 +69,12 @@ void restore_adam_(
     bool amsgrad,
     bool maximize,
     double bias_correction1,
-    double bias_correction2) {
+    double bias_correction2,
+    double grad_scale) {
   if (params.empty()) return;
   const auto device = check_adam_args(at::kCUDA, params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
   const AdamArgs args = make_adam_args(
-      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2);
+      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2, grad_scale);
   const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& [dtype, index] : dtype_groups(params)) {

@@ -58,11 +58,12 @@ void restore_sgd_(
     bool nesterov,
     double weight_decay,
     bool maximize,
-    bool init_bufs) {
+    bool init_bufs,
+    double grad_scale) {
   if (params.empty()) return;
   const bool has_momentum = momentum != 0.0;
   const auto device = check_sgd_args(at::kCUDA, params, olds, grads, bufs, has_momentum);
-  const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize);
+  const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize, grad_scale);
   const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& [dtype, index] : dtype_groups(params)) {

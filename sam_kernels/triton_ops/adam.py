@@ -51,7 +51,7 @@ def adam_scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_cor
 def _restore_adam_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start,
     beta1_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size, bc2_sqrt, ncols, scales, lam,
-    AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+    grad_scale, SCALED: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
     RANK1: tl.constexpr, U_LIST: tl.constexpr, MIX: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -62,6 +62,8 @@ def _restore_adam_kernel(
 
     x = load_old(ptrs, n_tensors, t, offs, mask, ncols, scales, RANK1, U_LIST, DTYPE, CT)  # nuSAM: M - s u v^T
     d = load_grad(ptrs, n_tensors, t, offs, mask, lam, 2, MIX, U_LIST, DTYPE, CT)  # SAMPa: (1 - lam) g + lam g2
+    if SCALED:  # GradScaler: unscaled here, not in a pass of its own
+        d = d * grad_scale
     m = tl.load(m_ptr + offs, mask=mask).to(CT)
     v = tl.load(v_ptr + offs, mask=mask).to(CT)
     vmax = v
@@ -77,7 +79,8 @@ def _restore_adam_kernel(
 
 
 def _launch(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, rank1, lr, beta1, beta2, eps,
-            weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2, grads2=None, lam=0.0):
+            weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2, grads2=None, lam=0.0,
+            grad_scale=1.0):
     for dtype, index in dtype_groups(params):
         lists = [pick(params, index), pick(olds, index), pick(grads, index), pick(exp_avgs, index),
                  pick(exp_avg_sqs, index)]
@@ -90,7 +93,7 @@ def _launch(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, rank1, 
         launch = Launch(lists)
         _restore_adam_kernel[launch.grid](
             *launch.args(), *adam_scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2),
-            ncols, scales, float(lam),
+            ncols, scales, float(lam), float(grad_scale), SCALED=grad_scale != 1.0,
             AMSGRAD=bool(amsgrad), DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
             RANK1=rank1 is not None, U_LIST=extra, MIX=grads2 is not None,
             DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), BLOCK=launch.block, **launch_kwargs(),
@@ -99,16 +102,17 @@ def _launch(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, rank1, 
 
 def restore_adam_(
     params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
-    weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2,
+    weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2, grad_scale=1.0,
 ):
     _launch(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, None, lr, beta1, beta2, eps,
-            weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2)
+            weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2, grad_scale=grad_scale)
 
 
 def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2,
-                        eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2):
+                        eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2,
+                        grad_scale=1.0):
     _launch(params, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, (us, vs, scales), lr, beta1, beta2, eps,
-            weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2)
+            weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2, grad_scale=grad_scale)
 
 
 def sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lam, lr, beta1, beta2, eps,

@@ -38,8 +38,8 @@ def sgd_math(x, d, buf, lr, momentum, one_minus_dampening, weight_decay, MOMENTU
 @triton.jit
 def _restore_sgd_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start,
-    lr, momentum, one_minus_dampening, weight_decay, ncols, scales, lam,
-    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr,
+    lr, momentum, one_minus_dampening, weight_decay, ncols, scales, lam, grad_scale,
+    SCALED: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr,
     HAS_WD: tl.constexpr, RANK1: tl.constexpr, U_LIST: tl.constexpr, MIX: tl.constexpr, DTYPE: tl.constexpr,
     CT: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -48,6 +48,8 @@ def _restore_sgd_kernel(
 
     x = load_old(ptrs, n_tensors, t, offs, mask, ncols, scales, RANK1, U_LIST, DTYPE, CT)  # nuSAM: M - s u v^T
     d = load_grad(ptrs, n_tensors, t, offs, mask, lam, 2, MIX, U_LIST, DTYPE, CT)  # SAMPa: (1 - lam) g + lam g2
+    if SCALED:  # GradScaler: unscaled here, not in a pass of its own
+        d = d * grad_scale
     buf = d
     if MOMENTUM and not INIT_BUFS:
         buf = tl.load(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, mask=mask).to(CT)
@@ -59,7 +61,7 @@ def _restore_sgd_kernel(
 
 
 def _launch(params, olds, grads, bufs, rank1, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
-            grads2=None, lam=0.0):
+            grads2=None, lam=0.0, grad_scale=1.0):
     has_momentum = momentum != 0
     for dtype, index in dtype_groups(params):
         lists = [pick(params, index), pick(olds, index), pick(grads, index)]
@@ -72,21 +74,23 @@ def _launch(params, olds, grads, bufs, rank1, lr, momentum, dampening, nesterov,
         launch = Launch(lists)
         _restore_sgd_kernel[launch.grid](
             *launch.args(), float(lr), float(momentum), float(1 - dampening), float(weight_decay), ncols, scales,
-            float(lam),
+            float(lam), float(grad_scale), SCALED=grad_scale != 1.0,
             MOMENTUM=has_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), INIT_BUFS=bool(init_bufs),
             HAS_WD=weight_decay != 0, RANK1=rank1 is not None, U_LIST=extra, MIX=grads2 is not None,
             DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), BLOCK=launch.block, **launch_kwargs(),
         )
 
 
-def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs):
-    _launch(params, olds, grads, bufs, None, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs)
+def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
+                 grad_scale=1.0):
+    _launch(params, olds, grads, bufs, None, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
+            grad_scale=grad_scale)
 
 
 def rank1_restore_sgd_(params, us, vs, scales, grads, bufs, lr, momentum, dampening, nesterov, weight_decay,
-                       maximize, init_bufs):
+                       maximize, init_bufs, grad_scale=1.0):
     _launch(params, params, grads, bufs, (us, vs, scales), lr, momentum, dampening, nesterov, weight_decay,
-            maximize, init_bufs)
+            maximize, init_bufs, grad_scale=grad_scale)
 
 
 def sampa_update_sgd_(params, grads, grads2, bufs, lam, lr, momentum, dampening, nesterov, weight_decay, maximize,
