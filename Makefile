@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sam_kernels-installed
-DEPS := triton ninja numpy pytest pytest-benchmark hypothesis scikit-learn tqdm pytorch_optimizer
+DEPS := triton ninja numpy pytest pytest-benchmark hypothesis scikit-learn tqdm pytorch_optimizer lightning
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: install test demo bench cuda-check clean
@@ -17,7 +17,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python $(SOURCES)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q $(DEPS)
+	$(BIN)/python -m pip install -q $(DEPS) "$(TORCH_SPEC)"  # keeps torch pinned (lightning depends on torch)
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
 

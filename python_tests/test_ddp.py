@@ -3,6 +3,7 @@ The first backward all-reduces, so every rank perturbs along the same (global) g
 the ranks stay bit-identical, equal to one process on the full batch; m-SAM (first backward
 under no_sync(): each rank perturbs with its own gradient) keeps the ranks identical too,
 because the second gradient is all-reduced before the update (nuSAM: Algorithm 3)."""
+import gc
 import os
 import tempfile
 
@@ -50,17 +51,21 @@ def sam_step(model, opt, batch, first_pass_sync=True):
     opt.second_step()
 
 
+def _train(rank, world, name, msam):
+    model = DDP(mlp())
+    opt = make_opt(name, model.parameters())
+    for x, y in full_batches():
+        shard = (x.chunk(world)[rank], y.chunk(world)[rank])
+        sam_step(model, opt, shard, first_pass_sync=not msam)
+    return torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])
+
+
 def _worker(rank, world, init_file, out_dir, name, msam):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = DDP(mlp())
-        opt = make_opt(name, model.parameters())
-        for x, y in full_batches():
-            shard = (x.chunk(world)[rank], y.chunk(world)[rank])
-            sam_step(model, opt, shard, first_pass_sync=not msam)
-        flat = torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])
-        torch.save(flat, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(_train(rank, world, name, msam), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        gc.collect()  # the DDP reducer and its pending gloo work go before the group (examples/ddp_torchrun.py)
         dist.destroy_process_group()
 
 
