@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sam_kernels-installed
-DEPS := triton ninja numpy pytest pytest-benchmark hypothesis scikit-learn tqdm pytorch_optimizer lightning
+DEPS := triton ninja numpy pytest pytest-benchmark hypothesis scikit-learn tqdm pytorch_optimizer lightning matplotlib
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: install test demo bench cuda-check clean
@@ -28,6 +28,8 @@ test: install
 
 demo: install
 	$(BIN)/python -m sam_kernels.demo
+	$(BIN)/python -m sam_kernels.bench --quick --json demo_out/bench.json --markdown demo_out/bench.md --plot demo_out/bench.png
+	$(BIN)/python -m sam_kernels.memory --quick --json demo_out/memory.json --plot demo_out/memory.png
 
 bench: install
 	$(BIN)/python -m sam_kernels.bench --quick --json bench/results/cpu-quick.json

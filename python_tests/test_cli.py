@@ -9,11 +9,13 @@ from sam_kernels.bench.__main__ import main as bench_main
 
 def test_demo_trains_every_optimizer():
     rows = demo.main(["--epochs", "2", "--seeds", "1"])
-    assert [r["optimizer"] for r in rows] == ["SGD", "SAM", "ASAM", "nuSAM", "SAMPa", "GaussSAM"]
+    assert [r["optimizer"] for r in rows] == ["SGD", "SAM", "ASAM", "nuSAM", "PSAM", "SAMPa", "GaussSAM"]
     by = {r["optimizer"]: r for r in rows}
     assert all(r["test_acc"] > 0.5 for r in rows)  # 10 classes: chance is 0.1
     assert by["SAM"]["grad_evals"] == 2 * by["SGD"]["grad_evals"]
     assert by["SAMPa"]["grad_evals"] == 2 * by["SGD"]["grad_evals"] + 1  # 2T + 1
+    steps = by["SGD"]["grad_evals"]
+    assert by["PSAM"]["grad_evals"] == steps + (steps + 3) // 4  # a second pass every 4th step only
     n_params = sum(p.numel() for p in demo.model_fn(0).parameters())
     # SAMPa keeps g_y and the two shadow parameter sets next to SGD's momentum buffer
     assert by["SAMPa"]["opt_bytes"] == 4 * 4 * n_params
@@ -26,8 +28,10 @@ def test_demo_trains_every_optimizer():
 def test_bench_cli_records(tmp_path):
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
+    png = tmp_path / "bench.png"
     bench_main(["--sets", "tiny", "--device", "cpu", "--models", "vit_tiny", "--batch", "4", "--json", str(out),
-                "--markdown", str(md)])
+                "--markdown", str(md), "--plot", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = json.loads(out.read_text())
     copy = records[0]
     assert copy["op"] == "copy" and copy["gbps"] > 0
@@ -53,3 +57,27 @@ def test_bench_cli_records(tmp_path):
         assert abs(r["frac_of_copy"] - r["gbps"] / copy["gbps"]) < 1e-9
     assert "| tiny | sam_step | cpu |" in md.read_text()
     assert torch.get_num_threads() >= 1
+
+
+def test_memory_cli_records(tmp_path):
+    from sam_kernels.memory import main as memory_main
+
+    out, png = tmp_path / "memory.json", tmp_path / "memory.png"
+    memory_main(["--models", "vit_s", "--optimizers", "sgd,sam,nusam,sampa", "--batch", "2", "--json", str(out),
+                 "--plot", str(png)])
+    records = json.loads(out.read_text())
+    by = {r["optimizer"]: r for r in records}
+    assert set(by) == {"sgd", "sam", "nusam", "sampa"}
+    for r in records:
+        for key in ("optimizer", "model", "device", "params_bytes", "perturbation_bytes", "state_bytes", "peak_bytes"):
+            assert key in r, key
+        assert r["model"] == "vit_s" and r["peak_bytes"] >= r["params_bytes"] + r["state_bytes"] + r["perturbation_bytes"]
+    params = by["sgd"]["params_bytes"]
+    assert by["sgd"]["perturbation_bytes"] == 0 and by["sgd"]["state_bytes"] == params  # the momentum buffers
+    assert by["sam"]["perturbation_bytes"] == params  # x_old: one copy of the parameters
+    assert by["nusam"]["perturbation_bytes"] <= 0.01 * by["sam"]["perturbation_bytes"]  # vectors, not a copy
+    assert by["sampa"]["perturbation_bytes"] == 3 * params  # g_y and the x~ / y parameter sets
+    # the peaks: SAM holds one more copy than SGD (plus small temporaries: norm partials, tables); nuSAM ~ SGD
+    assert abs(by["sam"]["peak_bytes"] - by["sgd"]["peak_bytes"] - params) <= 0.01 * params
+    assert by["nusam"]["peak_bytes"] - by["sgd"]["peak_bytes"] <= 0.02 * params
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""`make demo`: SGD vs SAM, ASAM, nuSAM, SAMPa and GaussSAM on scikit-learn's bundled digits data (no download).
+"""`make demo`: SGD vs SAM, ASAM, nuSAM, PSAM, SAMPa and GaussSAM on scikit-learn's bundled digits data (no download).
 
 A small MLP is trained with each optimizer on the same split, batches and initialisation;
 the table gives test accuracy, wall time, gradient evaluations and the optimizer's memory.
@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from . import SAM, GaussSAM, NuSAM, SAMPa
+from . import PSAM, SAM, GaussSAM, NuSAM, SAMPa
 from ._base import SharpnessAwareOptimizer
 
 
@@ -39,6 +39,7 @@ OPTIMIZERS = {
     "SAM": lambda p: SAM(p, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9, weight_decay=5e-4),
     "ASAM": lambda p: SAM(p, torch.optim.SGD, rho=0.5, adaptive=True, lr=0.05, momentum=0.9, weight_decay=5e-4),
     "nuSAM": lambda p: NuSAM(p, torch.optim.SGD, rho=0.01, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    "PSAM": lambda p: PSAM(p, torch.optim.SGD, rho=0.05, period=4, lr=0.05, momentum=0.9, weight_decay=5e-4),
     # SAMPa takes the model and the loss (it computes its two gradients itself): built in train()
     "SAMPa": None,
     "GaussSAM": lambda p: GaussSAM(p, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9, weight_decay=5e-4,
@@ -81,8 +82,8 @@ def train(name, epochs, batch, seed, bar):
                     lo = loss_fn(model(xb), yb)
                     lo.backward()
                     return lo
-                opt.step(closure)
-                grads += 1
+                if opt.step(closure) is not None:  # PSAM's plain steps do not call the closure
+                    grads += 1
             else:
                 opt.step()
         bar.update(1)

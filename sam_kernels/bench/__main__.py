@@ -1,4 +1,4 @@
-"""python -m sam_kernels.bench [--quick] [--device D] [--backends a,b] [--json PATH] [--markdown PATH]
+"""python -m sam_kernels.bench [--quick] [--device D] [--backends a,b] [--json PATH] [--markdown PATH] [--plot PATH]
 
 Measures the device's copy bandwidth first, then every primitive and the whole SAM, nuSAM and
 SAMPa optimizer steps on a many-tensor parameter set (ViT-shaped, ~150 tensors) and one large
@@ -151,6 +151,40 @@ def table(records) -> str:
                                if train else "")
 
 
+def plot(records, path: str) -> None:
+    """GB/s of every kernel record (against the copy bandwidth, dashed) per parameter set, and the
+    whole-training-step times, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    copy = next(r for r in records if r["op"] == "copy")
+    kernels = [r for r in records if r["op"] not in ("copy", "train_step")]
+    train = [r for r in records if r["op"] == "train_step"]
+    sets = list(dict.fromkeys(r["params"] for r in kernels))
+    panels = len(sets) + (1 if train else 0)
+    fig, axes = plt.subplots(panels, 1, figsize=(12, 3.5 * panels), squeeze=False)
+    for ax, name in zip(axes[:, 0], sets):
+        rows = [r for r in kernels if r["params"] == name]
+        ax.bar([f"{r['op']}\n{r['backend']}" for r in rows], [r["gbps"] for r in rows])
+        ax.axhline(copy["gbps"], linestyle="--", color="k", label=f"copy {copy['gbps']:.0f} GB/s")
+        ax.set_ylabel("GB/s (floor bytes / time)")
+        ax.set_title(f"{name} on {copy['device']}")
+        ax.tick_params(axis="x", labelsize=6, rotation=90)
+        ax.legend()
+    if train:
+        ax = axes[-1, 0]
+        ax.bar([f"{r['model']}\n{r['optimizer']}" for r in train], [r["median_ms"] for r in train])
+        ax.set_ylabel("ms per training step")
+        ax.set_title(f"whole training steps (batch {train[0]['batch']})")
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m sam_kernels.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,10 +198,13 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=0, help="training-step batch size (default 32 with --quick, else 128)")
     ap.add_argument("--json", default="", help="write the records as JSON here")
     ap.add_argument("--markdown", default="", help="write the table as markdown here")
+    ap.add_argument("--plot", default="", help="write a PNG of the results here")
     args = ap.parse_args(argv)
     records = run(args)
     text = table(records)
     print(text)
+    if args.plot:
+        plot(records, args.plot)
     for path, payload in ((args.json, json.dumps(records, indent=1)), (args.markdown, text + "\n")):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

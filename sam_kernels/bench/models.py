@@ -62,13 +62,44 @@ class ViT(nn.Module):
         return self.head(self.norm(self.encoder(tokens)).mean(1))
 
 
+class MixerBlock(nn.Module):
+    def __init__(self, tokens: int, dim: int, token_mlp: int, channel_mlp: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.token = nn.Sequential(nn.Linear(tokens, token_mlp), nn.GELU(), nn.Linear(token_mlp, tokens))
+        self.channel = nn.Sequential(nn.Linear(dim, channel_mlp), nn.GELU(), nn.Linear(channel_mlp, dim))
+
+    def forward(self, x):
+        x = x + self.token(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channel(self.norm2(x))
+
+
+class MLPMixer(nn.Module):
+    """MLP-Mixer on 32x32 images with 4x4 patches (64 tokens); dim 768, depth 12 is Mixer-B-sized."""
+
+    def __init__(self, dim: int = 768, depth: int = 12, classes: int = 10, patch: int = 4):
+        super().__init__()
+        tokens = (32 // patch) ** 2
+        self.patch = nn.Conv2d(3, dim, patch, patch)
+        self.blocks = nn.Sequential(*[MixerBlock(tokens, dim, dim // 2, 4 * dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.head(self.norm(self.blocks(self.patch(x).flatten(2).transpose(1, 2))).mean(1))
+
+
 MODELS = {
     "resnet20": lambda: CifarResNet(20),
     "resnet56": lambda: CifarResNet(56),
     "vit_s": lambda: ViT(384, 12, 6),
+    "vit_b": lambda: ViT(768, 12, 12),
+    "mixer_b": lambda: MLPMixer(768, 12),
+    "mixer_tiny": lambda: MLPMixer(64, 2),
     "vit_tiny": lambda: ViT(96, 2, 3),  # for smoke tests
 }
-SIZES = {"resnet20": "small", "resnet56": "small", "vit_s": "large", "vit_tiny": "small"}
+SIZES = {"resnet20": "small", "resnet56": "small", "vit_s": "large", "vit_b": "large", "mixer_b": "large",
+         "vit_tiny": "small", "mixer_tiny": "small"}
 
 
 def synthetic_batches(n: int, batch: int, device, seed: int = 0, classes: int = 10):

@@ -1,0 +1,218 @@
+"""python -m sam_kernels.memory [--quick] [--device D] [--models a,b] [--json PATH] [--plot PATH]
+
+The memory of a whole training step for every optimizer of the library and plain SGD / AdamW:
+parameters, gradients, base-optimizer state, the perturbation (SAM's x_old, nuSAM's vectors,
+SAMPa's g_y and shadow parameter sets) and the peak of the step. On CUDA the peak is measured
+(torch.cuda.max_memory_allocated); on CPU it is exact tensor accounting: every storage alive
+during the step (the model, gradients, state, activations, temporaries) counted from allocation
+to release, through a TorchDispatchMode.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import weakref
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import PSAM, SAM, NuSAM, SAMPa
+from .bench.models import MODELS, cross_entropy, synthetic_batches
+from .bench.timing import device_name
+
+OPTIMIZERS = ("sgd", "adamw", "sam", "nusam", "psam", "sampa")
+SGD_KW = dict(lr=0.01, momentum=0.9)
+
+
+def build(name: str, model):
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), **SGD_KW)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if name == "sam":
+        return SAM(model.parameters(), torch.optim.SGD, rho=0.05, **SGD_KW)
+    if name == "nusam":  # conv kernels as (out, in*kh*kw) matrices: every weight gets a rank-1 term
+        return NuSAM(model.parameters(), torch.optim.SGD, rho=0.1, conv="reshape", **SGD_KW)
+    if name == "psam":
+        return PSAM(model.parameters(), torch.optim.SGD, rho=0.05, period=2, **SGD_KW)
+    if name == "sampa":
+        return SAMPa(model, cross_entropy, torch.optim.SGD, rho=0.1, **SGD_KW)
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+
+
+def train_step(name, model, opt, batch):
+    if name == "sampa":
+        return opt.step(batch)
+    opt.zero_grad(set_to_none=True)
+    cross_entropy(model, batch).backward()
+    if name in ("sgd", "adamw"):
+        return opt.step()
+    return opt.step(lambda: cross_entropy(model, batch).backward())
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def _state_tensors(opt):
+    base = getattr(opt, "base_optimizer", opt)
+    out = [t for st in base.state.values() for t in st.values() if torch.is_tensor(t)]
+    if base is not opt:
+        out += [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+        if isinstance(opt, SAMPa):
+            out += list(opt._g_y or []) + [t for s in opt._shadows or () for t in s]
+    return out
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages alive while the mode is on: the ones given at the start plus
+    every storage an op returns, from its allocation until its release (weakref.finalize)."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self._seen: set[int] = set()
+        self.live = self.peak = 0
+        for t in tensors:
+            self._add(t.untyped_storage(), track=False)
+        self.peak = self.live
+
+    def _add(self, storage, track: bool = True) -> None:
+        key = storage.data_ptr()
+        if not key or key in self._seen:
+            return
+        self._seen.add(key)
+        n = storage.nbytes()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        if track:
+            weakref.finalize(storage, self._free, key, n)
+
+    def _free(self, key: int, n: int) -> None:
+        self._seen.discard(key)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                self._add(t.untyped_storage())
+        return out
+
+
+def measure(name: str, model_name: str, device, batch_size: int) -> dict:
+    torch.manual_seed(0)
+    model = MODELS[model_name]().to(device).train()
+    opt = build(name, model)
+    batches = synthetic_batches(3, batch_size, device)
+    train_step(name, model, opt, batches[0])  # the state exists from the second step on
+    params = list(model.parameters())
+    report = opt.memory_report() if hasattr(opt, "memory_report") else {}
+    state = report.get("base_state", _nbytes(_state_tensors(opt)))
+    perturbation = sum(report.values()) - state if report else 0
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for b in batches[1:]:
+            train_step(name, model, opt, b)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        start = params + [p.grad for p in params if p.grad is not None] + list(model.buffers()) + _state_tensors(opt)
+        start += [t for b in batches[1:] for t in b]
+        with LiveBytes(start) as tracker:
+            for b in batches[1:]:  # PSAM (period 2): one SAM step and one plain step
+                train_step(name, model, opt, b)
+        peak = tracker.peak
+    return {"optimizer": name, "model": model_name, "device": device_name(device), "batch": batch_size,
+            "params_bytes": _nbytes(params), "grads_bytes": _nbytes(params), "state_bytes": state,
+            "perturbation_bytes": perturbation, "peak_bytes": peak}
+
+
+def table(records) -> str:
+    lines = ["| model | optimizer | params MiB | state MiB | perturbation MiB | peak MiB | peak - SGD's, % of params |",
+             "|---|---|---|---|---|---|---|"]
+    sgd = {r["model"]: r["peak_bytes"] for r in records if r["optimizer"] == "sgd"}
+    mib = 2 ** 20
+    for r in records:
+        above = (r["peak_bytes"] - sgd[r["model"]]) / r["params_bytes"] if r["model"] in sgd else float("nan")
+        lines.append(f"| {r['model']} | {r['optimizer']} | {r['params_bytes'] / mib:.1f} | {r['state_bytes'] / mib:.1f} | "
+                     f"{r['perturbation_bytes'] / mib:.2f} | {r['peak_bytes'] / mib:.1f} | {above:+.1%} |")
+    return "\n".join(lines)
+
+
+def plot(records, path: str) -> None:
+    """A stacked bar per optimizer (parameters, gradients, state, perturbation, the rest of the
+    peak: activations and temporaries), one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in records))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    parts = [("params_bytes", "parameters"), ("grads_bytes", "gradients"), ("state_bytes", "base state"),
+             ("perturbation_bytes", "perturbation")]
+    for ax, m in zip(axes[0], models):
+        rows = [r for r in records if r["model"] == m]
+        names = [r["optimizer"] for r in rows]
+        bottom = [0.0] * len(rows)
+        for key, label in parts + [(None, "activations + temporaries")]:
+            vals = [(r[key] if key else max(r["peak_bytes"] - sum(r[k] for k, _ in parts), 0)) / 2 ** 20 for r in rows]
+            ax.bar(names, vals, bottom=bottom, label=label)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_title(f"{m} ({rows[0]['device']})")
+        ax.set_ylabel("MiB")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m sam_kernels.memory", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small models and batches (CPU-sized)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", default="", help=f"comma-separated subset of {sorted(MODELS)}")
+    ap.add_argument("--optimizers", default="", help=f"comma-separated subset of {OPTIMIZERS}")
+    ap.add_argument("--batch", type=int, default=0, help="batch size (default 4 with --quick, else 128)")
+    ap.add_argument("--json", default="", help="write the records as JSON here")
+    ap.add_argument("--plot", default="", help="write a stacked bar chart (PNG) here")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    models = [m for m in args.models.split(",") if m] or (["vit_s", "resnet20"] if args.quick
+                                                          else ["vit_s", "vit_b", "mixer_b", "resnet56"])
+    names = [o for o in args.optimizers.split(",") if o] or list(OPTIMIZERS)
+    batch = args.batch or (4 if args.quick else 128)
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(models) * len(names), desc="memory", file=sys.stderr, leave=False)
+    except ImportError:  # pragma: no cover
+        bar = None
+    records = []
+    for m in models:
+        for name in names:
+            records.append(measure(name, m, device, batch))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    print(table(records))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    if args.plot:
+        plot(records, args.plot)
+    return records
+
+
+if __name__ == "__main__":
+    main()
