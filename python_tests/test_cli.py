@@ -36,7 +36,7 @@ def test_bench_cli_records(tmp_path):
     copy = records[0]
     assert copy["op"] == "copy" and copy["gbps"] > 0
     train = [r for r in records if r["op"] == "train_step"]
-    assert {r["optimizer"] for r in train} == {"sgd", "sam", "sampa", "peer_sam"}
+    assert {r["optimizer"] for r in train} == {"sgd", "sam", "nusam", "psam", "sampa", "peer_sam"}
     for r in train:
         assert r["model"] == "vit_tiny" and r["size"] == "small" and r["median_ms"] > 0 and r["batch"] == 4
         assert r["device"] == copy["device"] and "peak_bytes" in r

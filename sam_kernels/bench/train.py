@@ -8,11 +8,11 @@ import itertools
 
 import torch
 
-from .. import SAM, SAMPa
+from .. import PSAM, SAM, NuSAM, SAMPa
 from .models import MODELS, SIZES, cross_entropy, synthetic_batches
 from .timing import device_name, median_ms_interleaved
 
-OPTIMIZERS = ("sgd", "sam", "sampa", "peer_sam")
+OPTIMIZERS = ("sgd", "sam", "nusam", "psam", "sampa", "peer_sam")
 KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
@@ -42,6 +42,11 @@ def train_step_case(model_name: str, optimizer: str, batch: int, device, backend
         return sgd_step
     if optimizer == "sam":
         opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, **KW)
+    elif optimizer == "nusam":
+        opt = NuSAM(model.parameters(), torch.optim.SGD, rho=0.1, conv="reshape", backend=backend, **KW)
+    elif optimizer == "psam":  # the thesis' setting before E: a SAM step every 20 steps
+        opt = PSAM(model.parameters(), torch.optim.SGD, rho=0.05, period=20, backend=backend, **KW)
+        return lambda: _closure_step(model, opt, next(batches))
     else:
         import pytorch_optimizer
 
@@ -57,6 +62,12 @@ def train_step_case(model_name: str, optimizer: str, batch: int, device, backend
     return sam_step
 
 
+def _closure_step(model, opt, b):
+    opt.zero_grad()
+    cross_entropy(model, b).backward()
+    opt.step(lambda: cross_entropy(model, b).backward())
+
+
 def run_train_steps(device, models, batch: int, reps: int, warmup: int, backend: str = "auto") -> list[dict]:
     records = []
     names = [o for o in OPTIMIZERS if o != "peer_sam" or _has_peer()]
@@ -64,13 +75,15 @@ def run_train_steps(device, models, batch: int, reps: int, warmup: int, backend:
         fns = {o: train_step_case(model_name, o, batch, device, backend) for o in names}
         peaks = {}
         for o, fn in fns.items():  # peak memory of one step, each optimizer on its own
+            fn()  # the state exists from here on
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            fn()
-            if device.type == "cuda":
+                fn()
                 torch.cuda.synchronize(device)
                 peaks[o] = torch.cuda.max_memory_allocated(device)
+            else:  # CPU peaks: exact accounting in python -m sam_kernels.memory
+                peaks[o] = None
         times = median_ms_interleaved(fns, device, warmup=warmup, reps=reps)
         for o, ms in times.items():
             records.append({"op": "train_step", "model": model_name, "size": SIZES[model_name], "optimizer": o,
