@@ -21,6 +21,8 @@ python3 -c "import sam_kernels, torch; print('backends on cuda:', sam_kernels.ba
 python3 -m pytest python_tests -q -p no:cacheprovider -x 2>&1 | tee "$OUT/tests.log" | tail -15
 stamp=$(date +%Y-%m-%d)
 dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
-python3 -m sam_kernels.bench --json "$OUT/bench-$dev-$stamp.json" --markdown "$OUT/bench-$dev-$stamp.md" 2>/dev/null | tail -60
+python3 -m sam_kernels.bench --json "$OUT/bench-$dev-$stamp.json" --markdown "$OUT/bench-$dev-$stamp.md" \
+  --plot "$OUT/bench-$dev-$stamp.png" 2>/dev/null | tail -80
+python3 -m sam_kernels.memory --json "$OUT/memory-$dev-$stamp.json" --plot "$OUT/memory-$dev-$stamp.png" 2>/dev/null | tail -30
 python3 -m pytest bench --benchmark-only -q -p no:cacheprovider --benchmark-json "$OUT/pytest-bench-$dev-$stamp.json" \
   2>&1 | tail -5

@@ -148,11 +148,9 @@ def table(records) -> str:
 def plot(records, path: str) -> None:
     """A stacked bar per optimizer (parameters, gradients, state, perturbation, the rest of the
     peak: activations and temporaries), one panel per model."""
-    import matplotlib
+    from .bench.__main__ import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in records))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     parts = [("params_bytes", "parameters"), ("grads_bytes", "gradients"), ("state_bytes", "base state"),

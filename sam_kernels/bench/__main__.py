@@ -18,8 +18,8 @@ import sys
 import torch
 
 from .. import backends
-from .cases import (BYTES_PER_ELEMENT, loop_sam_case, make_params, nusam_step_case, peer_sam_case,
-                    power_iteration_case, primitive_case, sam_step_case, torch_sgd_case)
+from .cases import (BYTES_PER_ELEMENT, compiled_sam_case, loop_sam_case, make_params, nusam_step_case,
+                    peer_sam_case, power_iteration_case, primitive_case, sam_step_case, torch_sgd_case)
 from .cases import sampa_step_case
 from .models import MODELS
 from .shapes import PARAM_SETS, numel
@@ -45,7 +45,7 @@ def _progress(total):
         return _Bar()
 
 
-def plan(device, backend_list, quick, sets=None):
+def plan(device, backend_list, quick, sets=None, compiled=None):
     sets = sets or (["vit_s", "flat_16m"] if quick else ["vit_b", "flat_128m"])
     jobs = []
     for name in sets:
@@ -55,6 +55,9 @@ def plan(device, backend_list, quick, sets=None):
             jobs += [(name, op, b) for op in ("sam_step", "sam_step_adamw", "sampa_step", "sampa_step_adamw")]
         jobs.append((name, "sam_step", "loop"))
         jobs.append((name, "sam_step_adamw", "loop"))
+        if compiled if compiled is not None else not quick:  # inductor's compile time is not --quick
+            jobs.append((name, "sam_step", "compiled"))
+            jobs.append((name, "sam_step_adamw", "compiled"))
         try:
             import pytorch_optimizer  # noqa: F401
 
@@ -66,8 +69,7 @@ def plan(device, backend_list, quick, sets=None):
             for b in backend_list:
                 jobs += [(name, "power_iteration", b), (name, "nusam_step", b), (name, "nusam_step_adamw", b)]
         jobs.append((name, "sgd_step", "torch_foreach"))
-        if device.type == "cuda":
-            jobs.append((name, "sgd_step", "torch_fused"))
+        jobs.append((name, "sgd_step", "torch_fused"))  # fused=True: CUDA and CPU kernels in torch
     return jobs
 
 
@@ -85,6 +87,8 @@ def build(op, backend, params):
         return torch_sgd_case(params, backend.split("_", 1)[1])
     if backend == "loop":
         return loop_sam_case(params, base)
+    if backend == "compiled":
+        return compiled_sam_case(params, base)
     if backend == "peer_sam":
         return peer_sam_case(params, base)
     return sam_step_case(params, backend, base)
@@ -102,7 +106,8 @@ def run(args) -> list[dict]:
     name = device_name(device)
     records = [{"op": "copy", "backend": "torch", "device": name, "dtype": "float32", "gbps": copy}]
     reps = 10 if args.quick else 20
-    jobs = plan(device, backend_list, args.quick, [s for s in args.sets.split(",") if s])
+    jobs = plan(device, backend_list, args.quick, [s for s in args.sets.split(",") if s],
+                {"auto": None, "yes": True, "no": False}[args.compiled])
     groups: dict[tuple, list] = {}  # every contender of one (parameter set, op) is timed in the same rounds
     for set_name, op, backend in jobs:
         groups.setdefault((set_name, op), []).append(backend)
@@ -135,8 +140,8 @@ def table(records) -> str:
     copy = next(r for r in records if r["op"] == "copy")
     lines = [f"device: {copy['device']}; copy bandwidth {copy['gbps']:.1f} GB/s (read + write)", "",
              "| params | op | backend | tensors | numel | median ms | GB/s | of copy "
-             "| speed-up vs torch | vs loop | vs peer_sam |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| speed-up vs torch | vs loop | vs peer_sam | vs compiled |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = [r for r in records if r["op"] not in ("copy", "train_step")]
     ref = {(r["params"], r["op"], r["backend"]): r["median_ms"] for r in rows}
     for r in rows:
@@ -145,20 +150,28 @@ def table(records) -> str:
             return f"{t / r['median_ms']:.2f}x" if t and peer != r["backend"] else ""
         lines.append(f"| {r['params']} | {r['op']} | {r['backend']} | {r['tensors']} | {r['numel']:,} | "
                      f"{r['median_ms']:.2f} | {r['gbps']:.1f} | {r['frac_of_copy']:.0%} | {ratio('torch')} | "
-                     f"{ratio('loop')} | {ratio('peer_sam')} |")
+                     f"{ratio('loop')} | {ratio('peer_sam')} | {ratio('compiled')} |")
     train = train_table(records)
     return "\n".join(lines) + ("\n\nWhole training steps (median ms; ratios of the same run):\n\n" + train
                                if train else "")
 
 
-def plot(records, path: str) -> None:
-    """GB/s of every kernel record (against the copy bandwidth, dashed) per parameter set, and the
-    whole-training-step times, as one PNG."""
-    import matplotlib
-
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or a clear error saying how to get it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib (pip install matplotlib); the JSON / markdown were written") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(records, path: str) -> None:
+    """GB/s of every kernel record (against the copy bandwidth, dashed) per parameter set, and the
+    whole-training-step times, as one PNG."""
+    plt = pyplot()
     copy = next(r for r in records if r["op"] == "copy")
     kernels = [r for r in records if r["op"] not in ("copy", "train_step")]
     train = [r for r in records if r["op"] == "train_step"]
@@ -191,6 +204,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="CPU-sized run (ViT-S shapes, 16M flat), a couple of minutes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backends", default="", help="comma-separated subset of our backends (default: all available)")
+    ap.add_argument("--compiled", choices=("auto", "yes", "no"), default="auto",
+                    help="time a torch.compile'd SAM step too (auto: not with --quick: compiling takes a while)")
     ap.add_argument("--sets", default="", help=f"comma-separated parameter sets of {sorted(PARAM_SETS)}")
     ap.add_argument("--models", default=None,
                     help=f"comma-separated training-step models of {sorted(MODELS)} ('' for none; default: "
@@ -203,13 +218,13 @@ def main(argv=None):
     records = run(args)
     text = table(records)
     print(text)
-    if args.plot:
-        plot(records, args.plot)
     for path, payload in ((args.json, json.dumps(records, indent=1)), (args.markdown, text + "\n")):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w") as f:
                 f.write(payload)
+    if args.plot:  # last: the records are saved even where matplotlib is missing
+        plot(records, args.plot)
     return records
 
 

@@ -100,6 +100,33 @@ def loop_sam_case(params, base: str = "sgd"):
     return step
 
 
+def compiled_sam_case(params, base: str = "sgd"):
+    """SAM written with torch's foreach ops, its perturb and its restore each compiled with
+    torch.compile (inductor fuses them), around torch's own foreach SGD / AdamW step: what a user
+    gets from the compiler without our kernels."""
+    base_opt = (torch.optim.SGD(params, lr=1e-9, momentum=0.9, foreach=True) if base == "sgd"
+                else torch.optim.AdamW(params, lr=1e-9, weight_decay=0.01, foreach=True))
+    xs = [p.data for p in params]
+    olds = [torch.empty_like(x) for x in xs]
+
+    @torch.compile
+    def perturb(xs, gs, olds):
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)))
+        torch._foreach_copy_(olds, xs)
+        torch._foreach_add_(xs, torch._foreach_mul(gs, 0.05 / (norm + 1e-12)))
+
+    @torch.compile
+    def restore(xs, olds):
+        torch._foreach_copy_(xs, olds)
+
+    @torch.no_grad()
+    def step():
+        perturb(xs, [p.grad for p in params], olds)
+        restore(xs, olds)
+        base_opt.step()
+    return step
+
+
 def peer_sam_case(params, base: str = "sgd"):
     """pytorch-optimizer's SAM (PyPI), when installed."""
     import pytorch_optimizer
