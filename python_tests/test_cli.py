@@ -45,7 +45,8 @@ def test_bench_cli_records(tmp_path):
     ops = {r["op"] for r in rows}
     assert {"grad_norm", "perturb", "restore", "restore_sgd", "restore_adamw", "sam_step", "power_iteration",
             "nusam_step", "sampa_step", "sampa_step_adamw"} <= ops
-    assert {r["backend"] for r in rows} >= {"cpu", "torch", "loop", "peer_sam", "compiled", "torch_foreach", "torch_fused"}
+    assert {r["backend"] for r in rows} >= {"cpu", "torch", "loop", "peer_sam", "compiled", "torch_foreach",
+                                            "torch_fused"}
     for r in rows:
         for key in ("op", "backend", "device", "dtype", "numel", "tensors", "median_ms", "gbps", "frac_of_copy"):
             assert key in r, key
