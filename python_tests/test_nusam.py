@@ -426,3 +426,37 @@ def test_nusam_with_an_instance_and_lr_scheduler():
         sched.step()
     assert base.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5 ** 3)
     assert opt.param_groups[0]["rho"] == 0.1
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_conv_reshape_keeps_the_base_state_on_the_parameters(base):
+    """conv="reshape" updates conv kernels through matrix views: the base optimizer's state must
+    stay keyed by the parameters, shaped like them, and carried across steps (a regression: it
+    was keyed by the per-step views, so momentum restarted every step and the state grew)."""
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                   torch.nn.Linear(8 * 6 * 6, 4))
+
+    def make(m, lr):
+        if base == "sgd":
+            return NuSAM(m.parameters(), torch.optim.SGD, rho=0.05, conv="reshape", lr=lr, momentum=0.9)
+        return NuSAM(m.parameters(), torch.optim.AdamW, rho=0.05, conv="reshape", lr=lr, weight_decay=1e-2)
+
+    fused_model, generic_model = model(), model()
+    fused = make(fused_model, 0.05 if base == "sgd" else 1e-3)
+    generic = make(generic_model, torch.tensor(0.05 if base == "sgd" else 1e-3))  # tensor lr: the unfused path
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        x, y = torch.randn(5, 3, 8, 8, generator=g), torch.randint(0, 4, (5,), generator=g)
+        for m, opt in ((fused_model, fused), (generic_model, generic)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step(lambda: torch.nn.functional.cross_entropy(m(x), y).backward())
+    params = list(fused_model.parameters())
+    assert set(map(id, fused.base_optimizer.state)) == set(map(id, params))
+    for p in params:
+        for t in fused.base_optimizer.state[p].values():
+            assert t.dim() == 0 or t.shape == p.shape
+    for a, b in zip(params, generic_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -43,27 +43,30 @@ def _sgd_kw(group, backend) -> dict:
                 weight_decay=group["weight_decay"], maximize=group["maximize"], backend=backend)
 
 
-def _by_momentum_buffer(base, group, params, run, create: bool) -> None:
+def _by_momentum_buffer(base, group, params, run, create: bool, keys=None) -> None:
     """run(index, bufs, init) over the params with a momentum buffer (init False) and without one
     (init True: torch.optim.SGD's first step sets buf = d). create: allocate the missing buffers
-    (an update) or not (a preview: bufs None for them, the kernel does not read them)."""
+    (an update) or not (a preview: bufs None for them, the kernel does not read them).
+    keys: the parameters that own the state when `params` are views of them (nuSAM's matrix
+    views of conv kernels): the buffers have the parameters' shapes and are passed as views."""
     if group["momentum"] == 0:
         run(range(len(params)), None, False)
         return
-    state = base.state
-    fresh = [state[p].get("momentum_buffer") is None if p in state else True for p in params]
+    state, keys = base.state, keys if keys is not None else params
+    fresh = [state[k].get("momentum_buffer") is None if k in state else True for k in keys]
     if create:
-        for p, new in zip(params, fresh):
+        for k, new in zip(keys, fresh):
             if new:
-                state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                state[k]["momentum_buffer"] = torch.empty_like(k, memory_format=torch.contiguous_format)
     for init in (True, False):
         index = [i for i, new in enumerate(fresh) if new is init]
         if index:
-            bufs = [state[params[i]]["momentum_buffer"] for i in index] if create or not init else None
+            bufs = ([state[keys[i]]["momentum_buffer"].view(params[i].shape) for i in index]
+                    if create or not init else None)
             run(index, bufs, init)
 
 
-def sgd_step(base, group, params, olds, grads, backend, rank1=None, mix=None, grad_scale=1.0):
+def sgd_step(base, group, params, olds, grads, backend, rank1=None, mix=None, grad_scale=1.0, keys=None):
     """params <- olds (or, for nuSAM, params - s u v^T with rank1 = (us, vs, scales)), then
     torch.optim.SGD's step for `group` with `grads` (SAMPa: mix = (grads2, lam), the step from
     params itself with (1 - lam) grads + lam grads2). grad_scale: GradScaler's 1 / scale."""
@@ -81,7 +84,7 @@ def sgd_step(base, group, params, olds, grads, backend, rank1=None, mix=None, gr
             ops.rank1_restore_sgd_(ps, _take(us, index), _take(vs, index), sel, gs, bufs, init_bufs=init,
                                    grad_scale=grad_scale, **kw)
 
-    _by_momentum_buffer(base, group, params, run, create=True)
+    _by_momentum_buffer(base, group, params, run, create=True, keys=keys)
 
 
 def sgd_preview(base, group, params, grads, perturbed, previews, norm, rho, backend):
@@ -96,34 +99,35 @@ def sgd_preview(base, group, params, grads, perturbed, previews, norm, rho, back
     _by_momentum_buffer(base, group, params, run, create=False)
 
 
-def _adam_batches(base, group, params, create: bool):
+def _adam_batches(base, group, params, create: bool, keys=None):
     """(index, step after this update, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs or None]) for the
     params grouped by step count (the bias corrections depend on it). create: initialize missing
     state as torch.optim.Adam does and count the step (an update); otherwise (a preview) zeros
-    stand in for missing moments and no state is created or changed."""
-    state = base.state
+    stand in for missing moments and no state is created or changed. keys: as for SGD."""
+    state, keys = base.state, keys if keys is not None else params
     amsgrad = group["amsgrad"]
-    keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+    names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
     if create:
-        for p in params:
+        for p in keys:
             st = state[p]
             if len(st) == 0:  # as torch.optim.Adam._init_group does
                 st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                for k in keys:
-                    st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        steps = [state[p]["step"] for p in params]
+                for name in names:
+                    st[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        steps = [state[p]["step"] for p in keys]
         torch._foreach_add_(steps, 1.0)
         counts = [s.item() for s in steps]  # CPU scalars: no device synchronization
     else:
-        counts = [state[p]["step"].item() + 1 if p in state and len(state[p]) else 1.0 for p in params]
+        counts = [state[p]["step"].item() + 1 if p in state and len(state[p]) else 1.0 for p in keys]
     by_step = defaultdict(list)
     for i, c in enumerate(counts):
         by_step[c].append(i)
     for step, index in by_step.items():
         lists = []
-        for k in keys:
-            lists.append([state[params[i]][k] if params[i] in state and k in state[params[i]]
-                          else torch.zeros_like(params[i]) for i in index])
+        for name in names:
+            have = [keys[i] in state and name in state[keys[i]] for i in index]
+            lists.append([state[keys[i]][name].view(params[i].shape) if h else torch.zeros_like(params[i])
+                          for i, h in zip(index, have)])
         yield index, step, lists + ([] if amsgrad else [None])
 
 
@@ -135,10 +139,10 @@ def _adam_kw(base, group, step, backend) -> dict:
                 bias_correction1=1 - beta1 ** step, bias_correction2=1 - beta2 ** step, backend=backend)
 
 
-def adam_step(base, group, params, olds, grads, backend, rank1=None, mix=None, grad_scale=1.0):
+def adam_step(base, group, params, olds, grads, backend, rank1=None, mix=None, grad_scale=1.0, keys=None):
     """params <- olds (or params - s u v^T, see sgd_step), then torch.optim.Adam / AdamW's step
     (SAMPa: mix = (grads2, lam), see sgd_step)."""
-    for index, step, state_lists in _adam_batches(base, group, params, create=True):
+    for index, step, state_lists in _adam_batches(base, group, params, create=True, keys=keys):
         kw = _adam_kw(base, group, step, backend)
         ps, gs = _take(params, index), _take(grads, index)
         if mix is not None:

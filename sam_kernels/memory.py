@@ -76,11 +76,11 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self._seen: set[int] = set()
         self.live = self.peak = 0
-        for t in tensors:
-            self._add(t.untyped_storage(), track=False)
+        for t in tensors:  # tracked too: a gradient freed by zero_grad() stops counting
+            self._add(t.untyped_storage())
         self.peak = self.live
 
-    def _add(self, storage, track: bool = True) -> None:
+    def _add(self, storage) -> None:
         key = storage.data_ptr()
         if not key or key in self._seen:
             return
@@ -88,8 +88,7 @@ class LiveBytes(TorchDispatchMode):
         n = storage.nbytes()
         self.live += n
         self.peak = max(self.peak, self.live)
-        if track:
-            weakref.finalize(storage, self._free, key, n)
+        weakref.finalize(storage, self._free, key, n)
 
     def _free(self, key: int, n: int) -> None:
         self._seen.discard(key)

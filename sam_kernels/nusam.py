@@ -141,7 +141,7 @@ class NuSAM(SharpnessAwareOptimizer):
                 grads = [ps[i].grad.reshape(m.shape) for i, m in zip(rank1, sel)]
                 UPDATES[kind](self.base_optimizer, group, sel, None, grads, self.backend,
                               rank1=([us[j] for j in idx], [vs[j] for j in idx], scales[idx]),
-                              grad_scale=self._grad_scale)
+                              grad_scale=self._grad_scale, keys=[ps[i] for i in rank1])
                 done.update(idx)
             if plain:
                 pp = [ps[i] for i in plain]
