@@ -5,6 +5,7 @@ import torch
 
 from sam_kernels import demo
 from sam_kernels.bench.__main__ import main as bench_main
+from sam_kernels.bench.models import MODELS
 
 
 def test_demo_trains_every_optimizer():
@@ -39,7 +40,10 @@ def test_bench_cli_records(tmp_path):
     assert {r["optimizer"] for r in train} == {"sgd", "sam", "nusam", "psam", "sampa", "peer_sam"}
     for r in train:
         assert r["model"] == "vit_tiny" and r["size"] == "small" and r["median_ms"] > 0 and r["batch"] == 4
-        assert r["device"] == copy["device"] and "peak_bytes" in r
+        assert r["device"] == copy["device"] and r["peak_bytes"] > 0
+    peak = {r["optimizer"]: r["peak_bytes"] for r in train}
+    n_bytes = 4 * sum(p.numel() for p in MODELS["vit_tiny"]().parameters())
+    assert peak["sam"] - peak["sgd"] >= 0.9 * n_bytes  # SAM keeps x_old: one more copy of the parameters
     assert "| vit_tiny | small | 4 | sampa |" in md.read_text()
     rows = [r for r in records[1:] if r["op"] != "train_step"]
     ops = {r["op"] for r in rows}

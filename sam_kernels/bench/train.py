@@ -25,13 +25,23 @@ def _has_peer() -> bool:
 
 
 def train_step_case(model_name: str, optimizer: str, batch: int, device, backend: str = "auto"):
-    """A zero-argument callable running one training step on the next synthetic batch."""
+    """A zero-argument callable running one training step on the next synthetic batch; its
+    `tensors` attribute lists what exists before the first step (the model and the data)."""
     torch.manual_seed(0)
     model = MODELS[model_name]().to(device).train()
-    batches = itertools.cycle(synthetic_batches(4, batch, device))
+    data = synthetic_batches(4, batch, device)
+    fn = _train_step_fn(model, optimizer, itertools.cycle(data), backend)
+    fn.tensors = list(model.parameters()) + list(model.buffers()) + [t for b in data for t in b]
+    return fn
+
+
+def _train_step_fn(model, optimizer: str, batches, backend: str):
     if optimizer == "sampa":
         opt = SAMPa(model, cross_entropy, torch.optim.SGD, rho=0.1, lam=0.2, backend=backend, **KW)
-        return lambda: opt.step(next(batches))
+
+        def sampa_step():
+            opt.step(next(batches))
+        return sampa_step
     if optimizer == "sgd":
         base = torch.optim.SGD(model.parameters(), foreach=True, **KW)
 
@@ -46,7 +56,10 @@ def train_step_case(model_name: str, optimizer: str, batch: int, device, backend
         opt = NuSAM(model.parameters(), torch.optim.SGD, rho=0.1, conv="reshape", backend=backend, **KW)
     elif optimizer == "psam":  # the thesis' setting before E: a SAM step every 20 steps
         opt = PSAM(model.parameters(), torch.optim.SGD, rho=0.05, period=20, backend=backend, **KW)
-        return lambda: _closure_step(model, opt, next(batches))
+
+        def psam_step():
+            _closure_step(model, opt, next(batches))
+        return psam_step
     else:
         import pytorch_optimizer
 
@@ -74,16 +87,22 @@ def run_train_steps(device, models, batch: int, reps: int, warmup: int, backend:
     for model_name in models:
         fns = {o: train_step_case(model_name, o, batch, device, backend) for o in names}
         peaks = {}
-        for o, fn in fns.items():  # peak memory of one step, each optimizer on its own
-            fn()  # the state exists from here on
+        for o, fn in fns.items():
+            # the peak of the first step (a SAM step for PSAM too), each optimizer on its own: the
+            # model, the data, gradients, the state it creates, the perturbation and activations;
+            # measured on CUDA, exact tensor accounting on CPU (sam_kernels.memory.LiveBytes)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
                 fn()
                 torch.cuda.synchronize(device)
                 peaks[o] = torch.cuda.max_memory_allocated(device)
-            else:  # CPU peaks: exact accounting in python -m sam_kernels.memory
-                peaks[o] = None
+            else:
+                from ..memory import LiveBytes
+
+                with LiveBytes(fn.tensors) as tracker:
+                    fn()
+                peaks[o] = tracker.peak
         times = median_ms_interleaved(fns, device, warmup=warmup, reps=reps)
         for o, ms in times.items():
             records.append({"op": "train_step", "model": model_name, "size": SIZES[model_name], "optimizer": o,
@@ -102,7 +121,7 @@ def table(records) -> str:
     lines = ["| model | size | batch | optimizer | median ms | vs SGD | vs SAM | peak MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sgd, sam = ms.get((r["model"], "sgd")), ms.get((r["model"], "sam"))
-        peak = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] else "n/a (CPU)"
+        peak = f"{r['peak_bytes'] / 2**20:.1f}"
         lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['optimizer']} | {r['median_ms']:.1f} | "
                      f"{r['median_ms'] / sgd:.2f}x | {r['median_ms'] / sam:.2f}x | {peak} |")
     return "\n".join(lines)
