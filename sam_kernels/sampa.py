@@ -161,16 +161,8 @@ class SAMPa(SharpnessAwareOptimizer):
         return loss_y.detach()
 
     def _plain_step(self, batch):
-        """Before start_step: the base step with one gradient at x_t on `batch` (in the distributed
-        mode the y-rank of each pair computes it)."""
-        if self.parallel == "distributed" and self._role() == "x~":
-            loss, grads = torch.zeros((), device=self.device), [torch.zeros_like(p) for p in self._params]
-            bufs = [b.clone().zero_() for _, b in self._model_buffers()]
-        else:
-            loss, grads, bufs = self._grad_at(self._params, batch)
-        if self.parallel == "distributed":
-            merged = self._all_reduce_mean(grads + bufs + [loss.float().reshape(1)])
-            grads, bufs, loss = merged[:len(grads)], merged[len(grads):-1], merged[-1].reshape(())
+        """Before start_step: the base step with one gradient at x_t on `batch`."""
+        loss, grads, bufs = self._pass_at_x(batch)
         self._finish(grads, grads, bufs, None, plain=True)
         return loss.detach()
 
@@ -195,43 +187,45 @@ class SAMPa(SharpnessAwareOptimizer):
         return True
 
     def _bootstrap(self, batch):
-        if self.parallel == "distributed" and self._role() == "x~":
-            grads = [torch.zeros_like(p) for p in self._params]  # the y-rank of the pair computes it
-        else:
-            _, grads, _ = self._grad_at(self._params, batch)
-        if self.parallel == "distributed":
-            grads = self._all_reduce_mean(grads)
+        """Step 0: g_y = grad f(x_0; B_0) (the pass's buffers are not kept)."""
+        _, grads, _ = self._pass_at_x(batch)
         return grads, ops.global_norm(grads, backend=self.backend), batch
+
+    def _pass_at_x(self, batch):
+        """(loss, gradients, buffers after the pass) at x_t on `batch`; in the distributed mode
+        the y-rank of each pair computes them and the x~-rank receives them."""
+        if self.parallel != "distributed":
+            return self._grad_at(self._params, batch)
+        loss, grads, bufs = self._zeros() if self._role() == "x~" else self._grad_at(self._params, batch)
+        merged = self._all_reduce_mean(grads + bufs + [loss.float().reshape(1)])
+        return merged[-1].reshape(()), merged[:len(grads)], merged[len(grads):-1]
 
     def _preview(self, g_y, g_y_norm):
         """x~ and y into the shadow parameter sets, one fused pass per param group."""
         xt, y = self._shadow_sets()
         kind = fused_kind(self.base_optimizer)
+        for group, sl in self._group_slices():
+            lists = (group["params"], g_y[sl], xt[sl], y[sl])
+            if kind is None:  # generic: y previews a plain gradient step with the group's lr
+                ops.sampa_preview_sgd_(*lists, norm=g_y_norm, rho=group["rho"], lr=group["lr"], backend=self.backend)
+            else:
+                PREVIEWS[kind](self.base_optimizer, group, *lists, g_y_norm, group["rho"], self.backend)
+        return xt, y
+
+    def _group_slices(self):
+        """(param group, its slice of the flat parameter order) for the groups with parameters."""
         offset = 0
         for group in self.param_groups:
             n = len(group["params"])
-            sl = slice(offset, offset + n)
+            if n:
+                yield group, slice(offset, offset + n)
             offset += n
-            if not n:
-                continue
-            args = (group["params"], g_y[sl], xt[sl], y[sl], g_y_norm, group["rho"], self.backend)
-            if kind is None:  # generic: y previews a plain gradient step with the group's lr
-                ops.sampa_preview_sgd_(*args[:4], norm=g_y_norm, rho=group["rho"], lr=group["lr"],
-                                       backend=self.backend)
-            else:
-                PREVIEWS[kind](self.base_optimizer, group, *args)
-        return xt, y
 
     def _update(self, g_t, g_yn, lam: float | None = None) -> None:
         """x_{t+1}: the base step from x_t with d = (1 - lam) g~ + lam g_y' (lam: the groups' or this)."""
         kind = fused_kind(self.base_optimizer)
-        offset = 0
-        for group in self.param_groups:
+        for group, sl in self._group_slices():
             ps = group["params"]
-            sl = slice(offset, offset + len(ps))
-            offset += len(ps)
-            if not ps:
-                continue
             w = group["lam"] if lam is None else lam
             if kind is not None:
                 UPDATES[kind](self.base_optimizer, group, ps, ps, g_t[sl], self.backend, mix=(g_yn[sl], w))
@@ -269,12 +263,10 @@ class SAMPa(SharpnessAwareOptimizer):
         if self.parallel == "sequential":
             return self._grad_at(xt, kept), self._grad_at(y, batch)
         if self.parallel == "distributed":
-            # this rank's pass; the pair's other gradient arrives in _exchange
+            # this rank's pass, zeros for the other: the pair's sum in _exchange gives both
             if self._role() == "x~":
-                loss, g, _ = self._grad_at(xt, kept)
-                return (loss, g, []), (torch.zeros((), device=self.device), None, None)
-            loss, g, bufs = self._grad_at(y, batch)
-            return (torch.zeros((), device=self.device), None, []), (loss, g, bufs)
+                return self._grad_at(xt, kept), self._zeros()
+            return self._zeros(), self._grad_at(y, batch)
         return self._on_streams(xt, kept, y, batch)
 
     def _on_streams(self, xt, kept, y, batch):
@@ -319,18 +311,15 @@ class SAMPa(SharpnessAwareOptimizer):
 
     def _exchange(self, g_t, g_yn, buffers_y, loss_y):
         """Both gradients, the y-pass buffers and its loss on every rank of the pair (and averaged
-        over pairs): each rank contributes its own pass and zeros for the other."""
-        x_rank = self._role() == "x~"
-        if x_rank:
-            g_yn = [torch.zeros_like(p) for p in self._params]
-            buffers_y = [b.clone() for _, b in self._model_buffers()]
-            for b in buffers_y:
-                b.zero_()
-        else:
-            g_t = [torch.zeros_like(p) for p in self._params]
+        over pairs): each rank contributes its own pass and zeros for the other (_both_passes)."""
         merged = self._all_reduce_mean(list(g_t) + list(g_yn) + list(buffers_y) + [loss_y.float().reshape(1)])
         n = len(self._params)
         return merged[:n], merged[n:2 * n], merged[2 * n:-1], merged[-1].reshape(())
+
+    def _zeros(self):
+        """What a rank contributes for the pass it does not compute: (loss, gradients, buffers) of zeros."""
+        return (torch.zeros((), device=self.device), [torch.zeros_like(p) for p in self._params],
+                [torch.zeros_like(b) for _, b in self._model_buffers()])
 
     # --- state -------------------------------------------------------------------------------
 
