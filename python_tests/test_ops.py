@@ -285,3 +285,34 @@ def test_property_restore_adam(backend, device, sizes, lr, beta1, beta2, wd, dec
     ops.restore_adam_(x_ref, olds, g, *refs, backend="torch", **kw)
     for a, b in zip(x + m + v, x_ref + refs[0] + refs[1]):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_updates_unscale_by_grad_scale(backend, device, dtype):
+    """grad_scale (GradScaler's 1 / scale) multiplies the gradient inside the fused SGD / Adam
+    updates, nuSAM's rank-1 ones included: the same as the torch reference with grads * grad_scale."""
+    sizes = [7, 4097, 300]
+    olds, g = make(sizes, dtype, device), make(sizes, dtype, device, 2.0 ** 10)
+    bufs, m = make(sizes, dtype, device), make(sizes, dtype, device, 0.1)
+    v = [t.abs() for t in make(sizes, dtype, device, 0.01)]
+    sgd_kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, grad_scale=2.0 ** -10)
+    adam_kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, decoupled=True,
+                   bias_correction1=0.1, bias_correction2=0.001, grad_scale=2.0 ** -10)
+    us = [torch.randn(n, device=device) for n in sizes]  # rank-1 terms of n x 1 matrices
+    vs = [torch.ones(1, device=device) for _ in sizes]
+    scales = torch.full((len(sizes),), 0.01, device=device)
+    outs = {}
+    for b in (backend, "torch"):
+        x, bb, mm, vv = [torch.empty_like(t) for t in olds], clone_all(bufs), clone_all(m), clone_all(v)
+        ops.restore_sgd_(x, olds, g, bb, backend=b, **sgd_kw)
+        x2 = [torch.empty_like(t) for t in olds]
+        ops.restore_adam_(x2, olds, g, mm, vv, backend=b, **adam_kw)
+        outs[b] = x + bb + x2 + mm + vv
+        if dtype == torch.float32:  # bf16: the torch reference rounds M - s u v^T to bf16, the kernels keep fp32
+            mats, mbufs = [t.reshape(-1, 1) for t in clone_all(olds)], [t.reshape(-1, 1) for t in clone_all(bufs)]
+            ops.rank1_restore_sgd_(mats, us, vs, scales, [t.reshape(-1, 1) for t in g], mbufs, backend=b,
+                                   **sgd_kw)
+            outs[b] += mats + mbufs
+    for a, ref in zip(outs[backend], outs["torch"]):
+        assert_close(a, ref)
