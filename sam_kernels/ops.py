@@ -3,7 +3,8 @@
 Every primitive takes whole lists of tensors (all on one device; any mix of fp32 / fp64 /
 bf16 / fp16, fp32 arithmetic for the half types) and does the work of the whole list in one
 launch per dtype group. Kernel backends need contiguous memory: non-contiguous tensors are
-staged through contiguous copies here, once, for every kernel backend.
+staged through contiguous copies here, once, for every kernel backend (and for Triton, tensors
+at addresses that are not 16-byte aligned).
 
     global_norm(tensors, weights=None, offset=0.)  ||T t|| over all tensors, T = |w| + offset or 1
     perturb_(params, grads, olds, norm, rho, ...)   olds <- x; x <- x + rho T^2 g / (norm + eps)
@@ -57,23 +58,30 @@ def _check_lists(op: str, params, lists: dict):
             raise ValueError(f"{op}: '{name}' has {len(lst)} tensors, params has {len(params)}")
 
 
-class _Staged:
-    """Contiguous stand-ins for non-contiguous tensors; written lists are copied back on exit."""
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
 
-    def __init__(self, lists: dict, written: tuple[str, ...]):
+
+class _Staged:
+    """Contiguous stand-ins for non-contiguous tensors (and, with `aligned`, for tensors whose
+    address is not a multiple of 16 bytes, which the Triton kernels' vector loads need: a
+    contiguous view at an odd offset of a larger buffer); written lists are copied back on exit."""
+
+    def __init__(self, lists: dict, written: tuple[str, ...], aligned: bool = False):
         self.lists = {k: (list(v) if v is not None else None) for k, v in lists.items()}
         self._originals = lists
         self._written = written
         present = [v for v in lists.values() if v]
-        if all(all(map(_contiguous, v)) for v in present):  # the common case, checked cheaply
+        fine = (lambda t: t.is_contiguous() and _aligned(t)) if aligned else _contiguous
+        if all(all(map(fine, v)) for v in present):  # the common case, checked cheaply
             self._index = []
         else:
             n = len(present[0])
-            self._index = [i for i in range(n) if any(not v[i].is_contiguous() for v in present)]
+            self._index = [i for i in range(n) if any(not fine(v[i]) for v in present)]
         for i in self._index:
             for v in self.lists.values():
-                if v is not None and len(v):
-                    v[i] = v[i].contiguous()
+                if v is not None and len(v) and not fine(v[i]):
+                    v[i] = v[i].clone(memory_format=torch.contiguous_format)
 
     def __enter__(self):
         return self.lists
@@ -98,7 +106,7 @@ def _run(op: str, backend: str, lists: dict, written: tuple[str, ...], scalars: 
     fn = getattr(_impl(name), op)
     if name == "torch":
         return fn(**{k: (v if v is not None else []) for k, v in lists.items()}, **scalars)
-    with _Staged(lists, written) as staged:
+    with _Staged(lists, written, aligned=name == "triton") as staged:
         return fn(**{k: (v if v is not None else []) for k, v in staged.items()}, **scalars)
 
 

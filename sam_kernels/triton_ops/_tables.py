@@ -6,6 +6,12 @@ tensor blk_tensor[p] starting at blk_start[p]; the tensors' addresses are int64 
 pointer table, cast in the kernel with tl.pointer_type. The block table depends only on the
 sizes and is cached; the pointer table is rebuilt per call (gradients move between steps)
 and sent with one asynchronous copy from pinned memory.
+
+Vector width: the compiler issues 16-byte loads and stores only where it can prove that the
+addresses are 16-byte aligned and that the mask is constant over each vector. So the base
+addresses carry an alignment hint (ops.py stages any tensor whose address is not a multiple of
+16 bytes), block starts are multiples of BLOCK, and a table is launched in two parts: the full
+blocks without a mask, then the one partial block per tensor with a mask (MASKED).
 """
 from __future__ import annotations
 
@@ -31,18 +37,23 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def block_of(numels, blk_tensor, blk_start, BLOCK: tl.constexpr):
-    """This program's tensor index, element offsets and in-bounds mask."""
+def block_of(numels, blk_tensor, blk_start, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tensor index, element offsets and in-bounds mask (all true, as a constant
+    the compiler can see, in the launch over full blocks)."""
     pid = tl.program_id(0)
     t = tl.load(blk_tensor + pid)
-    offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK)
-    return t, offs, offs < tl.load(numels + t)
+    offs = tl.multiple_of(tl.load(blk_start + pid), BLOCK) + tl.arange(0, BLOCK)
+    if MASKED:
+        mask = offs < tl.load(numels + t)
+    else:
+        mask = tl.full([BLOCK], 1, tl.int1)
+    return t, offs, mask
 
 
 @triton.jit
 def tensor_ptr(ptrs, n_tensors, t, LIST: tl.constexpr, DTYPE: tl.constexpr):
-    """The base pointer of tensor t of list LIST in the pointer table."""
-    return tl.load(ptrs + LIST * n_tensors + t).to(tl.pointer_type(DTYPE))
+    """The base pointer of tensor t of list LIST in the pointer table (16-byte aligned)."""
+    return tl.multiple_of(tl.load(ptrs + LIST * n_tensors + t).to(tl.pointer_type(DTYPE)), 16)
 
 
 def tl_dtype(dtype: torch.dtype):
@@ -59,13 +70,19 @@ def compute_dtype(dtype: torch.dtype):
 
 @functools.lru_cache(maxsize=128)
 def _block_table(numels: tuple[int, ...], block: int, device: torch.device):
-    tensor_idx, starts = [], []
+    """(first block, tensor indices, starts, number of blocks, masked) per launch part: the full
+    blocks first, then the partial ones; and the numels on the device."""
+    full, partial = [], []
     for i, n in enumerate(numels):
         for s in range(0, n, block):
-            tensor_idx.append(i)
-            starts.append(s)
+            (full if s + block <= n else partial).append((i, s))
     as_dev = lambda v, dt: torch.tensor(v, dtype=dt).to(device)  # noqa: E731 (built once per size set)
-    return as_dev(tensor_idx, torch.int32), as_dev(starts, torch.int64), as_dev(list(numels), torch.int64), len(starts)
+    blocks = full + partial
+    blk_tensor = as_dev([i for i, _ in blocks], torch.int32)
+    blk_start = as_dev([s for _, s in blocks], torch.int64)
+    bounds = ((0, len(full), False), (len(full), len(blocks), True))
+    parts = tuple((lo, blk_tensor[lo:hi], blk_start[lo:hi], hi - lo, masked) for lo, hi, masked in bounds if hi > lo)
+    return parts, as_dev(list(numels), torch.int64), len(blocks)
 
 
 class Launch:
@@ -75,9 +92,7 @@ class Launch:
         first = lists[0]
         self.device = first[0].device
         self.n_tensors = len(first)
-        self.blk_tensor, self.blk_start, self.numels, self.n_blocks = _block_table(
-            tuple(t.numel() for t in first), block, self.device
-        )
+        self.parts, self.numels, self.n_blocks = _block_table(tuple(t.numel() for t in first), block, self.device)
         ptrs = [t.data_ptr() for lst in lists for t in lst]
         if self.device.type == "cpu":
             self.ptrs = torch.tensor(ptrs, dtype=torch.int64)
@@ -85,12 +100,13 @@ class Launch:
             self.ptrs = torch.tensor(ptrs, dtype=torch.int64, pin_memory=True).to(self.device, non_blocking=True)
         self.block = block
 
-    @property
-    def grid(self):
-        return (self.n_blocks,)
-
-    def args(self):
-        return self.ptrs, self.n_tensors, self.numels, self.blk_tensor, self.blk_start
+    def run(self, kernel, *args, **meta):
+        """Launch `kernel` over the table, full blocks then partial ones. An argument given as a
+        function of the part's first block index gets its value per part (per-block outputs)."""
+        for first, blk_tensor, blk_start, n, masked in self.parts:
+            kernel[(n,)](self.ptrs, self.n_tensors, self.numels, blk_tensor, blk_start,
+                         *(a(first) if callable(a) else a for a in args),
+                         MASKED=masked, BLOCK=self.block, **meta, **launch_kwargs())
 
 
 def dtype_groups(params):

@@ -13,7 +13,7 @@ import math
 import triton
 import triton.language as tl
 
-from ._tables import (Launch, block_of, compute_dtype, dtype_groups, launch_kwargs, load_grad, pick, tensor_ptr,
+from ._tables import (Launch, block_of, compute_dtype, dtype_groups, load_grad, pick, tensor_ptr,
                       tl_dtype)
 from .rank1 import load_old, rank1_lists
 
@@ -53,9 +53,9 @@ def _restore_adam_kernel(
     beta1_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size, bc2_sqrt, ncols, scales, lam,
     grad_scale, SCALED: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
     RANK1: tl.constexpr, U_LIST: tl.constexpr, MIX: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
     m_ptr = tensor_ptr(ptrs, n_tensors, t, 3, DTYPE)
     v_ptr = tensor_ptr(ptrs, n_tensors, t, 4, DTYPE)
@@ -91,12 +91,11 @@ def _launch(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, rank1, 
             lists.append(pick(grads2, index))
         lists, ncols, scales = rank1_lists(lists, params, index, rank1)
         launch = Launch(lists)
-        _restore_adam_kernel[launch.grid](
-            *launch.args(), *adam_scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2),
+        launch.run(
+            _restore_adam_kernel, *adam_scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2),
             ncols, scales, float(lam), float(grad_scale), SCALED=grad_scale != 1.0,
             AMSGRAD=bool(amsgrad), DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
-            RANK1=rank1 is not None, U_LIST=extra, MIX=grads2 is not None,
-            DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), BLOCK=launch.block, **launch_kwargs(),
+            RANK1=rank1 is not None, U_LIST=extra, MIX=grads2 is not None, DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype),
         )
 
 

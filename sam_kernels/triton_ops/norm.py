@@ -9,15 +9,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tables import Launch, block_of, tensor_ptr, dtype_groups, launch_kwargs, pick, tl_dtype
+from ._tables import Launch, block_of, tensor_ptr, dtype_groups, pick, tl_dtype
 
 
 @triton.jit
 def _sumsq_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start, partials, offset,
-    WEIGHTED: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    WEIGHTED: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
     g_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
     v = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if WEIGHTED:
@@ -48,10 +48,8 @@ def global_norm(tensors, weights, offset):
     partials = torch.empty(total, dtype=torch.float32, device=device)
     at = 0
     for dtype, launch in launches:
-        _sumsq_kernel[launch.grid](
-            *launch.args(), partials[at:], float(offset),
-            WEIGHTED=bool(weights), DTYPE=tl_dtype(dtype), BLOCK=launch.block, **launch_kwargs(),
-        )
+        launch.run(_sumsq_kernel, lambda first, at=at: partials[at + first:], float(offset),
+                   WEIGHTED=bool(weights), DTYPE=tl_dtype(dtype))
         at += launch.n_blocks
     _finalize_kernel[(1,)](partials, total, out, BLOCK=1024)
     return out

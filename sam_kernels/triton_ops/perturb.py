@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tables import Launch, block_of, tensor_ptr, compute_dtype, dtype_groups, launch_kwargs, pick, tl_dtype
+from ._tables import Launch, block_of, tensor_ptr, compute_dtype, dtype_groups, pick, tl_dtype
 
 EPS = 1e-12
 
@@ -14,9 +14,10 @@ EPS = 1e-12
 @triton.jit
 def _perturb_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start, norm_ptr, rho, offset,
-    ADAPTIVE: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
+    ADAPTIVE: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
     g_ptr = tensor_ptr(ptrs, n_tensors, t, 1, DTYPE)
     o_ptr = tensor_ptr(ptrs, n_tensors, t, 2, DTYPE)
@@ -39,8 +40,5 @@ def _perturb_kernel(
 def perturb_(params, grads, olds, norm, rho, adaptive, offset):
     for dtype, index in dtype_groups(params):
         launch = Launch([pick(params, index), pick(grads, index), pick(olds, index)])
-        _perturb_kernel[launch.grid](
-            *launch.args(), norm, float(rho), float(offset),
-            ADAPTIVE=bool(adaptive), DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), EPS=EPS, BLOCK=launch.block,
-            **launch_kwargs(),
-        )
+        launch.run(_perturb_kernel, norm, float(rho), float(offset),
+                   ADAPTIVE=bool(adaptive), DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), EPS=EPS)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tables import Launch, block_of, compute_dtype, dtype_groups, launch_kwargs, pick, tensor_ptr, tl_dtype
+from ._tables import Launch, block_of, compute_dtype, dtype_groups, pick, tensor_ptr, tl_dtype
 
 
 @triton.jit
@@ -50,8 +50,8 @@ def rank1_lists(lists, params, index, rank1):
 
 @triton.jit
 def _rank1_kernel(ptrs, n_tensors, numels, blk_tensor, blk_start, ncols, scales,
-                  DTYPE: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+                  DTYPE: tl.constexpr, CT: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
     term, s = rank1_term(ptrs, n_tensors, t, offs, mask, ncols, scales, 1)
     x = tl.load(x_ptr + offs, mask=mask).to(CT)
@@ -71,6 +71,5 @@ def rank1_update_(mats, us, vs, scales):
     for dtype, index in dtype_groups(mats):
         ms = pick(mats, index)
         launch = Launch([ms, pick(us, index), pick(vs, index)])
-        _rank1_kernel[launch.grid](*launch.args(), ncols_of(ms), scales[index] if len(index) != len(mats) else scales,
-                                   DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), BLOCK=launch.block,
-                                   **launch_kwargs())
+        launch.run(_rank1_kernel, ncols_of(ms), scales[index] if len(index) != len(mats) else scales,
+                   DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype))

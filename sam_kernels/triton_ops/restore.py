@@ -4,12 +4,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tables import Launch, block_of, tensor_ptr, dtype_groups, launch_kwargs, pick, tl_dtype
+from ._tables import Launch, block_of, tensor_ptr, dtype_groups, pick, tl_dtype
 
 
 @triton.jit
-def _restore_kernel(ptrs, n_tensors, numels, blk_tensor, blk_start, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+def _restore_kernel(ptrs, n_tensors, numels, blk_tensor, blk_start,
+                    DTYPE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
     o_ptr = tensor_ptr(ptrs, n_tensors, t, 1, DTYPE)
     tl.store(x_ptr + offs, tl.load(o_ptr + offs, mask=mask), mask=mask)
@@ -18,4 +19,4 @@ def _restore_kernel(ptrs, n_tensors, numels, blk_tensor, blk_start, DTYPE: tl.co
 def restore_(params, olds):
     for dtype, index in dtype_groups(params):
         launch = Launch([pick(params, index), pick(olds, index)])
-        _restore_kernel[launch.grid](*launch.args(), DTYPE=tl_dtype(dtype), BLOCK=launch.block, **launch_kwargs())
+        launch.run(_restore_kernel, DTYPE=tl_dtype(dtype))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tables import Launch, block_of, compute_dtype, dtype_groups, launch_kwargs, pick, tensor_ptr, tl_dtype
+from ._tables import Launch, block_of, compute_dtype, dtype_groups, pick, tensor_ptr, tl_dtype
 from .adam import adam_math, adam_scalars
 from .perturb import EPS
 from .sgd import sgd_math
@@ -33,9 +33,9 @@ def _preview_sgd_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start, norm_ptr, rho,
     lr, momentum, one_minus_dampening, weight_decay,
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr,
-    HAS_WD: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_WD: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
     x, g = _perturbed_point(ptrs, n_tensors, t, offs, mask, norm_ptr, rho, DTYPE, CT, EPS)
     buf = g
     if MOMENTUM and not INIT_BUFS:
@@ -50,9 +50,9 @@ def _preview_adam_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start, norm_ptr, rho,
     beta1_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size, bc2_sqrt,
     AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
-    DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
     x, g = _perturbed_point(ptrs, n_tensors, t, offs, mask, norm_ptr, rho, DTYPE, CT, EPS)
     m = tl.load(tensor_ptr(ptrs, n_tensors, t, 4, DTYPE) + offs, mask=mask).to(CT)
     v = tl.load(tensor_ptr(ptrs, n_tensors, t, 5, DTYPE) + offs, mask=mask).to(CT)
@@ -75,11 +75,10 @@ def sampa_preview_sgd_(params, grads, perturbed, previews, bufs, norm, rho, lr, 
     has_momentum = momentum != 0
     state = [bufs] if has_momentum and not init_bufs else []
     for dtype, launch in _groups(params, grads, perturbed, previews, *state):
-        _preview_sgd_kernel[launch.grid](
-            *launch.args(), norm, float(rho), float(lr), float(momentum), float(1 - dampening), float(weight_decay),
+        launch.run(
+            _preview_sgd_kernel, norm, float(rho), float(lr), float(momentum), float(1 - dampening), float(weight_decay),
             MOMENTUM=has_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), INIT_BUFS=bool(init_bufs),
-            HAS_WD=weight_decay != 0, DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), EPS=EPS, BLOCK=launch.block,
-            **launch_kwargs(),
+            HAS_WD=weight_decay != 0, DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), EPS=EPS,
         )
 
 
@@ -88,9 +87,9 @@ def sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, exp_avg_sq
                         bias_correction2):
     state = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     for dtype, launch in _groups(params, grads, perturbed, previews, *state):
-        _preview_adam_kernel[launch.grid](
-            *launch.args(), norm, float(rho),
+        launch.run(
+            _preview_adam_kernel, norm, float(rho),
             *adam_scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2),
             AMSGRAD=bool(amsgrad), DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
-            DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), EPS=EPS, BLOCK=launch.block, **launch_kwargs(),
+            DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), EPS=EPS,
         )

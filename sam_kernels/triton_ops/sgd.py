@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tables import (Launch, block_of, compute_dtype, dtype_groups, launch_kwargs, load_grad, pick, tensor_ptr,
+from ._tables import (Launch, block_of, compute_dtype, dtype_groups, load_grad, pick, tensor_ptr,
                       tl_dtype)
 from .rank1 import load_old, rank1_lists
 
@@ -41,9 +41,9 @@ def _restore_sgd_kernel(
     lr, momentum, one_minus_dampening, weight_decay, ncols, scales, lam, grad_scale,
     SCALED: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr,
     HAS_WD: tl.constexpr, RANK1: tl.constexpr, U_LIST: tl.constexpr, MIX: tl.constexpr, DTYPE: tl.constexpr,
-    CT: tl.constexpr, BLOCK: tl.constexpr,
+    CT: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, BLOCK)
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
 
     x = load_old(ptrs, n_tensors, t, offs, mask, ncols, scales, RANK1, U_LIST, DTYPE, CT)  # nuSAM: M - s u v^T
@@ -72,12 +72,12 @@ def _launch(params, olds, grads, bufs, rank1, lr, momentum, dampening, nesterov,
             lists.append(pick(grads2, index))
         lists, ncols, scales = rank1_lists(lists, params, index, rank1)
         launch = Launch(lists)
-        _restore_sgd_kernel[launch.grid](
-            *launch.args(), float(lr), float(momentum), float(1 - dampening), float(weight_decay), ncols, scales,
+        launch.run(
+            _restore_sgd_kernel, float(lr), float(momentum), float(1 - dampening), float(weight_decay), ncols, scales,
             float(lam), float(grad_scale), SCALED=grad_scale != 1.0,
             MOMENTUM=has_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), INIT_BUFS=bool(init_bufs),
             HAS_WD=weight_decay != 0, RANK1=rank1 is not None, U_LIST=extra, MIX=grads2 is not None,
-            DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), BLOCK=launch.block, **launch_kwargs(),
+            DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype),
         )
 
 
