@@ -13,6 +13,8 @@ from sam_kernels.bench.shapes import PARAM_SETS
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PARAMS = "vit_b" if DEVICE.type == "cuda" else "vit_s"
 BACKENDS = [b for b in backends.available(DEVICE) if not (b == "triton" and DEVICE.type == "cpu")]
+# nuSAM's primitives have no CUDA C++ kernels (Triton is their GPU path)
+NUSAM_BACKENDS = [b for b in BACKENDS if backends.why_unavailable(b, DEVICE, "power_iteration_") is None]
 
 
 @pytest.fixture(scope="module")

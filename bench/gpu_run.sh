@@ -1,28 +1,95 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (device tool): build the extension with the CUDA kernels,
-# run the whole test suite on the GPU, run both benchmarks, and leave everything under $OUT.
-#   device run: bash bench/gpu_run.sh
-# The machine's image has torch (CUDA), triton, ninja, pytest, hypothesis and pytest-benchmark;
-# pytorch_optimizer is not there: carry it as a wheel (.whl, see the device README) or the
-# peer columns stay empty and its parity tests fail loudly.
+# Everything a lent GPU machine (device tool) is for, in one call: build the extension with the
+# CUDA kernels, run the whole test suite on the GPU, run both benchmarks; results under $OUT.
+#   device run: bash bench/gpu_run.sh [STAGE ...]     (carry: .whl .gpu-cache)
+# Stages, in the order given (default: build tests bench memory pytest-bench):
+#   build         compile sam_kernels._C (CUDA kernels for sm_90); reuses .gpu-cache/_C.so.gz when
+#                 it was built from the same csrc/ + setup.py (the device keeps nothing between calls:
+#                 copy $OUT/_C.so.gz and $OUT/triton-cache.tgz to .gpu-cache/ and carry it)
+#   tests         python_tests on the GPU (pytest-xdist workers)
+#   probe         the kernel benchmarks only, on the GPU-sized parameter sets
+#   bench         python -m sam_kernels.bench (kernels, peers, training steps) with JSON/markdown/plot
+#   memory        python -m sam_kernels.memory with JSON/plot
+#   pytest-bench  pytest bench --benchmark-only
+# Each stage is capped so that the whole call ends within BUDGET_S (default 560 s) and what ran
+# comes back. The image has torch (CUDA), triton, ninja, pytest(-xdist), hypothesis,
+# pytest-benchmark, matplotlib; pytorch_optimizer travels as a wheel in .whl (see the device README).
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu-run}
+BUDGET_S=${BUDGET_S:-560}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(build tests bench memory pytest-bench)
+
+left() { echo $((BUDGET_S - SECONDS)); }
+capped() {  # capped SECONDS CMD...: run CMD for at most SECONDS, or what is left of the budget
+  local cap=$1; shift
+  local t; t=$(left); [ "$t" -gt "$cap" ] && t=$cap
+  if [ "$t" -lt 10 ]; then echo "skipped (budget spent): $*"; return 124; fi
+  timeout --signal=INT --kill-after=15 "$t" "$@"
+}
+
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+[ -f .gpu-cache/triton-cache.tgz ] && mkdir -p ~/.triton && tar -xzf .gpu-cache/triton-cache.tgz -C ~/.triton
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-{ time python3 setup.py -q build_ext --inplace; } > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
-python3 -c "import sam_kernels, torch; print('backends on cuda:', sam_kernels.backends.available('cuda'))" | tee -a "$OUT/gpu.txt"
-python3 -m pytest python_tests -q -p no:cacheprovider -x 2>&1 | tee "$OUT/tests.log" | tail -15
-stamp=$(date +%Y-%m-%d)
+src_hash=$(cat setup.py csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/* | sha1sum | cut -c1-12)
 dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
-python3 -m sam_kernels.bench --json "$OUT/bench-$dev-$stamp.json" --markdown "$OUT/bench-$dev-$stamp.md" \
-  --plot "$OUT/bench-$dev-$stamp.png" 2>/dev/null | tail -80
-python3 -m sam_kernels.memory --json "$OUT/memory-$dev-$stamp.json" --plot "$OUT/memory-$dev-$stamp.png" 2>/dev/null | tail -30
-python3 -m pytest bench --benchmark-only -q -p no:cacheprovider --benchmark-json "$OUT/pytest-bench-$dev-$stamp.json" \
-  2>&1 | tail -5
+stamp=$(date +%Y-%m-%d)
+
+for stage in "${stages[@]}"; do
+  echo "=== $stage (t=${SECONDS}s)"
+  case $stage in
+    build)
+      if [ -f ".gpu-cache/_C-$src_hash.so.gz" ]; then
+        gunzip -c ".gpu-cache/_C-$src_hash.so.gz" > "sam_kernels/_C.$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX")[1:])')"
+        echo "reused the carried build $src_hash"
+      else
+        { time capped 330 python3 setup.py -q build_ext --inplace; } > "$OUT/build.log" 2>&1 \
+          || { tail -40 "$OUT/build.log"; exit 1; }
+        tail -3 "$OUT/build.log"
+        so=$(ls sam_kernels/_C*.so)
+        strip --strip-unneeded -o /tmp/_C.so "$so" && gzip -c /tmp/_C.so > "$OUT/_C-$src_hash.so.gz"
+      fi
+      python3 -c "import sam_kernels; print('backends on cuda:', sam_kernels.backends.available('cuda'))" \
+        | tee -a "$OUT/gpu.txt"
+      ;;
+    tests)
+      # 8 workers of 2 threads each: 16 workers with a 16-thread pool each oversubscribe the CPUs
+      # and the CPU-side tests crawl. PYTEST_ARGS narrows the run (e.g. -k cuda).
+      OMP_NUM_THREADS=2 capped 420 python3 -m pytest python_tests -q -p no:cacheprovider -n 8 --timeout 300 -rfEs \
+        --durations=30 ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1
+      echo "tests exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40; tail -3 "$OUT/tests.log"
+      ;;
+    probe)
+      capped 150 python3 -m sam_kernels.bench --sets vit_b,flat_128m --models "" --compiled no \
+        --json "$OUT/probe-$dev-$stamp.json" 2>"$OUT/probe.err" | tail -60
+      ;;
+    bench)
+      capped 330 python3 -m sam_kernels.bench --json "$OUT/bench-$dev-$stamp.json" \
+        --markdown "$OUT/bench-$dev-$stamp.md" --plot "$OUT/bench-$dev-$stamp.png" 2>"$OUT/bench.err" | tail -80
+      ;;
+    memory)
+      capped 150 python3 -m sam_kernels.memory --json "$OUT/memory-$dev-$stamp.json" \
+        --plot "$OUT/memory-$dev-$stamp.png" 2>"$OUT/memory.err" | tail -30
+      ;;
+    pytest-bench)
+      capped 120 python3 -m pytest bench --benchmark-only -q -p no:cacheprovider \
+        --benchmark-json "$OUT/pytest-bench-$dev-$stamp.json" 2>&1 | tail -5
+      ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+# At most 8 files come back: the results and logs go as one archive (unpack under bench/results/),
+# beside the build and Triton's compiled kernels for the next call (carry them in .gpu-cache/).
+if [ -d ~/.triton/cache ]; then
+  tar -czf "$OUT/triton-cache.tgz" -C ~/.triton cache
+  [ "$(stat -c %s "$OUT/triton-cache.tgz")" -gt 16000000 ] && rm "$OUT/triton-cache.tgz"
+fi
+(cd "$OUT" && tar -czf results.tgz --remove-files $(ls | grep -v -E '^(_C-.*[.]so[.]gz|triton-cache[.]tgz|results[.]tgz)$'))
+ls -la "$OUT"
+echo "done in ${SECONDS}s"

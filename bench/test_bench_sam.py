@@ -1,6 +1,6 @@
 """Per-primitive and whole-step benchmarks (measured, never asserted)."""
 import pytest
-from conftest import BACKENDS, sync
+from conftest import BACKENDS, DEVICE, NUSAM_BACKENDS, sync
 
 from sam_kernels.bench.cases import loop_sam_case, primitive_case, sam_step_case
 
@@ -43,7 +43,7 @@ def test_sam_step_pytorch_optimizer(benchmark, params, base):
     _timed(benchmark, peer_sam_case(params, base))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", NUSAM_BACKENDS)
 def test_power_iteration(benchmark, params, backend):
     from sam_kernels.bench.cases import power_iteration_case
 
@@ -51,7 +51,7 @@ def test_power_iteration(benchmark, params, backend):
     _timed(benchmark, power_iteration_case(params, backend))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", NUSAM_BACKENDS)
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 def test_nusam_step(benchmark, params, base, backend):
     from sam_kernels.bench.cases import nusam_step_case

@@ -34,16 +34,21 @@ def devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def backend_cases():
-    """(backend, device) pairs that can run here; on this CPU machine: cpu, triton (interpreter), torch."""
+def backend_cases(op=None):
+    """(backend, device) pairs that can run here (that have primitive `op`, if given); on this CPU
+    machine: cpu, triton (interpreter), torch."""
     cases = []
     for dev in devices():
         for b in backends.available(dev):
-            cases.append(pytest.param(b, dev, id=f"{b}-{dev}"))
+            if op is None or backends.why_unavailable(b, torch.device(dev), op) is None:
+                cases.append(pytest.param(b, dev, id=f"{b}-{dev}"))
     return cases
 
 
 KERNEL_BACKENDS = [c for c in backend_cases() if c.values[0] != "torch"]
+# nuSAM's primitives have no CUDA C++ kernels (Triton is their GPU path)
+NUSAM_BACKENDS = backend_cases("power_iteration_")
+NUSAM_KERNEL_BACKENDS = [c for c in NUSAM_BACKENDS if c.values[0] != "torch"]
 
 
 def assert_close(actual, expected, dtype=None, msg=""):

@@ -2,7 +2,7 @@
 same code runs on CUDA), gradient accumulation, and the BatchNorm helpers."""
 import pytest
 import torch
-from conftest import backend_cases
+from conftest import NUSAM_BACKENDS, backend_cases
 from torch import nn
 
 from sam_kernels import PSAM, SAM, NuSAM, disable_running_stats, enable_running_stats
@@ -59,8 +59,9 @@ def plain_step(model, opt, b):
     opt.second_step()
 
 
-@pytest.mark.parametrize("backend,device", backend_cases())
-@pytest.mark.parametrize("name", list(CLASSES))
+@pytest.mark.parametrize("backend,device,name", [
+    pytest.param(*c.values, name, id=f"{name}-{c.id}") for name in CLASSES
+    for c in (NUSAM_BACKENDS if name == "nusam" else backend_cases())])
 def test_grad_scaler_gives_the_unscaled_trajectory(backend, device, name):
     model, ref = mlp(device=device), mlp(device=device)
     opt, ref_opt = make_opt(name, model, backend), make_opt(name, ref, backend)

@@ -6,11 +6,11 @@ import io
 
 import pytest
 import torch
-from conftest import KERNEL_BACKENDS, backend_cases, poison
+from conftest import NUSAM_BACKENDS, NUSAM_KERNEL_BACKENDS, poison
 
 from sam_kernels import SAM, GaussSAM, NuSAM, ops
 
-BACKENDS = backend_cases()
+BACKENDS = NUSAM_BACKENDS
 TRAJ_TOL = dict(rtol=1e-4, atol=1e-5)  # fp32 rounding through a few steps and power iterations
 
 
@@ -71,7 +71,7 @@ def test_power_iteration_matches_reference_per_step_and_warm_start(backend, devi
     assert float(sig[0]) == pytest.approx(float(S[0]), rel=1e-5)
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", NUSAM_KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_rank1_primitives_match_reference(backend, device, dtype):
     shapes = SHAPES + [(300, 257)]
@@ -236,7 +236,7 @@ def test_trajectory_matches_exact_svd_reference_with_many_power_iterations(backe
     torch.testing.assert_close(ours, ref, **TRAJ_TOL)
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", NUSAM_KERNEL_BACKENDS)
 @pytest.mark.parametrize("normalized", [False, True], ids=["nusam", "nusam-norm"])
 def test_backends_agree(backend, device, normalized):
     data = batches(6, device)
@@ -376,7 +376,7 @@ from hypothesis import strategies as st  # noqa: E402
 _shapes = st.lists(st.tuples(st.integers(0, 70), st.integers(0, 70)), min_size=1, max_size=5)
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", NUSAM_KERNEL_BACKENDS)
 @settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shapes=_shapes, iters=st.integers(1, 3), scale=st.floats(-2, 2),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))

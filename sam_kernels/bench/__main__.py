@@ -66,7 +66,7 @@ def plan(device, backend_list, quick, sets=None, compiled=None):
         except ImportError:
             pass
         if any(len(s) == 2 for s in PARAM_SETS[name]()):  # nuSAM perturbs matrices only
-            for b in backend_list:
+            for b in [b for b in backend_list if backends.why_unavailable(b, device, "power_iteration_") is None]:
                 jobs += [(name, "power_iteration", b), (name, "nusam_step", b), (name, "nusam_step_adamw", b)]
         jobs.append((name, "sgd_step", "torch_foreach"))
         jobs.append((name, "sgd_step", "torch_fused"))  # fused=True: CUDA and CPU kernels in torch
@@ -127,12 +127,18 @@ def run(args) -> list[dict]:
                             "frac_of_copy": gbps / copy})
         del fns
         bar.update(len(group))
+        if args.json:  # as it goes: a run cut short still leaves its records
+            _write(args.json, json.dumps(records, indent=1))
     bar.close()
     models = [m for m in args.models.split(",") if m] if args.models is not None else (
         ["resnet20"] if args.quick else ["resnet20", "resnet56", "vit_s"])
     if models:
         batch = args.batch or (32 if args.quick else 128)
-        records += run_train_steps(device, models, batch, reps=3 if args.quick else 20, warmup=1 if args.quick else 5)
+        for model in models:
+            records += run_train_steps(device, [model], batch, reps=3 if args.quick else 20,
+                                       warmup=1 if args.quick else 5)
+            if args.json:
+                _write(args.json, json.dumps(records, indent=1))
     return records
 
 
@@ -198,6 +204,12 @@ def plot(records, path: str) -> None:
     plt.close(fig)
 
 
+def _write(path: str, payload: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(payload)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m sam_kernels.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,9 +232,7 @@ def main(argv=None):
     print(text)
     for path, payload in ((args.json, json.dumps(records, indent=1)), (args.markdown, text + "\n")):
         if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                f.write(payload)
+            _write(path, payload)
     if args.plot:  # last: the records are saved even where matplotlib is missing
         plot(records, args.plot)
     return records
