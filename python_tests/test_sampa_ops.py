@@ -219,3 +219,27 @@ def test_property_sampa_adam(backend, device, sizes, lr, beta1, beta2, wd, decou
     ops.sampa_update_adam_(x_ref, g, g2, *state_ref, lam=lam, backend="torch", **kw)
     for a, b in zip(x + state[0] + state[1], x_ref + state_ref[0] + state_ref[1]):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_update_at_the_endpoints_reads_one_gradient(backend, device, lam):
+    """lam = 0 / 1 is the plain fused step with one gradient, by construction: the other is not
+    read (NaN there changes nothing), for SGD and Adam alike."""
+    sizes = [7, 4097]
+    x, g = make(sizes, torch.bfloat16, device), make(sizes, torch.bfloat16, device)
+    unused = [poison(t.clone()) for t in g]
+    grads, grads2 = (g, unused) if lam == 0 else (unused, g)
+    bufs = make(sizes, torch.bfloat16, device)
+    x_one, bufs_one = clone_all(x), clone_all(bufs)
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.1, maximize=True)
+    ops.sampa_update_sgd_(x, grads, grads2, bufs, lam=lam, backend=backend, **kw)
+    ops.restore_sgd_(x_one, x_one, g, bufs_one, backend=backend, **kw)
+    for a, b in zip(x + bufs, x_one + bufs_one):
+        assert torch.equal(a, b)
+    state = adam_state(sizes, torch.bfloat16, device)
+    state_one = [clone_all(s) for s in state]
+    ops.sampa_update_adam_(x, grads, grads2, *state, lam=lam, backend=backend, **adam_kw(ADAM_CONFIGS[0]))
+    ops.restore_adam_(x_one, x_one, g, *state_one, backend=backend, **adam_kw(ADAM_CONFIGS[0]))
+    for a, b in zip(x + state[0] + state[1], x_one + state_one[0] + state_one[1]):
+        assert torch.equal(a, b)

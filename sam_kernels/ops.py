@@ -96,14 +96,15 @@ class _Staged:
         return False
 
 
-def _run(op: str, backend: str, lists: dict, written: tuple[str, ...], scalars: dict):
+def _run(op: str, backend: str, lists: dict, written: tuple[str, ...], scalars: dict, impl: str | None = None):
+    """Primitive `op` (implemented by the backend's function `impl`, default `op`) on `lists`."""
     params = next(iter(lists.values()))
     _check_lists(op, params, lists)
     if not params:
         return None
     device = _device_of(op, [v for v in lists.values() if v])
     name = backends.resolve(backend, device, op)
-    fn = getattr(_impl(name), op)
+    fn = getattr(_impl(name), impl or op)
     if name == "torch":
         return fn(**{k: (v if v is not None else []) for k, v in lists.items()}, **scalars)
     with _Staged(lists, written, aligned=name == "triton") as staged:
@@ -234,10 +235,18 @@ def sampa_update_sgd_(params, grads, grads2, bufs=None, *, lam: float, lr: float
     """One torch.optim.SGD step from x with d = (1 - lam) * grads + lam * grads2, in one pass."""
     scalars = _sgd_scalars("sampa_update_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize,
                            init_bufs)
+    lam = _lam("sampa_update_sgd_", lam)
+    if lam in (0.0, 1.0):  # one gradient: the plain fused step, bit for bit, without reading the other
+        _check_lists("sampa_update_sgd_", params, {"grads": grads, "grads2": grads2})
+        _run("sampa_update_sgd_", backend,
+             {"params": list(params), "olds": list(params), "grads": list(grads2 if lam else grads),
+              "bufs": list(bufs) if momentum != 0 else None},
+             ("params", "bufs"), {**scalars, "grad_scale": 1.0}, impl="restore_sgd_")
+        return
     _run("sampa_update_sgd_", backend,
          {"params": list(params), "grads": list(grads), "grads2": list(grads2),
           "bufs": list(bufs) if momentum != 0 else None},
-         ("params", "bufs"), {"lam": _lam("sampa_update_sgd_", lam), **scalars})
+         ("params", "bufs"), {"lam": lam, **scalars})
 
 
 @torch.no_grad()
@@ -248,10 +257,18 @@ def sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg
     """One torch.optim.Adam / AdamW step from x with d = (1 - lam) * grads + lam * grads2, in one pass."""
     scalars = _adam_scalars("sampa_update_adam_", max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
                             amsgrad, maximize, bias_correction1, bias_correction2)
+    lam = _lam("sampa_update_adam_", lam)
+    if lam in (0.0, 1.0):  # one gradient: the plain fused step, bit for bit, without reading the other
+        _check_lists("sampa_update_adam_", params, {"grads": grads, "grads2": grads2})
+        _run("sampa_update_adam_", backend,
+             {"params": list(params), "olds": list(params), "grads": list(grads2 if lam else grads),
+              **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)},
+             ("params", *_ADAM_WRITES), {**scalars, "grad_scale": 1.0}, impl="restore_adam_")
+        return
     _run("sampa_update_adam_", backend,
          {"params": list(params), "grads": list(grads), "grads2": list(grads2),
           **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)},
-         ("params", *_ADAM_WRITES), {"lam": _lam("sampa_update_adam_", lam), **scalars})
+         ("params", *_ADAM_WRITES), {"lam": lam, **scalars})
 
 
 # --- nuSAM -----------------------------------------------------------------------------------
