@@ -61,8 +61,11 @@ def _by_momentum_buffer(base, group, params, run, create: bool, keys=None) -> No
     for init in (True, False):
         index = [i for i, new in enumerate(fresh) if new is init]
         if index:
-            bufs = ([state[keys[i]]["momentum_buffer"].view(params[i].shape) for i in index]
-                    if create or not init else None)
+            bufs = None
+            if create or not init:
+                bufs = [state[keys[i]]["momentum_buffer"] for i in index]
+                if keys is not params:  # views with the shapes of params
+                    bufs = [b.view(params[i].shape) for b, i in zip(bufs, index)]
             run(index, bufs, init)
 
 
@@ -104,6 +107,7 @@ def _adam_batches(base, group, params, create: bool, keys=None):
     params grouped by step count (the bias corrections depend on it). create: initialize missing
     state as torch.optim.Adam does and count the step (an update); otherwise (a preview) zeros
     stand in for missing moments and no state is created or changed. keys: as for SGD."""
+    viewed = keys is not None  # state tensors have the keys' shapes: view them with the params'
     state, keys = base.state, keys if keys is not None else params
     amsgrad = group["amsgrad"]
     names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
@@ -125,9 +129,9 @@ def _adam_batches(base, group, params, create: bool, keys=None):
     for step, index in by_step.items():
         lists = []
         for name in names:
-            have = [keys[i] in state and name in state[keys[i]] for i in index]
-            lists.append([state[keys[i]][name].view(params[i].shape) if h else torch.zeros_like(params[i])
-                          for i, h in zip(index, have)])
+            sts = [state[keys[i]] if keys[i] in state else {} for i in index]
+            lst = [st[name] if name in st else torch.zeros_like(params[i]) for st, i in zip(sts, index)]
+            lists.append([t.view(params[i].shape) for t, i in zip(lst, index)] if viewed else lst)
         yield index, step, lists + ([] if amsgrad else [None])
 
 

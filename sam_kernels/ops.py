@@ -25,6 +25,7 @@ SAMPa (the two points of a step from one read of x, and the update with the mixe
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import operator
 
@@ -39,17 +40,18 @@ def _impl(backend: str):
     return importlib.import_module(_IMPL_MODULES[backend], __package__)
 
 
-_device = operator.attrgetter("device")
+_get_device = torch.Tensor.get_device
 _contiguous = torch.Tensor.is_contiguous
 
 
 def _device_of(name: str, lists) -> torch.device:
-    devices = set()
+    indices = set()  # device indices (-1: CPU): ints are cheaper to get than torch.device objects
     for lst in lists:
-        devices.update(map(_device, lst))
-    if len(devices) > 1:
+        indices.update(map(_get_device, lst))
+    if len(indices) > 1:
+        devices = {t.device for lst in lists for t in lst}
         raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
-    return next(iter(devices))
+    return lists[0][0].device
 
 
 def _check_lists(op: str, params, lists: dict):
@@ -58,8 +60,15 @@ def _check_lists(op: str, params, lists: dict):
             raise ValueError(f"{op}: '{name}' has {len(lst)} tensors, params has {len(params)}")
 
 
+_data_ptr = torch.Tensor.data_ptr
+
+
 def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0
+
+
+def _all_aligned(lst) -> bool:
+    return not functools.reduce(operator.or_, map(_data_ptr, lst), 0) & 15  # C-level loop: no per-tensor call
 
 
 class _Staged:
@@ -73,7 +82,7 @@ class _Staged:
         self._written = written
         present = [v for v in lists.values() if v]
         fine = (lambda t: t.is_contiguous() and _aligned(t)) if aligned else _contiguous
-        if all(all(map(fine, v)) for v in present):  # the common case, checked cheaply
+        if all(all(map(_contiguous, v)) and (not aligned or _all_aligned(v)) for v in present):  # the common case
             self._index = []
         else:
             n = len(present[0])

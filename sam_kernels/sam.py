@@ -113,7 +113,7 @@ class SAM(SharpnessAwareOptimizer):
         """The x_old buffer of p, allocated once and reused (contiguous, p's dtype: a bit-exact copy)."""
         st = self.state[p]
         old = st.get("old_p")
-        if old is None or old.shape != p.shape or old.dtype != p.dtype or old.device != p.device:
+        if old is None or old.shape != p.shape or old.dtype != p.dtype or old.get_device() != p.get_device():
             old = st["old_p"] = torch.empty_like(p, memory_format=torch.contiguous_format)
         return old
 

@@ -22,6 +22,8 @@ PARAM_SETS = {
     # one large flat tensor
     "flat_16m": lambda: [(16 * 2**20,)],
     "flat_128m": lambda: [(128 * 2**20,)],
+    # 152 one-element tensors (ViT-B's count): the time is the host's work per call (Python, launches)
+    "overhead_152": lambda: [(1,)] * 152,
     # a few odd-sized tensors: for smoke tests of the benchmark itself
     "tiny": lambda: [(33, 7), (1000,), (5, 3, 3, 3), (1,)],
 }

@@ -16,6 +16,7 @@ blocks without a mask, then the one partial block per tensor with a mask (MASKED
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import triton
@@ -85,6 +86,19 @@ def _block_table(numels: tuple[int, ...], block: int, device: torch.device):
     return parts, as_dev(list(numels), torch.int64), len(blocks)
 
 
+_data_ptr = torch.Tensor.data_ptr
+
+
+@functools.lru_cache(maxsize=256)
+def _pointer_table(ptrs: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The addresses on the device. Cached: in a training loop the parameters, their state and
+    (through the caching allocator) the gradients keep their addresses, so after the first steps
+    a launch sends no table at all; the entries are the key itself, so a hit is never stale."""
+    if device.type == "cpu":
+        return torch.tensor(ptrs, dtype=torch.int64)
+    return torch.tensor(ptrs, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+
+
 class Launch:
     """Tables for one multi-tensor launch over `lists` (each a list of same-sized tensors)."""
 
@@ -93,11 +107,7 @@ class Launch:
         self.device = first[0].device
         self.n_tensors = len(first)
         self.parts, self.numels, self.n_blocks = _block_table(tuple(t.numel() for t in first), block, self.device)
-        ptrs = [t.data_ptr() for lst in lists for t in lst]
-        if self.device.type == "cpu":
-            self.ptrs = torch.tensor(ptrs, dtype=torch.int64)
-        else:
-            self.ptrs = torch.tensor(ptrs, dtype=torch.int64, pin_memory=True).to(self.device, non_blocking=True)
+        self.ptrs = _pointer_table(tuple(map(_data_ptr, itertools.chain.from_iterable(lists))), self.device)
         self.block = block
 
     def run(self, kernel, *args, **meta):
