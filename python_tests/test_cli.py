@@ -1,5 +1,9 @@
 """The demo and the benchmark CLI run end to end (small sizes) and report what they promise."""
 import json
+import os
+import re
+import subprocess
+import sys
 
 import torch
 
@@ -86,3 +90,17 @@ def test_memory_cli_records(tmp_path):
     assert abs(by["sam"]["peak_bytes"] - by["sgd"]["peak_bytes"] - params) <= 0.01 * params
     assert by["nusam"]["peak_bytes"] - by["sgd"]["peak_bytes"] <= 0.02 * params
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pytest_benchmark_suite_collects_and_runs():
+    """`pytest bench --benchmark-only` is how runs are compared across commits: the suite must
+    collect (all of it) and run (one kernel, timing disabled) here, not only on a GPU machine."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    base = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider"]
+    collected = subprocess.run(base + ["--collect-only"], cwd=root, env=env, capture_output=True, text=True)
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert int(re.search(r"(\d+) tests? collected", collected.stdout).group(1)) >= 20
+    ran = subprocess.run(base + ["-k", "test_primitive and grad_norm", "--benchmark-disable"], cwd=root, env=env,
+                         capture_output=True, text=True)
+    assert ran.returncode == 0 and re.search(r"\d+ passed", ran.stdout), ran.stdout + ran.stderr
