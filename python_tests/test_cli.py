@@ -30,12 +30,12 @@ def test_demo_trains_every_optimizer():
     assert by["SGD"]["opt_bytes"] < by["nuSAM"]["opt_bytes"] < by["SGD"]["opt_bytes"] + 0.05 * 4 * n_params
 
 
-def test_bench_cli_records(tmp_path):
-    out = tmp_path / "bench.json"
-    md = tmp_path / "bench.md"
-    png = tmp_path / "bench.png"
-    bench_main(["--sets", "tiny", "--device", "cpu", "--models", "vit_tiny", "--batch", "4", "--json", str(out),
-                "--markdown", str(md), "--plot", str(png)])
+def test_bench_cli_quick_records(tmp_path):
+    """`python -m sam_kernels.bench --quick` as `make demo` runs it (plus the compiled peer): every
+    record has the issue's fields, ratios are consistent, the peers and training steps are there."""
+    out, md, png = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
+    bench_main(["--quick", "--compiled", "yes", "--device", "cpu", "--json", str(out), "--markdown", str(md),
+                "--plot", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = json.loads(out.read_text())
     copy = records[0]
@@ -43,53 +43,65 @@ def test_bench_cli_records(tmp_path):
     train = [r for r in records if r["op"] == "train_step"]
     assert {r["optimizer"] for r in train} == {"sgd", "sam", "nusam", "psam", "sampa", "peer_sam"}
     for r in train:
-        assert r["model"] == "vit_tiny" and r["size"] == "small" and r["median_ms"] > 0 and r["batch"] == 4
+        assert r["model"] == "resnet20" and r["size"] == "small" and r["median_ms"] > 0 and r["batch"] == 32
         assert r["device"] == copy["device"] and r["peak_bytes"] > 0
     peak = {r["optimizer"]: r["peak_bytes"] for r in train}
-    n_bytes = 4 * sum(p.numel() for p in MODELS["vit_tiny"]().parameters())
+    n_bytes = 4 * sum(p.numel() for p in MODELS["resnet20"]().parameters())
     assert peak["sam"] - peak["sgd"] >= 0.9 * n_bytes  # SAM keeps x_old: one more copy of the parameters
-    assert "| vit_tiny | small | 4 | sampa |" in md.read_text()
+    assert "| resnet20 | small | 32 | sampa |" in md.read_text()
     rows = [r for r in records[1:] if r["op"] != "train_step"]
-    ops = {r["op"] for r in rows}
-    assert {"grad_norm", "perturb", "restore", "restore_sgd", "restore_adamw", "sam_step", "power_iteration",
-            "nusam_step", "sampa_step", "sampa_step_adamw"} <= ops
+    assert {"grad_norm", "perturb", "restore", "restore_sgd", "restore_adamw", "sam_step", "sam_step_adamw",
+            "power_iteration", "nusam_step", "sampa_step", "sampa_step_adamw"} <= {r["op"] for r in rows}
     assert {r["backend"] for r in rows} >= {"cpu", "torch", "loop", "peer_sam", "compiled", "torch_foreach",
                                             "torch_fused"}
+    assert {r["params"] for r in rows} == {"vit_s", "flat_16m"}
     for r in rows:
         for key in ("op", "backend", "device", "dtype", "numel", "tensors", "median_ms", "gbps", "frac_of_copy"):
             assert key in r, key
-        if r["op"] == "power_iteration":  # the matrices only
-            assert r["numel"] == 33 * 7 and r["tensors"] == 1
+        assert r["device"] == copy["device"] and r["dtype"] == "float32" and r["median_ms"] > 0
+        if r["params"] == "flat_16m":
+            assert (r["numel"], r["tensors"]) == (16 * 2 ** 20, 1)
+        elif r["op"] == "power_iteration":  # the matrices only
+            assert r["tensors"] == 49 and r["numel"] < 22_050_664
         else:
-            assert r["numel"] == 33 * 7 + 1000 + 135 + 1 and r["tensors"] == 4
-        assert r["median_ms"] > 0
+            assert (r["numel"], r["tensors"]) == (22_050_664, 152)
+        # (0, 1.3] holds on a GPU (checked on the committed results in test_results_files.py); a
+        # CPU copy pays a write-allocate read per byte written, so read-heavy kernels beat it here
+        assert 0 < r["frac_of_copy"] < 3
         assert abs(r["frac_of_copy"] - r["gbps"] / copy["gbps"]) < 1e-9
-    assert "| tiny | sam_step | cpu |" in md.read_text()
-    assert torch.get_num_threads() >= 1
+    assert "| vit_s | sam_step | cpu |" in md.read_text()
 
 
-def test_memory_cli_records(tmp_path):
+def test_memory_cli_quick_records(tmp_path):
+    """`python -m sam_kernels.memory --quick` as `make demo` runs it: the fields, and the bytes each
+    optimizer must hold (exact tensor accounting on CPU)."""
     from sam_kernels.memory import main as memory_main
 
     out, png = tmp_path / "memory.json", tmp_path / "memory.png"
-    memory_main(["--models", "vit_s", "--optimizers", "sgd,sam,nusam,sampa", "--batch", "2", "--json", str(out),
-                 "--plot", str(png)])
-    records = json.loads(out.read_text())
-    by = {r["optimizer"]: r for r in records}
-    assert set(by) == {"sgd", "sam", "nusam", "sampa"}
-    for r in records:
-        for key in ("optimizer", "model", "device", "params_bytes", "perturbation_bytes", "state_bytes", "peak_bytes"):
-            assert key in r, key
-        assert r["model"] == "vit_s" and r["peak_bytes"] >= r["params_bytes"] + r["state_bytes"] + r["perturbation_bytes"]
-    params = by["sgd"]["params_bytes"]
-    assert by["sgd"]["perturbation_bytes"] == 0 and by["sgd"]["state_bytes"] == params  # the momentum buffers
-    assert by["sam"]["perturbation_bytes"] == params  # x_old: one copy of the parameters
-    assert by["nusam"]["perturbation_bytes"] <= 0.01 * by["sam"]["perturbation_bytes"]  # vectors, not a copy
-    assert by["sampa"]["perturbation_bytes"] == 3 * params  # g_y and the x~ / y parameter sets
-    # the peaks: SAM holds one more copy than SGD (plus small temporaries: norm partials, tables); nuSAM ~ SGD
-    assert abs(by["sam"]["peak_bytes"] - by["sgd"]["peak_bytes"] - params) <= 0.01 * params
-    assert by["nusam"]["peak_bytes"] - by["sgd"]["peak_bytes"] <= 0.02 * params
+    memory_main(["--quick", "--json", str(out), "--plot", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = json.loads(out.read_text())
+    assert {r["model"] for r in records} == {"vit_s", "resnet20"}
+    for model in ("vit_s", "resnet20"):
+        by = {r["optimizer"]: r for r in records if r["model"] == model}
+        assert set(by) == {"sgd", "adamw", "sam", "nusam", "psam", "sampa"}
+        for r in by.values():
+            for key in ("optimizer", "model", "device", "params_bytes", "perturbation_bytes", "state_bytes",
+                        "peak_bytes"):
+                assert key in r, key
+            assert r["peak_bytes"] >= r["params_bytes"] + r["state_bytes"] + r["perturbation_bytes"]
+        params = by["sgd"]["params_bytes"]
+        assert by["sgd"]["perturbation_bytes"] == 0 and by["sgd"]["state_bytes"] == params  # momentum buffers
+        assert by["adamw"]["state_bytes"] >= 2 * params  # two moments (and the step counters)
+        assert by["sam"]["perturbation_bytes"] == by["psam"]["perturbation_bytes"] == params  # x_old
+        assert by["sampa"]["perturbation_bytes"] == 3 * params  # g_y and the x~ / y parameter sets
+        # the peaks: SAM holds one more copy than SGD (plus small temporaries: norm partials, tables)
+        assert abs(by["sam"]["peak_bytes"] - by["sgd"]["peak_bytes"] - params) <= 0.01 * params
+        # nuSAM keeps 4 (2n + m) bytes per n x m matrix: under 1% of SAM's copy on ViT-S; ResNet-20's
+        # conv matrices are small (16 x 144 ... 64 x 576), so its vectors are ~3% of them
+        limit = 0.01 if model == "vit_s" else 0.05
+        assert 0 < by["nusam"]["perturbation_bytes"] <= limit * by["sam"]["perturbation_bytes"]
+        assert by["nusam"]["peak_bytes"] - by["sgd"]["peak_bytes"] <= 2 * limit * params
 
 
 def test_pytest_benchmark_suite_collects_and_runs():
