@@ -4,14 +4,16 @@ One launch covers every tensor of a (device, dtype) group, whatever their number
 like the work table of Triton's grouped-GEMM tutorial: program p handles BLOCK elements of
 tensor blk_tensor[p] starting at blk_start[p]; the tensors' addresses are int64 entries of a
 pointer table, cast in the kernel with tl.pointer_type. The block table depends only on the
-sizes and is cached; the pointer table is rebuilt per call (gradients move between steps)
-and sent with one asynchronous copy from pinned memory.
+sizes and is cached; the pointer table is cached by the addresses it holds and otherwise
+sent with one asynchronous copy from pinned memory.
 
 Vector width: the compiler issues 16-byte loads and stores only where it can prove that the
-addresses are 16-byte aligned and that the mask is constant over each vector. So the base
-addresses carry an alignment hint (ops.py stages any tensor whose address is not a multiple of
-16 bytes), block starts are multiples of BLOCK, and a table is launched in two parts: the full
-blocks without a mask, then the one partial block per tensor with a mask (MASKED).
+addresses are 16-byte aligned and that the mask is constant over each vector (checked in the
+PTX of sm_90 builds: ld.global.v4.b32, not ld.global.b32). So the base addresses carry an
+alignment hint (ops.py stages any tensor whose address is not a multiple of 16 bytes), block
+starts are multiples of BLOCK, and the element counts carry a hint that they are multiples of
+VEC = 16 bytes / element size, which makes `offs < numel` constant over each vector. Tensors
+whose count is not such a multiple (rare: an odd-sized bias) go to a second launch with VEC = 1.
 """
 from __future__ import annotations
 
@@ -38,17 +40,16 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def block_of(numels, blk_tensor, blk_start, MASKED: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's tensor index, element offsets and in-bounds mask (all true, as a constant
-    the compiler can see, in the launch over full blocks)."""
+def block_of(numels, blk_tensor, blk_start, VEC: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tensor index, element offsets and in-bounds mask (constant over runs of VEC
+    elements: the tensors of a launch with VEC > 1 have counts that are multiples of VEC)."""
     pid = tl.program_id(0)
     t = tl.load(blk_tensor + pid)
     offs = tl.multiple_of(tl.load(blk_start + pid), BLOCK) + tl.arange(0, BLOCK)
-    if MASKED:
-        mask = offs < tl.load(numels + t)
-    else:
-        mask = tl.full([BLOCK], 1, tl.int1)
-    return t, offs, mask
+    n = tl.load(numels + t)
+    if VEC > 1:
+        n = tl.multiple_of(n, VEC)
+    return t, offs, offs < n
 
 
 @triton.jit
@@ -70,20 +71,20 @@ def compute_dtype(dtype: torch.dtype):
 
 
 @functools.lru_cache(maxsize=128)
-def _block_table(numels: tuple[int, ...], block: int, device: torch.device):
-    """(first block, tensor indices, starts, number of blocks, masked) per launch part: the full
-    blocks first, then the partial ones; and the numels on the device."""
-    full, partial = [], []
+def _block_table(numels: tuple[int, ...], block: int, vec: int, device: torch.device):
+    """The launches over tensors of these sizes, each (first block, tensor indices, starts, number
+    of blocks, VEC): the tensors whose count is a multiple of vec, then (VEC = 1) the others; and
+    the numels on the device."""
+    parts = {vec: [], 1: []}
     for i, n in enumerate(numels):
-        for s in range(0, n, block):
-            (full if s + block <= n else partial).append((i, s))
+        parts[vec if n % vec == 0 else 1].extend((i, s) for s in range(0, n, block))
     as_dev = lambda v, dt: torch.tensor(v, dtype=dt).to(device)  # noqa: E731 (built once per size set)
-    blocks = full + partial
+    blocks = parts[vec] + (parts[1] if vec != 1 else [])
     blk_tensor = as_dev([i for i, _ in blocks], torch.int32)
     blk_start = as_dev([s for _, s in blocks], torch.int64)
-    bounds = ((0, len(full), False), (len(full), len(blocks), True))
-    parts = tuple((lo, blk_tensor[lo:hi], blk_start[lo:hi], hi - lo, masked) for lo, hi, masked in bounds if hi > lo)
-    return parts, as_dev(list(numels), torch.int64), len(blocks)
+    bounds = ((0, len(parts[vec]), vec), (len(parts[vec]), len(blocks), 1))
+    launches = tuple((lo, blk_tensor[lo:hi], blk_start[lo:hi], hi - lo, v) for lo, hi, v in bounds if hi > lo)
+    return launches, as_dev(list(numels), torch.int64), len(blocks)
 
 
 _data_ptr = torch.Tensor.data_ptr
@@ -106,17 +107,20 @@ class Launch:
         first = lists[0]
         self.device = first[0].device
         self.n_tensors = len(first)
-        self.parts, self.numels, self.n_blocks = _block_table(tuple(t.numel() for t in first), block, self.device)
+        vec = max(1, 16 // first[0].element_size())  # elements per 16-byte vector
+        self.parts, self.numels, self.n_blocks = _block_table(tuple(t.numel() for t in first), block, vec,
+                                                              self.device)
         self.ptrs = _pointer_table(tuple(map(_data_ptr, itertools.chain.from_iterable(lists))), self.device)
         self.block = block
 
     def run(self, kernel, *args, **meta):
-        """Launch `kernel` over the table, full blocks then partial ones. An argument given as a
-        function of the part's first block index gets its value per part (per-block outputs)."""
-        for first, blk_tensor, blk_start, n, masked in self.parts:
+        """Launch `kernel` over the table (once; twice if some counts are not multiples of the
+        vector width). An argument given as a function of the launch's first block index gets its
+        value per launch (per-block outputs)."""
+        for first, blk_tensor, blk_start, n, vec in self.parts:
             kernel[(n,)](self.ptrs, self.n_tensors, self.numels, blk_tensor, blk_start,
                          *(a(first) if callable(a) else a for a in args),
-                         MASKED=masked, BLOCK=self.block, **meta, **launch_kwargs())
+                         VEC=vec, BLOCK=self.block, **meta, **launch_kwargs())
 
 
 def dtype_groups(params):

@@ -53,9 +53,9 @@ def _restore_adam_kernel(
     beta1_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size, bc2_sqrt, ncols, scales, lam,
     grad_scale, SCALED: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
     RANK1: tl.constexpr, U_LIST: tl.constexpr, MIX: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr,
-    MASKED: tl.constexpr, BLOCK: tl.constexpr,
+    VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
     m_ptr = tensor_ptr(ptrs, n_tensors, t, 3, DTYPE)
     v_ptr = tensor_ptr(ptrs, n_tensors, t, 4, DTYPE)

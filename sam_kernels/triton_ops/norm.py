@@ -15,9 +15,9 @@ from ._tables import Launch, block_of, tensor_ptr, dtype_groups, pick, tl_dtype
 @triton.jit
 def _sumsq_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start, partials, offset,
-    WEIGHTED: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+    WEIGHTED: tl.constexpr, DTYPE: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     g_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
     v = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if WEIGHTED:

@@ -14,10 +14,10 @@ EPS = 1e-12
 @triton.jit
 def _perturb_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start, norm_ptr, rho, offset,
-    ADAPTIVE: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, MASKED: tl.constexpr,
+    ADAPTIVE: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, VEC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
     g_ptr = tensor_ptr(ptrs, n_tensors, t, 1, DTYPE)
     o_ptr = tensor_ptr(ptrs, n_tensors, t, 2, DTYPE)

@@ -50,8 +50,8 @@ def rank1_lists(lists, params, index, rank1):
 
 @triton.jit
 def _rank1_kernel(ptrs, n_tensors, numels, blk_tensor, blk_start, ncols, scales,
-                  DTYPE: tl.constexpr, CT: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
+                  DTYPE: tl.constexpr, CT: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
     term, s = rank1_term(ptrs, n_tensors, t, offs, mask, ncols, scales, 1)
     x = tl.load(x_ptr + offs, mask=mask).to(CT)

@@ -9,8 +9,8 @@ from ._tables import Launch, block_of, tensor_ptr, dtype_groups, pick, tl_dtype
 
 @triton.jit
 def _restore_kernel(ptrs, n_tensors, numels, blk_tensor, blk_start,
-                    DTYPE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
+                    DTYPE: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
     o_ptr = tensor_ptr(ptrs, n_tensors, t, 1, DTYPE)
     tl.store(x_ptr + offs, tl.load(o_ptr + offs, mask=mask), mask=mask)

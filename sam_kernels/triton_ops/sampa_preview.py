@@ -33,9 +33,9 @@ def _preview_sgd_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start, norm_ptr, rho,
     lr, momentum, one_minus_dampening, weight_decay,
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr,
-    HAS_WD: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_WD: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     x, g = _perturbed_point(ptrs, n_tensors, t, offs, mask, norm_ptr, rho, DTYPE, CT, EPS)
     buf = g
     if MOMENTUM and not INIT_BUFS:
@@ -50,9 +50,9 @@ def _preview_adam_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start, norm_ptr, rho,
     beta1_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size, bc2_sqrt,
     AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
-    DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     x, g = _perturbed_point(ptrs, n_tensors, t, offs, mask, norm_ptr, rho, DTYPE, CT, EPS)
     m = tl.load(tensor_ptr(ptrs, n_tensors, t, 4, DTYPE) + offs, mask=mask).to(CT)
     v = tl.load(tensor_ptr(ptrs, n_tensors, t, 5, DTYPE) + offs, mask=mask).to(CT)

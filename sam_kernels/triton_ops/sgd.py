@@ -41,9 +41,9 @@ def _restore_sgd_kernel(
     lr, momentum, one_minus_dampening, weight_decay, ncols, scales, lam, grad_scale,
     SCALED: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr,
     HAS_WD: tl.constexpr, RANK1: tl.constexpr, U_LIST: tl.constexpr, MIX: tl.constexpr, DTYPE: tl.constexpr,
-    CT: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+    CT: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    t, offs, mask = block_of(numels, blk_tensor, blk_start, MASKED, BLOCK)
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
 
     x = load_old(ptrs, n_tensors, t, offs, mask, ncols, scales, RANK1, U_LIST, DTYPE, CT)  # nuSAM: M - s u v^T
