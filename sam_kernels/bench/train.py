@@ -92,11 +92,15 @@ def run_train_steps(device, models, batch: int, reps: int, warmup: int, backend:
             # model, the data, gradients, the state it creates, the perturbation and activations;
             # measured on CUDA, exact tensor accounting on CPU (sam_kernels.memory.LiveBytes)
             if device.type == "cuda":
+                # the other cases are alive too (they are timed together): count this case's own
+                # bytes before the step and what the step adds on top of everything allocated
+                own = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in fn.tensors}.values())
                 torch.cuda.synchronize(device)
+                before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
                 fn()
                 torch.cuda.synchronize(device)
-                peaks[o] = torch.cuda.max_memory_allocated(device)
+                peaks[o] = torch.cuda.max_memory_allocated(device) - before + own
             else:
                 from ..memory import LiveBytes
 
