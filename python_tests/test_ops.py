@@ -338,9 +338,8 @@ def test_fused_updates_unscale_by_grad_scale(backend, device, dtype):
         x2 = [torch.empty_like(t) for t in olds]
         ops.restore_adam_(x2, olds, g, mm, vv, backend=b, **adam_kw)
         outs[b] = x + bb + x2 + mm + vv
-        # bf16: the torch reference rounds M - s u v^T to bf16, the kernels keep fp32; the 'cuda'
-        # backend has no rank-1 kernels (Triton's are tested on the same device)
-        if dtype == torch.float32 and backends.why_unavailable(backend, torch.device(device), "rank1_restore_sgd_") is None:
+        # the 'cuda' backend has no rank-1 kernels (Triton's are tested on the same device)
+        if backends.why_unavailable(backend, torch.device(device), "rank1_restore_sgd_") is None:
             mats, mbufs = [t.reshape(-1, 1) for t in clone_all(olds)], [t.reshape(-1, 1) for t in clone_all(bufs)]
             ops.rank1_restore_sgd_(mats, us, vs, scales, [t.reshape(-1, 1) for t in g], mbufs, backend=b,
                                    **sgd_kw)

@@ -55,6 +55,19 @@ def restore_(params, olds):
     torch._foreach_copy_(params, olds)
 
 
+def _start(params, olds):
+    """The update's working copy of x_old: params themselves with olds copied in, or for bf16 /
+    fp16 params fp32 copies of olds (so nuSAM's recomputed M - s u v^T enters the step unrounded,
+    as in the kernels)."""
+    out = []
+    for p, o in zip(params, olds):
+        if p.dtype in _HALF:
+            out.append(o.to(torch.float32, copy=True))
+        else:
+            out.append(p.copy_(o))
+    return out
+
+
 def _grads(grads, maximize, grad_scale):
     """The gradient as the update sees it: unscaled by grad_scale (GradScaler), negated to maximize."""
     d = _work(grads)
@@ -66,8 +79,7 @@ def _grads(grads, maximize, grad_scale):
 def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
                  grad_scale=1.0):
     """x <- x_old, then torch.optim.SGD's step with gradient g (times grad_scale)."""
-    torch._foreach_copy_(params, olds)
-    x = _work(params)
+    x = _start(params, olds)
     d = _grads(grads, maximize, grad_scale)
     if weight_decay != 0:
         d = torch._foreach_add(d, x, alpha=weight_decay)
@@ -89,8 +101,7 @@ def restore_adam_(
     weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2, grad_scale=1.0,
 ):
     """x <- x_old, then torch.optim.Adam / AdamW's step with gradient g (times grad_scale)."""
-    torch._foreach_copy_(params, olds)
-    x = _work(params)
+    x = _start(params, olds)
     d = _grads(grads, maximize, grad_scale)
     if weight_decay != 0:
         if decoupled:
