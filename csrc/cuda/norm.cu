@@ -69,7 +69,7 @@ at::Tensor global_norm(at::TensorList tensors, at::TensorList weights, double of
   if (weighted) check_list("global_norm", "weights", weights, tensors, device);
   const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  auto out = at::zeros({}, tensors[0].options().dtype(at::kFloat));
+  const auto options = tensors[0].options().dtype(at::kFloat);
 
   std::vector<at::TensorList> lists{tensors};
   if (weighted) lists.push_back(weights);
@@ -79,8 +79,9 @@ at::Tensor global_norm(at::TensorList tensors, at::TensorList weights, double of
     tables.push_back(make_table(lists, index));
     n_partials += tables.back().n_chunks;
   }
-  if (n_partials == 0) return out;
-  auto partials = at::empty({n_partials}, out.options());
+  if (n_partials == 0) return at::zeros({}, options);
+  auto out = at::empty({}, options);  // written by finalize_kernel: no fill launch
+  auto partials = at::empty({n_partials}, options);
   int64_t at_partial = 0;
   size_t g = 0;
   for (const auto& [dtype, index] : dtype_groups(tensors)) {

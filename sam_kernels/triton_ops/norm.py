@@ -37,14 +37,14 @@ def _finalize_kernel(partials, n, out, BLOCK: tl.constexpr):
 
 def global_norm(tensors, weights, offset):
     device = tensors[0].device
-    out = torch.zeros((), dtype=torch.float32, device=device)
     launches = []
     for dtype, index in dtype_groups(tensors):
         lists = [pick(tensors, index)] + ([pick(weights, index)] if weights else [])
         launches.append((dtype, Launch(lists)))
     total = sum(l.n_blocks for _, l in launches)
     if total == 0:
-        return out
+        return torch.zeros((), dtype=torch.float32, device=device)
+    out = torch.empty((), dtype=torch.float32, device=device)  # written by the cleanup: no fill launch
     partials = torch.empty(total, dtype=torch.float32, device=device)
     at = 0
     for dtype, launch in launches:
