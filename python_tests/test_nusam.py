@@ -460,3 +460,23 @@ def test_conv_reshape_keeps_the_base_state_on_the_parameters(base):
             assert t.dim() == 0 or t.shape == p.shape
     for a, b in zip(params, generic_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("vector", r"mats\[1\] must be a matrix, got shape \(5,\)"),
+    ("u_size", r"us\[1\] must be a float32 vector of 4 values, got torch.float32 \(3,\)"),
+    ("v_dtype", r"vs\[0\] must be a float32 vector of 3 values, got torch.float16 \(3,\)"),
+])
+def test_rank1_primitives_reject_bad_vectors_before_touching_anything(bad, message):
+    mats = [torch.randn(2, 3), torch.randn(4, 6)]
+    us, vs = [torch.randn(2), torch.randn(4)], [torch.randn(3), torch.randn(6)]
+    if bad == "vector":
+        mats[1] = torch.randn(5)
+    elif bad == "u_size":
+        us[1] = torch.randn(3)
+    else:
+        vs[0] = vs[0].half()
+    before = [t.clone() for t in mats + us + vs]
+    with pytest.raises(ValueError, match=message):
+        ops.rank1_update_(mats, us, vs, torch.ones(2))
+    assert all(torch.equal(a, b) for a, b in zip(mats + us + vs, before))

@@ -84,9 +84,10 @@ class NuSAM(SharpnessAwareOptimizer):
         if self._perturbed is not None:
             raise RuntimeError("NuSAM.first_step() called twice: call second_step() or restore() in between")
         work = self._params_with_grad("NuSAM first_step")
-        params = [p for g, ps in work for p in ps if self._is_matrix(p)]
-        rhos = [g["rho"] for g, ps in work for p in ps if self._is_matrix(p)]
-        normed = [g["normalized"] for g, ps in work for p in ps if self._is_matrix(p)]
+        chosen = [(p, g) for g, ps in work for p in ps if self._is_matrix(p)]
+        params = [p for p, _ in chosen]
+        rhos = [g["rho"] for _, g in chosen]
+        normed = [g["normalized"] for _, g in chosen]
         if not params:
             self._perturbed = ([], [], [], [], None, None)
             if zero_grad:
@@ -139,9 +140,12 @@ class NuSAM(SharpnessAwareOptimizer):
                 idx = [where[id(ps[i])] for i in rank1]
                 sel = [mats[j] for j in idx]
                 grads = [ps[i].grad.reshape(m.shape) for i, m in zip(rank1, sel)]
+                keys = [ps[i] for i in rank1]  # the state's owners: the parameters, not conv views
+                sel_scales = scales if idx == list(range(len(params))) else scales[idx]
                 UPDATES[kind](self.base_optimizer, group, sel, None, grads, self.backend,
-                              rank1=([us[j] for j in idx], [vs[j] for j in idx], scales[idx]),
-                              grad_scale=self._grad_scale, keys=[ps[i] for i in rank1])
+                              rank1=([us[j] for j in idx], [vs[j] for j in idx], sel_scales),
+                              grad_scale=self._grad_scale,
+                              keys=None if all(k is m for k, m in zip(keys, sel)) else keys)
                 done.update(idx)
             if plain:
                 pp = [ps[i] for i in plain]

@@ -284,6 +284,12 @@ def sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg
 
 def _rank1_lists(op, mats, us, vs):
     mats, us, vs = list(mats), list(us), list(vs)
+    shapes = [m.shape for m in mats]
+    if (len(us) == len(vs) == len(mats) and all(len(s) == 2 for s in shapes)
+            and [(u.dtype, u.shape[0], v.dtype, v.shape[0]) for u, v in zip(us, vs)]
+            == [(torch.float32, s[0], torch.float32, s[1]) for s in shapes]
+            and all(u.dim() == 1 and v.dim() == 1 for u, v in zip(us, vs))):
+        return mats, us, vs  # the common case, checked in a few list passes
     for i, m in enumerate(mats):
         if m.dim() != 2:
             raise ValueError(f"{op}: mats[{i}] must be a matrix, got shape {tuple(m.shape)}")

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tables import launch_kwargs, tl_dtype
+from ._tables import _pointer_table, launch_kwargs, tl_dtype
 
 BR_T, BC_T = 32, 128  # G^T u: row tile, column block
 BR, BC = 16, 256      # G v: row block, column tile
@@ -128,8 +128,7 @@ def _plan(shapes: tuple, device: torch.device):
 
 
 def _ptrs(tensors, device):
-    p = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-    return p if device.type == "cpu" else p.pin_memory().to(device, non_blocking=True)
+    return _pointer_table(tuple(map(torch.Tensor.data_ptr, tensors)), device)
 
 
 def power_iteration_(mats, us, vs, sigmas, iters, tau):
