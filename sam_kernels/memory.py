@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import sys
 import weakref
 
 import torch
@@ -22,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import PSAM, SAM, NuSAM, SAMPa
 from .bench.models import MODELS, cross_entropy, synthetic_batches
+from .bench.output import progress, pyplot, save_figure, write_text
 from .bench.timing import device_name
 
 OPTIMIZERS = ("sgd", "adamw", "sam", "nusam", "psam", "sampa")
@@ -147,8 +146,6 @@ def table(records) -> str:
 def plot(records, path: str) -> None:
     """A stacked bar per optimizer (parameters, gradients, state, perturbation, the rest of the
     peak: activations and temporaries), one panel per model."""
-    from .bench.__main__ import pyplot
-
     plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in records))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
@@ -165,10 +162,7 @@ def plot(records, path: str) -> None:
         ax.set_title(f"{m} ({rows[0]['device']})")
         ax.set_ylabel("MiB")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path, dpi=120)
 
 
 def main(argv=None):
@@ -187,25 +181,16 @@ def main(argv=None):
                                                           else ["vit_s", "vit_b", "mixer_b", "resnet56"])
     names = [o for o in args.optimizers.split(",") if o] or list(OPTIMIZERS)
     batch = args.batch or (4 if args.quick else 128)
-    try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(models) * len(names), desc="memory", file=sys.stderr, leave=False)
-    except ImportError:  # pragma: no cover
-        bar = None
+    bar = progress(len(models) * len(names), "memory")
     records = []
     for m in models:
         for name in names:
             records.append(measure(name, m, device, batch))
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+    bar.close()
     print(table(records))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+        write_text(args.json, json.dumps(records, indent=1))
     if args.plot:
         plot(records, args.plot)
     return records

@@ -206,6 +206,14 @@ def _lam(op: str, lam) -> float:
     return float(lam)
 
 
+def _update_with_one_gradient(op, impl, backend, params, grads, grads2, lam, state, written, scalars) -> None:
+    """SAMPa's update at lam = 0 / 1: the plain fused step `impl` with the one gradient it uses,
+    bit for bit, without reading the other."""
+    _check_lists(op, params, {"grads": grads, "grads2": grads2})
+    _run(op, backend, {"params": list(params), "olds": list(params), "grads": list(grads2 if lam else grads), **state},
+         written, {**scalars, "grad_scale": 1.0}, impl=impl)
+
+
 @torch.no_grad()
 def sampa_preview_sgd_(params, grads, perturbed, previews, bufs=None, *, norm: torch.Tensor, rho: float, lr: float,
                        momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
@@ -245,13 +253,9 @@ def sampa_update_sgd_(params, grads, grads2, bufs=None, *, lam: float, lr: float
     scalars = _sgd_scalars("sampa_update_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize,
                            init_bufs)
     lam = _lam("sampa_update_sgd_", lam)
-    if lam in (0.0, 1.0):  # one gradient: the plain fused step, bit for bit, without reading the other
-        _check_lists("sampa_update_sgd_", params, {"grads": grads, "grads2": grads2})
-        _run("sampa_update_sgd_", backend,
-             {"params": list(params), "olds": list(params), "grads": list(grads2 if lam else grads),
-              "bufs": list(bufs) if momentum != 0 else None},
-             ("params", "bufs"), {**scalars, "grad_scale": 1.0}, impl="restore_sgd_")
-        return
+    if lam in (0.0, 1.0):
+        return _update_with_one_gradient("sampa_update_sgd_", "restore_sgd_", backend, params, grads, grads2, lam,
+                                         {"bufs": list(bufs) if momentum != 0 else None}, ("params", "bufs"), scalars)
     _run("sampa_update_sgd_", backend,
          {"params": list(params), "grads": list(grads), "grads2": list(grads2),
           "bufs": list(bufs) if momentum != 0 else None},
@@ -267,13 +271,10 @@ def sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg
     scalars = _adam_scalars("sampa_update_adam_", max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
                             amsgrad, maximize, bias_correction1, bias_correction2)
     lam = _lam("sampa_update_adam_", lam)
-    if lam in (0.0, 1.0):  # one gradient: the plain fused step, bit for bit, without reading the other
-        _check_lists("sampa_update_adam_", params, {"grads": grads, "grads2": grads2})
-        _run("sampa_update_adam_", backend,
-             {"params": list(params), "olds": list(params), "grads": list(grads2 if lam else grads),
-              **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)},
-             ("params", *_ADAM_WRITES), {**scalars, "grad_scale": 1.0}, impl="restore_adam_")
-        return
+    if lam in (0.0, 1.0):
+        return _update_with_one_gradient("sampa_update_adam_", "restore_adam_", backend, params, grads, grads2, lam,
+                                         _adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad),
+                                         ("params", *_ADAM_WRITES), scalars)
     _run("sampa_update_adam_", backend,
          {"params": list(params), "grads": list(grads), "grads2": list(grads2),
           **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)},

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 
@@ -22,27 +20,13 @@ from .cases import (BYTES_PER_ELEMENT, compiled_sam_case, loop_sam_case, make_pa
                     peer_sam_case, power_iteration_case, primitive_case, sam_step_case, torch_sgd_case)
 from .cases import sampa_step_case
 from .models import MODELS
+from .output import progress, pyplot, save_figure, write_text
 from .shapes import PARAM_SETS, numel
 from .timing import copy_bandwidth_gbps, device_name, median_ms_interleaved
 from .train import run_train_steps
 from .train import table as train_table
 
 PRIMITIVES = ("grad_norm", "perturb", "restore", "restore_sgd", "restore_adamw")
-
-
-def _progress(total):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc="bench", file=sys.stderr, leave=False)
-    except ImportError:  # pragma: no cover
-        class _Bar:
-            def update(self, n=1):
-                pass
-
-            def close(self):
-                pass
-        return _Bar()
 
 
 def plan(device, backend_list, quick, sets=None, compiled=None):
@@ -112,7 +96,7 @@ def run(args) -> list[dict]:
     groups: dict[tuple, list] = {}  # every contender of one (parameter set, op) is timed in the same rounds
     for set_name, op, backend in jobs:
         groups.setdefault((set_name, op), []).append(backend)
-    bar = _progress(len(jobs))
+    bar = progress(len(jobs), "bench")
     for (set_name, op), group in groups.items():
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -129,7 +113,7 @@ def run(args) -> list[dict]:
         del fns
         bar.update(len(group))
         if args.json:  # as it goes: a run cut short still leaves its records
-            _write(args.json, json.dumps(records, indent=1))
+            write_text(args.json, json.dumps(records, indent=1))
     bar.close()
     models = [m for m in args.models.split(",") if m] if args.models is not None else (
         ["resnet20"] if args.quick else ["resnet20", "resnet56", "vit_s"])
@@ -139,7 +123,7 @@ def run(args) -> list[dict]:
             records += run_train_steps(device, [model], batch, reps=3 if args.quick else 20,
                                        warmup=1 if args.quick else 5)
             if args.json:
-                _write(args.json, json.dumps(records, indent=1))
+                write_text(args.json, json.dumps(records, indent=1))
     return records
 
 
@@ -161,18 +145,6 @@ def table(records) -> str:
     train = train_table(records)
     return "\n".join(lines) + ("\n\nWhole training steps (median ms; ratios of the same run):\n\n" + train
                                if train else "")
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend, or a clear error saying how to get it."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib (pip install matplotlib); the JSON / markdown were written") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot(records, path: str) -> None:
@@ -199,16 +171,7 @@ def plot(records, path: str) -> None:
         ax.set_ylabel("ms per training step")
         ax.set_title(f"whole training steps (batch {train[0]['batch']})")
         ax.tick_params(axis="x", labelsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _write(path: str, payload: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(payload)
+    save_figure(plt, fig, path, dpi=110)
 
 
 def main(argv=None):
@@ -233,7 +196,7 @@ def main(argv=None):
     print(text)
     for path, payload in ((args.json, json.dumps(records, indent=1)), (args.markdown, text + "\n")):
         if path:
-            _write(path, payload)
+            write_text(path, payload)
     if args.plot:  # last: the records are saved even where matplotlib is missing
         plot(records, args.plot)
     return records
