@@ -20,12 +20,13 @@ rm -rf build/cuda-check
 "$VENV/bin/python" setup.py -q build_ext --build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib
 so=$(find build/cuda-check/lib -name '_C*.so' | head -1)
 test -n "$so"
-# The CUDA kernels must be in the library we built.
-# (count, not grep -q: an early grep exit would SIGPIPE nm and trip pipefail)
+# The CUDA kernels must be in the library we built: every runner the CUDA list ops and the step
+# plans launch (count, not grep -q: an early grep exit would SIGPIPE nm and trip pipefail).
 symbols=$(nm -C "$so")
-for fn in restore_adam_ restore_sgd_ perturb_ global_norm sampa_preview_sgd_ sampa_preview_adam_ \
-          sampa_update_sgd_ sampa_update_adam_; do
-  n=$(grep -c "sam_kernels::cuda::$fn(" <<<"$symbols" || true)
+for fn in perturb_runner restore_runner "sgd_runner<false>" "sgd_runner<true>" "adam_runner<false>" \
+          "adam_runner<true>" preview_sgd_runner preview_adam_runner sumsq_runner norm_finalize_runner \
+          guard_finalize_runner; do
+  n=$(grep -c -F "sam_kernels::cuda::(anonymous namespace)::$fn(" <<<"$symbols" || true)
   if [ "$n" -eq 0 ]; then echo "cuda-build-check: sam_kernels::cuda::$fn missing from $so"; exit 1; fi
 done
 echo "cuda-build-check: OK ($so)"

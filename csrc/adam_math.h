@@ -1,6 +1,9 @@
 // The per-element Adam / AdamW update, shared by the CPU and CUDA kernels.
 // Mirrors torch.optim.Adam's single-tensor path (lerp for the first moment,
 // denom = sqrt(v) / sqrt(bc2) + eps, step size lr / bc1). Branch-free like sgd_math.h.
+// The bias corrections come from the tensor's step counter, read on the device (the counters
+// live there, so the host never reads them): bc = 1 - beta^step in double, as torch computes
+// them on the host from a Python float.
 #pragma once
 #include <cmath>
 
@@ -17,14 +20,22 @@ struct AdamArgs {
   double decay;      // AdamW: 1 - lr * wd (x *= decay); Adam: 1
   double step_size;  // lr / bias_correction1
   double bc2_sqrt;   // sqrt(bias_correction2)
-  double sign;       // -1 for maximize, times the gradient scale (GradScaler's 1 / scale)
+  double sign;       // -1 for maximize, times the gradient multiplier (unscale / clip)
 };
 
-inline AdamArgs make_adam_args(
-    double lr, double beta1, double beta2, double eps, double wd, bool decoupled, bool maximize,
-    double bc1, double bc2, double grad_scale = 1.0) {
-  return AdamArgs{1.0 - beta1, beta2, 1.0 - beta2, eps, decoupled ? 0.0 : wd, decoupled ? 1.0 - lr * wd : 1.0,
-                  lr / bc1, std::sqrt(bc2), (maximize ? -1.0 : 1.0) * grad_scale};
+// The hyperparameters of a launch (one param group); the bias corrections are per tensor.
+struct AdamHyper {
+  double lr, beta1, beta2, eps, weight_decay;
+  bool decoupled, maximize;
+};
+
+// step: the tensor's step count after this update (the preview of SAMPa passes its count + 1).
+SAM_HD AdamArgs make_adam_args(const AdamHyper& h, double step, double grad_mul = 1.0) {
+  const double bc1 = 1.0 - ::pow(h.beta1, step);
+  const double bc2 = 1.0 - ::pow(h.beta2, step);
+  return AdamArgs{1.0 - h.beta1, h.beta2, 1.0 - h.beta2, h.eps, h.decoupled ? 0.0 : h.weight_decay,
+                  h.decoupled ? 1.0 - h.lr * h.weight_decay : 1.0, h.lr / bc1, ::sqrt(bc2),
+                  (h.maximize ? -1.0 : 1.0) * grad_mul};
 }
 
 // kLerpLow: torch's lerp is start + w * (end - start) for w < 0.5, end - (end - start) * (1 - w) otherwise.

@@ -2,11 +2,7 @@
 // Structural options are template flags and the others enter as coefficients, so the
 // element loop has no branches and vectorizes on the CPU.
 #pragma once
-#if defined(__CUDACC__)
-#define SAM_HD __host__ __device__ __forceinline__
-#else
-#define SAM_HD inline
-#endif
+#include "table.h"  // SAM_HD
 
 namespace sam_kernels {
 
@@ -18,7 +14,7 @@ struct SgdArgs {
   double sign;          // -1 for maximize, times the gradient scale (GradScaler's 1 / scale: a power of 2, exact)
 };
 
-inline SgdArgs make_sgd_args(
+SAM_HD SgdArgs make_sgd_args(
     double lr, double momentum, double dampening, double wd, bool maximize, double grad_scale = 1.0) {
   return SgdArgs{lr, momentum, 1.0 - dampening, wd, (maximize ? -1.0 : 1.0) * grad_scale};
 }
@@ -49,7 +45,7 @@ struct Mix {
   double w2 = 0.0;
 };
 
-inline Mix make_mix(double lam) {
+SAM_HD Mix make_mix(double lam) {
   return Mix{1.0 - lam, lam};
 }
 

@@ -56,6 +56,11 @@ def assert_close(actual, expected, dtype=None, msg=""):
     torch.testing.assert_close(actual.cpu(), expected.cpu(), **TOL[dtype], msg=msg or None)
 
 
+def step_counts(n: int, step, device="cpu") -> list:
+    """Adam's step counters of n tensors (fp32 device scalars, the count of the update they take)."""
+    return [torch.full((), float(step), dtype=torch.float32, device=device) for _ in range(n)]
+
+
 def poison(t: torch.Tensor) -> torch.Tensor:
     """Fill a tensor that a kernel must overwrite with NaN, so unwritten elements fail."""
     return t.fill_(float("nan"))

@@ -30,8 +30,8 @@ def flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()
 
 
-def make_opt(name, model, backend="auto"):
-    kw = dict(period=2) if name == "psam" else {}
+def make_opt(name, model, backend="auto", **extra):
+    kw = dict(period=2, **extra) if name == "psam" else dict(extra)
     base = torch.optim.AdamW if name == "nusam" else torch.optim.SGD
     base_kw = dict(lr=1e-3, weight_decay=1e-2) if name == "nusam" else KW
     return CLASSES[name](model.parameters(), base, rho=0.05, backend=backend, **kw, **base_kw)
@@ -92,6 +92,78 @@ def test_inf_in_either_pass_skips_restores_and_backs_off(backend, device, which)
     assert scaler.get_scale() == 2.0 ** 9  # halved by update()
     scaled_step(model, opt, scaler, data[2])  # and training goes on
     assert not torch.equal(flat(model), before)
+
+
+@pytest.mark.parametrize("backend,device,name", [
+    pytest.param(*c.values, name, id=f"{name}-{c.id}") for name in CLASSES
+    for c in (NUSAM_BACKENDS if name == "nusam" else backend_cases())])
+@pytest.mark.parametrize("recipe", ["unscale-and-clip", "max_grad_norm"])
+def test_clipping_under_a_scaler(backend, device, name, recipe):
+    """Clipping the unscaled gradient with a GradScaler, both ways: the usual recipe (the user's
+    scaler.unscale_(opt) and clip_grad_norm_ before second_step: the gradients are unscaled once,
+    by the scaler) and max_grad_norm (unscaled and clipped inside the fused update); both equal
+    the unscaled run clipped by clip_grad_norm_, and an inf in the second pass still skips."""
+    model, ref = mlp(device=device), mlp(device=device)
+    opt = make_opt(name, model, backend, **({"max_grad_norm": 0.05} if recipe == "max_grad_norm" else {}))
+    ref_opt = make_opt(name, ref, backend)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 12, growth_interval=3)
+    data = batches(7, device=device)
+    for i, b in enumerate(data):
+        opt.zero_grad()
+        scaler.scale(loss_fn(model, b)).backward()
+        opt.first_step(zero_grad=True, grad_scaler=scaler)
+        scaler.scale(loss_fn(model, b)).backward()
+        if i == 4:
+            model[2].bias.grad[1] = float("inf")
+        if recipe == "unscale-and-clip":
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.second_step(grad_scaler=scaler)
+        scaler.update()
+        ref_opt.zero_grad()
+        loss_fn(ref, b).backward()
+        ref_opt.first_step(zero_grad=True)
+        loss_fn(ref, b).backward()
+        if i == 4:  # the same skipped step (PSAM's schedule counts it)
+            ref[2].bias.grad[1] = float("inf")
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        ref_opt.second_step()
+    torch.testing.assert_close(flat(model), flat(ref), rtol=1e-5, atol=1e-7)
+    assert opt.skipped_steps == 1
+    assert scaler.get_scale() == 2.0 ** 12 * 2 ** 1 / 2  # grew after 3 steps, halved at the skip, 2 since
+
+
+def test_scaler_state_moves_exactly_as_with_scaler_step():
+    """The scale and its growth tracker after our steps (a skip included) are those of a torch
+    optimizer stepped by scaler.step() through the same inf pattern."""
+    model, twin = mlp(), mlp()
+    opt = make_opt("sam", model)
+    torch_opt = torch.optim.SGD(twin.parameters(), **KW)
+    ours, theirs = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2) for _ in range(2))
+    for i, b in enumerate(batches(7)):
+        scaled_step(model, opt, ours, b, poison="second" if i in (2, 5) else None)
+        torch_opt.zero_grad()
+        theirs.scale(loss_fn(twin, b)).backward()
+        if i in (2, 5):
+            twin[2].bias.grad[1] = float("nan")
+        theirs.step(torch_opt)
+        theirs.update()
+        assert ours.get_scale() == theirs.get_scale(), i
+        assert int(ours._growth_tracker) == int(theirs._growth_tracker), i
+
+
+def test_unscale_before_first_step_is_an_error():
+    """scaler.unscale_(opt) belongs after the second backward: before first_step it would leave the
+    second gradient scaled and unscaled nowhere, so it is refused, before anything moves."""
+    model = mlp()
+    opt = make_opt("sam", model)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(loss_fn(model, batches(1)[0])).backward()
+    before = flat(model)
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="unscale_.* before the first step"):
+        opt.first_step(grad_scaler=scaler)
+    assert torch.equal(flat(model), before)
 
 
 def test_plain_steps_under_a_scaler():

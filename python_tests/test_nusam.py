@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from conftest import NUSAM_BACKENDS, NUSAM_KERNEL_BACKENDS, poison
+from conftest import NUSAM_BACKENDS, NUSAM_KERNEL_BACKENDS, poison, step_counts
 
 from sam_kernels import SAM, GaussSAM, NuSAM, ops
 
@@ -102,8 +102,8 @@ def test_rank1_primitives_match_reference(backend, device, dtype):
                 ms = [torch.full_like(x, 0.1) for x in xs]
                 vv = [torch.full_like(x, 0.01) for x in xs]
                 ops.rank1_restore_adam_(xs, us, vs, scales, grads, ms, vv, lr=1e-2, beta1=0.9, beta2=0.999,
-                                        eps=1e-8, weight_decay=1e-2, decoupled=True, bias_correction1=0.19,
-                                        bias_correction2=0.002, backend=b)
+                                        eps=1e-8, weight_decay=1e-2, decoupled=True,
+                                        state_steps=step_counts(len(xs), 2, device), backend=b)
                 outs.append(xs + ms + vv)
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         for a, r in zip(*outs):

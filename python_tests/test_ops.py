@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, KERNEL_BACKENDS, NORM_RTOL, assert_close, poison
+from conftest import DTYPES, KERNEL_BACKENDS, NORM_RTOL, assert_close, poison, step_counts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -129,8 +129,7 @@ def test_restore_adam(backend, device, sizes, dtype, cfg, beta1):
     vmax = [t.abs() for t in make(sizes, dtype, device, 0.01)]
     x, x_ref = [poison(torch.empty_like(t)) for t in olds], [torch.empty_like(t) for t in olds]
     state_ref = [clone_all(m), clone_all(v), clone_all(vmax)]
-    kw = dict(lr=1e-3, beta1=beta1, beta2=0.999, eps=1e-8, bias_correction1=1 - beta1 ** 3,
-              bias_correction2=1 - 0.999 ** 3, **cfg)
+    kw = dict(lr=1e-3, beta1=beta1, beta2=0.999, eps=1e-8, state_steps=step_counts(len(sizes), 3, device), **cfg)
     ops.restore_adam_(x, olds, g, m, v, vmax, backend=backend, **kw)
     ops.restore_adam_(x_ref, olds, g, *state_ref, backend="torch", **kw)
     for got, want in zip([x, m, v] + ([vmax] if cfg["amsgrad"] else []), [x_ref] + state_ref):
@@ -309,7 +308,7 @@ def test_property_restore_adam(backend, device, sizes, lr, beta1, beta2, wd, dec
     refs = [clone_all(m), clone_all(v), clone_all(vmax)]
     x, x_ref = [torch.empty_like(t) for t in olds], [torch.empty_like(t) for t in olds]
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=1e-8, weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad,
-              bias_correction1=1 - beta1 ** step, bias_correction2=1 - beta2 ** step)
+              state_steps=step_counts(len(sizes), step, device))
     ops.restore_adam_(x, olds, g, m, v, vmax, backend=backend, **kw)
     ops.restore_adam_(x_ref, olds, g, *refs, backend="torch", **kw)
     for a, b in zip(x + m + v, x_ref + refs[0] + refs[1]):
@@ -325,9 +324,10 @@ def test_fused_updates_unscale_by_grad_scale(backend, device, dtype):
     olds, g = make(sizes, dtype, device), make(sizes, dtype, device, 2.0 ** 10)
     bufs, m = make(sizes, dtype, device), make(sizes, dtype, device, 0.1)
     v = [t.abs() for t in make(sizes, dtype, device, 0.01)]
-    sgd_kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, grad_scale=2.0 ** -10)
+    scale = torch.tensor(2.0 ** -10, device=device)
+    sgd_kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, grad_scale=scale)
     adam_kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, decoupled=True,
-                   bias_correction1=0.1, bias_correction2=0.001, grad_scale=2.0 ** -10)
+                   state_steps=step_counts(len(sizes), 1, device), grad_scale=scale)
     us = [torch.randn(n, device=device) for n in sizes]  # rank-1 terms of n x 1 matrices
     vs = [torch.ones(1, device=device) for _ in sizes]
     scales = torch.full((len(sizes),), 0.01, device=device)

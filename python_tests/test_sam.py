@@ -57,8 +57,9 @@ def _backward(loss):
     return loss
 
 
-def run_reference(model, base_cls, base_kw, batches, rho, adaptive=False):
-    """SAM as ALGORITHMS.md states it, one parameter at a time, norm in float64."""
+def run_reference(model, base_cls, base_kw, batches, rho, adaptive=False, clip=None):
+    """SAM as ALGORITHMS.md states it, one parameter at a time, norm in float64; clip:
+    torch.nn.utils.clip_grad_norm_ on the second gradient before the base step."""
     params = list(model.parameters())
     base = base_cls(params, **base_kw)
     for x, y in batches:
@@ -75,6 +76,8 @@ def run_reference(model, base_cls, base_kw, batches, rho, adaptive=False):
         with torch.no_grad():
             for p, old in zip(params, x_t):
                 p.copy_(old)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         base.step()
     return flat(model)
 
@@ -99,6 +102,32 @@ def test_trajectory_matches_reference_and_pytorch_optimizer(backend, device, bas
         peer.step(lambda: _backward(loss_fn(model, x, y)))
     torch.testing.assert_close(ours, flat(model), **TRAJ_TOL)
     assert not torch.equal(ours, flat(mlp(device=device))), "the model must have moved"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd-momentum-wd", "adam-amsgrad"])
+def test_max_grad_norm_clips_like_clip_grad_norm(backend, device, base):
+    """max_grad_norm: the second gradient clipped to that global norm inside the fused update, as
+    torch.nn.utils.clip_grad_norm_ just before the torch base optimizer's step; grad_norm is the
+    norm clip_grad_norm_ returns (before clipping)."""
+    base_cls, kw = BASES[base]
+    batches = data(device, steps=10)
+    model = mlp(device=device)
+    opt = SAM(model.parameters(), base_cls, rho=0.05, max_grad_norm=0.1, backend=backend, **kw)
+    ours = run_ours(model, opt, batches)
+    ref_model = mlp(device=device)
+    ref = run_reference(ref_model, base_cls, kw, batches, rho=0.05, clip=0.1)
+    torch.testing.assert_close(ours, ref, **TRAJ_TOL)
+    unclipped = run_reference(mlp(device=device), base_cls, kw, batches, rho=0.05)
+    assert not torch.allclose(ref, unclipped, rtol=1e-3, atol=1e-4), "the norms must exceed max_grad_norm"
+    x, y = batches[-1]
+    opt.zero_grad()
+    loss_fn(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    loss_fn(model, x, y).backward()
+    want = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    opt.second_step()
+    assert opt.grad_norm.item() == pytest.approx(want.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -49,8 +49,9 @@ def buffers(model):
 
 # --- the reference: ALGORITHMS.md line by line, torch.optim doing every base step ----------------
 
-def reference_sampa(model, batches, base_cls, base_kw, rho, lam, plain_preview=False):
-    """Runs SAMPa on `model` in place. plain_preview: y = x - lr g_y (the generic path)."""
+def reference_sampa(model, batches, base_cls, base_kw, rho, lam, plain_preview=False, clip=None):
+    """Runs SAMPa on `model` in place. plain_preview: y = x - lr g_y (the generic path); clip:
+    torch.nn.utils.clip_grad_norm_ on d_t before the base step."""
     params = list(model.parameters())
     opt = base_cls(params, **base_kw)
 
@@ -89,6 +90,8 @@ def reference_sampa(model, batches, base_cls, base_kw, rho, lam, plain_preview=F
         g_y_next = grad_at(y_next, batch, True)
         for p, gt, gy in zip(params, g_tilde, g_y_next):
             p.grad = (1 - lam) * gt + lam * gy
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         g_y, kept = g_y_next, batch
     return model
@@ -102,6 +105,22 @@ def run_sampa(model, batches, base_cls, base_kw, rho, lam, **kw):
 
 
 # --- parity with the reference ----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_max_grad_norm_clips_the_mixed_gradient(backend, device, base):
+    """max_grad_norm clips d_t = (1 - lam) g~ + lam g_y', the gradient of the base step, as
+    clip_grad_norm_ on it would (its norm is taken in the guard's pass, no pass of its own)."""
+    cls, kw = BASES[base]
+    batches = make_batches(8, device)
+    model, ref = make_model(device=device), make_model(device=device)
+    run_sampa(model, batches, cls, kw, rho=0.1, lam=0.2, backend=backend, parallel="sequential", max_grad_norm=0.05)
+    reference_sampa(ref, batches, cls, kw, rho=0.1, lam=0.2, clip=0.05)
+    torch.testing.assert_close(flat(model), flat(ref), **TRAJ_TOL)
+    unclipped = make_model(device=device)
+    reference_sampa(unclipped, batches, cls, kw, rho=0.1, lam=0.2)
+    assert not torch.allclose(flat(ref), flat(unclipped), rtol=1e-3, atol=1e-4), "the norms must exceed 0.05"
+
 
 @pytest.mark.parametrize("backend,device", backend_cases())
 @pytest.mark.parametrize("base", list(BASES))
@@ -336,22 +355,42 @@ def test_exception_in_loss_fn_leaves_everything_as_it_was(at_call):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("which", ["x~", "y"])
 def test_nonfinite_gradient_skips_the_step(bad, which):
+    """A NaN / inf in either gradient: the weights, the base state and the buffers stay as they
+    were (decided on the device), skipped_steps counts it; g_y <- g_y' and the kept batch advance
+    as every step (ALGORITHMS.md), and a g_y that is not finite is not used by the next preview
+    (no perturbation, a zero preview gradient). A bad batch is used twice like every batch (its
+    x~-pass comes one step later), so it skips at most two steps; then training goes on."""
     model = make_model(batchnorm=True)
     opt = SAMPa(model, loss_fn, torch.optim.SGD, lr=0.1, momentum=0.9)
-    batches = make_batches(3)
+    batches = make_batches(5)
     opt.step(batches[0])
     opt.step(batches[1])
     poisoned = (batches[2][0].clone(), batches[2][1])
     poisoned[0][0, 0] = bad
-    snap = snapshot(model, opt)
     if which == "y":  # the new batch is bad: the y-pass gradient is not finite
+        snap = snapshot(model, opt)
         opt.step(poisoned)
+        assert not all(torch.isfinite(g).all() for g in opt.state_dict()["sam"]["g_y"])  # kept, not used
     else:  # the kept batch is bad: plant it, the x~-pass gradient is not finite
         opt._batch = poisoned
         snap = snapshot(model, opt)
         opt.step(batches[2])
     assert opt.skipped_steps == 1
-    assert_unchanged(model, opt, (snap[0], snap[1], {**snap[2], "sam": {**snap[2]["sam"], "skipped_steps": 1}}))
+    x, bufs, sd = snap
+    assert torch.equal(flat(model), x)
+    for a, b in zip(buffers(model), bufs):
+        assert torch.equal(a, b)
+    now = opt.state_dict()
+    for k, st in sd["state"].items():
+        for name, t in st.items():
+            assert torch.equal(now["state"][k][name], t)
+    assert now["sam"]["batch"][0] is not sd["sam"]["batch"][0]  # B_t <- B_{t+1}
+    opt.step(batches[3])  # "y": the bad batch's x~-pass now; "x~": taken
+    assert opt.skipped_steps == (2 if which == "y" else 1)
+    before = flat(model)
+    opt.step(batches[4])  # taken
+    assert opt.skipped_steps == (2 if which == "y" else 1) and not torch.equal(flat(model), before)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_nonfinite_raise_mode():

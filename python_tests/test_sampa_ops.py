@@ -2,7 +2,7 @@
 the mixed gradient) on every available backend against the pure-torch reference."""
 import pytest
 import torch
-from conftest import DTYPES, KERNEL_BACKENDS, assert_close, poison
+from conftest import DTYPES, KERNEL_BACKENDS, assert_close, poison, step_counts
 from hypothesis import given
 from hypothesis import strategies as st
 from test_ops import ADAM_CONFIGS, SGD_CONFIGS, _settings, _sizes, clone_all, make
@@ -32,9 +32,9 @@ def adam_state(sizes, dtype, device):
     return [m, v, vmax]
 
 
-def adam_kw(cfg, beta1=0.9, step=3):
-    return dict(lr=1e-3, beta1=beta1, beta2=0.999, eps=1e-8, bias_correction1=1 - beta1 ** step,
-                bias_correction2=1 - 0.999 ** step, **cfg)
+def adam_kw(cfg, sizes, device, beta1=0.9, step=3):
+    """The preview reads count 3 and previews step 4; the update takes step 3."""
+    return dict(lr=1e-3, beta1=beta1, beta2=0.999, eps=1e-8, state_steps=step_counts(len(sizes), step, device), **cfg)
 
 
 def preview_outputs(x):
@@ -71,7 +71,7 @@ def test_preview_adam(backend, device, sizes, dtype, cfg):
     norm = ops.global_norm(g, backend="torch").to(device)
     xt, y = preview_outputs(x)
     xt_ref, y_ref = preview_outputs(x)
-    kw = dict(norm=norm, rho=0.05, **adam_kw(cfg))
+    kw = dict(norm=norm, rho=0.05, **adam_kw(cfg, sizes, device))
     ops.sampa_preview_adam_(x, g, xt, y, *state, backend=backend, **kw)
     ops.sampa_preview_adam_(x, g, xt_ref, y_ref, *state, backend="torch", **kw)
     for a, b in zip(xt + y, xt_ref + y_ref):
@@ -142,14 +142,14 @@ def test_update_adam(backend, device, sizes, dtype, cfg, lam):
     state = adam_state(sizes, dtype, device)
     x_ref, state_ref = clone_all(x), [clone_all(s) for s in state]
     x_one, state_one = clone_all(x), [clone_all(s) for s in state]
-    ops.sampa_update_adam_(x, g, g2, *state, lam=lam, backend=backend, **adam_kw(cfg))
-    ops.sampa_update_adam_(x_ref, g, g2, *state_ref, lam=lam, backend="torch", **adam_kw(cfg))
+    ops.sampa_update_adam_(x, g, g2, *state, lam=lam, backend=backend, **adam_kw(cfg, sizes, device))
+    ops.sampa_update_adam_(x_ref, g, g2, *state_ref, lam=lam, backend="torch", **adam_kw(cfg, sizes, device))
     n_state = 3 if cfg["amsgrad"] else 2
     for got, want in zip([x] + state[:n_state], [x_ref] + state_ref[:n_state]):
         for a, b in zip(got, want):
             assert_close(a, b)
     if lam in (0.0, 1.0):
-        ops.restore_adam_(x_one, x_one, g if lam == 0 else g2, *state_one, backend=backend, **adam_kw(cfg))
+        ops.restore_adam_(x_one, x_one, g if lam == 0 else g2, *state_one, backend=backend, **adam_kw(cfg, sizes, device))
         for a, b in zip(x, x_one):
             assert torch.equal(a, b)
 
@@ -208,7 +208,7 @@ def test_property_sampa_adam(backend, device, sizes, lr, beta1, beta2, wd, decou
     x, g, g2 = (make(sizes, dtype, device) for _ in range(3))
     state = adam_state(sizes, dtype, device)
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=1e-8, weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad,
-              bias_correction1=1 - beta1 ** step, bias_correction2=1 - beta2 ** step)
+              state_steps=step_counts(len(sizes), step, device))
     outs = [preview_outputs(x), preview_outputs(x)]
     for (xt, y), b in zip(outs, (backend, "torch")):
         ops.sampa_preview_adam_(x, g, xt, y, *state, norm=ops.global_norm(g), rho=0.1, backend=b, **kw)
@@ -239,7 +239,7 @@ def test_update_at_the_endpoints_reads_one_gradient(backend, device, lam):
         assert torch.equal(a, b)
     state = adam_state(sizes, torch.bfloat16, device)
     state_one = [clone_all(s) for s in state]
-    ops.sampa_update_adam_(x, grads, grads2, *state, lam=lam, backend=backend, **adam_kw(ADAM_CONFIGS[0]))
-    ops.restore_adam_(x_one, x_one, g, *state_one, backend=backend, **adam_kw(ADAM_CONFIGS[0]))
+    ops.sampa_update_adam_(x, grads, grads2, *state, lam=lam, backend=backend, **adam_kw(ADAM_CONFIGS[0], sizes, device))
+    ops.restore_adam_(x_one, x_one, g, *state_one, backend=backend, **adam_kw(ADAM_CONFIGS[0], sizes, device))
     for a, b in zip(x + state[0] + state[1], x_one + state_one[0] + state_one[1]):
         assert torch.equal(a, b)

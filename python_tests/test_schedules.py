@@ -48,7 +48,8 @@ def closure_steps(model, opt, data):
 
 
 def by_hand(model, data, due, rho_of=lambda t: 0.05, cls=SAM, **kw):
-    """SAM steps where due(t), plain base-optimizer steps elsewhere, rho set by hand."""
+    """SAM steps where due(t), plain base steps elsewhere (base_step(): the fused base update, as
+    the schedule's plain steps take it), rho set by hand."""
     opt = cls(model.parameters(), torch.optim.SGD, rho=0.05, **KW, **kw)
     for t, b in enumerate(data):
         opt.zero_grad()
@@ -60,7 +61,7 @@ def by_hand(model, data, due, rho_of=lambda t: 0.05, cls=SAM, **kw):
             loss_fn(model, b).backward()
             opt.second_step()
         else:
-            opt.base_optimizer.step()
+            opt.base_step()
 
 
 @pytest.mark.parametrize("T,E,n", [(40, 30, 20), (25, 0, 7), (30, 30, 4), (12, 5, 1)])

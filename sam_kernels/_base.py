@@ -1,6 +1,18 @@
 """What every sharpness-aware optimizer of sam_kernels shares: building or adopting the base
-optimizer (param groups shared with it), argument checks, step(closure), zero_grad, the
-non-finite policy and its counter, and the state dict (the base optimizer's plus our own)."""
+optimizer (param groups shared with it), argument checks, the schedule, and the step pipeline
+(sam_kernels/pipeline.py) that first_step / second_step / base_step / step / restore run:
+
+    first_step    plan "first"   the perturbation the subclass builds (_build_first) and launches
+                                 (_perturb); its plan records what the update restores from
+    second_step   plan "second"  the guard, then the fused base update restoring x_t (_finish)
+    base_step     plan "base"    the guard, then the fused base update from x itself
+
+The non-finite policy is written once, in _finish: the guard decides on the device, the fused
+update reads its flag (skipped: the weights get x_t back, no state moves), skipped_steps counts
+on the device, and a GradScaler gets the same flag. Nothing reads a tensor on the host, except
+nonfinite="raise" (which must know, to raise) and base optimizers we do not fuse (whose own
+step() cannot read a device flag): both documented.
+"""
 from __future__ import annotations
 
 import math
@@ -10,8 +22,10 @@ import torch
 from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
-from . import backends, ops
-from .fused_update import fused_kind
+from . import _ext, backends
+from ._lists import GradsOf
+from .fused_update import StepCounters, fused_kind, prepare_state, prepare_update, structure
+from .pipeline import SKIPPED, Flags, NormStage, Plans, scaler_inputs, scaler_record
 
 NONFINITE = ("skip", "raise")
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -29,6 +43,14 @@ def check_step(name: str, value) -> int:
     return value
 
 
+def check_max_norm(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"max_grad_norm must be None or a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def split_rho(rho):
     """(the radius at step 0, the schedule step -> rho or None): rho is a number or a callable."""
     if callable(rho):
@@ -44,7 +66,7 @@ def _check_scaler(grad_scaler) -> None:
 def check_grad(p: torch.Tensor, where: str):
     g = p.grad
     if g.layout is torch.strided and g.dtype is p.dtype and p.dtype in _FLOATS and g.shape == p.shape:
-        return  # the common case, checked cheaply (this runs for every parameter, twice a step)
+        return  # the common case, checked cheaply
     if g.is_sparse or g.layout != torch.strided:
         raise TypeError(f"{where}: sparse gradients are not supported (parameter of shape {tuple(p.shape)})")
     if g.is_complex() or p.is_complex():
@@ -67,19 +89,41 @@ def _flatten_params(params):
     return out
 
 
+class UpdatePlan:
+    """The second pass of a step (or a plain step), built once per key: the guard over the
+    gradients, and per param group the fused updates (or, for base optimizers we do not fuse,
+    the generic path)."""
+
+    def __init__(self):
+        self.guard: NormStage | None = None
+        self.updates: list[Callable] = []  # each run(flags) launches one fused update
+        self.restores: list[Callable] = []  # run(flags) after them: perturbed weights without a second gradient
+        self.commits: list[Callable] = []  # run(flags) last: what the first pass keeps only if the step is taken
+        self.generic = False
+        self.grads: list[torch.Tensor] = []
+        self.steps = self.steps_mask = None  # Adam's counters (StepCounters) and which of them move
+        self.counters_version = -1
+
+
 class SharpnessAwareOptimizer(Optimizer):
-    """Base class: subclasses implement _sam_first_step(), _sam_second_step() and _sam_restore().
+    """Base class: subclasses build their perturbation (_build_first, _perturb) and say where the
+    update restores each parameter from (the first plan's old_of / rank1_of).
 
     Shared schedule (ALGORITHMS.md, "Perturbation delay and rho schedules"): before `start_step`
     a step is a plain base step (one gradient); `rho` may be a callable step -> rho, applied to
     every param group when a SAM step starts. `sam_step_due` says which kind the next step is.
+    max_grad_norm: clip the gradient that drives the base update to this global norm, as
+    torch.nn.utils.clip_grad_norm_ just before the update would (inside the fused update; with a
+    GradScaler, of the unscaled gradient).
     """
 
     def __init__(self, params, base_optimizer, defaults: dict, backend: str, nonfinite: str, base_kwargs: dict,
-                 start_step: int = 0, rho_fn: Callable[[int], float] | None = None):
+                 start_step: int = 0, rho_fn: Callable[[int], float] | None = None, max_grad_norm=None):
         backends.check_name(backend)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        max_grad_norm = check_max_norm(max_grad_norm)
+        self._own_defaults = dict(defaults)
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
                 raise TypeError("base_optimizer is an instance: its options are set already, "
@@ -105,6 +149,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.defaults.update(base.defaults)
         self.backend = backend
         self.nonfinite = nonfinite
+        self.max_grad_norm = max_grad_norm
         for i, group in enumerate(self.param_groups):
             check_nonneg(f"param_groups[{i}]['rho']", group["rho"])
             devices = {p.device for p in group["params"]}
@@ -114,27 +159,32 @@ class SharpnessAwareOptimizer(Optimizer):
                 )
             for d in devices:
                 backends.resolve(backend, d)  # an unavailable explicit backend fails here, not mid-step
-        self._skipped = 0
         self.start_step = check_step("start_step", start_step)
         self._rho_fn = rho_fn
         self._t = 0  # steps taken (SAM, plain or skipped): what start_step and the rho schedule count
         self._plain_pending = False  # first_step() found no SAM step due: second_step() is a base step
-        self._grad_scale = 1.0  # GradScaler's 1 / scale for the update in progress (1: no scaler)
-        self._scaler = None
+        self._pending = None  # the first plan between first_step() and second_step()
+        self._flags: Flags | None = None  # on the device of the parameters, from the first step on
+        self._skipped_at_load = 0.0  # a loaded skipped_steps, before the flags exist
+        self._counters = StepCounters()
+        self._plans = Plans()
+        self._version = 0  # bumped when the param groups or the state change under the plans
+        self._params_cache = (-1, [])
+        base.register_load_state_dict_post_hook(lambda _: self._invalidate())
 
     # --- to implement ------------------------------------------------------------------------
 
-    def _sam_first_step(self, zero_grad: bool) -> None:
+    def _build_first(self, work, device):
+        """The first plan from [(group, params with a gradient)]: its launches and buffers."""
         raise NotImplementedError
 
-    def _sam_second_step(self, zero_grad: bool) -> None:
+    def _perturb(self, plan) -> None:
+        """Launch the first pass of `plan` (perturb in place)."""
         raise NotImplementedError
 
-    def _sam_restore(self) -> None:
-        raise NotImplementedError
-
-    def _perturbed_now(self) -> bool:
-        raise NotImplementedError
+    def _group_key(self, group: dict) -> tuple:
+        """The options of a param group that decide a plan's launches (not its scalars)."""
+        return ()
 
     def _extra_state(self) -> dict:
         """What the subclass keeps across steps beyond the base optimizer (tensors allowed)."""
@@ -161,141 +211,200 @@ class SharpnessAwareOptimizer(Optimizer):
             for group in self.param_groups:
                 group["rho"] = rho
 
+    # --- plans -------------------------------------------------------------------------------
+
+    def _invalidate(self) -> None:
+        self._version += 1
+        self._plans.clear()
+
+    def _param_list(self) -> list:
+        version, params = self._params_cache
+        if version != self._version or len(params) != sum(len(g["params"]) for g in self.param_groups):
+            params = [p for g in self.param_groups for p in g["params"]]
+            self._params_cache = (self._version, params)
+        return params
+
+    def _key(self, *extra):
+        """A plan's key, (structure, gradient addresses): the groups' structure and options, the
+        counters' vector, the parameters' addresses and layout (and `extra`); then where the
+        gradients are. Cheap: one C loop over the parameters (pipeline.Plans)."""
+        kind = fused_kind(self.base_optimizer)
+        groups = tuple((len(g["params"]), self._group_key(g), structure(kind, g) if kind else ())
+                       for g in self.param_groups)
+        params, grads = _ext.fingerprint(self._param_list())
+        return (self._version, kind, groups, self._counters.version, params, *extra), grads
+
+    def _work(self, where: str):
+        """[(group, [params with a gradient])] after checking every gradient, and their device."""
+        work, devices = [], set()
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            for p in ps:
+                check_grad(p, where)
+                devices.add(p.device)
+            work.append((group, ps))
+        if len(devices) > 1:
+            raise ValueError(f"{where}: the parameters with gradients span devices {sorted(map(str, devices))}")
+        device = next(iter(devices)) if devices else next(
+            (p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        return work, device
+
+    def _flags_on(self, device) -> Flags:
+        if self._flags is None or self._flags.device != torch.device(device):
+            skipped = self._flags.t[SKIPPED].to(device) if self._flags is not None else self._skipped_at_load
+            self._flags = Flags(device)
+            self._flags.t[SKIPPED] = skipped
+        return self._flags
+
+    def _backend(self, device, op: str) -> str:
+        return backends.resolve(self.backend, device, op)
+
+    def _build_update(self, work, device, first) -> UpdatePlan:
+        """The guard and the fused updates of one pass over [(group, params with a gradient)]:
+        each parameter restores from what `first` kept (SAM's copy, nuSAM's rank-1 term) or, not
+        perturbed, from itself."""
+        plan = UpdatePlan()
+        plan.grads = GradsOf([p for _, ps in work for p in ps])
+        plan.guard = NormStage(self._backend(device, "global_norm"), device,
+                               [(plan.grads, None, 0, 0.0)] if len(plan.grads) else [])
+        kind = fused_kind(self.base_optimizer)
+        plan.generic = kind is None
+        if kind is not None:
+            prepare_state(self.base_optimizer, kind, work, self._counters, device)
+        adam_params = []
+        for group, ps in work:
+            if not ps or kind is None:
+                continue
+            backend = self._backend(device, "restore_sgd_")
+            rank1 = [p for p in ps if first is not None and first.rank1_of(p) is not None]
+            plain = [p for p in ps if first is None or first.rank1_of(p) is None]
+            if plain:
+                olds = [first.old_of(p) if first is not None else p for p in plain]
+                run = prepare_update(self.base_optimizer, kind, group, backend, device, plain, GradsOf(plain),
+                                     self._counters, olds=olds)
+                plan.updates.append(lambda flags, run=run: run(flags.grad_scale, flags.found_inf))
+            if rank1:
+                plan.updates.append(first.rank1_update(self.base_optimizer, kind, group, device, rank1,
+                                                       self._counters))
+            if kind == "adam":
+                adam_params += ps
+        if first is not None:
+            with_grad = {id(p) for _, ps in work for p in ps}
+            left = first.restore_left([p for p in first.params if id(p) not in with_grad])
+            if left is not None:  # perturbed, but no second gradient: x_t back, unconditionally
+                plan.restores.append(left)
+            commit = first.commit()
+            if commit is not None:  # what the first pass keeps only if the step is taken (nuSAM's u)
+                plan.commits.append(commit)
+        if adam_params:
+            plan.steps, plan.steps_mask = self._counters.vec, self._counters.mask(adam_params)
+        return plan
+
+    def _finish(self, plan: UpdatePlan, prior, grad_scaler, first, name: str) -> None:
+        """The guard, then the update: the one place the non-finite policy is written."""
+        flags = self._flags_on(plan.guard.partials.device)
+        scale, found_inf, scaler_state = scaler_inputs(self, grad_scaler, flags.device)
+        plan.guard.guard(flags, prior=prior, scale=scale, found_inf=found_inf, max_norm=self.max_grad_norm,
+                         steps=plan.steps, steps_mask=plan.steps_mask)
+        scaler_record(scaler_state, flags)
+        if self.nonfinite == "raise" and bool(flags.found_inf):  # raise mode must know: a synchronization
+            raise FloatingPointError(f"{name}: NaN or inf in a gradient; the step was skipped")  # the caller undoes
+        if plan.generic:  # a base optimizer we do not fuse: x_t back, then its own step() if the guard says so
+            if first is not None:
+                first.undo()
+            for run in plan.commits:
+                run(flags)
+            if not bool(flags.found_inf):  # its step() cannot read a device flag: a synchronization
+                if len(plan.grads):
+                    torch._foreach_mul_(list(plan.grads), flags.grad_scale)
+                self.base_optimizer.step()
+            return
+        if first is not None:
+            first.active = False  # the updates below take the perturbation out
+        for run in plan.updates + plan.restores + plan.commits:
+            run(flags)
+
+    # --- the steps ---------------------------------------------------------------------------
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
         """Perturb the weights along the gradient in .grad, if a SAM step is due (else nothing:
         second_step() will then take a plain base step). With a GradScaler the gradient is scaled:
-        the perturbation only uses its direction, and an inf / NaN is caught by second_step()."""
+        the perturbation only uses its direction, and an inf / NaN skips the step in second_step()."""
         name = type(self).__name__
         _check_scaler(grad_scaler)
-        if self._plain_pending or self._perturbed_now():
+        if self._plain_pending or self._pending is not None:
             raise RuntimeError(f"{name}.first_step() called twice: call second_step() or restore() in between")
+        if grad_scaler is not None and grad_scaler.is_enabled() and (
+                grad_scaler._per_optimizer_states[id(self)]["stage"] is OptState.UNSCALED):
+            raise RuntimeError(f"{name}.first_step(): scaler.unscale_(optimizer) was called before the first step; "
+                               "call it after the second backward, before second_step()")
         if not self.sam_step_due:
             self._plain_pending = True
             if zero_grad:
                 self.zero_grad()
             return
         self._apply_rho_schedule()
-        self._sam_first_step(zero_grad)
+        plan = self._plans.get("first", self._key(), lambda: self._build_first(*self._work(f"{name} first_step")))
+        self._perturb(plan)
+        self._pending = plan
+        if zero_grad:
+            self.zero_grad()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
         """Restore x_t and take the base step with the gradient at the perturbed point (after a
         first_step() that found no SAM step due: a plain base step with the gradient in .grad).
         grad_scaler: the torch.amp.GradScaler that scaled both losses; the gradient is unscaled
-        inside the fused update, and the scaler learns whether the step was skipped (inf / NaN in
-        either pass), so that scaler.update() backs off as after scaler.step(optimizer)."""
+        inside the fused update (or was, by scaler.unscale_(optimizer) before this call), and the
+        scaler gets the step's device flag, so that scaler.update() backs off after an inf / NaN
+        in either pass, as after scaler.step(optimizer)."""
+        name = type(self).__name__
         _check_scaler(grad_scaler)
         if self._plain_pending:
             self._plain_pending = False
             self.base_step(zero_grad, grad_scaler)
             return
-        self._scaler = grad_scaler
+        first = self._pending
+        if first is None:
+            raise RuntimeError(f"{name}.second_step() called without first_step()")
+        self._pending = None
         try:
-            self._sam_second_step(zero_grad)
-        finally:
-            self._scaler = None
+            plan = self._plans.get("second", self._key(first),
+                                   lambda: self._build_update(*self._work(f"{name} second_step"), first))
+            self._t += 1
+            self._finish(plan, first.prior, grad_scaler, first, f"{name}.second_step")
+        except BaseException:
+            first.undo()  # x_t back unless the update consumed the perturbation already
+            raise
+        self._opt_called = True  # what torch's lr schedulers check, as after a plain optimizer.step()
+        if zero_grad:
+            self.zero_grad()
 
     @torch.no_grad()
-    def base_step(self, zero_grad: bool = False, grad_scaler=None) -> bool:
+    def base_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
         """A plain base-optimizer step with the gradient in .grad (one gradient, no perturbation),
         for the steps where no SAM step is due. The same non-finite and GradScaler handling as a
         SAM step."""
         name = type(self).__name__
         _check_scaler(grad_scaler)
-        if self._perturbed_now():
+        if self._pending is not None:
             raise RuntimeError(f"{name}.base_step() between first_step() and second_step(): the weights are perturbed")
         self._plain_pending = False
-        grads = [p.grad for _, ps in self._params_with_grad(f"{name} base_step") for p in ps]
-        accepted = not grads or bool(torch.isfinite(ops.global_norm(grads, backend=self.backend)))
+        plan = self._plans.get("base", self._key(), lambda: self._build_update(*self._work(f"{name} base_step"), None))
         self._t += 1
-        grad_scale = self._inform_scaler(grad_scaler, accepted)
-        if not accepted:
-            self._skipped += 1
-            if self.nonfinite == "raise":
-                raise FloatingPointError(f"{name}.base_step: NaN or inf in a gradient; the step was skipped")
-        else:
-            if grad_scale != 1.0:
-                torch._foreach_mul_(grads, grad_scale)
-            self.base_optimizer.step()
+        self._finish(plan, None, grad_scaler, None, f"{name}.base_step")
         self._opt_called = True
         if zero_grad:
             self.zero_grad()
-        return accepted
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put x_t back after first_step() without updating (bit for bit for SAM)."""
         self._plain_pending = False
-        self._sam_restore()
-
-    # --- shared ------------------------------------------------------------------------------
-
-    def _params_with_grad(self, where: str):
-        """[(group, [params with a gradient])] after checking every gradient."""
-        work = []
-        for group in self.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
-            for p in ps:
-                check_grad(p, where)
-            work.append((group, ps))
-        return work
-
-    def _second_step(self, first_check: torch.Tensor | None, zero_grad: bool) -> bool:
-        """The shared second half: check both gradients, then the fused or generic update.
-
-        first_check: a device scalar that is finite iff the first gradient was. Returns whether
-        the step was taken (False: skipped, the weights restored, the state untouched)."""
-        name = type(self).__name__
-        try:
-            groups = self._params_with_grad(f"{name} second_step")
-        except BaseException:
-            self.restore()
-            raise
-        grads = [p.grad for _, ps in groups for p in ps]
-        checks = [n for n in (first_check, ops.global_norm(grads, backend=self.backend) if grads else None)
-                  if n is not None]
-        # The one host synchronization of a step: is either gradient non-finite?
-        accepted = not checks or bool(torch.isfinite(sum(n.to(checks[0].device) for n in checks)))
-        self._t += 1
-        self._grad_scale = self._inform_scaler(self._scaler, accepted)
-        if not accepted:
-            self.restore()
-            self._skipped += 1
-            if self.nonfinite == "raise":
-                raise FloatingPointError(f"{name}.second_step: NaN or inf in a gradient; the step was skipped")
-        else:
-            kind = fused_kind(self.base_optimizer)
-            if kind is None:
-                self.restore()
-                if self._grad_scale != 1.0:
-                    torch._foreach_mul_(grads, self._grad_scale)
-                self.base_optimizer.step()
-            else:
-                self._fused_step(kind, groups)
-        self._opt_called = True  # what torch's lr schedulers check, as after a plain optimizer.step()
-        if zero_grad:
-            self.zero_grad()
-        return accepted
-
-    def _fused_step(self, kind: str, groups) -> None:
-        """The fused restore + update; the gradients are multiplied by self._grad_scale."""
-        raise NotImplementedError
-
-    def _inform_scaler(self, scaler, accepted: bool) -> float:
-        """Record the step's inf check in `scaler` as scaler.step(optimizer) would (so that
-        scaler.update() backs the scale off after a skipped step); returns the factor that
-        unscales the gradients (1 without a scaler)."""
-        if scaler is None or not scaler.is_enabled():
-            return 1.0
-        state = scaler._per_optimizer_states[id(self)]
-        if state["stage"] is OptState.STEPPED:
-            raise RuntimeError("the GradScaler already recorded a step of this optimizer since its last update()")
-        scale = scaler._scale
-        device = scale.device if scale is not None else torch.device("cpu")
-        state["found_inf_per_device"][device] = torch.full((), 0.0 if accepted else 1.0, device=device)
-        state["stage"] = OptState.STEPPED
-        return 1.0 / scaler.get_scale()  # a host read: the step's guard has synchronized already
+        if self._pending is not None:
+            first, self._pending = self._pending, None
+            first.undo()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, grad_scaler=None):
@@ -322,18 +431,37 @@ class SharpnessAwareOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
+    def add_param_group(self, param_group: dict) -> None:
+        if "base_optimizer" not in self.__dict__:  # Optimizer.__init__ adding the first groups
+            return super().add_param_group(param_group)
+        for key, value in self._own_defaults.items():
+            param_group.setdefault(key, value)
+        self.base_optimizer.add_param_group(param_group)  # appends to the shared list
+        check_nonneg(f"param_groups[{len(self.param_groups) - 1}]['rho']", param_group["rho"])
+        self._invalidate()
+
+    # --- state -------------------------------------------------------------------------------
+
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped because a gradient held NaN or inf."""
-        return self._skipped
+        """Steps skipped because a gradient held NaN or inf (counted on the device: reading this
+        waits for the device, stepping never does)."""
+        if self._flags is None:
+            return int(self._skipped_at_load)
+        return int(self._flags.t[SKIPPED].item())
+
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        """The norm of the (unscaled, unclipped) gradient of the last update, a device scalar."""
+        return self._flags.t[2] if self._flags is not None else None
 
     def state_dict(self) -> dict:
         """The base optimizer's state_dict (its param_groups hold rho and our options) plus ours."""
-        if self._perturbed_now():
+        if self._pending is not None:
             raise RuntimeError(f"{type(self).__name__}.state_dict() between first_step() and second_step(): "
                                "the weights are perturbed")
         sd = self.base_optimizer.state_dict()
-        sd["sam"] = {"skipped_steps": self._skipped, "step": self._t, **self._extra_state()}
+        sd["sam"] = {"skipped_steps": self.skipped_steps, "step": self._t, **self._extra_state()}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -342,10 +470,14 @@ class SharpnessAwareOptimizer(Optimizer):
         self.restore()
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict makes new group dicts
-        self._skipped = int(extra.pop("skipped_steps", 0))
+        skipped = float(extra.pop("skipped_steps", 0))
+        if self._flags is not None:
+            self._flags.t[SKIPPED] = skipped
+        self._skipped_at_load = skipped
         self._t = int(extra.pop("step", 0))
         self._load_extra_state(extra)
+        self._invalidate()
 
     def _base_state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for st in self.base_optimizer.state.values() for t in st.values()
-                   if torch.is_tensor(t))
+                   if torch.is_tensor(t) and t.dim() > 0)

@@ -39,6 +39,33 @@ def load_error() -> str | None:
     return _ERROR
 
 
+def _fingerprint_py(params) -> tuple:
+    """What _C.fingerprint computes (without the extension)."""
+    structure, grads = [], []
+    for p in params:
+        g = p.grad
+        strided = g is None or g.layout is torch.strided
+        structure.append((p.data_ptr(), (g is not None) | strided << 1
+                          | (g is None or not strided or g.is_contiguous()) << 2 | p.is_contiguous() << 3))
+        grads.append(g.data_ptr() if g is not None and strided else 0)
+    return tuple(structure), tuple(grads)
+
+
+def fingerprint(params: list) -> tuple:
+    """(structure, gradient addresses) of `params`: a step plan stays valid while the first holds
+    (each parameter's storage, whether it has a gradient, their layout), and takes the gradients'
+    new addresses when only the second changed. One C loop with the extension."""
+    return _C.fingerprint(params) if _LOADED else _fingerprint_py(params)
+
+
+def grad_addresses(params: list) -> torch.Tensor:
+    """The gradients' data pointers (0 without one), an int64 CPU tensor."""
+    grads = fingerprint(params)[1]
+    if isinstance(grads, bytes):
+        return torch.frombuffer(bytearray(grads), dtype=torch.int64)
+    return torch.tensor(grads, dtype=torch.int64)
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether torch.ops.sam_kernels.<op> has a kernel for `dispatch_key` ("CPU" or "CUDA")."""
     if not _LOADED:
@@ -56,7 +83,8 @@ if _LOADED:
     def _mutating_fake(*args, **kwargs):
         return None
 
-    for _op in ("perturb_", "restore_", "restore_sgd_", "restore_adam_", "power_iteration_", "rank1_update_",
-                "rank1_restore_sgd_", "rank1_restore_adam_", "sampa_preview_sgd_", "sampa_preview_adam_",
-                "sampa_update_sgd_", "sampa_update_adam_"):
+    for _op in ("check_grads_", "perturb_", "restore_", "restore_sgd_", "restore_adam_", "power_iteration_",
+                "rank1_update_", "rank1_restore_sgd_", "rank1_restore_adam_", "sampa_preview_sgd_",
+                "sampa_preview_adam_", "sampa_update_sgd_", "sampa_update_adam_"):
         torch.library.register_fake(f"sam_kernels::{_op}")(_mutating_fake)
+    # _table and _launch (the step plans' private ops) are eager-only: they hide what they write

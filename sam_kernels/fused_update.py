@@ -1,13 +1,17 @@
-"""SAM's second half for the base optimizers we fuse: x <- x_old and the base step, in one pass.
+"""The base optimizer's step, fused into the last pass of a step: x <- its restored value (SAM's
+x_old, nuSAM's M - s u v^T, or x itself), then torch.optim.SGD's or Adam / AdamW's update, in one
+pass per (param group, dtype), reading the guard's device flags (found_inf skips it, grad_scale
+multiplies the gradient).
 
-`fused_kind(base)` says whether a base optimizer instance can be fused ("sgd", "adam") or must
-take the generic path (restore, then its own step()). The update functions own the base
-optimizer's state exactly as torch.optim creates it (same keys, dtypes and step counters), so
-base_optimizer.state_dict() is the same as after torch's own step and either path can follow.
+`fused_kind(base)` says whether a base optimizer can be fused ("sgd", "adam") or must take the
+generic path (restore, then its own step()). The updates own the base optimizer's state as
+torch.optim lays it out (same keys and dtypes), so base_optimizer.state_dict() reads like
+torch's own and either path can follow the other, with two differences that keep the host out
+of the step: new momentum buffers start at zero (with dampening 0, m * 0 + d is torch's first
+buf = d; dampening != 0 takes the generic path), and Adam's step counters live on the device,
+as views of one vector per optimizer (StepCounters) that the guard advances when a step is taken.
 """
 from __future__ import annotations
-
-from collections import defaultdict
 
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
@@ -27,147 +31,189 @@ def fused_kind(base: torch.optim.Optimizer) -> str | None:
     for g in base.param_groups:
         if g.get("differentiable") or not _plain_float(g["lr"], g["weight_decay"]):
             return None
-        if kind == "sgd" and not _plain_float(g["momentum"], g["dampening"]):
+        if kind == "sgd" and (not _plain_float(g["momentum"], g["dampening"]) or g["dampening"] != 0):
             return None
         if kind == "adam" and (g.get("capturable") or g.get("fused") or not _plain_float(*g["betas"])):
             return None
     return kind
 
 
-def _take(lst, index):
-    return [lst[i] for i in index]
+def structure(kind: str, group: dict) -> tuple:
+    """What in a param group decides which lists an update launch holds (part of a plan's key)."""
+    return (group["momentum"] != 0,) if kind == "sgd" else (bool(group["amsgrad"]),)
 
 
-def _sgd_kw(group, backend) -> dict:
-    return dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"], maximize=group["maximize"], backend=backend)
+class StepCounters:
+    """Adam's per-parameter step counters as views of one fp32 vector on the device.
+
+    state[p]["step"] stays what torch.optim.Adam keeps (a 0-dim fp32 tensor), so state_dict and
+    torch's own Adam read it as usual; being views of one vector, the guard (check_grads_)
+    advances them all in its one-program epilogue, only when the step is taken, and the kernels
+    read each tensor's count on the device: no counter is ever read on the host."""
+
+    def __init__(self):
+        self.vec: torch.Tensor | None = None
+        self.slots: dict[int, int] = {}  # id(param) -> index in vec
+        self._order: list = []  # the parameters of the slots
+        self.version = 0  # bumped when the vector is rebuilt: plans holding the old views rebuild too
+
+    def _is_view(self, p, st) -> bool:
+        i = self.slots.get(id(p))
+        step = st.get("step")
+        return (i is not None and self.vec is not None and isinstance(step, torch.Tensor)
+                and step.device == self.vec.device and step.data_ptr() == self.vec.data_ptr() + 4 * i)
+
+    def bind(self, state, params, device) -> None:
+        """Make state[p]["step"] of every p in params (whose state exists) a view of the vector,
+        rebuilding it, from the current counts of every parameter it covers, when one is not: a
+        new parameter, a loaded state dict, a counter torch's own Adam created."""
+        if all(self._is_view(p, state[p]) for p in params):
+            return
+        order = list({id(p): p for p in [*self._order, *params] if p in state and "step" in state[p]}.values())
+        values = []
+        for p in order:
+            step = state[p]["step"]
+            step = step if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+            values.append(step.detach().reshape(()).to(device=device, dtype=torch.float32, non_blocking=True))
+        self.vec = torch.stack(values) if values else torch.zeros(0, device=device)
+        self.slots = {id(p): i for i, p in enumerate(order)}
+        self._order = order
+        self.version += 1
+        for i, p in enumerate(order):
+            state[p]["step"] = self.vec[i]
+
+    def mask(self, params) -> torch.Tensor:
+        """1 at the slots of params, 0 elsewhere (which counters a step advances)."""
+        m = [0.0] * self.vec.numel()
+        for p in params:
+            m[self.slots[id(p)]] = 1.0
+        t = torch.tensor(m, dtype=torch.float32)
+        return t if self.vec.device.type == "cpu" else t.pin_memory().to(self.vec.device, non_blocking=True)
 
 
-def _by_momentum_buffer(base, group, params, run, create: bool, keys=None) -> None:
-    """run(index, bufs, init) over the params with a momentum buffer (init False) and without one
-    (init True: torch.optim.SGD's first step sets buf = d). create: allocate the missing buffers
-    (an update) or not (a preview: bufs None for them, the kernel does not read them).
-    keys: the parameters that own the state when `params` are views of them (nuSAM's matrix
-    views of conv kernels): the buffers have the parameters' shapes and are passed as views."""
-    if group["momentum"] == 0:
-        run(range(len(params)), None, False)
-        return
-    state, keys = base.state, keys if keys is not None else params
-    fresh = [state[k].get("momentum_buffer") is None if k in state else True for k in keys]
-    if create:
-        for k, new in zip(keys, fresh):
-            if new:
-                state[k]["momentum_buffer"] = torch.empty_like(k, memory_format=torch.contiguous_format)
-    for init in (True, False):
-        index = [i for i, new in enumerate(fresh) if new is init]
-        if index:
-            bufs = None
-            if create or not init:
-                bufs = [state[keys[i]]["momentum_buffer"] for i in index]
-                if keys is not params:  # views with the shapes of params
-                    bufs = [b.view(params[i].shape) for b, i in zip(bufs, index)]
-            run(index, bufs, init)
+def _new_state(kind: str, group: dict, p: torch.Tensor) -> dict:
+    """The state torch.optim creates for p on its first step (momentum buffers at zero)."""
+    if kind == "sgd":
+        return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.contiguous_format)}
+    st = {"step": torch.zeros((), dtype=_get_scalar_dtype(), device=p.device),
+          "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+          "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    if group["amsgrad"]:
+        st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return st
 
 
-def sgd_step(base, group, params, olds, grads, backend, rank1=None, mix=None, grad_scale=1.0, keys=None):
-    """params <- olds (or, for nuSAM, params - s u v^T with rank1 = (us, vs, scales)), then
-    torch.optim.SGD's step for `group` with `grads` (SAMPa: mix = (grads2, lam), the step from
-    params itself with (1 - lam) grads + lam grads2). grad_scale: GradScaler's 1 / scale."""
-    kw = _sgd_kw(group, backend)
-
-    def run(index, bufs, init):
-        ps, gs = _take(params, index), _take(grads, index)
-        if mix is not None:
-            ops.sampa_update_sgd_(ps, gs, _take(mix[0], index), bufs, lam=mix[1], init_bufs=init, **kw)
-        elif rank1 is None:
-            ops.restore_sgd_(ps, _take(olds, index), gs, bufs, init_bufs=init, grad_scale=grad_scale, **kw)
-        else:
-            us, vs, scales = rank1
-            sel = scales if len(index) == len(params) else scales[index]
-            ops.rank1_restore_sgd_(ps, _take(us, index), _take(vs, index), sel, gs, bufs, init_bufs=init,
-                                   grad_scale=grad_scale, **kw)
-
-    _by_momentum_buffer(base, group, params, run, create=True, keys=keys)
-
-
-def sgd_preview(base, group, params, grads, perturbed, previews, norm, rho, backend):
-    """SAMPa: perturbed <- x + rho g / (norm + eps), previews <- torch.optim.SGD's step from x with
-    g, one pass; the momentum buffers are read, never created or written."""
-    kw = _sgd_kw(group, backend)
-
-    def run(index, bufs, init):
-        ops.sampa_preview_sgd_(_take(params, index), _take(grads, index), _take(perturbed, index),
-                               _take(previews, index), bufs, norm=norm, rho=rho, init_bufs=init, **kw)
-
-    _by_momentum_buffer(base, group, params, run, create=False)
-
-
-def _adam_batches(base, group, params, create: bool, keys=None):
-    """(index, step after this update, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs or None]) for the
-    params grouped by step count (the bias corrections depend on it). create: initialize missing
-    state as torch.optim.Adam does and count the step (an update); otherwise (a preview) zeros
-    stand in for missing moments and no state is created or changed. keys: as for SGD."""
-    viewed = keys is not None  # state tensors have the keys' shapes: view them with the params'
-    state, keys = base.state, keys if keys is not None else params
-    amsgrad = group["amsgrad"]
-    names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+def state_lists(base, kind: str, group: dict, keys, views=None, create: bool = True) -> dict:
+    """The state lists of an update over `keys` (the parameters that own the state), creating what
+    is missing (create; a preview creates nothing and must not be asked before the state exists).
+    views: per key the shape the kernel sees it with (nuSAM's matrix views of conv kernels)."""
+    state = base.state
     if create:
         for p in keys:
             st = state[p]
-            if len(st) == 0:  # as torch.optim.Adam._init_group does
-                st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                for name in names:
-                    st[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        steps = [state[p]["step"] for p in keys]
-        torch._foreach_add_(steps, 1.0)
-        counts = [s.item() for s in steps]  # CPU scalars: no device synchronization
-    else:
-        counts = [state[p]["step"].item() + 1 if p in state and len(state[p]) else 1.0 for p in keys]
-    by_step = defaultdict(list)
-    for i, c in enumerate(counts):
-        by_step[c].append(i)
-    for step, index in by_step.items():
-        lists = []
-        for name in names:
-            sts = [state[keys[i]] if keys[i] in state else {} for i in index]
-            lst = [st[name] if name in st else torch.zeros_like(params[i]) for st, i in zip(sts, index)]
-            lists.append([t.view(params[i].shape) for t, i in zip(lst, index)] if viewed else lst)
-        yield index, step, lists + ([] if amsgrad else [None])
+            if kind == "sgd" and group["momentum"] != 0 and st.get("momentum_buffer") is None:
+                st.update(_new_state("sgd", group, p))
+            elif kind == "adam" and ("exp_avg" not in st or (group["amsgrad"] and "max_exp_avg_sq" not in st)):
+                for k, v in _new_state("adam", group, p).items():
+                    st.setdefault(k, v)
+
+    def view(name):
+        ts = [state[p][name] for p in keys]
+        return ts if views is None else [t.view(s) for t, s in zip(ts, views)]
+
+    if kind == "sgd":
+        return {"bufs": view("momentum_buffer") if group["momentum"] != 0 else None}
+    return {"exp_avgs": view("exp_avg"), "exp_avg_sqs": view("exp_avg_sq"),
+            "max_exp_avg_sqs": view("max_exp_avg_sq") if group["amsgrad"] else None,
+            "state_steps": [state[p]["step"] for p in keys]}
 
 
-def _adam_kw(base, group, step, backend) -> dict:
+def prepare_state(base, kind: str, work, counters: StepCounters, device) -> None:
+    """Create the state every parameter of [(group, params)] needs, and (Adam) bind all their step
+    counters to the vector at once: a launch prepared before another parameter joined the vector
+    would hold views of the old one."""
+    for group, ps in work:
+        state_lists(base, kind, group, ps)
+    if kind == "adam":
+        counters.bind(base.state, [p for _, ps in work for p in ps], device)
+
+
+def hyper(base, kind: str, group: dict) -> dict:
+    """The scalars of a group's update, read on every call (lr schedulers change them)."""
+    if kind == "sgd":
+        return dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                    nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"],
+                    init_bufs=False)
     beta1, beta2 = group["betas"]
     decoupled = isinstance(base, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
     return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                decoupled=decoupled, amsgrad=group["amsgrad"], maximize=group["maximize"],
-                bias_correction1=1 - beta1 ** step, bias_correction2=1 - beta2 ** step, backend=backend)
+                decoupled=decoupled, amsgrad=group["amsgrad"], maximize=group["maximize"])
 
 
-def adam_step(base, group, params, olds, grads, backend, rank1=None, mix=None, grad_scale=1.0, keys=None):
-    """params <- olds (or params - s u v^T, see sgd_step), then torch.optim.Adam / AdamW's step
-    (SAMPa: mix = (grads2, lam), see sgd_step)."""
-    for index, step, state_lists in _adam_batches(base, group, params, create=True, keys=keys):
-        kw = _adam_kw(base, group, step, backend)
-        ps, gs = _take(params, index), _take(grads, index)
-        if mix is not None:
-            ops.sampa_update_adam_(ps, gs, _take(mix[0], index), *state_lists, lam=mix[1], **kw)
-        elif rank1 is None:
-            ops.restore_adam_(ps, _take(olds, index), gs, *state_lists, grad_scale=grad_scale, **kw)
-        else:
-            us, vs, scales = rank1
-            sel = scales if len(index) == len(params) else scales[index]
-            ops.rank1_restore_adam_(ps, _take(us, index), _take(vs, index), sel, gs, *state_lists,
-                                    grad_scale=grad_scale, **kw)
+# Which primitive runs an update, by base kind and by where x_old comes from.
+_OPS = {("sgd", "old"): "restore_sgd_", ("sgd", "rank1"): "rank1_restore_sgd_", ("sgd", "mix"): "sampa_update_sgd_",
+        ("adam", "old"): "restore_adam_", ("adam", "rank1"): "rank1_restore_adam_",
+        ("adam", "mix"): "sampa_update_adam_"}
 
 
-def adam_preview(base, group, params, grads, perturbed, previews, norm, rho, backend):
-    """SAMPa: perturbed <- x + rho g / (norm + eps), previews <- Adam / AdamW's step from x with g
-    (the bias corrections of that step), one pass; the state is read, never created or written."""
-    for index, step, state_lists in _adam_batches(base, group, params, create=False):
-        ops.sampa_preview_adam_(_take(params, index), _take(grads, index), _take(perturbed, index),
-                                _take(previews, index), *state_lists, norm=norm, rho=rho,
-                                **_adam_kw(base, group, step, backend))
+def prepare_update(base, kind: str, group: dict, backend: str, device, params, grads, counters: StepCounters, *,
+                   olds=None, rank1=None, grads2=None, keys=None):
+    """The fused update of `params` (one param group) with `grads`, restoring from olds (SAM), from
+    the rank-1 term rank1 = (us, vs) (nuSAM; the scales are given per call), or from x itself
+    with the mix of grads and grads2 (SAMPa). keys: the state's owners when params are views of
+    them. counters: the optimizer's StepCounters (Adam). Returns run(grad_scale, found_inf, scales=None,
+    lam=None)."""
+    keys = keys if keys is not None else params
+    views = None if keys is params else [p.shape for p in params]
+    state_lists(base, kind, group, keys)  # create what is missing
+    if kind == "adam":
+        counters.bind(base.state, keys, device)
+    lists = state_lists(base, kind, group, keys, views, create=False)
+    source = "rank1" if rank1 is not None else "mix" if grads2 is not None else "old"
+    op = _OPS[kind, source]
+    if source == "old":
+        lists = {"params": params, "olds": olds, "grads": grads, **lists}
+    elif source == "rank1":
+        lists = {"params": params, "us": rank1[0], "vs": rank1[1], "grads": grads, **lists}
+    else:
+        lists = {"params": params, "grads": grads, "grads2": grads2, **lists}
+    static = {"momentum": group["momentum"]} if kind == "sgd" else {"amsgrad": bool(group["amsgrad"])}
+    launch = ops.bind(op, backend, device, lists, static)
+
+    def run(grad_scale=None, found_inf=None, scales=None, lam=None):
+        kw = hyper(base, kind, group)
+        if scales is not None:
+            kw["scales"] = scales
+        if lam is not None:
+            kw["lam"] = lam
+        launch(grad_scale=grad_scale, found_inf=found_inf, **kw)
+    return run
 
 
-UPDATES = {"sgd": sgd_step, "adam": adam_step}
-PREVIEWS = {"sgd": sgd_preview, "adam": adam_preview}
+def prepare_preview(base, kind: str, group: dict, backend: str, device, params, grads, perturbed, previews):
+    """SAMPa: perturbed <- x + rho g / (norm + eps), previews <- the base step from x with g, the state
+    read and never written (Adam state that does not exist yet is created as torch.optim.Adam
+    would on its first step, zeros: a prepared launch holds addresses, so what it reads must
+    outlive it). Returns run(norm, rho)."""
+    state = base.state
+    if kind == "sgd":
+        fresh = group["momentum"] != 0 and any(state[p].get("momentum_buffer") is None for p in params)
+        if fresh and not all(state[p].get("momentum_buffer") is None for p in params):
+            raise RuntimeError("SAMPa: some momentum buffers exist and some do not")  # plans keep them together
+        lists = {"bufs": None if fresh or group["momentum"] == 0 else
+                 [state[p]["momentum_buffer"] for p in params]}
+        static = {"momentum": group["momentum"], "init_bufs": fresh}
+        op = "sampa_preview_sgd_"
+    else:
+        lists = state_lists(base, kind, group, params)
+        static = {"amsgrad": bool(group["amsgrad"])}
+        op = "sampa_preview_adam_"
+    launch = ops.bind(op, backend, device, {"params": params, "grads": grads, "perturbed": perturbed,
+                                            "previews": previews, **lists}, static)
+
+    def run(norm, rho):
+        kw = hyper(base, kind, group)
+        if kind == "sgd":
+            kw["init_bufs"] = static["init_bufs"]
+        launch(norm=norm, rho=rho, **kw)
+    return run

@@ -1,25 +1,61 @@
 """GaussSAM, the random-direction baseline of the nuSAM paper (ALGORITHMS.md, "GaussSAM"):
 e = rho z / ||z|| with z ~ N(0, I), ignoring the gradient. Everything else is SAM's (x_old
-kept, fused restore + update, the same failure handling)."""
+kept, fused restore + update, the same failure handling); the first gradient is still checked
+(its norm is the first pass's `prior`): a NaN in it skips the step like in SAM."""
 from __future__ import annotations
 
 import torch
 
+from ._lists import GradsOf
+from .pipeline import NormStage
 from .sam import SAM
 
 
 class GaussSAM(SAM):
     """SAM perturbed along a normalized Gaussian direction instead of the gradient.
 
-    generator: a torch.Generator on the parameters' device for z (None: torch's global RNG).
+    generator: a torch.Generator on the parameters' device for z (None: torch's global RNG). z is
+    drawn into one buffer per dtype (a copy of the perturbed parameters, allocated once; each
+    parameter's part 16-byte aligned), in parameter order.
     """
 
     def __init__(self, params=None, base_optimizer=torch.optim.SGD, rho=0.05, backend: str = "auto",
                  nonfinite: str = "skip", generator: torch.Generator | None = None, start_step: int = 0,
-                 **base_kwargs):
+                 max_grad_norm=None, **base_kwargs):
         super().__init__(params, base_optimizer, rho=rho, adaptive=False, backend=backend, nonfinite=nonfinite,
-                         start_step=start_step, **base_kwargs)
+                         start_step=start_step, max_grad_norm=max_grad_norm, **base_kwargs)
         self.generator = generator
 
-    def _directions(self, params) -> dict:
-        return {p: torch.randn(p.shape, generator=self.generator, device=p.device, dtype=p.dtype) for p in params}
+    def _directions(self, plan, work, device):
+        """of(params): views of one flat z buffer per dtype (filled each step by _perturb)."""
+        params = [p for _, ps in work for p in ps]
+        plan.z = []
+        views = {}
+        for dtype in dict.fromkeys(p.dtype for p in params):
+            ps = [p for p in params if p.dtype == dtype]
+            vec = max(1, 16 // ps[0].element_size())  # each view 16-byte aligned: the kernels' vector width
+            sizes = [-(-p.numel() // vec) * vec for p in ps]
+            flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+            plan.z.append(flat)
+            for p, z in zip(ps, flat.split(sizes)):
+                views[id(p)] = z[:p.numel()].view(p.shape)
+        # the first gradient's own check: its norm is the prior of the guard
+        plan.check = NormStage(self._backend(device, "global_norm"), device, [(GradsOf(params), None, 0, 0.0)])
+        plan.check_out = torch.empty((), dtype=torch.float32, device=device)
+        return lambda ps: [views[id(p)] for p in ps]
+
+    def _perturb(self, plan) -> None:
+        plan.check.norm(plan.check_out)
+        plan.prior = plan.check_out
+        if self.nonfinite == "raise" and not bool(torch.isfinite(plan.check_out)):  # raise mode: a synchronization
+            raise FloatingPointError(f"GaussSAM.first_step: the gradient norm is {plan.check_out.item()}")
+        for z in plan.z:
+            z.normal_(generator=self.generator)
+        plan.perturb()
+
+    def memory_report(self) -> dict:
+        """As SAM's, plus `direction`: the z buffer (one copy of the perturbed parameters)."""
+        report = super().memory_report()
+        plan = self._plans.plan("first")
+        report["direction"] = sum(z.numel() * z.element_size() for z in plan.z) if plan else 0
+        return report

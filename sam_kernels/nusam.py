@@ -12,7 +12,9 @@ Nothing but x, the gradients and the vectors is stored: the perturbation costs s
 floats (u, its warm-start candidate, and v) instead of a copy of the weights. Removing the
 rank-1 term recomputes it, so the weights come back to within one rounding of x_t, not bit
 for bit (that is the price of not storing x_t). Biases, norms and other non-matrix parameters
-are not perturbed; every parameter still gets the base update.
+are not perturbed; every parameter still gets the base update. The scales s_i are computed on
+the device (zero for every matrix when a sigma is not finite), and the new u_i replaces the
+warm start only when the step is taken (a device-conditional copy): no host reads.
 """
 from __future__ import annotations
 
@@ -20,16 +22,145 @@ import torch
 
 from . import ops
 from ._base import SharpnessAwareOptimizer, check_nonneg, split_rho
-from .fused_update import UPDATES
+from ._lists import GradsOf
+from .fused_update import prepare_update
+from .pipeline import NormStage
 
 CONV = ("skip", "reshape")
+NORM_EPS = 1e-12  # nuSAM-Norm's guard of sqrt(sum_j sigma_j^2)
+
+
+def _device_vector(values, device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.float32)
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
+class NuSamPlan:
+    """The first pass of nuSAM over [(group, params with a gradient)]: the batched power iteration
+    over the matrix gradients (from candidates of the warm starts), the scales, the rank-1
+    perturbation in place; `prior` = [sum of sigmas, norm of the other first gradients] (the
+    first gradient's check)."""
+
+    def __init__(self, opt: "NuSAM", work, device):
+        chosen = [(p, g) for g, ps in work for p in ps if opt._is_matrix(p)]
+        others = [p for _, ps in work for p in ps if not opt._is_matrix(p)]
+        self.opt, self.device = opt, device
+        self.params = [p for p, _ in chosen]
+        self.active = False
+        self.index = {id(p): j for j, p in enumerate(self.params)}
+        for p in self.params:
+            if not p.is_contiguous():
+                raise ValueError(f"NuSAM perturbs matrices in place: parameter of shape {tuple(p.shape)} "
+                                 "must be contiguous")
+        self.mats = [opt._as_matrix(p) for p in self.params]
+        self.grads = GradsOf(self.params, [m.shape for m in self.mats])
+        self.us = [opt.state[p]["u"] for p in self.params]  # the warm starts, replaced when a step is taken
+        self.cands = [torch.empty_like(u) for u in self.us]
+        self.vs = [opt._buffer(p, "v", m.shape[1]) for p, m in zip(self.params, self.mats)]
+        k = len(self.params)
+        self.sigmas = torch.zeros(k, dtype=torch.float32, device=device)
+        self._zero = torch.zeros((), dtype=torch.float32, device=device)
+        self.scales = torch.zeros(k, dtype=torch.float32, device=device)
+        self.neg_scales = torch.zeros(k, dtype=torch.float32, device=device)
+        self.groups = [g for _, g in chosen]
+        self.normed = _device_vector([float(g["normalized"]) for g in self.groups], device) != 0
+        self.any_normed = any(g["normalized"] for g in self.groups)
+        self._rho_key, self.rho = None, None
+        self.prior = torch.zeros(2, dtype=torch.float32, device=device)
+        self.check = (NormStage(opt._backend(device, "global_norm"), device, [(GradsOf(others), None, 0, 0.0)])
+                      if others else None)
+        self.backend = opt._backend(device, "rank1_update_") if k else None
+        if k:
+            self._copy = ops.bind("restore_", self.backend, device, {"params": self.cands, "olds": self.us})
+            self._commit = ops.bind("restore_", self.backend, device, {"params": self.us, "olds": self.cands})
+            self._rank1 = ops.bind("rank1_update_", self.backend, device,
+                                   {"mats": self.mats, "us": self.cands, "vs": self.vs})
+
+    def _rhos(self) -> torch.Tensor:
+        """rho per matrix on the device, sent again only when a group's rho changed."""
+        key = tuple(g["rho"] for g in self.groups)
+        if key != self._rho_key:
+            self._rho_key, self.rho = key, _device_vector(list(key), self.device)
+        return self.rho
+
+    def perturb(self, raise_nonfinite: bool) -> None:
+        if self.check is not None:
+            self.check.norm(self.prior[1])
+        if self.params:
+            self._copy()  # power iteration from a candidate: a skipped step keeps the warm start
+            ops.power_iteration_(self.grads, self.cands, self.vs, self.sigmas, self.opt.power_iters, self.opt.tau,
+                                 backend=self.opt.backend)
+            self.prior[0] = self.sigmas.sum()
+        if raise_nonfinite and not bool(torch.isfinite(self.prior).all()):  # raise mode: a synchronization
+            raise FloatingPointError("NuSAM.first_step: NaN or inf in a gradient")
+        if not self.params:
+            self.active = True
+            return
+        rho = self._rhos()
+        if self.any_normed:  # nuSAM-Norm: s_i = rho sigma_i / sqrt(sum_j sigma_j^2) over the normalized matrices
+            c = torch.linalg.vector_norm(torch.where(self.normed, self.sigmas, 0.0))
+            rho = torch.where(self.normed, rho * self.sigmas / (c + NORM_EPS), rho)
+        # a non-finite sigma: no perturbation at all (a zero scale leaves M untouched)
+        torch.where(torch.isfinite(self.sigmas).all(), rho, self._zero, out=self.scales)
+        self._rank1(scales=self.scales)
+        self.active = True
+
+    def old_of(self, p):
+        return p
+
+    def rank1_of(self, p):
+        return self.index.get(id(p))
+
+    def _scales_of(self, idx):
+        """The scales of the matrices idx: the vector itself, or a gather launched every step."""
+        if idx == list(range(len(self.params))):
+            return lambda source: source
+        index = _device_vector(idx, self.device).long()
+        buf = torch.empty(len(idx), dtype=torch.float32, device=self.device)
+        return lambda source: torch.index_select(source, 0, index, out=buf)
+
+    def rank1_update(self, base, kind, group, device, ps, counters):
+        """The fused update of the perturbed matrices ps of one group: M - s u v^T, then the step."""
+        idx = [self.index[id(p)] for p in ps]
+        mats = [self.mats[j] for j in idx]
+        keys = None if all(p is m for p, m in zip(ps, mats)) else ps  # conv kernels: state keyed by the params
+        grads = GradsOf(ps, [m.shape for m in mats])  # the second gradients
+        run = prepare_update(base, kind, group, self.opt._backend(device, "rank1_restore_sgd_"), device, mats, grads,
+                             counters, rank1=([self.cands[j] for j in idx], [self.vs[j] for j in idx]), keys=keys)
+        scales = self._scales_of(idx)
+        return lambda flags: run(flags.grad_scale, flags.found_inf, scales=scales(self.scales))
+
+    def restore_left(self, params):
+        if not params:
+            return None
+        idx = [self.index[id(p)] for p in params]
+        run = ops.bind("rank1_update_", self.backend, self.device,
+                       {"mats": [self.mats[j] for j in idx], "us": [self.cands[j] for j in idx],
+                        "vs": [self.vs[j] for j in idx]})
+        scales = self._scales_of(idx)
+
+        def left(flags):
+            torch.neg(self.scales, out=self.neg_scales)
+            run(scales=scales(self.neg_scales))
+        return left
+
+    def commit(self):
+        if not self.params:
+            return None
+        return lambda flags: self._commit(found_inf=flags.found_inf)
+
+    def undo(self) -> None:
+        if self.active and self.params:
+            torch.neg(self.scales, out=self.neg_scales)
+            self._rank1(scales=self.neg_scales)
+        self.active = False
 
 
 class NuSAM(SharpnessAwareOptimizer):
     """Memory-efficient SAM with nuclear-norm (rank-1) perturbations of the weight matrices.
 
     Args:
-        params, base_optimizer, backend, nonfinite, **base_kwargs: as for sam_kernels.SAM.
+        params, base_optimizer, backend, nonfinite, max_grad_norm, **base_kwargs: as for sam_kernels.SAM.
         rho: radius of the rank-1 perturbation of each matrix (nuclear norm), per group.
         power_iters: power iterations T per step (1 in the paper).
         normalized: nuSAM-Norm: scale layer i by sigma_i / sqrt(sum_j sigma_j^2).
@@ -46,7 +177,7 @@ class NuSAM(SharpnessAwareOptimizer):
 
     def __init__(self, params=None, base_optimizer=torch.optim.AdamW, rho: float = 0.1, power_iters: int = 1,
                  normalized: bool = False, conv: str = "skip", backend: str = "auto", nonfinite: str = "skip",
-                 seed: int = 0, tau: float = 1e-12, start_step: int = 0, **base_kwargs):
+                 seed: int = 0, tau: float = 1e-12, start_step: int = 0, max_grad_norm=None, **base_kwargs):
         rho, rho_fn = split_rho(rho)
         check_nonneg("tau", tau)
         if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
@@ -54,7 +185,8 @@ class NuSAM(SharpnessAwareOptimizer):
         if conv not in CONV:
             raise ValueError(f"conv must be one of {CONV}, got {conv!r}")
         defaults = dict(rho=rho, normalized=bool(normalized))
-        super().__init__(params, base_optimizer, defaults, backend, nonfinite, base_kwargs, start_step, rho_fn)
+        super().__init__(params, base_optimizer, defaults, backend, nonfinite, base_kwargs, start_step, rho_fn,
+                         max_grad_norm)
         self.power_iters, self.conv, self.tau, self.seed = power_iters, conv, float(tau), seed
         gen = torch.Generator().manual_seed(seed)
         for group in self.param_groups:
@@ -67,7 +199,6 @@ class NuSAM(SharpnessAwareOptimizer):
                     u = torch.randn(n, generator=gen, dtype=torch.float32)
                     st = self.state[p]
                     st["u"] = (u / u.norm()).to(p.device)
-        self._perturbed = None  # (mats, params, us, vs, scales, sigmas) between the two steps
 
     def _is_matrix(self, p: torch.Tensor) -> bool:
         return p.dim() == 2 or (p.dim() > 2 and self.conv == "reshape")
@@ -76,97 +207,14 @@ class NuSAM(SharpnessAwareOptimizer):
     def _as_matrix(t: torch.Tensor) -> torch.Tensor:
         return t if t.dim() == 2 else t.view(t.shape[0], -1)
 
-    # --- the two steps ---------------------------------------------------------------------
+    def _group_key(self, group: dict) -> tuple:
+        return (group["normalized"],)
 
-    @torch.no_grad()
-    def _sam_first_step(self, zero_grad: bool) -> None:
-        """Top singular pairs of the matrix gradients (batched power iteration), then M += s u v^T."""
-        if self._perturbed is not None:
-            raise RuntimeError("NuSAM.first_step() called twice: call second_step() or restore() in between")
-        work = self._params_with_grad("NuSAM first_step")
-        chosen = [(p, g) for g, ps in work for p in ps if self._is_matrix(p)]
-        params = [p for p, _ in chosen]
-        rhos = [g["rho"] for _, g in chosen]
-        normed = [g["normalized"] for _, g in chosen]
-        if not params:
-            self._perturbed = ([], [], [], [], None, None)
-            if zero_grad:
-                self.zero_grad()
-            return
-        devices = {p.device for p in params}
-        if len(devices) > 1:
-            raise ValueError(f"NuSAM: the matrices with gradients span devices {sorted(map(str, devices))}")
-        device = params[0].device
-        mats = [self._as_matrix(p) for p in params]
-        grads = [p.grad.reshape(m.shape) for p, m in zip(params, mats)]
-        # the warm start is updated in a copy: a skipped step keeps the previous u
-        us = [self.state[p]["u"].clone() for p in params]
-        vs = [self._buffer(p, "v", m.shape[1]) for p, m in zip(params, mats)]
-        sigmas = torch.empty(len(params), dtype=torch.float32, device=device)
-        ops.power_iteration_(grads, us, vs, sigmas, self.power_iters, self.tau, backend=self.backend)
-        rho = torch.tensor(rhos, dtype=torch.float32).to(device)
-        if any(normed):  # nuSAM-Norm: s_i = rho sigma_i / sqrt(sum_j sigma_j^2) over the normalized matrices
-            mask = torch.tensor(normed).to(device)
-            c = torch.linalg.vector_norm(torch.where(mask, sigmas, 0.0))
-            rho = torch.where(mask, rho * sigmas / (c + 1e-12), rho)
-        # a non-finite gradient: no perturbation at all (a zero scale leaves M untouched)
-        scales = torch.where(torch.isfinite(sigmas).all(), rho, 0.0)
-        if self.nonfinite == "raise" and not bool(torch.isfinite(sigmas).all()):
-            raise FloatingPointError("NuSAM.first_step: NaN or inf in a matrix gradient")
-        ops.rank1_update_(mats, us, vs, scales, backend=self.backend)
-        self._perturbed = (mats, params, us, vs, scales, sigmas)
-        if zero_grad:
-            self.zero_grad()
+    def _build_first(self, work, device) -> NuSamPlan:
+        return NuSamPlan(self, work, device)
 
-    @torch.no_grad()
-    def _sam_second_step(self, zero_grad: bool) -> None:
-        """M - s u v^T and the base step with the gradient at the perturbed point, in one pass."""
-        if self._perturbed is None:
-            raise RuntimeError("NuSAM.second_step() called without first_step()")
-        mats, params, us, vs, scales, sigmas = self._perturbed
-        if self._second_step(sigmas.sum() if sigmas is not None else None, zero_grad):
-            for p, u in zip(params, us):  # accepted: the new u is the next warm start
-                self.state[p]["u"] = u
-        self._perturbed = None
-
-    def _fused_step(self, kind: str, groups) -> None:
-        mats, params, us, vs, scales, _ = self._perturbed
-        where = {id(p): i for i, p in enumerate(params)}
-        done = set()
-        for group, ps in groups:
-            rank1 = [i for i, p in enumerate(ps) if id(p) in where]
-            plain = [i for i, p in enumerate(ps) if id(p) not in where]
-            if rank1:
-                idx = [where[id(ps[i])] for i in rank1]
-                sel = [mats[j] for j in idx]
-                grads = [ps[i].grad.reshape(m.shape) for i, m in zip(rank1, sel)]
-                keys = [ps[i] for i in rank1]  # the state's owners: the parameters, not conv views
-                sel_scales = scales if idx == list(range(len(params))) else scales[idx]
-                UPDATES[kind](self.base_optimizer, group, sel, None, grads, self.backend,
-                              rank1=([us[j] for j in idx], [vs[j] for j in idx], sel_scales),
-                              grad_scale=self._grad_scale,
-                              keys=None if all(k is m for k, m in zip(keys, sel)) else keys)
-                done.update(idx)
-            if plain:
-                pp = [ps[i] for i in plain]
-                UPDATES[kind](self.base_optimizer, group, pp, pp, [p.grad for p in pp], self.backend,
-                              grad_scale=self._grad_scale)
-        left = [j for j in range(len(params)) if j not in done]  # perturbed but no second gradient
-        if left:
-            ops.rank1_update_([mats[j] for j in left], [us[j] for j in left], [vs[j] for j in left],
-                              -scales[left], backend=self.backend)
-
-    @torch.no_grad()
-    def _sam_restore(self) -> None:
-        """Remove the rank-1 perturbation after first_step() without updating (M - s u v^T)."""
-        if self._perturbed is not None:
-            mats, _, us, vs, scales, _ = self._perturbed
-            if mats:
-                ops.rank1_update_(mats, us, vs, -scales, backend=self.backend)
-            self._perturbed = None
-
-    def _perturbed_now(self) -> bool:
-        return self._perturbed is not None
+    def _perturb(self, plan: NuSamPlan) -> None:
+        plan.perturb(self.nonfinite == "raise")
 
     def _buffer(self, p, key, n):
         st = self.state[p]
@@ -178,8 +226,8 @@ class NuSAM(SharpnessAwareOptimizer):
     # --- state -----------------------------------------------------------------------------
 
     def memory_report(self) -> dict:
-        """Bytes held: `perturbation` (u, v and, during a step, u's candidate: sum(2n + m) fp32
-        values) and `base_state` (the base optimizer's tensors)."""
+        """Bytes held: `perturbation` (u, v and u's candidate: sum(2n + m) fp32 values) and
+        `base_state` (the base optimizer's tensors)."""
         vec = sum(t.numel() * t.element_size() for st in self.state.values() for k, t in st.items() if k in ("u", "v"))
         cand = sum(st["u"].numel() * 4 for st in self.state.values() if "u" in st)
         return {"perturbation": vec + cand, "base_state": self._base_state_bytes()}
@@ -193,4 +241,4 @@ class NuSAM(SharpnessAwareOptimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, u in extra.get("u", {}).items():
             p = params[int(i)]
-            self.state[p]["u"] = u.to(device=p.device, dtype=torch.float32).clone()
+            self.state[p]["u"].copy_(u.to(device=p.device, dtype=torch.float32))

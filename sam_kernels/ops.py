@@ -4,13 +4,21 @@ Every primitive takes whole lists of tensors (all on one device; any mix of fp32
 bf16 / fp16, fp32 arithmetic for the half types) and does the work of the whole list in one
 launch per dtype group. Kernel backends need contiguous memory: non-contiguous tensors are
 staged through contiguous copies here, once, for every kernel backend (and for Triton, tensors
-at addresses that are not 16-byte aligned).
+at addresses that are not 16-byte aligned). No primitive reads a tensor on the host: decisions
+that depend on values are made on the device from device scalars (norm, found_inf, grad_scale,
+the Adam step counters).
 
     global_norm(tensors, weights=None, offset=0.)  ||T t|| over all tensors, T = |w| + offset or 1
+    check_grads_(grads, flags, ...)                the guard of a step: is it taken, by what is the
+                                                   gradient multiplied (unscale, clip), its norm
     perturb_(params, grads, olds, norm, rho, ...)   olds <- x; x <- x + rho T^2 g / (norm + eps)
-    restore_(params, olds)                          x <- olds (bit for bit)
+    restore_(params, olds, found_inf=None)          x <- olds (bit for bit; with found_inf, if it is 0)
     restore_sgd_(params, olds, grads, bufs, ...)    x <- olds, then one fused torch.optim.SGD step
     restore_adam_(params, olds, grads, m, v, ...)   x <- olds, then one fused Adam / AdamW step
+The fused updates take grad_scale (a multiplier of the gradient: GradScaler's 1 / scale times a
+clipping coefficient) and found_inf (!= 0: the step is skipped, x <- olds and no state is
+written), both fp32 device scalars; Adam's take state_steps, one fp32 device scalar per tensor
+with its step count for this update (the bias corrections are computed from it on the device).
 
 nuSAM (rank-1 perturbations of weight matrices; us / vs fp32 vectors, scales an fp32 device vector):
     power_iteration_(mats, us, vs, sigmas, iters, tau)   warm-started top singular pairs of every matrix
@@ -22,6 +30,10 @@ SAMPa (the two points of a step from one read of x, and the update with the mixe
         perturbed <- x + rho g / (norm + eps);  previews <- the base step from x with g (state read only)
     sampa_update_sgd_ / sampa_update_adam_(params, grads, grads2, state, lam, ...)
         the base step from x with d = (1 - lam) grads + lam grads2
+
+prepare(op, backend, device, **lists) binds a primitive to its lists once (the launch tables of
+the kernel backends) and returns a function that launches it with scalars only: what the
+optimizers' step plans call on every step (sam_kernels/pipeline.py).
 """
 from __future__ import annotations
 
@@ -34,6 +46,8 @@ import torch
 from . import backends
 
 _IMPL_MODULES = {"torch": ".reference", "cpu": ".native", "cuda": ".native", "triton": ".triton_ops"}
+# Lists of scalars or small vectors: read-only, any alignment (never staged).
+_UNSTAGED = ("state_steps", "us", "vs")
 
 
 def _impl(backend: str):
@@ -71,6 +85,12 @@ def _all_aligned(lst) -> bool:
     return not functools.reduce(operator.or_, map(_data_ptr, lst), 0) & 15  # C-level loop: no per-tensor call
 
 
+def stageable(lists: dict, aligned: bool) -> bool:
+    """Whether the element lists need no staging (contiguous, and 16-byte aligned for Triton)."""
+    present = [v for k, v in lists.items() if v and k not in _UNSTAGED]
+    return all(all(map(_contiguous, v)) and (not aligned or _all_aligned(v)) for v in present)
+
+
 class _Staged:
     """Contiguous stand-ins for non-contiguous tensors (and, with `aligned`, for tensors whose
     address is not a multiple of 16 bytes, which the Triton kernels' vector loads need: a
@@ -80,16 +100,16 @@ class _Staged:
         self.lists = {k: (list(v) if v is not None else None) for k, v in lists.items()}
         self._originals = lists
         self._written = written
-        present = [v for v in lists.values() if v]
+        present = [v for k, v in lists.items() if v and k not in _UNSTAGED]
         fine = (lambda t: t.is_contiguous() and _aligned(t)) if aligned else _contiguous
-        if all(all(map(_contiguous, v)) and (not aligned or _all_aligned(v)) for v in present):  # the common case
+        if stageable(lists, aligned):  # the common case
             self._index = []
         else:
             n = len(present[0])
             self._index = [i for i in range(n) if any(not fine(v[i]) for v in present)]
         for i in self._index:
-            for v in self.lists.values():
-                if v is not None and len(v) and not fine(v[i]):
+            for k, v in self.lists.items():
+                if k not in _UNSTAGED and v is not None and len(v) and not fine(v[i]):
                     v[i] = v[i].clone(memory_format=torch.contiguous_format)
 
     def __enter__(self):
@@ -120,6 +140,40 @@ def _run(op: str, backend: str, lists: dict, written: tuple[str, ...], scalars: 
         return fn(**{k: (v if v is not None else []) for k, v in staged.items()}, **scalars)
 
 
+def prepare(op: str, backend: str, device: torch.device, **lists):
+    """`op` bound to `lists` on `backend` (resolved for `device`): returns run(**scalars), with the
+    launch tables built now and reused by every call. The element lists must be contiguous (and
+    aligned for Triton: the step plans check stageable() and otherwise call the list op). For
+    the norms, op is "sumsq" (lists tensors, second) and run(partials, mode, scalar, at) writes
+    run.n_partials sums of squares; norm_finalize / guard_finalize (finalizers(backend)) end them."""
+    impl = _impl(backend)
+    if hasattr(impl, "prepare_" + op):
+        return getattr(impl, "prepare_" + op)(**lists)
+    raise ValueError(f"prepare: no prepared form of {op!r} on backend {backend!r}")
+
+
+def bind(op: str, backend: str, device: torch.device, lists: dict, static: dict | None = None):
+    """prepare(op, ...) when the element lists need no staging, else a function calling the list op
+    (which stages them on every call): the same run(**scalars) either way."""
+    if stageable(lists, aligned=backend == "triton"):
+        return prepare(op, backend, device, **lists, **(static or {}))
+    fn = globals()[op]
+    return lambda **kw: fn(**lists, **kw, backend=backend)
+
+
+def finalizers(backend: str):
+    """(norm_finalize(partials, out), guard_finalize(partials, flags, ...)) of a backend."""
+    impl = _impl(backend)
+    return impl.norm_finalize, impl.guard_finalize
+
+
+def _scalar(value, device, name: str):
+    """An optional fp32 device scalar argument; a Python number becomes one."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    return torch.full((), float(value), dtype=torch.float32, device=device)
+
+
 def _sgd_scalars(op, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
                  reads_only: bool = False) -> dict:
     if momentum != 0 and bufs is None and not (reads_only and init_bufs):
@@ -128,19 +182,22 @@ def _sgd_scalars(op, bufs, lr, momentum, dampening, nesterov, weight_decay, maxi
             "weight_decay": float(weight_decay), "maximize": bool(maximize), "init_bufs": bool(init_bufs)}
 
 
-def _adam_scalars(op, max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
-                  bias_correction1, bias_correction2) -> dict:
+def _adam_scalars(op, max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize) -> dict:
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError(f"{op}: amsgrad=True needs 'max_exp_avg_sqs'")
     return {"lr": float(lr), "beta1": float(beta1), "beta2": float(beta2), "eps": float(eps),
             "weight_decay": float(weight_decay), "decoupled": bool(decoupled), "amsgrad": bool(amsgrad),
-            "maximize": bool(maximize), "bias_correction1": float(bias_correction1),
-            "bias_correction2": float(bias_correction2)}
+            "maximize": bool(maximize)}
 
 
-def _adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad) -> dict:
+def _adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, state_steps) -> dict:
     return {"exp_avgs": list(exp_avgs), "exp_avg_sqs": list(exp_avg_sqs),
-            "max_exp_avg_sqs": list(max_exp_avg_sqs) if amsgrad else None}
+            "max_exp_avg_sqs": list(max_exp_avg_sqs) if amsgrad else None, "state_steps": list(state_steps)}
+
+
+def _guard_args(op, params, grad_scale, found_inf) -> dict:
+    device = params[0].device if params else None
+    return {"grad_scale": _scalar(grad_scale, device, "grad_scale"), "found_inf": found_inf}
 
 
 _ADAM_WRITES = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
@@ -157,6 +214,23 @@ def global_norm(tensors, weights=None, offset: float = 0.0, *, backend: str = "a
 
 
 @torch.no_grad()
+def check_grads_(grads, flags, *, grads2=None, lam: float = 0.0, prior=None, scale=None, found_inf=None,
+                 max_norm=None, steps=None, steps_mask=None, backend: str = "auto") -> None:
+    """The guard of a step, on the device. n = ||grads|| (of (1 - lam) grads + lam grads2 with grads2);
+    flags (fp32[4]) <- [found_inf, grad_scale, grad_norm, flags[3] + found_inf]:
+    found_inf = 1 if n, any element of prior (the first pass's norms) is not finite or found_inf
+    (a GradScaler's own check) != 0, else 0; grad_scale = inv * min(1, max_norm / (n inv + 1e-6))
+    with inv = 1 / scale (GradScaler's scale; 1 without); grad_norm = n inv. steps (fp32, Adam's
+    step counters) += (1 - found_inf) * steps_mask: they move only when the step is taken."""
+    grads = list(grads)
+    grads2 = list(grads2) if grads2 is not None else None
+    max_norm = float("inf") if max_norm is None else float(max_norm)
+    _run("check_grads_", backend, {"grads": grads, "grads2": grads2}, (),
+         {"lam": float(lam), "flags": flags, "prior": prior, "scale": scale, "found_inf": found_inf,
+          "max_norm": max_norm, "steps": steps, "steps_mask": steps_mask})
+
+
+@torch.no_grad()
 def perturb_(params, grads, olds, norm, rho: float, *, adaptive: bool = False, offset: float = 0.0,
              backend: str = "auto") -> None:
     """olds <- params; params <- params + rho * T^2 grads / (norm + eps); params untouched if norm is not finite."""
@@ -165,37 +239,40 @@ def perturb_(params, grads, olds, norm, rho: float, *, adaptive: bool = False, o
 
 
 @torch.no_grad()
-def restore_(params, olds, *, backend: str = "auto") -> None:
-    """params <- olds, bit for bit."""
-    _run("restore_", backend, {"params": list(params), "olds": list(olds)}, ("params",), {})
+def restore_(params, olds, found_inf=None, *, backend: str = "auto") -> None:
+    """params <- olds, bit for bit; with found_inf (a device scalar), only when found_inf == 0."""
+    _run("restore_", backend, {"params": list(params), "olds": list(olds)}, ("params",), {"found_inf": found_inf})
 
 
 @torch.no_grad()
 def restore_sgd_(params, olds, grads, bufs=None, *, lr: float, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, maximize: bool = False, init_bufs: bool = False,
-                 grad_scale: float = 1.0, backend: str = "auto") -> None:
-    """params <- olds, then one torch.optim.SGD step with grads * grad_scale (grad_scale: GradScaler's
-    1 / scale, so that unscaling is free); bufs: momentum buffers, updated in place."""
+                 grad_scale=None, found_inf=None, backend: str = "auto") -> None:
+    """params <- olds, then one torch.optim.SGD step with grads * grad_scale; bufs: momentum buffers,
+    updated in place. found_inf != 0: params <- olds only."""
+    params = list(params)
     scalars = _sgd_scalars("restore_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs)
     _run("restore_sgd_", backend,
-         {"params": list(params), "olds": list(olds), "grads": list(grads),
+         {"params": params, "olds": list(olds), "grads": list(grads),
           "bufs": list(bufs) if momentum != 0 else None},
-         ("params", "bufs"), {**scalars, "grad_scale": float(grad_scale)})
+         ("params", "bufs"), {**scalars, **_guard_args("restore_sgd_", params, grad_scale, found_inf)})
 
 
 @torch.no_grad()
-def restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr: float, beta1: float,
-                  beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False, amsgrad: bool = False,
-                  maximize: bool = False, bias_correction1: float, bias_correction2: float, grad_scale: float = 1.0,
+def restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, state_steps, lr: float,
+                  beta1: float, beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False,
+                  amsgrad: bool = False, maximize: bool = False, grad_scale=None, found_inf=None,
                   backend: str = "auto") -> None:
     """params <- olds, then one torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step with
-    grads * grad_scale."""
+    grads * grad_scale; state_steps: each tensor's step count for this update (fp32 device scalars).
+    found_inf != 0: params <- olds only."""
+    params = list(params)
     scalars = _adam_scalars("restore_adam_", max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
-                            amsgrad, maximize, bias_correction1, bias_correction2)
+                            amsgrad, maximize)
     _run("restore_adam_", backend,
-         {"params": list(params), "olds": list(olds), "grads": list(grads),
-          **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)},
-         ("params", *_ADAM_WRITES), {**scalars, "grad_scale": float(grad_scale)})
+         {"params": params, "olds": list(olds), "grads": list(grads),
+          **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, state_steps)},
+         ("params", *_ADAM_WRITES), {**scalars, **_guard_args("restore_adam_", params, grad_scale, found_inf)})
 
 
 # --- SAMPa -----------------------------------------------------------------------------------
@@ -211,7 +288,7 @@ def _update_with_one_gradient(op, impl, backend, params, grads, grads2, lam, sta
     bit for bit, without reading the other."""
     _check_lists(op, params, {"grads": grads, "grads2": grads2})
     _run(op, backend, {"params": list(params), "olds": list(params), "grads": list(grads2 if lam else grads), **state},
-         written, {**scalars, "grad_scale": 1.0}, impl=impl)
+         written, scalars, impl=impl)
 
 
 @torch.no_grad()
@@ -219,8 +296,9 @@ def sampa_preview_sgd_(params, grads, perturbed, previews, bufs=None, *, norm: t
                        momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
                        weight_decay: float = 0.0, maximize: bool = False, init_bufs: bool = False,
                        backend: str = "auto") -> None:
-    """perturbed <- x + rho g / (norm + eps) (x if norm is not finite); previews <- the torch.optim.SGD
-    step from x with g. Reads the momentum buffers without writing them: the optimizer state stays."""
+    """perturbed <- x + rho g / (norm + eps); previews <- the torch.optim.SGD step from x with g. Reads
+    the momentum buffers without writing them: the optimizer state stays. A non-finite norm: g is
+    not used (perturbed <- x, the preview steps with a zero gradient)."""
     scalars = _sgd_scalars("sampa_preview_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize,
                            init_bufs, reads_only=True)  # init_bufs: no buffer yet, none read
     _run("sampa_preview_sgd_", backend,
@@ -231,53 +309,56 @@ def sampa_preview_sgd_(params, grads, perturbed, previews, bufs=None, *, norm: t
 
 @torch.no_grad()
 def sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *,
-                        norm: torch.Tensor, rho: float, lr: float, beta1: float, beta2: float, eps: float,
-                        weight_decay: float = 0.0, decoupled: bool = False, amsgrad: bool = False,
-                        maximize: bool = False, bias_correction1: float, bias_correction2: float,
-                        backend: str = "auto") -> None:
-    """perturbed <- x + rho g / (norm + eps); previews <- the Adam / AdamW step from x with g (bias
-    corrections of the step it previews). The moments are read, not written."""
+                        state_steps, norm: torch.Tensor, rho: float, lr: float, beta1: float, beta2: float,
+                        eps: float, weight_decay: float = 0.0, decoupled: bool = False, amsgrad: bool = False,
+                        maximize: bool = False, backend: str = "auto") -> None:
+    """perturbed <- x + rho g / (norm + eps); previews <- the Adam / AdamW step from x with g, the
+    step after state_steps (count + 1). The moments are read, not written. A non-finite norm as
+    for sampa_preview_sgd_."""
     scalars = _adam_scalars("sampa_preview_adam_", max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
-                            amsgrad, maximize, bias_correction1, bias_correction2)
+                            amsgrad, maximize)
     _run("sampa_preview_adam_", backend,
          {"params": list(params), "grads": list(grads), "perturbed": list(perturbed), "previews": list(previews),
-          **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)},
+          **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, state_steps)},
          ("perturbed", "previews"), {"norm": norm, "rho": float(rho), **scalars})
 
 
 @torch.no_grad()
 def sampa_update_sgd_(params, grads, grads2, bufs=None, *, lam: float, lr: float, momentum: float = 0.0,
                       dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-                      maximize: bool = False, init_bufs: bool = False, backend: str = "auto") -> None:
-    """One torch.optim.SGD step from x with d = (1 - lam) * grads + lam * grads2, in one pass."""
-    scalars = _sgd_scalars("sampa_update_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize,
-                           init_bufs)
+                      maximize: bool = False, init_bufs: bool = False, grad_scale=None, found_inf=None,
+                      backend: str = "auto") -> None:
+    """One torch.optim.SGD step from x with d = (1 - lam) * grads + lam * grads2 (times grad_scale), in
+    one pass; nothing is written where found_inf != 0."""
+    params = list(params)
+    scalars = {**_sgd_scalars("sampa_update_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize,
+                              init_bufs), **_guard_args("sampa_update_sgd_", params, grad_scale, found_inf)}
     lam = _lam("sampa_update_sgd_", lam)
     if lam in (0.0, 1.0):
         return _update_with_one_gradient("sampa_update_sgd_", "restore_sgd_", backend, params, grads, grads2, lam,
                                          {"bufs": list(bufs) if momentum != 0 else None}, ("params", "bufs"), scalars)
     _run("sampa_update_sgd_", backend,
-         {"params": list(params), "grads": list(grads), "grads2": list(grads2),
+         {"params": params, "grads": list(grads), "grads2": list(grads2),
           "bufs": list(bufs) if momentum != 0 else None},
          ("params", "bufs"), {"lam": lam, **scalars})
 
 
 @torch.no_grad()
-def sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lam: float, lr: float,
-                       beta1: float, beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False,
-                       amsgrad: bool = False, maximize: bool = False, bias_correction1: float,
-                       bias_correction2: float, backend: str = "auto") -> None:
-    """One torch.optim.Adam / AdamW step from x with d = (1 - lam) * grads + lam * grads2, in one pass."""
-    scalars = _adam_scalars("sampa_update_adam_", max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
-                            amsgrad, maximize, bias_correction1, bias_correction2)
+def sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, state_steps, lam: float,
+                       lr: float, beta1: float, beta2: float, eps: float, weight_decay: float = 0.0,
+                       decoupled: bool = False, amsgrad: bool = False, maximize: bool = False, grad_scale=None,
+                       found_inf=None, backend: str = "auto") -> None:
+    """One torch.optim.Adam / AdamW step from x with d = (1 - lam) * grads + lam * grads2, in one pass;
+    nothing is written where found_inf != 0."""
+    params = list(params)
+    scalars = {**_adam_scalars("sampa_update_adam_", max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
+                               amsgrad, maximize), **_guard_args("sampa_update_adam_", params, grad_scale, found_inf)}
     lam = _lam("sampa_update_adam_", lam)
+    state = _adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, state_steps)
     if lam in (0.0, 1.0):
         return _update_with_one_gradient("sampa_update_adam_", "restore_adam_", backend, params, grads, grads2, lam,
-                                         _adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad),
-                                         ("params", *_ADAM_WRITES), scalars)
-    _run("sampa_update_adam_", backend,
-         {"params": list(params), "grads": list(grads), "grads2": list(grads2),
-          **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)},
+                                         state, ("params", *_ADAM_WRITES), scalars)
+    _run("sampa_update_adam_", backend, {"params": params, "grads": list(grads), "grads2": list(grads2), **state},
          ("params", *_ADAM_WRITES), {"lam": lam, **scalars})
 
 
@@ -322,28 +403,32 @@ def rank1_update_(mats, us, vs, scales, *, backend: str = "auto") -> None:
 @torch.no_grad()
 def rank1_restore_sgd_(params, us, vs, scales, grads, bufs=None, *, lr: float, momentum: float = 0.0,
                        dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-                       maximize: bool = False, init_bufs: bool = False, grad_scale: float = 1.0,
+                       maximize: bool = False, init_bufs: bool = False, grad_scale=None, found_inf=None,
                        backend: str = "auto") -> None:
-    """M <- M - s u v^T, then one torch.optim.SGD step with grads * grad_scale, in one pass."""
+    """M <- M - s u v^T, then one torch.optim.SGD step with grads * grad_scale, in one pass (found_inf != 0:
+    the removal only)."""
     scalars = _sgd_scalars("rank1_restore_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize,
                            init_bufs)
     params, us, vs = _rank1_lists("rank1_restore_sgd_", params, us, vs)
     _run("rank1_restore_sgd_", backend,
          {"params": params, "us": us, "vs": vs, "grads": list(grads),
           "bufs": list(bufs) if momentum != 0 else None},
-         ("params", "bufs"), {"scales": scales, **scalars, "grad_scale": float(grad_scale)})
+         ("params", "bufs"),
+         {"scales": scales, **scalars, **_guard_args("rank1_restore_sgd_", params, grad_scale, found_inf)})
 
 
 @torch.no_grad()
-def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr: float,
-                        beta1: float, beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False,
-                        amsgrad: bool = False, maximize: bool = False, bias_correction1: float,
-                        bias_correction2: float, grad_scale: float = 1.0, backend: str = "auto") -> None:
-    """M <- M - s u v^T, then one torch.optim.Adam / AdamW step with grads * grad_scale, in one pass."""
+def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, state_steps,
+                        lr: float, beta1: float, beta2: float, eps: float, weight_decay: float = 0.0,
+                        decoupled: bool = False, amsgrad: bool = False, maximize: bool = False, grad_scale=None,
+                        found_inf=None, backend: str = "auto") -> None:
+    """M <- M - s u v^T, then one torch.optim.Adam / AdamW step with grads * grad_scale, in one pass
+    (found_inf != 0: the removal only)."""
     scalars = _adam_scalars("rank1_restore_adam_", max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
-                            amsgrad, maximize, bias_correction1, bias_correction2)
+                            amsgrad, maximize)
     params, us, vs = _rank1_lists("rank1_restore_adam_", params, us, vs)
     _run("rank1_restore_adam_", backend,
          {"params": params, "us": us, "vs": vs, "grads": list(grads),
-          **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)},
-         ("params", *_ADAM_WRITES), {"scales": scales, **scalars, "grad_scale": float(grad_scale)})
+          **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, state_steps)},
+         ("params", *_ADAM_WRITES),
+         {"scales": scales, **scalars, **_guard_args("rank1_restore_adam_", params, grad_scale, found_inf)})

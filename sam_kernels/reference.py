@@ -1,14 +1,16 @@
-"""The "torch" backend: the primitives in plain PyTorch foreach ops, written to mirror
-ALGORITHMS.md and torch.optim's foreach path line by line. It is the oracle of the tests and
-the fallback for devices without a kernel. fp32 / fp64 tensors are updated in place; bf16 /
-fp16 tensors are computed in fp32 working copies and written back once, like the kernels.
-Unlike the kernels, it reads the norm's finiteness on the host (a synchronization on a GPU).
+"""The "torch" backend: the primitives in plain PyTorch ops, written to mirror ALGORITHMS.md and
+torch.optim's foreach path line by line. It is the oracle of the tests and the fallback for
+devices without a kernel. fp32 / fp64 tensors are updated in place; bf16 / fp16 tensors are
+computed in fp32 working copies and written back once, like the kernels. Like the kernels it
+never reads a tensor on the host: the decisions that depend on values (a non-finite norm, a
+skipped step) are torch.where on the device.
 """
 from __future__ import annotations
 
 import torch
 
 EPS = 1e-12  # ALGORITHMS.md: eps guarding divisions by a norm
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -24,12 +26,50 @@ def _commit(dst, work):
             d.copy_(w)
 
 
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(t).all()
+
+
+def _norm(tensors) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(tensors)])).float()
+
+
 def global_norm(tensors, weights, offset):
     """||T g|| over all tensors together, T = |w| + offset (ASAM) or 1."""
     ts = _work(tensors)
     if weights:
         ts = torch._foreach_mul(ts, torch._foreach_add(torch._foreach_abs(_work(weights)), offset))
-    return torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(ts)])).float()
+    return _norm(ts)
+
+
+def _mix(grads, grads2, lam):
+    """d = (1 - lam) * g + lam * g2, in fp32 for half-precision gradients."""
+    d = torch._foreach_mul(_work(grads), 1 - lam)
+    torch._foreach_add_(d, _work(grads2), alpha=lam)
+    return d
+
+
+def check_grads_(grads, grads2, lam, flags, prior, scale, found_inf, max_norm, steps, steps_mask):
+    """The guard of a step (csrc/guard_math.h): flags <- [found_inf, grad_scale, grad_norm, skipped + found_inf];
+    steps += (1 - found_inf) * steps_mask."""
+    _guard(_norm(_mix(grads, grads2, lam) if grads2 else _work(grads)), flags, prior, scale, found_inf, max_norm,
+           steps, steps_mask)
+
+
+def _guard(n, flags, prior, scale, found_inf, max_norm, steps, steps_mask):
+    """check_grads_ from the gradient's norm n (fp32 device scalar)."""
+    bad = ~torch.isfinite(n)
+    if prior is not None:
+        bad = bad | ~_finite(prior)
+    if found_inf is not None:
+        bad = bad | (found_inf != 0)
+    inv = 1.0 / scale if scale is not None else torch.ones((), device=n.device)
+    norm = n * inv
+    clip = torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0)
+    found = bad.float()
+    flags.copy_(torch.stack([found, inv * clip, norm, flags[3] + found]))
+    if steps is not None:
+        steps.add_((1 - found) * (steps_mask if steps_mask is not None else 1.0))
 
 
 def perturb_(params, grads, olds, norm, rho, adaptive, offset):
@@ -39,20 +79,39 @@ def perturb_(params, grads, olds, norm, rho, adaptive, offset):
 
 
 def _add_perturbation(params, grads, norm, rho, adaptive=False, offset=0.0):
-    if not bool(torch.isfinite(norm)):
-        return
+    finite = torch.isfinite(norm)
     x = _work(params)
-    step = torch._foreach_mul(_work(grads), (rho / (norm + EPS)).to(torch.float32))
+    step = torch._foreach_mul(_work(grads), torch.where(finite, rho / (norm + EPS), 0.0).to(torch.float32))
     if adaptive:
         w = torch._foreach_add(torch._foreach_abs(x), offset)
         torch._foreach_mul_(step, torch._foreach_mul(w, w))
-    torch._foreach_add_(x, step)
-    _commit(params, x)
+    new = torch._foreach_add(x, step)
+    _commit(params, [torch.where(finite, n, xi) for n, xi in zip(new, x)])
 
 
-def restore_(params, olds):
-    """x <- x_old, bit for bit."""
-    torch._foreach_copy_(params, olds)
+def restore_(params, olds, found_inf=None):
+    """x <- x_old, bit for bit (with found_inf: only when it is 0)."""
+    if found_inf is None:
+        torch._foreach_copy_(params, olds)
+        return
+    keep = found_inf != 0
+    for p, o in zip(params, olds):
+        p.copy_(torch.where(keep, p, o))
+
+
+# --- the fused updates: the base step, applied or (found_inf) skipped on the device -----------
+
+def _guarded(found_inf, fallbacks, update):
+    """Run update(); where found_inf != 0, put each (tensor, value) of fallbacks back instead.
+    fallbacks: pairs known before the update (the state as it was, the weights restored)."""
+    if found_inf is None:
+        update()
+        return
+    saved = [(t, v.clone()) for t, v in fallbacks]
+    update()
+    skip = found_inf != 0
+    for t, v in saved:
+        t.copy_(torch.where(skip, v.to(t.dtype), t))
 
 
 def _start(params, olds):
@@ -69,16 +128,14 @@ def _start(params, olds):
 
 
 def _grads(grads, maximize, grad_scale):
-    """The gradient as the update sees it: unscaled by grad_scale (GradScaler), negated to maximize."""
+    """The gradient as the update sees it: times grad_scale (GradScaler, clipping), negated to maximize."""
     d = _work(grads)
-    if grad_scale != 1.0:
+    if grad_scale is not None:
         d = torch._foreach_mul(d, grad_scale)
     return torch._foreach_neg(d) if maximize else d
 
 
-def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
-                 grad_scale=1.0):
-    """x <- x_old, then torch.optim.SGD's step with gradient g (times grad_scale)."""
+def _sgd(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs, grad_scale):
     x = _start(params, olds)
     d = _grads(grads, maximize, grad_scale)
     if weight_decay != 0:
@@ -96,11 +153,24 @@ def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, w
     _commit(params, x)
 
 
-def restore_adam_(
-    params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
-    weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2, grad_scale=1.0,
-):
-    """x <- x_old, then torch.optim.Adam / AdamW's step with gradient g (times grad_scale)."""
+def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
+                 grad_scale=None, found_inf=None):
+    """x <- x_old, then torch.optim.SGD's step with gradient g (times grad_scale); skipped (x <- x_old
+    only) where found_inf != 0."""
+    state = list(bufs) if momentum != 0 else []
+    _guarded(found_inf, list(zip(params, olds)) + [(b, b) for b in state],
+             lambda: _sgd(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize,
+                          init_bufs, grad_scale))
+
+
+def _bias_corrections(state_steps, beta1, beta2):
+    """Per tensor (lr-free): (1 - beta1^step, sqrt(1 - beta2^step)) as fp64 device scalars."""
+    steps = torch.stack([s.reshape(()) for s in state_steps]).double()
+    return 1 - beta1 ** steps, torch.sqrt(1 - beta2 ** steps)
+
+
+def _adam(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+          weight_decay, decoupled, amsgrad, maximize, grad_scale, step_offset=0):
     x = _start(params, olds)
     d = _grads(grads, maximize, grad_scale)
     if weight_decay != 0:
@@ -118,13 +188,23 @@ def restore_adam_(
         torch._foreach_maximum_(vmax, v)
         _commit(max_exp_avg_sqs, vmax)
         den_v = vmax
-    denom = torch._foreach_sqrt(den_v)
-    torch._foreach_div_(denom, bias_correction2 ** 0.5)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(x, m, denom, value=-(lr / bias_correction1))
+    bc1, bc2_sqrt = _bias_corrections([s + step_offset for s in state_steps], beta1, beta2)
+    for i, (xi, mi, vi) in enumerate(zip(x, m, den_v)):
+        denom = vi.sqrt().div_(bc2_sqrt[i].to(vi.dtype)).add_(eps)
+        xi.add_(mi / denom * (-lr / bc1[i]).to(xi.dtype))
     _commit(exp_avgs, m)
     _commit(exp_avg_sqs, v)
     _commit(params, x)
+
+
+def restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+                  weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None):
+    """x <- x_old, then torch.optim.Adam / AdamW's step with gradient g (times grad_scale), the bias
+    corrections from each tensor's step count; skipped (x <- x_old only) where found_inf != 0."""
+    state = list(exp_avgs) + list(exp_avg_sqs) + (list(max_exp_avg_sqs) if amsgrad else [])
+    _guarded(found_inf, list(zip(params, olds)) + [(t, t) for t in state],
+             lambda: _adam(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
+                           eps, weight_decay, decoupled, amsgrad, maximize, grad_scale))
 
 
 # --- SAMPa: the preview y_{t+1} with x~_t, and the update with d = (1 - lam) g~ + lam g_y' ---------
@@ -133,49 +213,49 @@ def _clones(tensors):
     return [t.clone() for t in tensors] if tensors else tensors
 
 
+def _usable(grads, norm):
+    """g_y as the preview uses it: zeros where its norm is not finite (the step that made it was skipped)."""
+    finite = torch.isfinite(norm)
+    return [torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device)) for g in grads]
+
+
 def sampa_preview_sgd_(params, grads, perturbed, previews, bufs, norm, rho, lr, momentum, dampening, nesterov,
                        weight_decay, maximize, init_bufs):
     """perturbed <- x + rho g / (||g|| + eps);  previews <- torch.optim.SGD's step from x with g,
     computed on copies of the momentum buffers (the optimizer state is not changed)."""
+    grads = _usable(grads, norm)
     torch._foreach_copy_(perturbed, params)
     _add_perturbation(perturbed, grads, norm, rho)
     torch._foreach_copy_(previews, params)
     scratch = [torch.empty_like(p) for p in params] if momentum != 0 and init_bufs else _clones(bufs)
-    restore_sgd_(previews, previews, grads, scratch, lr, momentum, dampening, nesterov, weight_decay,
-                 maximize, init_bufs)
+    _sgd(previews, previews, grads, scratch, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
+         None)
 
 
-def sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, norm, rho, lr,
-                        beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1,
-                        bias_correction2):
+def sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, norm,
+                        rho, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize):
     """perturbed <- x + rho g / (||g|| + eps);  previews <- torch.optim.Adam / AdamW's step from x with
-    g, computed on copies of the moments (the optimizer state is not changed)."""
+    g (the step after state_steps), computed on copies of the moments (the state is not changed)."""
+    grads = _usable(grads, norm)
     torch._foreach_copy_(perturbed, params)
     _add_perturbation(perturbed, grads, norm, rho)
     torch._foreach_copy_(previews, params)
-    restore_adam_(previews, previews, grads, _clones(exp_avgs), _clones(exp_avg_sqs), _clones(max_exp_avg_sqs), lr,
-                  beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2)
-
-
-def _mix(grads, grads2, lam):
-    """d = (1 - lam) * g + lam * g2, in fp32 for half-precision gradients."""
-    d = torch._foreach_mul(_work(grads), 1 - lam)
-    torch._foreach_add_(d, _work(grads2), alpha=lam)
-    return d
+    _adam(previews, previews, grads, _clones(exp_avgs), _clones(exp_avg_sqs), _clones(max_exp_avg_sqs), state_steps,
+          lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, None, step_offset=1)
 
 
 def sampa_update_sgd_(params, grads, grads2, bufs, lam, lr, momentum, dampening, nesterov, weight_decay, maximize,
-                      init_bufs):
-    """torch.optim.SGD's step from x with d = (1 - lam) g + lam g2."""
+                      init_bufs, grad_scale=None, found_inf=None):
+    """torch.optim.SGD's step from x with d = (1 - lam) g + lam g2 (nothing where found_inf != 0)."""
     restore_sgd_(params, params, _mix(grads, grads2, lam), bufs, lr, momentum, dampening, nesterov, weight_decay,
-                 maximize, init_bufs)
+                 maximize, init_bufs, grad_scale, found_inf)
 
 
-def sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lam, lr, beta1, beta2, eps,
-                       weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2):
-    """torch.optim.Adam / AdamW's step from x with d = (1 - lam) g + lam g2."""
-    restore_adam_(params, params, _mix(grads, grads2, lam), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2,
-                  eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2)
+def sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lam, lr, beta1,
+                       beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None):
+    """torch.optim.Adam / AdamW's step from x with d = (1 - lam) g + lam g2 (nothing where found_inf != 0)."""
+    restore_adam_(params, params, _mix(grads, grads2, lam), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
+                  beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf)
 
 
 # --- nuSAM: rank-1 perturbations of weight matrices (ALGORITHMS.md, "nuSAM") ----------------
@@ -206,8 +286,7 @@ def rank1_update_(mats, us, vs, scales):
     """M_i <- M_i + s_i u_i v_i^T; a zero s_i leaves M_i untouched (even if u, v are not finite)."""
     for i, (m, u, v) in enumerate(zip(mats, us, vs)):
         s = scales[i]
-        if bool(s != 0):
-            m.copy_(_work([m])[0] + _rank1_term(m, u, v, s))
+        m.copy_(torch.where(s != 0, _work([m])[0] + _rank1_term(m, u, v, s), m))
 
 
 def _rank1_olds(mats, us, vs, scales):
@@ -217,17 +296,97 @@ def _rank1_olds(mats, us, vs, scales):
 
 
 def rank1_restore_sgd_(params, us, vs, scales, grads, bufs, lr, momentum, dampening, nesterov, weight_decay,
-                       maximize, init_bufs, grad_scale=1.0):
-    """M <- M - s u v^T, then torch.optim.SGD's step with gradient g."""
+                       maximize, init_bufs, grad_scale=None, found_inf=None):
+    """M <- M - s u v^T, then torch.optim.SGD's step with gradient g (the removal only where found_inf != 0)."""
     olds = _rank1_olds(params, us, vs, scales)
     restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
-                 grad_scale)
+                 grad_scale, found_inf)
 
 
-def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2,
-                        eps, weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2,
-                        grad_scale=1.0):
-    """M <- M - s u v^T, then torch.optim.Adam / AdamW's step with gradient g."""
+def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
+                        beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None):
+    """M <- M - s u v^T, then torch.optim.Adam / AdamW's step with gradient g (the removal only where found_inf != 0)."""
     olds = _rank1_olds(params, us, vs, scales)
-    restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
-                  weight_decay, decoupled, amsgrad, maximize, bias_correction1, bias_correction2, grad_scale)
+    restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+                  weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf)
+
+
+# --- prepared forms for the step plans (ops.prepare): the lists bound, the scalars per call ----
+
+def prepare_sumsq(tensors, second=None):
+    """One sum of squares per call, into partials[at] (of tensors, of (|w| + offset) tensors, or of
+    the mix (1 - lam) tensors + lam second)."""
+    def run(partials, mode, scalar, at=0):
+        if mode == 2:
+            ts = _mix(tensors, second, scalar)
+        elif mode == 1:
+            ts = torch._foreach_mul(_work(tensors), torch._foreach_add(torch._foreach_abs(_work(second)), scalar))
+        else:
+            ts = _work(tensors)
+        partials[at] = _norm(ts).double().square().float()
+
+    run.n_partials = 1
+    return run
+
+
+def norm_finalize(partials, out):
+    out.copy_(partials.double().sum().sqrt())
+
+
+def guard_finalize(partials, flags, prior=None, scale=None, found_inf=None, max_norm=float("inf"), steps=None,
+                   steps_mask=None):
+    _guard(partials.double().sum().sqrt().float(), flags, prior, scale, found_inf, max_norm, steps, steps_mask)
+
+
+def _bind(fn, **lists):
+    fn = torch.no_grad()(fn)  # in-place on leaf parameters, as the list ops (ops.py) run it
+    return lambda **kw: fn(**lists, **kw)
+
+
+def prepare_perturb_(params, grads, olds):
+    return _bind(perturb_, params=params, grads=grads, olds=olds)
+
+
+def prepare_restore_(params, olds):
+    return _bind(restore_, params=params, olds=olds)
+
+
+def prepare_restore_sgd_(params, olds, grads, bufs, momentum):
+    return _bind(restore_sgd_, params=params, olds=olds, grads=grads, bufs=bufs)
+
+
+def prepare_rank1_restore_sgd_(params, us, vs, grads, bufs, momentum):
+    return _bind(rank1_restore_sgd_, params=params, us=us, vs=vs, grads=grads, bufs=bufs)
+
+
+def prepare_sampa_update_sgd_(params, grads, grads2, bufs, momentum):
+    return _bind(sampa_update_sgd_, params=params, grads=grads, grads2=grads2, bufs=bufs)
+
+
+def prepare_restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad):
+    return _bind(restore_adam_, params=params, olds=olds, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                 max_exp_avg_sqs=max_exp_avg_sqs, state_steps=state_steps)
+
+
+def prepare_rank1_restore_adam_(params, us, vs, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad):
+    return _bind(rank1_restore_adam_, params=params, us=us, vs=vs, grads=grads, exp_avgs=exp_avgs,
+                 exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs, state_steps=state_steps)
+
+
+def prepare_sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad):
+    return _bind(sampa_update_adam_, params=params, grads=grads, grads2=grads2, exp_avgs=exp_avgs,
+                 exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs, state_steps=state_steps)
+
+
+def prepare_sampa_preview_sgd_(params, grads, perturbed, previews, bufs, momentum, init_bufs):
+    return _bind(sampa_preview_sgd_, params=params, grads=grads, perturbed=perturbed, previews=previews, bufs=bufs)
+
+
+def prepare_sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                state_steps, amsgrad):
+    return _bind(sampa_preview_adam_, params=params, grads=grads, perturbed=perturbed, previews=previews,
+                 exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs, state_steps=state_steps)
+
+
+def prepare_rank1_update_(mats, us, vs):
+    return _bind(rank1_update_, mats=mats, us=us, vs=vs)

@@ -6,7 +6,8 @@
     g~ = grad f(x~)                       the caller's second forward / backward (or the closure)
     x_t restored, base step with g~       second_step(): one fused pass for SGD and Adam / AdamW
 
-Work is batched over the whole parameter list on one of the backends of sam_kernels.ops.
+The first pass is a plan (SamPlan) built once: the norm's tables, one perturb launch per param
+group, the x_old buffers; the second pass is the shared one of _base.py.
 """
 from __future__ import annotations
 
@@ -14,7 +15,67 @@ import torch
 
 from . import ops
 from ._base import SharpnessAwareOptimizer, check_nonneg, split_rho
-from .fused_update import UPDATES
+from ._lists import GradsOf
+from .pipeline import NormStage
+
+
+class SamPlan:
+    """The first pass of SAM / ASAM / GaussSAM over [(group, params with a gradient)]: the global
+    norm of the directions into a device scalar (a non-finite one leaves the weights where they
+    are and is the first gradient's check, `prior`), then x_old <- x, x <- x + e per group."""
+
+    def __init__(self, opt: "SAM", work, device):
+        self.params = [p for _, ps in work for p in ps]
+        self.active = False  # perturbed and not yet restored or updated
+        backend = opt._backend(device, "perturb_")
+        self.olds = {id(p): opt._old(p) for p in self.params}
+        olds = [self.olds[id(p)] for p in self.params]
+        directions = opt._directions(self, work, device)
+        classes: dict[tuple, list] = {}
+        for group, ps in work:
+            if ps:
+                key = (group["adaptive"], group["adaptive_offset"] if group["adaptive"] else 0.0)
+                classes.setdefault(key, []).extend(ps)
+        self.norm = NormStage(opt._backend(device, "global_norm"), device,
+                              [(directions(xs), xs if adaptive else None, int(adaptive), offset)
+                               for (adaptive, offset), xs in classes.items()])
+        self.norm_out = torch.empty((), dtype=torch.float32, device=device)
+        self.prior = self.norm_out
+        self.perturbs = [(group, ops.bind("perturb_", backend, device,
+                                          {"params": ps, "grads": directions(ps),
+                                           "olds": [self.olds[id(p)] for p in ps]}))
+                         for group, ps in work if ps]
+        self._restore = ops.bind("restore_", backend, device, {"params": self.params, "olds": olds}) \
+            if self.params else None
+        self._backend, self._device = backend, device
+
+    def perturb(self, norm_done: bool = False) -> None:
+        if not norm_done:
+            self.norm.norm(self.norm_out)
+        for group, run in self.perturbs:
+            run(norm=self.norm_out, rho=group["rho"], adaptive=group["adaptive"], offset=group["adaptive_offset"])
+        self.active = True
+
+    def old_of(self, p):
+        return self.olds.get(id(p), p)
+
+    def rank1_of(self, p):
+        return None
+
+    def restore_left(self, params):
+        if not params:
+            return None
+        run = ops.bind("restore_", self._backend, self._device,
+                       {"params": params, "olds": [self.olds[id(p)] for p in params]})
+        return lambda flags: run()
+
+    def commit(self):
+        return None
+
+    def undo(self) -> None:
+        if self.active and self._restore is not None:
+            self._restore()
+        self.active = False
 
 
 class SAM(SharpnessAwareOptimizer):
@@ -28,76 +89,40 @@ class SAM(SharpnessAwareOptimizer):
             step -> rho applied to every group when a SAM step starts.
         adaptive: ASAM, e = rho T^2 g / ||T g|| with T = |x| + adaptive_offset.
         backend: "auto", "triton", "cuda", "cpu" or "torch" (see sam_kernels.backends).
-        nonfinite: "skip" (default): a NaN / inf in either gradient skips the step, the weights are
-            restored bit for bit and skipped_steps grows; "raise": FloatingPointError instead.
+        nonfinite: "skip" (default): a NaN / inf in either gradient skips the step, decided on the
+            device: the weights are restored bit for bit, the state does not move, skipped_steps
+            grows; "raise": FloatingPointError instead (this reads the decision on the host).
         start_step: plain base steps before this step (perturbation delay), SAM steps from it on.
+        max_grad_norm: clip the gradient of the base update to this global norm (None: no clipping).
     """
 
     def __init__(self, params=None, base_optimizer=torch.optim.SGD, rho=0.05, adaptive: bool = False,
                  backend: str = "auto", nonfinite: str = "skip", adaptive_offset: float = 0.0, start_step: int = 0,
-                 **base_kwargs):
+                 max_grad_norm=None, **base_kwargs):
         rho, rho_fn = split_rho(rho)
         check_nonneg("adaptive_offset", adaptive_offset)
         defaults = dict(rho=rho, adaptive=bool(adaptive), adaptive_offset=float(adaptive_offset))
-        super().__init__(params, base_optimizer, defaults, backend, nonfinite, base_kwargs, start_step, rho_fn)
-        self._perturbed: list[torch.Tensor] | None = None
-        self._first_norm: torch.Tensor | None = None
+        super().__init__(params, base_optimizer, defaults, backend, nonfinite, base_kwargs, start_step, rho_fn,
+                         max_grad_norm)
 
-    # --- the two steps ---------------------------------------------------------------------
+    def _group_key(self, group: dict) -> tuple:
+        return (group["adaptive"], group["adaptive_offset"])
 
-    @torch.no_grad()
-    def _sam_first_step(self, zero_grad: bool) -> None:
-        """Perturb x in place along the gradient in .grad (no host synchronization)."""
-        if self._perturbed is not None:
-            raise RuntimeError("SAM.first_step() called twice: call second_step() or restore() in between")
-        work = self._params_with_grad("SAM first_step")
-        params = [p for _, ps in work for p in ps]
-        if not params:  # nothing to perturb: second_step() is then a plain base step
-            self._first_norm, self._perturbed = None, []
-            if zero_grad:
-                self.zero_grad()
-            return
-        devices = {p.device for p in params}
-        if len(devices) > 1:
-            raise ValueError(f"SAM: the parameters with gradients span devices {sorted(map(str, devices))}")
-        direction = self._directions(params)
-        norm = self._norm(work, direction)
-        if self.nonfinite == "raise" and not bool(torch.isfinite(norm)):
-            raise FloatingPointError(f"SAM.first_step: the gradient norm is {norm.item()} (NaN or inf in .grad)")
-        for group, ps in work:
-            if ps:
-                ops.perturb_(ps, [direction[p] for p in ps], [self._old(p) for p in ps], norm, group["rho"],
-                             adaptive=group["adaptive"], offset=group["adaptive_offset"], backend=self.backend)
-        self._first_norm = norm
-        self._perturbed = params
-        if zero_grad:
-            self.zero_grad()
+    def _build_first(self, work, device) -> SamPlan:
+        return SamPlan(self, work, device)
 
-    @torch.no_grad()
-    def _sam_second_step(self, zero_grad: bool) -> None:
-        """Restore x_t and take the base step with the gradient at the perturbed point."""
-        if self._perturbed is None:
-            raise RuntimeError("SAM.second_step() called without first_step()")
-        self._second_step(self._first_norm, zero_grad)
-        self._perturbed = None
+    def _perturb(self, plan: SamPlan) -> None:
+        if self.nonfinite == "raise":
+            plan.norm.norm(plan.norm_out)
+            if not bool(torch.isfinite(plan.norm_out)):  # raise mode must know: a synchronization
+                raise FloatingPointError(f"{type(self).__name__}.first_step: the gradient norm is "
+                                         f"{plan.norm_out.item()} (NaN or inf in .grad)")
+        plan.perturb(norm_done=self.nonfinite == "raise")
 
-    def _fused_step(self, kind: str, groups) -> None:
-        perturbed = {id(p) for p in self._perturbed}
-        for group, ps in groups:
-            if ps:
-                olds = [self.state[p]["old_p"] if id(p) in perturbed else p for p in ps]
-                UPDATES[kind](self.base_optimizer, group, ps, olds, [p.grad for p in ps], self.backend,
-                              grad_scale=self._grad_scale)
-        with_grad = {id(p) for _, ps in groups for p in ps}
-        self._restore([p for p in self._perturbed if id(p) not in with_grad])
-        self._perturbed = None
-
-    @torch.no_grad()
-    def _sam_restore(self) -> None:
-        """Put x_t back after first_step() without updating (bit for bit)."""
-        if self._perturbed is not None:
-            self._restore(self._perturbed)
-            self._perturbed = None
+    def _directions(self, plan, work, device):
+        """of(params): the directions params are perturbed along, their gradients (GradsOf: read
+        when used, never kept by the plan)."""
+        return GradsOf
 
     def memory_report(self) -> dict:
         """Bytes held by the optimizer: `perturbation` (SAM's x_old buffers, one copy of the
@@ -106,9 +131,6 @@ class SAM(SharpnessAwareOptimizer):
                            if "old_p" in st)
         return {"perturbation": perturbation, "base_state": self._base_state_bytes()}
 
-    def _perturbed_now(self) -> bool:
-        return self._perturbed is not None
-
     def _old(self, p: torch.Tensor) -> torch.Tensor:
         """The x_old buffer of p, allocated once and reused (contiguous, p's dtype: a bit-exact copy)."""
         st = self.state[p]
@@ -116,24 +138,3 @@ class SAM(SharpnessAwareOptimizer):
         if old is None or old.shape != p.shape or old.dtype != p.dtype or old.get_device() != p.get_device():
             old = st["old_p"] = torch.empty_like(p, memory_format=torch.contiguous_format)
         return old
-
-    def _restore(self, params) -> None:
-        if params:
-            ops.restore_(params, [self.state[p]["old_p"] for p in params], backend=self.backend)
-
-    def _directions(self, params) -> dict:
-        """The direction each parameter is perturbed along: its gradient."""
-        return {p: p.grad for p in params}
-
-    def _norm(self, work, direction) -> torch.Tensor:
-        """One global norm over every parameter with a gradient (ASAM: of T g)."""
-        classes: dict[tuple, list] = {}
-        for group, ps in work:
-            key = (group["adaptive"], group["adaptive_offset"] if group["adaptive"] else 0.0)
-            classes.setdefault(key, []).extend(ps)
-        norms = [
-            ops.global_norm([direction[p] for p in ps], ps if adaptive else None, offset, backend=self.backend)
-            for (adaptive, offset), ps in classes.items() if ps
-        ]
-        return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
-

@@ -26,8 +26,10 @@ from torch import nn
 from torch.func import functional_call
 
 from . import ops
-from ._base import SharpnessAwareOptimizer, split_rho
-from .fused_update import PREVIEWS, UPDATES, fused_kind
+from ._base import SharpnessAwareOptimizer, UpdatePlan, split_rho
+from ._lists import Slot
+from .fused_update import fused_kind, prepare_preview, prepare_state, prepare_update
+from .pipeline import NormStage
 
 PARALLEL = ("auto", "streams", "sequential", "distributed")
 
@@ -66,7 +68,8 @@ class SAMPa(SharpnessAwareOptimizer):
             device), "distributed" (ranks 2i and 2i+1 of the process group form pair i: the even
             rank takes the x~-pass, the odd one the y-pass; both must be given the pair's batch),
             or "auto" ("streams" on CUDA, "sequential" otherwise).
-        backend, nonfinite: as for SAM.  process_group: for "distributed" (default: the world).
+        backend, nonfinite, max_grad_norm: as for SAM (the clipped gradient is the mixed one, d_t).
+        process_group: for "distributed" (default: the world).
         start_step: plain base steps before it (one gradient at x_t on the new batch; SAMPa's step
             0, which computes g_y, is then step start_step). rho may be a callable step -> rho.
     """
@@ -74,7 +77,7 @@ class SAMPa(SharpnessAwareOptimizer):
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                  base_optimizer=torch.optim.SGD, rho=0.1, lam: float = 0.2, parallel: str = "auto",
                  backend: str = "auto", nonfinite: str = "skip", process_group=None, start_step: int = 0,
-                 **base_kwargs):
+                 max_grad_norm=None, **base_kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -91,7 +94,7 @@ class SAMPa(SharpnessAwareOptimizer):
             if not params:
                 raise ValueError("model has no parameter that requires grad")
         super().__init__(params, base_optimizer, dict(rho=rho, lam=lam), backend, nonfinite, base_kwargs, start_step,
-                         rho_fn)
+                         rho_fn, max_grad_norm)
         for i, group in enumerate(self.param_groups):
             try:
                 group["lam"] = check_lam(group["lam"])
@@ -119,9 +122,13 @@ class SAMPa(SharpnessAwareOptimizer):
         self._g_y_norm: torch.Tensor | None = None
         self._batch: Any = None
         self._shadows: tuple[list, list] | None = None
+        self._live: dict[str, list] = {}  # the gradient lists of the step in progress (what plans bind)
         self.loss_calls = 0  # loss_fn evaluations on this process (2T + 1 after T sequential steps)
 
     # --- configuration ---------------------------------------------------------------------
+
+    def _group_key(self, group: dict) -> tuple:
+        return (group["lam"] if group["lam"] in (0.0, 1.0) else None,)
 
     def _resolve_parallel(self, parallel: str, process_group) -> str:
         if parallel == "auto":
@@ -150,46 +157,143 @@ class SAMPa(SharpnessAwareOptimizer):
         if not self.sam_step_due:
             return self._plain_step(batch)
         self._apply_rho_schedule()
-        g_y, g_y_norm, kept = self._g_y, self._g_y_norm, self._batch
+        g_y, kept = self._g_y, self._batch
         if g_y is None:  # step 0: g_y = grad f(x_0; B_0), and B_0 for both passes
-            g_y, g_y_norm, kept = self._bootstrap(batch)
-        xt, y = self._preview(g_y, g_y_norm)
+            _, g_y, _ = self._pass_at_x(batch)
+            kept = batch
+            self._norm_of("g_y", g_y, self._g_y_norm_buf())
+        xt, y = self._preview_step(g_y)
         (loss_t, g_t, _), (loss_y, g_yn, buffers_y) = self._both_passes(xt, kept, y, batch)
         if self.parallel == "distributed":
             g_t, g_yn, buffers_y, loss_y = self._exchange(g_t, g_yn, buffers_y, loss_y)
-        self._finish(g_t, g_yn, buffers_y, batch)
+        self._finish_step(g_t, g_yn, buffers_y)
+        # g_y <- g_y' and B_t <- B_{t+1} always (ALGORITHMS.md); a g_y from a skipped step that is
+        # not finite is not used by the next preview (its norm says so on the device)
+        self._g_y, self._batch = list(g_yn), batch
         return loss_y.detach()
+
+    @torch.no_grad()
+    def _preview_step(self, g_y):
+        """x~ and y from x_t and g_y (one fused pass per group) into the shadow parameter sets."""
+        xt, y = self._shadow_sets()
+        self._live["g_y"] = g_y
+        self._plans.get("preview", self._key_of("g_y", extra=(len(self.base_optimizer.state),)),
+                        lambda: self._build_preview(xt, y))()
+        return xt, y
 
     def _plain_step(self, batch):
         """Before start_step: the base step with one gradient at x_t on `batch`."""
         loss, grads, bufs = self._pass_at_x(batch)
-        self._finish(grads, grads, bufs, None, plain=True)
+        self._finish_step(grads, grads, bufs, plain=True)
         return loss.detach()
 
-    def _finish(self, g_t, g_yn, buffers_y, batch, plain: bool = False) -> bool:
-        """The optimizer's second half: refuse non-finite gradients, else the fused update and the
-        commit of the y-pass buffers, g_y and the batch (plain: the base step with g_t alone, g_y
-        not kept). Returns whether the step was taken."""
-        n_t, n_y = ops.global_norm(g_t, backend=self.backend), ops.global_norm(g_yn, backend=self.backend)
-        self._t += 1
-        # The one host synchronization of a step: is either gradient non-finite?
-        if not bool(torch.isfinite(n_t + n_y)):
-            self._skipped += 1
-            if self.nonfinite == "raise":
-                raise FloatingPointError("SAMPa.step: NaN or inf in a gradient; the step was skipped")
-            return False
-        self._update(g_t, g_yn, lam=0.0 if plain else None)
-        if buffers_y:
-            torch._foreach_copy_([b for _, b in self._model_buffers()], buffers_y)
-        if not plain:
-            self._g_y, self._g_y_norm, self._batch = list(g_yn), n_y, batch
-        self._opt_called = True
-        return True
+    def _key_of(self, *names, extra=()):
+        """A plan's key: the structure (and extra), and the addresses of the gradient lists it binds
+        (the live lists self._live[name]: autograd gives new tensors each pass; when only their
+        addresses changed, the plan's tables take them, pipeline.Plans)."""
+        structure, grads = self._key(*names, *extra)
+        return structure, (grads, *(tuple(map(torch.Tensor.data_ptr, self._live[n])) for n in names))
 
-    def _bootstrap(self, batch):
-        """Step 0: g_y = grad f(x_0; B_0) (the pass's buffers are not kept)."""
-        _, grads, _ = self._pass_at_x(batch)
-        return grads, ops.global_norm(grads, backend=self.backend), batch
+    def _slots(self, name: str) -> list:
+        """self._live[name] per param group, read when used (_lists.Slot)."""
+        return [Slot(self._live, name, sl.start, sl.stop - sl.start) for _, sl in self._group_slices()]
+
+    def _g_y_norm_buf(self) -> torch.Tensor:
+        if self._g_y_norm is None:
+            self._g_y_norm = torch.empty((), dtype=torch.float32, device=self.device)
+        return self._g_y_norm
+
+    def _norm_of(self, name: str, grads, out) -> None:
+        """out <- ||grads|| (grads live as self._live[name])."""
+        self._live[name] = grads
+        self._plans.get("norm " + name, self._key_of(name), lambda: NormStage(
+            self._backend(self.device, "global_norm"), self.device,
+            [(Slot(self._live, name, 0, len(grads)), None, 0, 0.0)])).norm(out)
+
+    @torch.no_grad()
+    def _finish_step(self, g_t, g_yn, buffers_y, plain: bool = False) -> None:
+        """The optimizer's second half: the guard (a non-finite value in either gradient skips the
+        step on the device), the fused update with the mixed gradient, and the y-pass buffers
+        committed where the step is taken (plain: the base step with g_t alone, g_y not kept)."""
+        if not plain:
+            self._norm_of("g_yn", g_yn, self._g_y_norm_buf())  # the next step's ||g_y||, this one's check of g_y'
+        self._live["g_t"], self._live["g_yn"] = g_t, g_yn
+        plan = self._plans.get("plain" if plain else "update", self._key_of("g_t", "g_yn", extra=(plain,)),
+                               lambda: self._build_update_plan(plain))
+        if plan.generic:  # d = (1 - lam) g~ + lam g_y' into .grad, for the base optimizer's own step()
+            plan.grads = self._mixed_grads(g_t, g_yn, plain)
+        self._t += 1
+        self._finish(plan, None if plain else self._g_y_norm, None, None, "SAMPa.step")
+        if plan.generic:
+            self.zero_grad()
+        if buffers_y:
+            self._commit_buffers(buffers_y)
+        self._live.pop("g_t")  # not kept past its step (g_y' is, as g_y)
+        self._live.pop("g_yn")
+
+    def _build_update_plan(self, plain: bool):
+        """The guard over g~ (with ||g_y'|| as its prior; with max_grad_norm, over the mixed gradient,
+        which is what gets clipped) and one fused update per group."""
+        plan = UpdatePlan()
+        kind = fused_kind(self.base_optimizer)
+        plan.generic = kind is None
+        device, backend = self.device, self._backend(self.device, "restore_sgd_")
+        clip = self.max_grad_norm is not None and not plain
+        g_t, g_yn = self._slots("g_t"), self._slots("g_yn")  # per group
+        groups = [group for group, _ in self._group_slices()]
+        classes = [(t, y, 2, group["lam"]) for group, t, y in zip(groups, g_t, g_yn)] if clip else \
+            [(Slot(self._live, "g_t", 0, len(self._params)), None, 0, 0.0)]
+        plan.guard = NormStage(self._backend(device, "global_norm"), device, classes)
+        if kind is not None:
+            prepare_state(self.base_optimizer, kind, [(g, g["params"]) for g, _ in self._group_slices()],
+                          self._counters, device)
+        adam = []
+        for group, gt, gyn in zip(groups, g_t, g_yn):
+            ps = group["params"]
+            if kind is None:
+                continue
+            w = 0.0 if plain else group["lam"]
+            if w in (0.0, 1.0):  # the plain fused step with the one gradient used: bit for bit, the other unread
+                run = prepare_update(self.base_optimizer, kind, group, backend, device, ps, gyn if w else gt,
+                                     self._counters, olds=ps)
+                plan.updates.append(lambda flags, run=run: run(flags.grad_scale, flags.found_inf))
+            else:
+                run = prepare_update(self.base_optimizer, kind, group, backend, device, ps, gt, self._counters,
+                                     grads2=gyn)
+                plan.updates.append(lambda flags, run=run, group=group: run(flags.grad_scale, flags.found_inf,
+                                                                           lam=group["lam"]))
+            if kind == "adam":
+                adam += ps
+        if adam:
+            plan.steps, plan.steps_mask = self._counters.vec, self._counters.mask(adam)
+        return plan
+
+    def _mixed_grads(self, g_t, g_yn, plain):
+        """For base optimizers we do not fuse: d = (1 - lam) g~ + lam g_y' into .grad, every step."""
+        grads = []
+        for group, sl in self._group_slices():
+            w = 0.0 if plain else group["lam"]
+            d = torch._foreach_mul(g_t[sl], 1 - w)
+            torch._foreach_add_(d, g_yn[sl], alpha=w)
+            for p, dp in zip(group["params"], d):
+                p.grad = dp
+            grads += d
+        return grads
+
+    def _commit_buffers(self, buffers_y) -> None:
+        """The y-pass buffers into the model's, where the step is taken (a device-conditional copy;
+        integer buffers as float views of their bits, other dtypes through torch.where)."""
+        found = self._flags.found_inf
+        views, news = [], []
+        for (_, b), nb in zip(self._model_buffers(), buffers_y):
+            as_float = {8: torch.float64, 4: torch.float32, 2: torch.float16}.get(b.element_size())
+            if b.is_floating_point() or (as_float is not None and b.is_contiguous() and not b.is_complex()):
+                views.append(b if b.is_floating_point() else b.view(as_float))
+                news.append(nb if nb.is_floating_point() else nb.view(as_float))
+            else:
+                b.copy_(torch.where(found != 0, b, nb))
+        if views:
+            ops.restore_(views, news, found, backend=self.backend)
 
     def _pass_at_x(self, batch):
         """(loss, gradients, buffers after the pass) at x_t on `batch`; in the distributed mode
@@ -200,17 +304,28 @@ class SAMPa(SharpnessAwareOptimizer):
         merged = self._all_reduce_mean(grads + bufs + [loss.float().reshape(1)])
         return merged[-1].reshape(()), merged[:len(grads)], merged[len(grads):-1]
 
-    def _preview(self, g_y, g_y_norm):
-        """x~ and y into the shadow parameter sets, one fused pass per param group."""
-        xt, y = self._shadow_sets()
+    def _build_preview(self, xt, y):
+        """x~ and y into the shadow parameter sets: one fused pass per param group."""
         kind = fused_kind(self.base_optimizer)
-        for group, sl in self._group_slices():
-            lists = (group["params"], g_y[sl], xt[sl], y[sl])
+        device, backend = self.device, self._backend(self.device, "sampa_preview_sgd_")
+        runs = []
+        for (group, sl), g_y in zip(self._group_slices(), self._slots("g_y")):
+            lists = (group["params"], g_y, xt[sl], y[sl])
             if kind is None:  # generic: y previews a plain gradient step with the group's lr
-                ops.sampa_preview_sgd_(*lists, norm=g_y_norm, rho=group["rho"], lr=group["lr"], backend=self.backend)
+                run = ops.bind("sampa_preview_sgd_", backend, device,
+                               {"params": lists[0], "grads": lists[1], "perturbed": lists[2], "previews": lists[3],
+                                "bufs": None}, {"momentum": 0.0, "init_bufs": False})
+                runs.append(lambda run=run, group=group: run(
+                    norm=self._g_y_norm, rho=group["rho"], lr=group["lr"], momentum=0.0, dampening=0.0,
+                    nesterov=False, weight_decay=0.0, maximize=False, init_bufs=False))
             else:
-                PREVIEWS[kind](self.base_optimizer, group, *lists, g_y_norm, group["rho"], self.backend)
-        return xt, y
+                run = prepare_preview(self.base_optimizer, kind, group, backend, device, *lists)
+                runs.append(lambda run=run, group=group: run(self._g_y_norm, group["rho"]))
+
+        def preview():
+            for run in runs:
+                run()
+        return preview
 
     def _group_slices(self):
         """(param group, its slice of the flat parameter order) for the groups with parameters."""
@@ -220,23 +335,6 @@ class SAMPa(SharpnessAwareOptimizer):
             if n:
                 yield group, slice(offset, offset + n)
             offset += n
-
-    def _update(self, g_t, g_yn, lam: float | None = None) -> None:
-        """x_{t+1}: the base step from x_t with d = (1 - lam) g~ + lam g_y' (lam: the groups' or this)."""
-        kind = fused_kind(self.base_optimizer)
-        for group, sl in self._group_slices():
-            ps = group["params"]
-            w = group["lam"] if lam is None else lam
-            if kind is not None:
-                UPDATES[kind](self.base_optimizer, group, ps, ps, g_t[sl], self.backend, mix=(g_yn[sl], w))
-            else:
-                d = torch._foreach_mul(g_t[sl], 1 - w)
-                torch._foreach_add_(d, g_yn[sl], alpha=w)
-                for p, dp in zip(ps, d):
-                    p.grad = dp
-        if kind is None:
-            self.base_optimizer.step()
-            self.zero_grad()
 
     # --- gradients ---------------------------------------------------------------------------
 
@@ -339,9 +437,6 @@ class SAMPa(SharpnessAwareOptimizer):
 
     def restore(self) -> None:
         pass  # the model's parameters hold x_t throughout a step: nothing to restore
-
-    def _perturbed_now(self) -> bool:
-        return False
 
     def _extra_state(self) -> dict:
         return {"g_y": self._g_y, "g_y_norm": self._g_y_norm, "batch": self._batch, "loss_calls": self.loss_calls}

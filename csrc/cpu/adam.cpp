@@ -1,6 +1,9 @@
-// restore_adam_: SAM's second half fused with torch.optim.Adam / AdamW, one pass per element
-// (adam_math.h). Bytes per element (fp32): read old, g, m, v; write x, m, v = 28 B (+8 B amsgrad).
-// sampa_update_adam_: the same step from x itself with d = (1 - lam) g + lam g2 (SAMPa): 32 B.
+// The fused torch.optim.Adam / AdamW step (adam_math.h), one pass per element, in three forms:
+//   restore_adam_        x = old, then the step with g                (28 B/elem in fp32, +8 amsgrad)
+//   rank1_restore_adam_  x = M - s u v^T recomputed, then the step    (nuSAM)
+//   sampa_update_adam_   the step from x with d = (1 - lam) g + lam g2 (SAMPa; 32 B)
+// The bias corrections come from each tensor's step counter. found_inf != 0 skips the step as in
+// sgd.cpp (the moments are not written). Argument order: ops.cpp.
 #include "../adam_math.h"
 #include "multi_tensor.h"
 
@@ -30,134 +33,105 @@ void adam_chunk(
   }
 }
 
-}  // namespace
+template <typename scalar_t, typename old_t>
+void copy_chunk(scalar_t* x, const old_t* old, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<scalar_t>(old[i]);
+}
 
-void restore_adam_(
-    at::TensorList params,
-    at::TensorList olds,
-    at::TensorList grads,
-    at::TensorList exp_avgs,
-    at::TensorList exp_avg_sqs,
-    at::TensorList max_exp_avg_sqs,
-    double lr,
-    double beta1,
-    double beta2,
-    double eps,
-    double weight_decay,
-    bool decoupled,
-    bool amsgrad,
-    bool maximize,
-    double bias_correction1,
-    double bias_correction2,
-    double grad_scale) {
-  if (params.empty()) return;
-  check_adam_args(at::kCPU, params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
+// Shared: scalars [lr, beta1, beta2, eps, wd, (lam)], options [decoupled, amsgrad, maximize],
+// args [grad_scale, found_inf, ...]; the state lists m, v, steps [, vmax] start at list `first`.
+struct AdamLaunch {
+  AdamHyper hyper;
+  float grad_mul;
+  bool amsgrad, lerp_low, skip;
+  int64_t first;
+  AdamLaunch(const Launch& l, int64_t first_state_list)
+      : hyper{l.s(0), l.s(1), l.s(2), l.s(3), l.s(4), l.flag(0), l.flag(2)},
+        grad_mul(read_scalar(l, 0, 1.f)),
+        amsgrad(l.flag(1)),
+        lerp_low(1.0 - l.s(1) < 0.5),
+        skip(read_scalar(l, 1, 0.f) != 0.f),
+        first(first_state_list) {}
+  // The step of tensor t: its Adam arguments from its counter (list first + 2).
+  AdamArgs args(const TableView& table, int64_t t) const {
+    return make_adam_args(hyper, *table.ptr<const float>(first + 2, t), grad_mul);
+  }
+  template <typename scalar_t>
+  void state(const TableView& table, const ChunkRef& c, int64_t vmax_list, scalar_t*& m, scalar_t*& v,
+             scalar_t*& vmax) const {
+    m = table.ptr<scalar_t>(first, c.tensor) + c.begin;
+    v = table.ptr<scalar_t>(first + 1, c.tensor) + c.begin;
+    vmax = amsgrad ? table.ptr<scalar_t>(vmax_list, c.tensor) + c.begin : nullptr;
+  }
+};
 
-  const AdamArgs args = make_adam_args(
-      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2, grad_scale);
-  parallel_chunks(make_chunks(params), [&](const Chunk& c) {
-    const auto& p = params[c.tensor];
-    SAM_DISPATCH_FLOATING(p.scalar_type(), "restore_adam_", [&] {
-      scalar_t* x = p.data_ptr<scalar_t>() + c.begin;
-      const scalar_t* old = olds[c.tensor].const_data_ptr<scalar_t>() + c.begin;
-      const scalar_t* g = grads[c.tensor].const_data_ptr<scalar_t>() + c.begin;
-      scalar_t* m = exp_avgs[c.tensor].data_ptr<scalar_t>() + c.begin;
-      scalar_t* v = exp_avg_sqs[c.tensor].data_ptr<scalar_t>() + c.begin;
-      scalar_t* vmax = amsgrad ? max_exp_avg_sqs[c.tensor].data_ptr<scalar_t>() + c.begin : nullptr;
-      dispatch_adam_flags(amsgrad, 1.0 - beta1 < 0.5, [&]<bool kA, bool kL>() {
-        adam_chunk<scalar_t, kA, kL>(x, old, g, m, v, vmax, args, c.end - c.begin);
+// lists x, old, g, m, v, steps [, vmax]
+void restore_adam_runner(const Launch& l) {
+  const AdamLaunch a(l, 3);
+  for_each_chunk(l.table, [&](const ChunkRef& c) {
+    SAM_DISPATCH_FLOATING(l.dtype, "restore_adam_", [&] {
+      scalar_t* x = l.table.ptr<scalar_t>(0, c.tensor) + c.begin;
+      const scalar_t* old = l.table.ptr<const scalar_t>(1, c.tensor) + c.begin;
+      const int64_t n = c.end - c.begin;
+      if (a.skip) return copy_chunk(x, old, n);
+      const scalar_t* g = l.table.ptr<const scalar_t>(2, c.tensor) + c.begin;
+      scalar_t *m, *v, *vmax;
+      a.state(l.table, c, 6, m, v, vmax);
+      const AdamArgs args = a.args(l.table, c.tensor);
+      dispatch_adam_flags(a.amsgrad, a.lerp_low, [&]<bool kA, bool kL>() {
+        adam_chunk<scalar_t, kA, kL>(x, old, g, m, v, vmax, args, n);
       });
     });
   });
 }
 
-void rank1_restore_adam_(
-    at::TensorList params,
-    at::TensorList us,
-    at::TensorList vs,
-    const at::Tensor& scales,
-    at::TensorList grads,
-    at::TensorList exp_avgs,
-    at::TensorList exp_avg_sqs,
-    at::TensorList max_exp_avg_sqs,
-    double lr,
-    double beta1,
-    double beta2,
-    double eps,
-    double weight_decay,
-    bool decoupled,
-    bool amsgrad,
-    bool maximize,
-    double bias_correction1,
-    double bias_correction2,
-    double grad_scale) {
-  if (params.empty()) return;
-  check_rank1_args("rank1_restore_adam_", at::kCPU, params, us, vs, scales);
-  check_adam_args(at::kCPU, params, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
-  const AdamArgs args = make_adam_args(
-      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2, grad_scale);
-  const float* s = scales.const_data_ptr<float>();
-  parallel_chunks(make_chunks(params), [&](const Chunk& c) {
-    const auto& p = params[c.tensor];
-    SAM_DISPATCH_FLOATING(p.scalar_type(), "rank1_restore_adam_", [&] {
-      scalar_t* x = p.data_ptr<scalar_t>();
-      const scalar_t* g = grads[c.tensor].const_data_ptr<scalar_t>();
-      scalar_t* m = exp_avgs[c.tensor].data_ptr<scalar_t>();
-      scalar_t* v = exp_avg_sqs[c.tensor].data_ptr<scalar_t>();
-      scalar_t* vmax = amsgrad ? max_exp_avg_sqs[c.tensor].data_ptr<scalar_t>() : nullptr;
-      dispatch_adam_flags(amsgrad, 1.0 - beta1 < 0.5, [&]<bool kA, bool kL>() {
-        for_each_rank1_block<scalar_t>(c, p, us[c.tensor], vs[c.tensor], s[c.tensor], [&](int64_t i, const auto* old, int64_t n) {
-          adam_chunk<scalar_t, kA, kL>(x + i, old, g + i, m + i, v + i, kA ? vmax + i : nullptr, args, n);
-        });
-      });
+// lists x, g, m, v, steps, u, v [, vmax]; values [ncols, index]; args [grad_scale, found_inf, scales]
+void rank1_restore_adam_runner(const Launch& l) {
+  const AdamLaunch a(l, 2);
+  const float* scales = l.f32(2);
+  for_each_chunk(l.table, [&](const ChunkRef& c) {
+    SAM_DISPATCH_FLOATING(l.dtype, "rank1_restore_adam_", [&] {
+      scalar_t* x = l.table.ptr<scalar_t>(0, c.tensor);
+      const scalar_t* g = l.table.ptr<const scalar_t>(1, c.tensor);
+      scalar_t *m, *v, *vmax;
+      a.state(l.table, ChunkRef{c.tensor, 0, 0}, 7, m, v, vmax);
+      const AdamArgs args = a.args(l.table, c.tensor);
+      const float sc = scales[l.table.value(1, c.tensor)];
+      for_each_rank1_block<scalar_t>(
+          c, x, l.table.ptr<const float>(5, c.tensor), l.table.ptr<const float>(6, c.tensor), l.table.value(0, c.tensor),
+          sc, [&](int64_t i, const auto* old, int64_t n) {
+            if (a.skip) return copy_chunk(x + i, old, n);
+            dispatch_adam_flags(a.amsgrad, a.lerp_low, [&]<bool kA, bool kL>() {
+              adam_chunk<scalar_t, kA, kL>(x + i, old, g + i, m + i, v + i, kA ? vmax + i : nullptr, args, n);
+            });
+          });
     });
   });
 }
 
-void sampa_update_adam_(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList grads2,
-    at::TensorList exp_avgs,
-    at::TensorList exp_avg_sqs,
-    at::TensorList max_exp_avg_sqs,
-    double lam,
-    double lr,
-    double beta1,
-    double beta2,
-    double eps,
-    double weight_decay,
-    bool decoupled,
-    bool amsgrad,
-    bool maximize,
-    double bias_correction1,
-    double bias_correction2) {
-  if (params.empty()) return;
-  check_adam_args(at::kCPU, params, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
-  check_named_lists("sampa_update_adam_", at::kCPU, params, {{"grads2", grads2}});
-  const AdamArgs args = make_adam_args(
-      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2);
-  const Mix mix = make_mix(lam);
-  parallel_chunks(make_chunks(params), [&](const Chunk& c) {
-    const auto& p = params[c.tensor];
-    SAM_DISPATCH_FLOATING(p.scalar_type(), "sampa_update_adam_", [&] {
-      scalar_t* x = p.data_ptr<scalar_t>() + c.begin;
-      const scalar_t* g = grads[c.tensor].const_data_ptr<scalar_t>() + c.begin;
-      const scalar_t* g2 = grads2[c.tensor].const_data_ptr<scalar_t>() + c.begin;
-      scalar_t* m = exp_avgs[c.tensor].data_ptr<scalar_t>() + c.begin;
-      scalar_t* v = exp_avg_sqs[c.tensor].data_ptr<scalar_t>() + c.begin;
-      scalar_t* vmax = amsgrad ? max_exp_avg_sqs[c.tensor].data_ptr<scalar_t>() + c.begin : nullptr;
-      dispatch_adam_flags(amsgrad, 1.0 - beta1 < 0.5, [&]<bool kA, bool kL>() {
+// lists x, g, g2, m, v, steps [, vmax]; scalars [..., lam]
+void sampa_update_adam_runner(const Launch& l) {
+  const AdamLaunch a(l, 3);
+  if (a.skip) return;
+  const Mix mix = make_mix(l.s(5));
+  for_each_chunk(l.table, [&](const ChunkRef& c) {
+    SAM_DISPATCH_FLOATING(l.dtype, "sampa_update_adam_", [&] {
+      scalar_t* x = l.table.ptr<scalar_t>(0, c.tensor) + c.begin;
+      const scalar_t* g = l.table.ptr<const scalar_t>(1, c.tensor) + c.begin;
+      const scalar_t* g2 = l.table.ptr<const scalar_t>(2, c.tensor) + c.begin;
+      scalar_t *m, *v, *vmax;
+      a.state(l.table, c, 6, m, v, vmax);
+      const AdamArgs args = a.args(l.table, c.tensor);
+      dispatch_adam_flags(a.amsgrad, a.lerp_low, [&]<bool kA, bool kL>() {
         adam_chunk<scalar_t, kA, kL, scalar_t, true>(x, x, g, m, v, vmax, args, c.end - c.begin, g2, mix);
       });
     });
   });
 }
 
-}  // namespace sam_kernels::cpu
+SAM_RUNNER("restore_adam_", c10::DeviceType::CPU, restore_adam_runner);
+SAM_RUNNER("rank1_restore_adam_", c10::DeviceType::CPU, rank1_restore_adam_runner);
+SAM_RUNNER("sampa_update_adam_", c10::DeviceType::CPU, sampa_update_adam_runner);
 
-TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
-  m.impl("restore_adam_", &sam_kernels::cpu::restore_adam_);
-  m.impl("sampa_update_adam_", &sam_kernels::cpu::sampa_update_adam_);
-  m.impl("rank1_restore_adam_", &sam_kernels::cpu::rank1_restore_adam_);
-}
+}  // namespace
+}  // namespace sam_kernels::cpu

@@ -1,46 +1,31 @@
-// Multi-tensor work on the CPU: the parameter list is cut into fixed-size chunks (never
-// more than one tensor per chunk), and at::parallel_for spreads the chunks over threads.
-// Chunk boundaries depend only on the tensor sizes, so reductions that combine per-chunk
-// partials in chunk order are deterministic whatever the number of threads.
+// Multi-tensor work on the CPU: the chunks of a table (table.h; never more than one tensor per
+// chunk) spread over threads by at::parallel_for. Chunk boundaries depend only on the tensor
+// sizes, so reductions that combine per-chunk partials in chunk order are deterministic whatever
+// the number of threads.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
-#include <vector>
+#include <algorithm>
 
 #include "../common.h"
+#include "../table.h"
 
 namespace sam_kernels::cpu {
 
-struct Chunk {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
-};
-
-// 32K elements: large enough that per-chunk overhead vanishes, small enough to balance
-// a ViT-sized list (~150 tensors of very different sizes) over the threads.
-constexpr int64_t kChunkElems = 1 << 15;
-
-inline std::vector<Chunk> make_chunks(at::TensorList tensors) {
-  std::vector<Chunk> chunks;
-  for (size_t t = 0; t < tensors.size(); ++t) {
-    const int64_t n = tensors[t].numel();
-    for (int64_t b = 0; b < n; b += kChunkElems) {
-      chunks.push_back({static_cast<int64_t>(t), b, std::min(n, b + kChunkElems)});
-    }
-  }
-  return chunks;
+template <typename F>
+void for_each_chunk(const TableView& table, const F& f) {
+  at::parallel_for(0, table.n_chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) f(table.chunk_ref(c));
+  });
 }
 
-template <typename F>
-void parallel_chunks(const std::vector<Chunk>& chunks, const F& f) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) f(chunks[c]);
-  });
+// The fp32 device scalar args[i] of a launch, read on the host (CPU memory: no synchronization).
+inline float read_scalar(const Launch& l, size_t i, float absent) {
+  const float* p = l.f32(i);
+  return p ? *p : absent;
 }
 
 // Walks the part [begin, end) of a row-major n x m matrix one row run at a time:
@@ -69,19 +54,17 @@ void rank1_old_block(const scalar_t* x, float su, const float* v, bool active, o
 }
 
 // Calls f(first element, old block, length) over a whole matrix chunk in blocks of kRank1Block,
-// with old computed from the rank-1 term of matrix `t`.
+// with old computed from the rank-1 term of the chunk's matrix: x the matrix, u, v its vectors,
+// ncols its column count, s its scale.
 template <typename scalar_t, typename F>
-void for_each_rank1_block(
-    const Chunk& c, const at::Tensor& mat, const at::Tensor& u, const at::Tensor& v, float s, const F& f) {
+void for_each_rank1_block(const ChunkRef& c, const scalar_t* x, const float* u, const float* v, int64_t ncols, float s,
+                          const F& f) {
   using opmath_t = at::opmath_type<scalar_t>;
   opmath_t old[kRank1Block];
-  const scalar_t* x = mat.const_data_ptr<scalar_t>();
-  const float* up = u.const_data_ptr<float>();
-  const float* vp = v.const_data_ptr<float>();
-  for_each_row_run(c.begin, c.end, mat.size(1), [&](int64_t i, int64_t r, int64_t col, int64_t len) {
+  for_each_row_run(c.begin, c.end, ncols, [&](int64_t i, int64_t r, int64_t col, int64_t len) {
     for (int64_t b = 0; b < len; b += kRank1Block) {
       const int64_t n = std::min(kRank1Block, len - b);
-      rank1_old_block<scalar_t, opmath_t>(x + i + b, s * up[r], vp + col + b, s != 0.f, old, n);
+      rank1_old_block<scalar_t, opmath_t>(x + i + b, s * u[r], v + col + b, s != 0.f, old, n);
       f(i + b, static_cast<const opmath_t*>(old), n);
     }
   });

@@ -1,7 +1,8 @@
 // perturb_: olds <- x; x <- x + s * w^2 * g with s = rho / (norm + eps), w = |x| + offset (ASAM)
 // or 1 (SAM). A non-finite norm leaves x untouched, so a bad gradient never reaches the weights.
-// restore_: x <- olds, a bit-exact copy.
+// restore_: x <- olds, a bit-exact copy (with found_inf: only when it is 0).
 // Bytes per element: perturb reads x, g and writes olds, x (16 B in fp32); restore 8 B.
+// Argument order: ops.cpp.
 #include <cmath>
 #include <cstring>
 
@@ -34,37 +35,26 @@ void perturb_chunk(
   }
 }
 
-}  // namespace
-
-void perturb_(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList olds,
-    const at::Tensor& norm,
-    double rho,
-    bool adaptive,
-    double offset) {
-  if (params.empty()) return;
-  check_perturb_args(at::kCPU, params, grads, olds);
-  TORCH_CHECK(norm.numel() == 1, "perturb_: norm must hold one value, got ", norm.numel());
-  const float nv = norm.item<float>();  // a CPU scalar: no device synchronization here
+// lists x, g, old; scalars [rho, offset]; options [adaptive]; args [norm]
+void perturb_runner(const Launch& l) {
+  const float nv = read_scalar(l, 0, 0.f);
   const bool finite = std::isfinite(nv);
   // fp32 like the GPU kernels: the norm is an fp32 value, and so is the scale
-  const float scale = finite ? static_cast<float>(rho) / (nv + static_cast<float>(kNormEps)) : 0.f;
-
-  parallel_chunks(make_chunks(params), [&](const Chunk& c) {
-    const auto& p = params[c.tensor];
-    SAM_DISPATCH_FLOATING(p.scalar_type(), "perturb_", [&] {
-      scalar_t* x = p.data_ptr<scalar_t>() + c.begin;
-      scalar_t* old = olds[c.tensor].data_ptr<scalar_t>() + c.begin;
+  const float scale = finite ? static_cast<float>(l.s(0)) / (nv + static_cast<float>(kNormEps)) : 0.f;
+  const float offset = static_cast<float>(l.s(1));
+  const bool adaptive = l.flag(0);
+  for_each_chunk(l.table, [&](const ChunkRef& c) {
+    SAM_DISPATCH_FLOATING(l.dtype, "perturb_", [&] {
+      scalar_t* x = l.table.ptr<scalar_t>(0, c.tensor) + c.begin;
+      scalar_t* old = l.table.ptr<scalar_t>(2, c.tensor) + c.begin;
       const int64_t n = c.end - c.begin;
       if (!finite) {
         std::memcpy(old, x, n * sizeof(scalar_t));
         return;
       }
-      const scalar_t* g = grads[c.tensor].const_data_ptr<scalar_t>() + c.begin;
+      const scalar_t* g = l.table.ptr<const scalar_t>(1, c.tensor) + c.begin;
       if (adaptive) {
-        perturb_chunk<scalar_t, true>(x, g, old, scale, static_cast<float>(offset), n);
+        perturb_chunk<scalar_t, true>(x, g, old, scale, offset, n);
       } else {
         perturb_chunk<scalar_t, false>(x, g, old, scale, 0.f, n);
       }
@@ -72,22 +62,18 @@ void perturb_(
   });
 }
 
-void restore_(at::TensorList params, at::TensorList olds) {
-  if (params.empty()) return;
-  check_restore_args(at::kCPU, params, olds);
-  parallel_chunks(make_chunks(params), [&](const Chunk& c) {
-    const auto& p = params[c.tensor];
-    const int64_t bytes = p.element_size();
-    std::memcpy(
-        static_cast<char*>(p.data_ptr()) + c.begin * bytes,
-        static_cast<const char*>(olds[c.tensor].const_data_ptr()) + c.begin * bytes,
-        (c.end - c.begin) * bytes);
+// lists x, old; args [found_inf]
+void restore_runner(const Launch& l) {
+  if (read_scalar(l, 0, 0.f) != 0.f) return;
+  const int64_t bytes = c10::elementSize(l.dtype);
+  for_each_chunk(l.table, [&](const ChunkRef& c) {
+    std::memcpy(l.table.ptr<char>(0, c.tensor) + c.begin * bytes, l.table.ptr<const char>(1, c.tensor) + c.begin * bytes,
+                (c.end - c.begin) * bytes);
   });
 }
 
-}  // namespace sam_kernels::cpu
+SAM_RUNNER("perturb_", c10::DeviceType::CPU, perturb_runner);
+SAM_RUNNER("restore_", c10::DeviceType::CPU, restore_runner);
 
-TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
-  m.impl("perturb_", &sam_kernels::cpu::perturb_);
-  m.impl("restore_", &sam_kernels::cpu::restore_);
-}
+}  // namespace
+}  // namespace sam_kernels::cpu

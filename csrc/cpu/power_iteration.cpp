@@ -7,6 +7,8 @@
 // read twice per iteration; the vectors are small.
 #include <cmath>
 
+#include <torch/library.h>
+
 #include "multi_tensor.h"
 
 namespace sam_kernels::cpu {

@@ -1,11 +1,15 @@
 // sampa_preview_sgd_ / sampa_preview_adam_: SAMPa's two points of a step from one read of x and g_y:
-//   perturbed = x + s * g, s = rho / (norm + eps)   (x itself when the norm is not finite)
+//   perturbed = x + s * g, s = rho / (norm + eps)
 //   previews  = the base optimizer's step from x with g (sgd_math.h / adam_math.h), on copies
 //               of the state in registers: the optimizer state is read, never written.
+// A non-finite norm means g_y must not be used (the step that produced it was skipped): then
+// perturbed = x and the preview takes a zero gradient, so no NaN reaches either point.
 // Bytes per element (fp32): read x, g (+ buf | m, v); write perturbed, previews = 20 B (SGD with
-// momentum), 24 B (Adam).
+// momentum), 24 B (Adam). Argument order: ops.cpp.
 #include <cmath>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "../adam_math.h"
 #include "multi_tensor.h"
@@ -14,11 +18,10 @@ namespace sam_kernels::cpu {
 namespace {
 
 // The perturbation scale as perturb_ computes it (fp32, 0 for a non-finite norm).
-float perturb_scale(const at::Tensor& norm, double rho, bool& finite) {
-  TORCH_CHECK(norm.numel() == 1, "sampa_preview: norm must hold one value, got ", norm.numel());
-  const float nv = norm.item<float>();  // a CPU scalar: no device synchronization here
+float perturb_scale(const Launch& l, bool& finite) {
+  const float nv = read_scalar(l, 0, 0.f);
   finite = std::isfinite(nv);
-  return finite ? static_cast<float>(rho) / (nv + static_cast<float>(kNormEps)) : 0.f;
+  return finite ? static_cast<float>(l.s(0)) / (nv + static_cast<float>(kNormEps)) : 0.f;
 }
 
 template <typename scalar_t, bool kMomentum, bool kNesterov, bool kInit>
@@ -57,109 +60,61 @@ void preview_adam_chunk(
   }
 }
 
-// Runs body(chunk, x, g, perturbed, previews) over every chunk, then rewrites the perturbed
-// point as x where the norm was not finite (a bad g_y never moves a weight).
+// Runs body(chunk, x, g, perturbed, previews) over every chunk (lists 0-3); where the norm is
+// not finite, g is a zero block instead (so the perturbed point is x and the preview steps with 0).
 template <typename Body>
-void for_each_preview_chunk(
-    at::TensorList params, at::TensorList grads, at::TensorList perturbed, at::TensorList previews,
-    bool finite, const Body& body) {
-  parallel_chunks(make_chunks(params), [&](const Chunk& c) {
-    const auto& p = params[c.tensor];
-    SAM_DISPATCH_FLOATING(p.scalar_type(), "sampa_preview", [&] {
-      const scalar_t* x = p.const_data_ptr<scalar_t>() + c.begin;
-      scalar_t* xt = perturbed[c.tensor].data_ptr<scalar_t>() + c.begin;
-      body(c, x, grads[c.tensor].const_data_ptr<scalar_t>() + c.begin, xt,
-           previews[c.tensor].data_ptr<scalar_t>() + c.begin);
-      if (!finite) std::memcpy(xt, x, (c.end - c.begin) * sizeof(scalar_t));
+void for_each_preview_chunk(const Launch& l, bool finite, const Body& body) {
+  for_each_chunk(l.table, [&](const ChunkRef& c) {
+    SAM_DISPATCH_FLOATING(l.dtype, "sampa_preview", [&] {
+      const scalar_t* x = l.table.ptr<const scalar_t>(0, c.tensor) + c.begin;
+      scalar_t* xt = l.table.ptr<scalar_t>(2, c.tensor) + c.begin;
+      scalar_t* y = l.table.ptr<scalar_t>(3, c.tensor) + c.begin;
+      if (finite) return body(c, x, l.table.ptr<const scalar_t>(1, c.tensor) + c.begin, xt, y, c.end - c.begin);
+      std::vector<scalar_t> zeros(std::min<int64_t>(c.end - c.begin, 4096), scalar_t(0));
+      for (int64_t b = 0; b < c.end - c.begin; b += 4096) {
+        const int64_t n = std::min<int64_t>(4096, c.end - c.begin - b);
+        body(ChunkRef{c.tensor, c.begin + b, c.begin + b + n, c.index}, x + b, zeros.data(), xt + b, y + b, n);
+      }
     });
   });
 }
+
+// lists x, g, xt, y [, buf]; scalars [rho, lr, momentum, dampening, wd]; options [nesterov, maximize, init_bufs]
+void preview_sgd_runner(const Launch& l) {
+  bool finite = true;
+  const float scale = perturb_scale(l, finite);
+  const bool momentum = l.s(2) != 0.0, nesterov = l.flag(0), init = l.flag(2);
+  const SgdArgs args = make_sgd_args(l.s(1), l.s(2), l.s(3), l.s(4), l.flag(1));
+  for_each_preview_chunk(l, finite, [&](const ChunkRef& c, const auto* x, const auto* g, auto* xt, auto* y, int64_t n) {
+    using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(x)>>;
+    const scalar_t* buf = momentum && !init ? l.table.ptr<const scalar_t>(4, c.tensor) + c.begin : nullptr;
+    dispatch_sgd_flags(momentum, nesterov, init, [&]<bool kM, bool kN, bool kI>() {
+      preview_sgd_chunk<scalar_t, kM, kN, kI>(x, g, buf, xt, y, scale, args, n);
+    });
+  });
+}
+
+// lists x, g, xt, y, m, v, steps [, vmax]; scalars [rho, lr, beta1, beta2, eps, wd];
+// options [decoupled, amsgrad, maximize]; the preview is of step count + 1
+void preview_adam_runner(const Launch& l) {
+  bool finite = true;
+  const float scale = perturb_scale(l, finite);
+  const AdamHyper hyper{l.s(1), l.s(2), l.s(3), l.s(4), l.s(5), l.flag(0), l.flag(2)};
+  const bool amsgrad = l.flag(1), lerp_low = 1.0 - l.s(2) < 0.5;
+  for_each_preview_chunk(l, finite, [&](const ChunkRef& c, const auto* x, const auto* g, auto* xt, auto* y, int64_t n) {
+    using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(x)>>;
+    const scalar_t* m = l.table.ptr<const scalar_t>(4, c.tensor) + c.begin;
+    const scalar_t* v = l.table.ptr<const scalar_t>(5, c.tensor) + c.begin;
+    const scalar_t* vmax = amsgrad ? l.table.ptr<const scalar_t>(7, c.tensor) + c.begin : nullptr;
+    const AdamArgs args = make_adam_args(hyper, *l.table.ptr<const float>(6, c.tensor) + 1.0);
+    dispatch_adam_flags(amsgrad, lerp_low, [&]<bool kA, bool kL>() {
+      preview_adam_chunk<scalar_t, kA, kL>(x, g, m, v, vmax, xt, y, scale, args, n);
+    });
+  });
+}
+
+SAM_RUNNER("sampa_preview_sgd_", c10::DeviceType::CPU, preview_sgd_runner);
+SAM_RUNNER("sampa_preview_adam_", c10::DeviceType::CPU, preview_adam_runner);
 
 }  // namespace
-
-void sampa_preview_sgd_(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList perturbed,
-    at::TensorList previews,
-    at::TensorList bufs,
-    const at::Tensor& norm,
-    double rho,
-    double lr,
-    double momentum,
-    double dampening,
-    bool nesterov,
-    double weight_decay,
-    bool maximize,
-    bool init_bufs) {
-  if (params.empty()) return;
-  const bool has_momentum = momentum != 0.0;
-  const bool read_bufs = has_momentum && !init_bufs;
-  check_named_lists(
-      "sampa_preview_sgd_", at::kCPU, params,
-      {{"grads", grads}, {"perturbed", perturbed}, {"previews", previews}});
-  if (read_bufs) check_named_lists("sampa_preview_sgd_", at::kCPU, params, {{"bufs", bufs}});
-  bool finite = true;
-  const float scale = perturb_scale(norm, rho, finite);
-  const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize);
-  for_each_preview_chunk(params, grads, perturbed, previews, finite,
-                         [&](const Chunk& c, const auto* x, const auto* g, auto* xt, auto* y) {
-    using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(x)>>;
-    const scalar_t* buf = read_bufs ? bufs[c.tensor].const_data_ptr<scalar_t>() + c.begin : nullptr;
-    dispatch_sgd_flags(has_momentum, nesterov, init_bufs, [&]<bool kM, bool kN, bool kI>() {
-      preview_sgd_chunk<scalar_t, kM, kN, kI>(x, g, buf, xt, y, scale, args, c.end - c.begin);
-    });
-  });
-}
-
-void sampa_preview_adam_(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList perturbed,
-    at::TensorList previews,
-    at::TensorList exp_avgs,
-    at::TensorList exp_avg_sqs,
-    at::TensorList max_exp_avg_sqs,
-    const at::Tensor& norm,
-    double rho,
-    double lr,
-    double beta1,
-    double beta2,
-    double eps,
-    double weight_decay,
-    bool decoupled,
-    bool amsgrad,
-    bool maximize,
-    double bias_correction1,
-    double bias_correction2) {
-  if (params.empty()) return;
-  check_named_lists(
-      "sampa_preview_adam_", at::kCPU, params,
-      {{"grads", grads}, {"perturbed", perturbed}, {"previews", previews}, {"exp_avgs", exp_avgs},
-       {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList()}});
-  TORCH_CHECK(
-      exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size() &&
-          (!amsgrad || max_exp_avg_sqs.size() == params.size()),
-      "sampa_preview_adam_: the moment lists must have one tensor per parameter");
-  bool finite = true;
-  const float scale = perturb_scale(norm, rho, finite);
-  const AdamArgs args = make_adam_args(
-      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2);
-  for_each_preview_chunk(params, grads, perturbed, previews, finite,
-                         [&](const Chunk& c, const auto* x, const auto* g, auto* xt, auto* y) {
-    using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(x)>>;
-    const scalar_t* m = exp_avgs[c.tensor].const_data_ptr<scalar_t>() + c.begin;
-    const scalar_t* v = exp_avg_sqs[c.tensor].const_data_ptr<scalar_t>() + c.begin;
-    const scalar_t* vmax = amsgrad ? max_exp_avg_sqs[c.tensor].const_data_ptr<scalar_t>() + c.begin : nullptr;
-    dispatch_adam_flags(amsgrad, 1.0 - beta1 < 0.5, [&]<bool kA, bool kL>() {
-      preview_adam_chunk<scalar_t, kA, kL>(x, g, m, v, vmax, xt, y, scale, args, c.end - c.begin);
-    });
-  });
-}
-
 }  // namespace sam_kernels::cpu
-
-TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
-  m.impl("sampa_preview_sgd_", &sam_kernels::cpu::sampa_preview_sgd_);
-  m.impl("sampa_preview_adam_", &sam_kernels::cpu::sampa_preview_adam_);
-}

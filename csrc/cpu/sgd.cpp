@@ -1,7 +1,9 @@
-// restore_sgd_: SAM's second half fused with torch.optim.SGD, one pass per element (sgd_math.h):
-// x = old, then d = sign * g + wd * x, the momentum buffer, and x -= lr * (d, buf or d + mu * buf).
-// Bytes per element (fp32, momentum): read old, g, buf; write x, buf = 20 B.
-// sampa_update_sgd_: the same step from x itself with d = (1 - lam) g + lam g2 (SAMPa): 24 B.
+// The fused torch.optim.SGD step (sgd_math.h), one pass per element, in three forms:
+//   restore_sgd_        x = old, then the step with g               (SAM; 20 B/elem in fp32 with momentum)
+//   rank1_restore_sgd_  x = M - s u v^T recomputed, then the step   (nuSAM; 20 B)
+//   sampa_update_sgd_   the step from x with d = (1 - lam) g + lam g2 (SAMPa; 24 B)
+// found_inf != 0 skips the step: x gets its restored value (SAM, nuSAM) or stays (SAMPa), and the
+// momentum buffers are not written. grad_scale multiplies the gradient. Argument order: ops.cpp.
 #include "../sgd_math.h"
 #include "multi_tensor.h"
 
@@ -27,113 +29,85 @@ void sgd_chunk(
   }
 }
 
+template <typename scalar_t, typename old_t>
+void copy_chunk(scalar_t* x, const old_t* old, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<scalar_t>(old[i]);
+}
+
+// The parts every form shares: scalars [lr, momentum, dampening, wd, (lam)], options
+// [nesterov, maximize, init_bufs], args [grad_scale, found_inf, ...].
+struct SgdLaunch {
+  SgdArgs args;
+  bool momentum, nesterov, init, skip;
+  explicit SgdLaunch(const Launch& l)
+      : args(make_sgd_args(l.s(0), l.s(1), l.s(2), l.s(3), l.flag(1), read_scalar(l, 0, 1.f))),
+        momentum(l.s(1) != 0.0),
+        nesterov(l.flag(0)),
+        init(l.flag(2)),
+        skip(read_scalar(l, 1, 0.f) != 0.f) {}
+};
+
+// lists x, old, g [, buf]
+void restore_sgd_runner(const Launch& l) {
+  const SgdLaunch s(l);
+  for_each_chunk(l.table, [&](const ChunkRef& c) {
+    SAM_DISPATCH_FLOATING(l.dtype, "restore_sgd_", [&] {
+      scalar_t* x = l.table.ptr<scalar_t>(0, c.tensor) + c.begin;
+      const scalar_t* old = l.table.ptr<const scalar_t>(1, c.tensor) + c.begin;
+      const int64_t n = c.end - c.begin;
+      if (s.skip) return copy_chunk(x, old, n);
+      const scalar_t* g = l.table.ptr<const scalar_t>(2, c.tensor) + c.begin;
+      scalar_t* buf = s.momentum ? l.table.ptr<scalar_t>(3, c.tensor) + c.begin : nullptr;
+      dispatch_sgd_flags(s.momentum, s.nesterov, s.init, [&]<bool kM, bool kN, bool kI>() {
+        sgd_chunk<scalar_t, kM, kN, kI>(x, old, g, buf, s.args, n);
+      });
+    });
+  });
+}
+
+// lists x, g, u, v [, buf]; values [ncols, index]; args [grad_scale, found_inf, scales]
+void rank1_restore_sgd_runner(const Launch& l) {
+  const SgdLaunch s(l);
+  const float* scales = l.f32(2);
+  for_each_chunk(l.table, [&](const ChunkRef& c) {
+    SAM_DISPATCH_FLOATING(l.dtype, "rank1_restore_sgd_", [&] {
+      scalar_t* x = l.table.ptr<scalar_t>(0, c.tensor);
+      const scalar_t* g = l.table.ptr<const scalar_t>(1, c.tensor);
+      scalar_t* buf = s.momentum ? l.table.ptr<scalar_t>(4, c.tensor) : nullptr;
+      const float sc = scales[l.table.value(1, c.tensor)];
+      for_each_rank1_block<scalar_t>(
+          c, x, l.table.ptr<const float>(2, c.tensor), l.table.ptr<const float>(3, c.tensor), l.table.value(0, c.tensor),
+          sc, [&](int64_t i, const auto* old, int64_t n) {
+            if (s.skip) return copy_chunk(x + i, old, n);
+            dispatch_sgd_flags(s.momentum, s.nesterov, s.init, [&]<bool kM, bool kN, bool kI>() {
+              sgd_chunk<scalar_t, kM, kN, kI>(x + i, old, g + i, kM ? buf + i : nullptr, s.args, n);
+            });
+          });
+    });
+  });
+}
+
+// lists x, g, g2 [, buf]; scalars [..., lam]
+void sampa_update_sgd_runner(const Launch& l) {
+  const SgdLaunch s(l);
+  if (s.skip) return;
+  const Mix mix = make_mix(l.s(4));
+  for_each_chunk(l.table, [&](const ChunkRef& c) {
+    SAM_DISPATCH_FLOATING(l.dtype, "sampa_update_sgd_", [&] {
+      scalar_t* x = l.table.ptr<scalar_t>(0, c.tensor) + c.begin;
+      const scalar_t* g = l.table.ptr<const scalar_t>(1, c.tensor) + c.begin;
+      const scalar_t* g2 = l.table.ptr<const scalar_t>(2, c.tensor) + c.begin;
+      scalar_t* buf = s.momentum ? l.table.ptr<scalar_t>(3, c.tensor) + c.begin : nullptr;
+      dispatch_sgd_flags(s.momentum, s.nesterov, s.init, [&]<bool kM, bool kN, bool kI>() {
+        sgd_chunk<scalar_t, kM, kN, kI, scalar_t, true>(x, x, g, buf, s.args, c.end - c.begin, g2, mix);
+      });
+    });
+  });
+}
+
+SAM_RUNNER("restore_sgd_", c10::DeviceType::CPU, restore_sgd_runner);
+SAM_RUNNER("rank1_restore_sgd_", c10::DeviceType::CPU, rank1_restore_sgd_runner);
+SAM_RUNNER("sampa_update_sgd_", c10::DeviceType::CPU, sampa_update_sgd_runner);
+
 }  // namespace
-
-void restore_sgd_(
-    at::TensorList params,
-    at::TensorList olds,
-    at::TensorList grads,
-    at::TensorList bufs,
-    double lr,
-    double momentum,
-    double dampening,
-    bool nesterov,
-    double weight_decay,
-    bool maximize,
-    bool init_bufs,
-    double grad_scale) {
-  if (params.empty()) return;
-  const bool has_momentum = momentum != 0.0;
-  check_sgd_args(at::kCPU, params, olds, grads, bufs, has_momentum);
-
-  const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize, grad_scale);
-  parallel_chunks(make_chunks(params), [&](const Chunk& c) {
-    const auto& p = params[c.tensor];
-    SAM_DISPATCH_FLOATING(p.scalar_type(), "restore_sgd_", [&] {
-      scalar_t* x = p.data_ptr<scalar_t>() + c.begin;
-      const scalar_t* old = olds[c.tensor].const_data_ptr<scalar_t>() + c.begin;
-      const scalar_t* g = grads[c.tensor].const_data_ptr<scalar_t>() + c.begin;
-      scalar_t* buf = has_momentum ? bufs[c.tensor].data_ptr<scalar_t>() + c.begin : nullptr;
-      dispatch_sgd_flags(has_momentum, nesterov, init_bufs, [&]<bool kM, bool kN, bool kI>() {
-        sgd_chunk<scalar_t, kM, kN, kI>(x, old, g, buf, args, c.end - c.begin);
-      });
-    });
-  });
-}
-
-void rank1_restore_sgd_(
-    at::TensorList params,
-    at::TensorList us,
-    at::TensorList vs,
-    const at::Tensor& scales,
-    at::TensorList grads,
-    at::TensorList bufs,
-    double lr,
-    double momentum,
-    double dampening,
-    bool nesterov,
-    double weight_decay,
-    bool maximize,
-    bool init_bufs,
-    double grad_scale) {
-  if (params.empty()) return;
-  const bool has_momentum = momentum != 0.0;
-  check_rank1_args("rank1_restore_sgd_", at::kCPU, params, us, vs, scales);
-  check_sgd_args(at::kCPU, params, params, grads, bufs, has_momentum);
-  const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize, grad_scale);
-  const float* s = scales.const_data_ptr<float>();
-  parallel_chunks(make_chunks(params), [&](const Chunk& c) {
-    const auto& p = params[c.tensor];
-    SAM_DISPATCH_FLOATING(p.scalar_type(), "rank1_restore_sgd_", [&] {
-      scalar_t* x = p.data_ptr<scalar_t>();
-      const scalar_t* g = grads[c.tensor].const_data_ptr<scalar_t>();
-      scalar_t* buf = has_momentum ? bufs[c.tensor].data_ptr<scalar_t>() : nullptr;
-      dispatch_sgd_flags(has_momentum, nesterov, init_bufs, [&]<bool kM, bool kN, bool kI>() {
-        for_each_rank1_block<scalar_t>(c, p, us[c.tensor], vs[c.tensor], s[c.tensor], [&](int64_t i, const auto* old, int64_t n) {
-          sgd_chunk<scalar_t, kM, kN, kI>(x + i, old, g + i, kM ? buf + i : nullptr, args, n);
-        });
-      });
-    });
-  });
-}
-
-void sampa_update_sgd_(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList grads2,
-    at::TensorList bufs,
-    double lam,
-    double lr,
-    double momentum,
-    double dampening,
-    bool nesterov,
-    double weight_decay,
-    bool maximize,
-    bool init_bufs) {
-  if (params.empty()) return;
-  const bool has_momentum = momentum != 0.0;
-  check_sgd_args(at::kCPU, params, params, grads, bufs, has_momentum);
-  check_named_lists("sampa_update_sgd_", at::kCPU, params, {{"grads2", grads2}});
-  const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize);
-  const Mix mix = make_mix(lam);
-  parallel_chunks(make_chunks(params), [&](const Chunk& c) {
-    const auto& p = params[c.tensor];
-    SAM_DISPATCH_FLOATING(p.scalar_type(), "sampa_update_sgd_", [&] {
-      scalar_t* x = p.data_ptr<scalar_t>() + c.begin;
-      const scalar_t* g = grads[c.tensor].const_data_ptr<scalar_t>() + c.begin;
-      const scalar_t* g2 = grads2[c.tensor].const_data_ptr<scalar_t>() + c.begin;
-      scalar_t* buf = has_momentum ? bufs[c.tensor].data_ptr<scalar_t>() + c.begin : nullptr;
-      dispatch_sgd_flags(has_momentum, nesterov, init_bufs, [&]<bool kM, bool kN, bool kI>() {
-        sgd_chunk<scalar_t, kM, kN, kI, scalar_t, true>(x, x, g, buf, args, c.end - c.begin, g2, mix);
-      });
-    });
-  });
-}
-
 }  // namespace sam_kernels::cpu
-
-TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
-  m.impl("restore_sgd_", &sam_kernels::cpu::restore_sgd_);
-  m.impl("sampa_update_sgd_", &sam_kernels::cpu::sampa_update_sgd_);
-  m.impl("rank1_restore_sgd_", &sam_kernels::cpu::rank1_restore_sgd_);
-}

@@ -1,28 +1,34 @@
-// restore_adam_: x <- olds, then one torch.optim.Adam / AdamW step, in one pass (see adam_math.h);
-// sampa_update_adam_: the same kernel from x itself with d = (1 - lam) g + lam g2 (SAMPa).
-#include <ATen/OpMathType.h>
-#include <torch/library.h>
-
+// restore_adam_ (x <- olds, then one torch.optim.Adam / AdamW step, in one pass; adam_math.h) and
+// sampa_update_adam_ (the same step from x itself with d = (1 - lam) g + lam g2). The bias
+// corrections come from each tensor's step counter on the device; found_inf / grad_scale as in
+// sgd.cu. Argument order: ops.cpp.
 #include "../adam_math.h"
 #include "multi_tensor_apply.cuh"
 
 namespace sam_kernels::cuda {
 namespace {
 
-// Lists: x, old, g, m, v, [vmax], [g2]. kMix (SAMPa): the gradient is (1 - lam) g + lam g2.
+// Lists: x, old, g, m, v, steps, [vmax] (restore) or x, g, g2, m, v, steps, [vmax] (kMix).
 template <typename scalar_t, bool kAmsgrad, bool kLerpLow, bool kMix>
-__global__ void __launch_bounds__(kThreads)
-    restore_adam_kernel(const int64_t* __restrict__ meta, int64_t n_tensors, AdamArgs args, Mix mix) {
+__global__ void __launch_bounds__(kThreads) adam_kernel(
+    TableView table, AdamHyper hyper, Mix mix, const float* __restrict__ grad_scale,
+    const float* __restrict__ found_inf) {
   using opmath_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kG2List = kAmsgrad ? 6 : 5;
-  const ChunkRef c = chunk_of(meta, kG2List + (kMix ? 1 : 0), n_tensors);
-  scalar_t* x = list_ptr<scalar_t>(meta, 0, n_tensors, c.tensor);
-  const scalar_t* old = list_ptr<const scalar_t>(meta, 1, n_tensors, c.tensor);
-  const scalar_t* g = list_ptr<const scalar_t>(meta, 2, n_tensors, c.tensor);
-  scalar_t* m = list_ptr<scalar_t>(meta, 3, n_tensors, c.tensor);
-  scalar_t* v = list_ptr<scalar_t>(meta, 4, n_tensors, c.tensor);
-  scalar_t* vmax = kAmsgrad ? list_ptr<scalar_t>(meta, 5, n_tensors, c.tensor) : nullptr;
-  const scalar_t* g2 = kMix ? list_ptr<const scalar_t>(meta, kG2List, n_tensors, c.tensor) : nullptr;
+  const ChunkRef c = table.chunk_ref(blockIdx.x);
+  const bool skip = load_or(found_inf, 0.f) != 0.f;
+  if (kMix && skip) return;
+  scalar_t* x = table.ptr<scalar_t>(0, c.tensor);
+  const scalar_t* old = kMix ? x : table.ptr<const scalar_t>(1, c.tensor);
+  if (skip) {  // SAM's restore, no update
+    for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kThreads) x[i] = old[i];
+    return;
+  }
+  const scalar_t* g = table.ptr<const scalar_t>(kMix ? 1 : 2, c.tensor);
+  const scalar_t* g2 = kMix ? table.ptr<const scalar_t>(2, c.tensor) : nullptr;
+  scalar_t* m = table.ptr<scalar_t>(3, c.tensor);
+  scalar_t* v = table.ptr<scalar_t>(4, c.tensor);
+  scalar_t* vmax = kAmsgrad ? table.ptr<scalar_t>(6, c.tensor) : nullptr;
+  const AdamArgs args = make_adam_args(hyper, *table.ptr<const float>(5, c.tensor), load_or(grad_scale, 1.f));
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
     opmath_t xv[kILP], gv[kILP], mv[kILP], vv[kILP], vmv[kILP];
 #pragma unroll
@@ -51,88 +57,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// scalars [lr, beta1, beta2, eps, wd, (lam)]; options [decoupled, amsgrad, maximize]; args [grad_scale, found_inf]
+template <bool kMix>
+void adam_runner(const Launch& l) {
+  const AdamHyper hyper{l.s(0), l.s(1), l.s(2), l.s(3), l.s(4), l.flag(0), l.flag(2)};
+  const Mix mix = kMix ? make_mix(l.s(5)) : Mix{};
+  SAM_CUDA_DISPATCH(l.dtype, "adam", [&] {
+    dispatch_adam_flags(l.flag(1), 1.0 - l.s(1) < 0.5, [&]<bool kA, bool kL>() {
+      launch_chunks(l, adam_kernel<scalar_t, kA, kL, kMix>, hyper, mix, l.f32(0), l.f32(1));
+    });
+  });
+}
+
+SAM_RUNNER("restore_adam_", c10::DeviceType::CUDA, adam_runner<false>);
+SAM_RUNNER("sampa_update_adam_", c10::DeviceType::CUDA, adam_runner<true>);
+
 }  // namespace
-
-void restore_adam_(
-    at::TensorList params,
-    at::TensorList olds,
-    at::TensorList grads,
-    at::TensorList exp_avgs,
-    at::TensorList exp_avg_sqs,
-    at::TensorList max_exp_avg_sqs,
-    double lr,
-    double beta1,
-    double beta2,
-    double eps,
-    double weight_decay,
-    bool decoupled,
-    bool amsgrad,
-    bool maximize,
-    double bias_correction1,
-    double bias_correction2,
-    double grad_scale) {
-  if (params.empty()) return;
-  const auto device = check_adam_args(at::kCUDA, params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
-  const AdamArgs args = make_adam_args(
-      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2, grad_scale);
-  const c10::cuda::CUDAGuard guard(device);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  for (const auto& [dtype, index] : dtype_groups(params)) {
-    SAM_CUDA_DISPATCH(dtype, "restore_adam_", [&] {
-      const Table table = amsgrad ? make_table({params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, index)
-                                  : make_table({params, olds, grads, exp_avgs, exp_avg_sqs}, index);
-      dispatch_adam_flags(amsgrad, 1.0 - beta1 < 0.5, [&]<bool kA, bool kL>() {
-        restore_adam_kernel<scalar_t, kA, kL, false>
-            <<<table.n_chunks, kThreads, 0, stream>>>(table.data(), table.n_tensors, args, Mix{});
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  }
-}
-
-void sampa_update_adam_(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList grads2,
-    at::TensorList exp_avgs,
-    at::TensorList exp_avg_sqs,
-    at::TensorList max_exp_avg_sqs,
-    double lam,
-    double lr,
-    double beta1,
-    double beta2,
-    double eps,
-    double weight_decay,
-    bool decoupled,
-    bool amsgrad,
-    bool maximize,
-    double bias_correction1,
-    double bias_correction2) {
-  if (params.empty()) return;
-  const auto device =
-      check_adam_args(at::kCUDA, params, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
-  check_named_lists("sampa_update_adam_", at::kCUDA, params, {{"grads2", grads2}});
-  const AdamArgs args = make_adam_args(
-      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2);
-  const c10::cuda::CUDAGuard guard(device);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  for (const auto& [dtype, index] : dtype_groups(params)) {
-    SAM_CUDA_DISPATCH(dtype, "sampa_update_adam_", [&] {
-      const Table table =
-          amsgrad ? make_table({params, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, grads2}, index)
-                  : make_table({params, params, grads, exp_avgs, exp_avg_sqs, grads2}, index);
-      dispatch_adam_flags(amsgrad, 1.0 - beta1 < 0.5, [&]<bool kA, bool kL>() {
-        restore_adam_kernel<scalar_t, kA, kL, true>
-            <<<table.n_chunks, kThreads, 0, stream>>>(table.data(), table.n_tensors, args, make_mix(lam));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  }
-}
-
 }  // namespace sam_kernels::cuda
-
-TORCH_LIBRARY_IMPL(sam_kernels, CUDA, m) {
-  m.impl("restore_adam_", &sam_kernels::cuda::restore_adam_);
-  m.impl("sampa_update_adam_", &sam_kernels::cuda::sampa_update_adam_);
-}

@@ -1,9 +1,11 @@
-// Global l2 norm over a list of tensors, deterministic, in two launches (one more per extra
-// dtype group): every block writes the fp32 sum of squares of its chunk to a partials buffer;
-// one block then adds the partials in a fixed order and writes sqrt(total).
-#include <ATen/OpMathType.h>
-#include <torch/library.h>
-
+// Norms on the GPU (argument order: ops.cpp), deterministic:
+//   sumsq           every block writes the fp32 sum of squares of its chunk to a partials buffer
+//                   (of g, of (|w| + offset) g, or of the mix (1 - lam) g + lam g2)
+//   norm_finalize   one block adds the partials in a fixed order and writes sqrt(total)
+//   guard_finalize  the same, then the guard of a step (guard_math.h) into the flags, and the
+//                   Adam step counters advanced when the step is taken: the decision never
+//                   leaves the device
+#include "../guard_math.h"
 #include "multi_tensor_apply.cuh"
 
 namespace sam_kernels::cuda {
@@ -23,14 +25,16 @@ __device__ float block_sum(float v) {
   return v;  // valid in thread 0
 }
 
-template <typename scalar_t, bool kWeighted>
-__global__ void __launch_bounds__(kThreads) sumsq_kernel(
-    const int64_t* __restrict__ meta, int64_t n_tensors, float offset, float* __restrict__ partials) {
+// kMode: 0 plain, 1 weighted by |w| + offset (ASAM), 2 the mix (1 - lam) g + lam g2 (SAMPa).
+template <typename scalar_t, int kMode>
+__global__ void __launch_bounds__(kThreads)
+    sumsq_kernel(TableView table, float scalar, float* __restrict__ partials) {
   using opmath_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kLists = kWeighted ? 2 : 1;
-  const ChunkRef c = chunk_of(meta, kLists, n_tensors);
-  const scalar_t* t = list_ptr<const scalar_t>(meta, 0, n_tensors, c.tensor);
-  const scalar_t* w = kWeighted ? list_ptr<const scalar_t>(meta, 1, n_tensors, c.tensor) : nullptr;
+  const ChunkRef c = table.chunk_ref(blockIdx.x);
+  const scalar_t* t = table.ptr<const scalar_t>(0, c.tensor);
+  const scalar_t* w = kMode ? table.ptr<const scalar_t>(1, c.tensor) : nullptr;
+  const opmath_t a = kMode == 2 ? static_cast<opmath_t>(1.f - scalar) : opmath_t(1);
+  const opmath_t b = static_cast<opmath_t>(scalar);
   opmath_t acc = 0;
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
     opmath_t v[kILP];
@@ -38,8 +42,9 @@ __global__ void __launch_bounds__(kThreads) sumsq_kernel(
     for (int k = 0; k < kILP; ++k) {
       const int64_t i = base + int64_t(k) * kThreads;
       v[k] = i < c.end ? static_cast<opmath_t>(t[i]) : opmath_t(0);
-      if constexpr (kWeighted) {
-        if (i < c.end) v[k] *= abs(static_cast<opmath_t>(w[i])) + offset;
+      if (i < c.end) {
+        if constexpr (kMode == 1) v[k] *= abs(static_cast<opmath_t>(w[i])) + b;
+        if constexpr (kMode == 2) v[k] = a * v[k] + b * static_cast<opmath_t>(w[i]);
       }
     }
 #pragma unroll
@@ -51,62 +56,71 @@ __global__ void __launch_bounds__(kThreads) sumsq_kernel(
 
 constexpr int kCleanupThreads = 1024;
 
-__global__ void __launch_bounds__(kCleanupThreads)
-    finalize_kernel(const float* __restrict__ partials, int64_t n, float* __restrict__ out) {
+__device__ float sum_partials(const float* partials, int64_t n) {
   float acc = 0.f;
   for (int64_t i = threadIdx.x; i < n; i += kCleanupThreads) acc += partials[i];
-  const float total = block_sum<kCleanupThreads>(acc);
+  return block_sum<kCleanupThreads>(acc);
+}
+
+__global__ void __launch_bounds__(kCleanupThreads)
+    norm_finalize_kernel(const float* __restrict__ partials, int64_t n, float* __restrict__ out) {
+  const float total = sum_partials(partials, n);
   if (threadIdx.x == 0) *out = sqrtf(total);
 }
 
-}  // namespace
-
-at::Tensor global_norm(at::TensorList tensors, at::TensorList weights, double offset) {
-  TORCH_CHECK(!tensors.empty(), "global_norm: tensors is empty");
-  const auto device = list_device("global_norm", tensors, at::kCUDA);
-  check_list("global_norm", "tensors", tensors, tensors, device);
-  const bool weighted = !weights.empty();
-  if (weighted) check_list("global_norm", "weights", weights, tensors, device);
-  const c10::cuda::CUDAGuard guard(device);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto options = tensors[0].options().dtype(at::kFloat);
-
-  std::vector<at::TensorList> lists{tensors};
-  if (weighted) lists.push_back(weights);
-  std::vector<Table> tables;
-  int64_t n_partials = 0;
-  for (const auto& [dtype, index] : dtype_groups(tensors)) {
-    tables.push_back(make_table(lists, index));
-    n_partials += tables.back().n_chunks;
+__global__ void __launch_bounds__(kCleanupThreads) guard_finalize_kernel(
+    const float* __restrict__ partials, int64_t n, float* __restrict__ flags, const float* __restrict__ prior,
+    int64_t n_prior, const float* __restrict__ scale, const float* __restrict__ found_inf, float max_norm,
+    float* __restrict__ steps, const float* __restrict__ mask, int64_t n_steps) {
+  __shared__ float taken;
+  const float total = sum_partials(partials, n);
+  if (threadIdx.x == 0) {
+    bool bad = load_or(found_inf, 0.f) != 0.f;
+    for (int64_t i = 0; i < n_prior; ++i) bad = bad || !is_finite(prior[i]);
+    const Guard g = guard_math(sqrtf(total), bad, scale ? 1.f / *scale : 1.f, max_norm);
+    flags[kFoundInf] = g.found_inf;
+    flags[kGradScale] = g.grad_scale;
+    flags[kGradNorm] = g.grad_norm;
+    flags[kSkipped] += g.found_inf;
+    taken = 1.f - g.found_inf;
   }
-  if (n_partials == 0) return at::zeros({}, options);
-  auto out = at::empty({}, options);  // written by finalize_kernel: no fill launch
-  auto partials = at::empty({n_partials}, options);
-  int64_t at_partial = 0;
-  size_t g = 0;
-  for (const auto& [dtype, index] : dtype_groups(tensors)) {
-    const Table& table = tables[g++];
-    SAM_CUDA_DISPATCH(dtype, "global_norm", [&] {
-      float* dst = partials.data_ptr<float>() + at_partial;
-      if (weighted) {
-        sumsq_kernel<scalar_t, true><<<table.n_chunks, kThreads, 0, stream>>>(
-            table.data(), table.n_tensors, static_cast<float>(offset), dst);
-      } else {
-        sumsq_kernel<scalar_t, false><<<table.n_chunks, kThreads, 0, stream>>>(
-            table.data(), table.n_tensors, 0.f, dst);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    at_partial += table.n_chunks;
-  }
-  finalize_kernel<<<1, kCleanupThreads, 0, stream>>>(
-      partials.data_ptr<float>(), n_partials, out.data_ptr<float>());
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < n_steps; i += kCleanupThreads) steps[i] += taken * (mask ? mask[i] : 1.f);
+}
+
+// lists g [, w | g2]; scalars [offset | lam]; options [mode, first partial]; args [partials]
+void sumsq_runner(const Launch& l) {
+  const float scalar = static_cast<float>(l.s(0));
+  float* partials = l.f32(0) + l.options.at(1);
+  SAM_CUDA_DISPATCH(l.dtype, "sumsq", [&] {
+    switch (l.options.at(0)) {
+      case 0: launch_chunks(l, sumsq_kernel<scalar_t, 0>, scalar, partials); break;
+      case 1: launch_chunks(l, sumsq_kernel<scalar_t, 1>, scalar, partials); break;
+      default: launch_chunks(l, sumsq_kernel<scalar_t, 2>, scalar, partials); break;
+    }
+  });
+}
+
+// args [partials, out]
+void norm_finalize_runner(const Launch& l) {
+  norm_finalize_kernel<<<1, kCleanupThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      l.f32(0), l.tensor(0).numel(), l.f32(1));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
 }
 
+// scalars [max_norm]; args [partials, flags, prior, scale, found_inf, steps, steps_mask]
+void guard_finalize_runner(const Launch& l) {
+  const int64_t n_prior = l.f32(2) ? l.tensor(2).numel() : 0;
+  const int64_t n_steps = l.f32(5) ? l.tensor(5).numel() : 0;
+  guard_finalize_kernel<<<1, kCleanupThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      l.f32(0), l.tensor(0).numel(), l.f32(1), l.f32(2), n_prior, l.f32(3), l.f32(4), static_cast<float>(l.s(0)),
+      l.f32(5), l.f32(6), n_steps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+SAM_RUNNER("sumsq", c10::DeviceType::CUDA, sumsq_runner);
+SAM_RUNNER("norm_finalize", c10::DeviceType::CUDA, norm_finalize_runner);
+SAM_RUNNER("guard_finalize", c10::DeviceType::CUDA, guard_finalize_runner);
+
+}  // namespace
 }  // namespace sam_kernels::cuda
-
-TORCH_LIBRARY_IMPL(sam_kernels, CUDA, m) {
-  m.impl("global_norm", &sam_kernels::cuda::global_norm);
-}

@@ -1,9 +1,7 @@
 // sampa_preview_sgd_ / sampa_preview_adam_ (see csrc/cpu/sampa_preview.cpp): from one read of
 // x and g_y, perturbed = x + s * g (s from the device-resident norm: no host synchronization)
 // and previews = the base step from x with g, the state read into registers and not written.
-#include <ATen/OpMathType.h>
-#include <torch/library.h>
-
+// A non-finite norm: perturbed = x and the preview steps with a zero gradient. Argument order: ops.cpp.
 #include "../adam_math.h"
 #include "multi_tensor_apply.cuh"
 
@@ -12,22 +10,22 @@ namespace {
 
 __device__ __forceinline__ float preview_scale(const float* norm, float rho, bool& finite) {
   const float nv = *norm;
-  finite = isfinite(nv);  // a non-finite g_y leaves the perturbed point at x
+  finite = isfinite(nv);
   return finite ? rho / (nv + static_cast<float>(kNormEps)) : 0.f;
 }
 
 // Lists: x, g, perturbed, previews, [buf].
 template <typename scalar_t, bool kMomentum, bool kNesterov, bool kInit>
-__global__ void __launch_bounds__(kThreads) preview_sgd_kernel(
-    const int64_t* __restrict__ meta, int64_t n_tensors, const float* __restrict__ norm, float rho, SgdArgs args) {
+__global__ void __launch_bounds__(kThreads)
+    preview_sgd_kernel(TableView table, const float* __restrict__ norm, float rho, SgdArgs args) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr bool kReadBuf = kMomentum && !kInit;
-  const ChunkRef c = chunk_of(meta, kReadBuf ? 5 : 4, n_tensors);
-  const scalar_t* x = list_ptr<const scalar_t>(meta, 0, n_tensors, c.tensor);
-  const scalar_t* g = list_ptr<const scalar_t>(meta, 1, n_tensors, c.tensor);
-  scalar_t* xt = list_ptr<scalar_t>(meta, 2, n_tensors, c.tensor);
-  scalar_t* y = list_ptr<scalar_t>(meta, 3, n_tensors, c.tensor);
-  const scalar_t* buf = kReadBuf ? list_ptr<const scalar_t>(meta, 4, n_tensors, c.tensor) : nullptr;
+  const ChunkRef c = table.chunk_ref(blockIdx.x);
+  const scalar_t* x = table.ptr<const scalar_t>(0, c.tensor);
+  const scalar_t* g = table.ptr<const scalar_t>(1, c.tensor);
+  scalar_t* xt = table.ptr<scalar_t>(2, c.tensor);
+  scalar_t* y = table.ptr<scalar_t>(3, c.tensor);
+  const scalar_t* buf = kReadBuf ? table.ptr<const scalar_t>(4, c.tensor) : nullptr;
   bool finite;
   const opmath_t s = static_cast<opmath_t>(preview_scale(norm, rho, finite));
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
@@ -37,7 +35,7 @@ __global__ void __launch_bounds__(kThreads) preview_sgd_kernel(
       const int64_t i = base + int64_t(k) * kThreads;
       if (i < c.end) {
         xv[k] = static_cast<opmath_t>(x[i]);
-        gv[k] = static_cast<opmath_t>(g[i]);
+        gv[k] = finite ? static_cast<opmath_t>(g[i]) : opmath_t(0);
         bv[k] = kReadBuf ? static_cast<opmath_t>(buf[i]) : opmath_t(0);
       }
     }
@@ -45,7 +43,7 @@ __global__ void __launch_bounds__(kThreads) preview_sgd_kernel(
     for (int k = 0; k < kILP; ++k) {
       const int64_t i = base + int64_t(k) * kThreads;
       if (i < c.end) {
-        xt[i] = finite ? static_cast<scalar_t>(xv[k] + s * gv[k]) : x[i];
+        xt[i] = static_cast<scalar_t>(xv[k] + s * gv[k]);
         sgd_update<opmath_t, kMomentum, kNesterov, kInit>(xv[k], bv[k], gv[k], args);
         y[i] = static_cast<scalar_t>(xv[k]);
       }
@@ -53,19 +51,20 @@ __global__ void __launch_bounds__(kThreads) preview_sgd_kernel(
   }
 }
 
-// Lists: x, g, perturbed, previews, m, v, [vmax].
+// Lists: x, g, perturbed, previews, m, v, steps, [vmax]; the preview is of step count + 1.
 template <typename scalar_t, bool kAmsgrad, bool kLerpLow>
-__global__ void __launch_bounds__(kThreads) preview_adam_kernel(
-    const int64_t* __restrict__ meta, int64_t n_tensors, const float* __restrict__ norm, float rho, AdamArgs args) {
+__global__ void __launch_bounds__(kThreads)
+    preview_adam_kernel(TableView table, const float* __restrict__ norm, float rho, AdamHyper hyper) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const ChunkRef c = chunk_of(meta, kAmsgrad ? 7 : 6, n_tensors);
-  const scalar_t* x = list_ptr<const scalar_t>(meta, 0, n_tensors, c.tensor);
-  const scalar_t* g = list_ptr<const scalar_t>(meta, 1, n_tensors, c.tensor);
-  scalar_t* xt = list_ptr<scalar_t>(meta, 2, n_tensors, c.tensor);
-  scalar_t* y = list_ptr<scalar_t>(meta, 3, n_tensors, c.tensor);
-  const scalar_t* m = list_ptr<const scalar_t>(meta, 4, n_tensors, c.tensor);
-  const scalar_t* v = list_ptr<const scalar_t>(meta, 5, n_tensors, c.tensor);
-  const scalar_t* vmax = kAmsgrad ? list_ptr<const scalar_t>(meta, 6, n_tensors, c.tensor) : nullptr;
+  const ChunkRef c = table.chunk_ref(blockIdx.x);
+  const scalar_t* x = table.ptr<const scalar_t>(0, c.tensor);
+  const scalar_t* g = table.ptr<const scalar_t>(1, c.tensor);
+  scalar_t* xt = table.ptr<scalar_t>(2, c.tensor);
+  scalar_t* y = table.ptr<scalar_t>(3, c.tensor);
+  const scalar_t* m = table.ptr<const scalar_t>(4, c.tensor);
+  const scalar_t* v = table.ptr<const scalar_t>(5, c.tensor);
+  const scalar_t* vmax = kAmsgrad ? table.ptr<const scalar_t>(7, c.tensor) : nullptr;
+  const AdamArgs args = make_adam_args(hyper, *table.ptr<const float>(6, c.tensor) + 1.0);
   bool finite;
   const opmath_t s = static_cast<opmath_t>(preview_scale(norm, rho, finite));
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
@@ -75,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) preview_adam_kernel(
       const int64_t i = base + int64_t(k) * kThreads;
       if (i < c.end) {
         xv[k] = static_cast<opmath_t>(x[i]);
-        gv[k] = static_cast<opmath_t>(g[i]);
+        gv[k] = finite ? static_cast<opmath_t>(g[i]) : opmath_t(0);
         mv[k] = static_cast<opmath_t>(m[i]);
         vv[k] = static_cast<opmath_t>(v[i]);
         vmv[k] = kAmsgrad ? static_cast<opmath_t>(vmax[i]) : opmath_t(0);
@@ -85,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) preview_adam_kernel(
     for (int k = 0; k < kILP; ++k) {
       const int64_t i = base + int64_t(k) * kThreads;
       if (i < c.end) {
-        xt[i] = finite ? static_cast<scalar_t>(xv[k] + s * gv[k]) : x[i];
+        xt[i] = static_cast<scalar_t>(xv[k] + s * gv[k]);
         adam_update<opmath_t, kAmsgrad, kLerpLow>(xv[k], mv[k], vv[k], vmv[k], gv[k], args);
         y[i] = static_cast<scalar_t>(xv[k]);
       }
@@ -93,103 +92,28 @@ __global__ void __launch_bounds__(kThreads) preview_adam_kernel(
   }
 }
 
-void check_norm(const at::Tensor& norm, const at::Device& device) {
-  TORCH_CHECK(
-      norm.numel() == 1 && norm.scalar_type() == at::kFloat && norm.device() == device,
-      "sampa_preview: norm must be one float32 value on ", device);
+// scalars [rho, lr, momentum, dampening, wd]; options [nesterov, maximize, init_bufs]; args [norm]
+void preview_sgd_runner(const Launch& l) {
+  const SgdArgs args = make_sgd_args(l.s(1), l.s(2), l.s(3), l.s(4), l.flag(1));
+  SAM_CUDA_DISPATCH(l.dtype, "sampa_preview_sgd_", [&] {
+    dispatch_sgd_flags(l.s(2) != 0.0, l.flag(0), l.flag(2), [&]<bool kM, bool kN, bool kI>() {
+      launch_chunks(l, preview_sgd_kernel<scalar_t, kM, kN, kI>, l.f32(0), static_cast<float>(l.s(0)), args);
+    });
+  });
 }
+
+// scalars [rho, lr, beta1, beta2, eps, wd]; options [decoupled, amsgrad, maximize]; args [norm]
+void preview_adam_runner(const Launch& l) {
+  const AdamHyper hyper{l.s(1), l.s(2), l.s(3), l.s(4), l.s(5), l.flag(0), l.flag(2)};
+  SAM_CUDA_DISPATCH(l.dtype, "sampa_preview_adam_", [&] {
+    dispatch_adam_flags(l.flag(1), 1.0 - l.s(2) < 0.5, [&]<bool kA, bool kL>() {
+      launch_chunks(l, preview_adam_kernel<scalar_t, kA, kL>, l.f32(0), static_cast<float>(l.s(0)), hyper);
+    });
+  });
+}
+
+SAM_RUNNER("sampa_preview_sgd_", c10::DeviceType::CUDA, preview_sgd_runner);
+SAM_RUNNER("sampa_preview_adam_", c10::DeviceType::CUDA, preview_adam_runner);
 
 }  // namespace
-
-void sampa_preview_sgd_(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList perturbed,
-    at::TensorList previews,
-    at::TensorList bufs,
-    const at::Tensor& norm,
-    double rho,
-    double lr,
-    double momentum,
-    double dampening,
-    bool nesterov,
-    double weight_decay,
-    bool maximize,
-    bool init_bufs) {
-  if (params.empty()) return;
-  const bool has_momentum = momentum != 0.0;
-  const bool read_bufs = has_momentum && !init_bufs;
-  const auto device = check_named_lists(
-      "sampa_preview_sgd_", at::kCUDA, params, {{"grads", grads}, {"perturbed", perturbed}, {"previews", previews}});
-  if (read_bufs) check_named_lists("sampa_preview_sgd_", at::kCUDA, params, {{"bufs", bufs}});
-  check_norm(norm, device);
-  const SgdArgs args = make_sgd_args(lr, momentum, dampening, weight_decay, maximize);
-  const c10::cuda::CUDAGuard guard(device);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  for (const auto& [dtype, index] : dtype_groups(params)) {
-    SAM_CUDA_DISPATCH(dtype, "sampa_preview_sgd_", [&] {
-      const Table table = read_bufs ? make_table({params, grads, perturbed, previews, bufs}, index)
-                                    : make_table({params, grads, perturbed, previews}, index);
-      dispatch_sgd_flags(has_momentum, nesterov, init_bufs, [&]<bool kM, bool kN, bool kI>() {
-        preview_sgd_kernel<scalar_t, kM, kN, kI><<<table.n_chunks, kThreads, 0, stream>>>(
-            table.data(), table.n_tensors, norm.const_data_ptr<float>(), static_cast<float>(rho), args);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  }
-}
-
-void sampa_preview_adam_(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList perturbed,
-    at::TensorList previews,
-    at::TensorList exp_avgs,
-    at::TensorList exp_avg_sqs,
-    at::TensorList max_exp_avg_sqs,
-    const at::Tensor& norm,
-    double rho,
-    double lr,
-    double beta1,
-    double beta2,
-    double eps,
-    double weight_decay,
-    bool decoupled,
-    bool amsgrad,
-    bool maximize,
-    double bias_correction1,
-    double bias_correction2) {
-  if (params.empty()) return;
-  const auto device = check_named_lists(
-      "sampa_preview_adam_", at::kCUDA, params,
-      {{"grads", grads}, {"perturbed", perturbed}, {"previews", previews}, {"exp_avgs", exp_avgs},
-       {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList()}});
-  TORCH_CHECK(
-      exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size() &&
-          (!amsgrad || max_exp_avg_sqs.size() == params.size()),
-      "sampa_preview_adam_: the moment lists must have one tensor per parameter");
-  check_norm(norm, device);
-  const AdamArgs args = make_adam_args(
-      lr, beta1, beta2, eps, weight_decay, decoupled, maximize, bias_correction1, bias_correction2);
-  const c10::cuda::CUDAGuard guard(device);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  for (const auto& [dtype, index] : dtype_groups(params)) {
-    SAM_CUDA_DISPATCH(dtype, "sampa_preview_adam_", [&] {
-      const Table table =
-          amsgrad ? make_table({params, grads, perturbed, previews, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, index)
-                  : make_table({params, grads, perturbed, previews, exp_avgs, exp_avg_sqs}, index);
-      dispatch_adam_flags(amsgrad, 1.0 - beta1 < 0.5, [&]<bool kA, bool kL>() {
-        preview_adam_kernel<scalar_t, kA, kL><<<table.n_chunks, kThreads, 0, stream>>>(
-            table.data(), table.n_tensors, norm.const_data_ptr<float>(), static_cast<float>(rho), args);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  }
-}
-
 }  // namespace sam_kernels::cuda
-
-TORCH_LIBRARY_IMPL(sam_kernels, CUDA, m) {
-  m.impl("sampa_preview_sgd_", &sam_kernels::cuda::sampa_preview_sgd_);
-  m.impl("sampa_preview_adam_", &sam_kernels::cuda::sampa_preview_adam_);
-}

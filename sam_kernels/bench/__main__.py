@@ -16,13 +16,14 @@ import json
 import torch
 
 from .. import backends
-from .cases import (BYTES_PER_ELEMENT, compiled_sam_case, loop_sam_case, make_params, nusam_step_case,
-                    peer_sam_case, power_iteration_case, primitive_case, sam_step_case, torch_sgd_case)
+from .cases import (BYTES_PER_ELEMENT, compiled_sam_case, foreach_sam_case, loop_sam_case, make_params,
+                    nusam_step_case, peer_sam_case, power_iteration_case, primitive_case, sam_step_case,
+                    torch_sgd_case)
 from .cases import sampa_step_case
 from .models import MODELS
 from .output import progress, pyplot, save_figure, write_text
 from .shapes import PARAM_SETS, numel
-from .timing import copy_bandwidth_gbps, device_name, median_ms_interleaved
+from .timing import copy_bandwidth_gbps, device_name, host_ms_interleaved, median_ms_interleaved
 from .train import run_train_steps
 from .train import table as train_table
 
@@ -30,16 +31,19 @@ PRIMITIVES = ("grad_norm", "perturb", "restore", "restore_sgd", "restore_adamw")
 
 
 def plan(device, backend_list, quick, sets=None, compiled=None):
-    # overhead_152 (one element per tensor) prices the host's part of each step on its own
-    sets = sets or (["vit_s", "flat_16m"] if quick else ["vit_b", "flat_128m", "overhead_152"])
+    # host_152 (ViT-B's 152 tensors at 256 elements) prices the host's part of each step on its own
+    sets = sets or (["vit_s", "flat_16m", "host_152"] if quick else ["vit_b", "flat_128m", "host_152"])
     jobs = []
     for name in sets:
         for b in backend_list:
-            for op in PRIMITIVES:
-                jobs.append((name, op, b))
+            if not name.startswith("host"):  # the primitives' host time is in the steps'
+                for op in PRIMITIVES:
+                    jobs.append((name, op, b))
             jobs += [(name, op, b) for op in ("sam_step", "sam_step_adamw", "sampa_step", "sampa_step_adamw")]
         jobs.append((name, "sam_step", "loop"))
         jobs.append((name, "sam_step_adamw", "loop"))
+        jobs.append((name, "sam_step", "foreach"))
+        jobs.append((name, "sam_step_adamw", "foreach"))
         if compiled if compiled is not None else not quick:  # inductor's compile time is not --quick
             jobs.append((name, "sam_step", "compiled"))
             jobs.append((name, "sam_step_adamw", "compiled"))
@@ -72,6 +76,8 @@ def build(op, backend, params):
         return torch_sgd_case(params, backend.split("_", 1)[1])
     if backend == "loop":
         return loop_sam_case(params, base)
+    if backend == "foreach":
+        return foreach_sam_case(params, base)
     if backend == "compiled":
         return compiled_sam_case(params, base)
     if backend == "peer_sam":
@@ -102,14 +108,16 @@ def run(args) -> list[dict]:
             torch.cuda.empty_cache()
         shapes = PARAM_SETS[set_name]()
         fns = {b: build(op, b, make_params(shapes, device)) for b in group}
-        times = median_ms_interleaved(fns, device, warmup=2 if args.quick else 5, reps=reps)
+        host = set_name.startswith("host")  # the host's time per call, not the device's
+        times = (host_ms_interleaved if host else median_ms_interleaved)(fns, device, warmup=2 if args.quick else 5,
+                                                                        reps=reps)
         n = numel([sh for sh in shapes if len(sh) == 2]) if op == "power_iteration" else numel(shapes)
         for backend, ms in times.items():
             gbps = BYTES_PER_ELEMENT[op] * n / (ms * 1e-3) / 1e9
             tensors = sum(len(sh) == 2 for sh in shapes) if op == "power_iteration" else len(shapes)
             records.append({"op": op, "backend": backend, "device": name, "dtype": "float32", "numel": n,
                             "tensors": tensors, "params": set_name, "median_ms": ms, "gbps": gbps,
-                            "frac_of_copy": gbps / copy})
+                            "frac_of_copy": gbps / copy, "metric": "host" if host else "device"})
         del fns
         bar.update(len(group))
         if args.json:  # as it goes: a run cut short still leaves its records
@@ -131,17 +139,20 @@ def table(records) -> str:
     copy = next(r for r in records if r["op"] == "copy")
     lines = [f"device: {copy['device']}; copy bandwidth {copy['gbps']:.1f} GB/s (read + write)", "",
              "| params | op | backend | tensors | numel | median ms | GB/s | of copy "
-             "| speed-up vs torch | vs loop | vs peer_sam | vs compiled |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| speed-up vs torch | vs loop | vs foreach | vs peer_sam | vs compiled |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = [r for r in records if r["op"] not in ("copy", "train_step")]
     ref = {(r["params"], r["op"], r["backend"]): r["median_ms"] for r in rows}
     for r in rows:
         def ratio(peer):
             t = ref.get((r["params"], r["op"], peer))
             return f"{t / r['median_ms']:.2f}x" if t and peer != r["backend"] else ""
-        lines.append(f"| {r['params']} | {r['op']} | {r['backend']} | {r['tensors']} | {r['numel']:,} | "
-                     f"{r['median_ms']:.2f} | {r['gbps']:.1f} | {r['frac_of_copy']:.0%} | {ratio('torch')} | "
-                     f"{ratio('loop')} | {ratio('peer_sam')} | {ratio('compiled')} |")
+        host = r.get("metric") == "host"  # host time per call: bandwidth means nothing there
+        ms = f"{r['median_ms']:.3f}" + (" (host)" if host else "")
+        gbps, frac = ("", "") if host else (f"{r['gbps']:.1f}", f"{r['frac_of_copy']:.0%}")
+        lines.append(f"| {r['params']} | {r['op']} | {r['backend']} | {r['tensors']} | {r['numel']:,} | {ms} | "
+                     f"{gbps} | {frac} | {ratio('torch')} | {ratio('loop')} | {ratio('foreach')} | "
+                     f"{ratio('peer_sam')} | {ratio('compiled')} |")
     train = train_table(records)
     return "\n".join(lines) + ("\n\nWhole training steps (median ms; ratios of the same run):\n\n" + train
                                if train else "")

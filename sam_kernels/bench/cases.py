@@ -63,9 +63,9 @@ def primitive_case(op: str, params, backend: str):
             o.copy_(x)
         m = [torch.zeros_like(x) for x in xs]
         v = [torch.zeros_like(x) for x in xs]
-        return lambda: ops.restore_adam_(xs, olds, gs, m, v, lr=1e-9, beta1=0.9, beta2=0.999, eps=1e-8,
-                                         weight_decay=0.01, decoupled=True, bias_correction1=0.1,
-                                         bias_correction2=0.001, backend=backend)
+        steps = [torch.full((), 10.0, device=x.device) for x in xs]
+        return lambda: ops.restore_adam_(xs, olds, gs, m, v, state_steps=steps, lr=1e-9, beta1=0.9, beta2=0.999,
+                                         eps=1e-8, weight_decay=0.01, decoupled=True, backend=backend)
     raise ValueError(op)
 
 
@@ -97,6 +97,26 @@ def loop_sam_case(params, base: str = "sgd"):
             p.add_(p.grad * scale)
         for p in params:
             p.data = olds[p]
+        base_opt.step()
+    return step
+
+
+def foreach_sam_case(params, base: str = "sgd"):
+    """The strongest SAM a user writes in 20 lines of torch: the norm, the copy and the perturbation
+    with torch._foreach_* ops (the norm stays on the device: no synchronization, and no guard
+    against NaN / inf), restore by _foreach_copy_, then torch's fused SGD / AdamW step."""
+    base_opt = (torch.optim.SGD(params, lr=1e-9, momentum=0.9, fused=True) if base == "sgd"
+                else torch.optim.AdamW(params, lr=1e-9, weight_decay=0.01, fused=True))
+    xs = [p.data for p in params]
+    olds = [torch.empty_like(x) for x in xs]
+
+    @torch.no_grad()
+    def step():
+        gs = [p.grad for p in params]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)))
+        torch._foreach_copy_(olds, xs)
+        torch._foreach_add_(xs, torch._foreach_mul(gs, 0.05 / (norm + 1e-12)))
+        torch._foreach_copy_(xs, olds)
         base_opt.step()
     return step
 
@@ -176,10 +196,10 @@ def sampa_step_case(params, backend: str, base: str = "sgd"):
     opt = SAMPa(holder, lambda m, b: None, torch.optim.SGD if base == "sgd" else torch.optim.AdamW, rho=0.05,
                 backend=backend, **kw)
     grads = [p.grad for p in params]
-    norm = ops.global_norm(grads, backend=backend)
-    opt._update(grads, grads)  # the base state exists, as in every step after the first
+    opt._norm_of("g_y", grads, opt._g_y_norm_buf())
+    opt._finish_step(grads, grads, [])  # the base state exists, as in every step after the first
 
     def step():
-        opt._preview(grads, norm)
-        opt._finish(grads, grads, [], None)
+        opt._preview_step(grads)
+        opt._finish_step(grads, grads, [])
     return step

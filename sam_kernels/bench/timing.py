@@ -56,6 +56,27 @@ def median_ms_interleaved(fns: dict, device: torch.device, warmup: int = 3, reps
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def host_ms_interleaved(fns: dict, device: torch.device, warmup: int = 3, reps: int = 10, calls: int = 20) -> dict:
+    """The host's time per call of each callable: `calls` back-to-back calls timed on the host
+    without waiting for the device (with tensors so small that the device keeps up, this is what a
+    step costs the host: Python, launches and any synchronization), median over interleaved rounds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[k].append((time.perf_counter() - t0) * 1e3 / calls)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def copy_bandwidth_gbps(device: torch.device, mib: int = 512) -> float:
     """Bytes read plus bytes written per second of a large tensor copy: the ceiling we report against."""
     n = mib * 2**20 // 4

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._lists import Live, any_live, dtype_groups, on_refresh, pick  # noqa: F401  (re-exported to the kernels)
 from ..backends import triton_interpret
 
 TL_DTYPE = {
@@ -58,6 +59,31 @@ def tensor_ptr(ptrs, n_tensors, t, LIST: tl.constexpr, DTYPE: tl.constexpr):
     return tl.multiple_of(tl.load(ptrs + LIST * n_tensors + t).to(tl.pointer_type(DTYPE)), 16)
 
 
+@triton.jit
+def scalar_ptr(ptrs, n_tensors, t, LIST: tl.constexpr, DTYPE: tl.constexpr):
+    """The pointer of tensor t of list LIST when that list holds scalars or small vectors (Adam's
+    step counters, nuSAM's u and v): no alignment is assumed."""
+    return tl.load(ptrs + LIST * n_tensors + t).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def load_flag(ptr, HAS: tl.constexpr):
+    """An optional fp32 device scalar, 0 when absent (found_inf: the step is taken)."""
+    v = 0.0
+    if HAS:
+        v = tl.load(ptr)
+    return v
+
+
+@triton.jit
+def load_factor(ptr, HAS: tl.constexpr):
+    """An optional fp32 device scalar, 1 when absent (grad_scale: the gradient as it is)."""
+    v = 1.0
+    if HAS:
+        v = tl.load(ptr)
+    return v
+
+
 def tl_dtype(dtype: torch.dtype):
     try:
         return TL_DTYPE[dtype]
@@ -70,6 +96,13 @@ def compute_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def device_tensor(values, dtype, device: torch.device) -> torch.Tensor:
+    """`values` on the device without waiting for it: one asynchronous copy from pinned memory (the
+    caching host allocator keeps the pinned block until the copy is done)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
 @functools.lru_cache(maxsize=128)
 def _block_table(numels: tuple[int, ...], block: int, vec: int, device: torch.device):
     """The launches over tensors of these sizes, each (first block, tensor indices, starts, number
@@ -78,7 +111,7 @@ def _block_table(numels: tuple[int, ...], block: int, vec: int, device: torch.de
     parts = {vec: [], 1: []}
     for i, n in enumerate(numels):
         parts[vec if n % vec == 0 else 1].extend((i, s) for s in range(0, n, block))
-    as_dev = lambda v, dt: torch.tensor(v, dtype=dt).to(device)  # noqa: E731 (built once per size set)
+    as_dev = lambda v, dt: device_tensor(v, dt, device)  # noqa: E731 (built once per size set)
     blocks = parts[vec] + (parts[1] if vec != 1 else [])
     blk_tensor = as_dev([i for i, _ in blocks], torch.int32)
     blk_start = as_dev([s for _, s in blocks], torch.int64)
@@ -95,9 +128,7 @@ def _pointer_table(ptrs: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """The addresses on the device. Cached: in a training loop the parameters, their state and
     (through the caching allocator) the gradients keep their addresses, so after the first steps
     a launch sends no table at all; the entries are the key itself, so a hit is never stale."""
-    if device.type == "cpu":
-        return torch.tensor(ptrs, dtype=torch.int64)
-    return torch.tensor(ptrs, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+    return device_tensor(ptrs, torch.int64, device)
 
 
 class Launch:
@@ -110,8 +141,14 @@ class Launch:
         vec = max(1, 16 // first[0].element_size())  # elements per 16-byte vector
         self.parts, self.numels, self.n_blocks = _block_table(tuple(t.numel() for t in first), block, vec,
                                                               self.device)
-        self.ptrs = _pointer_table(tuple(map(_data_ptr, itertools.chain.from_iterable(lists))), self.device)
+        self.ptrs = self._pointers(lists)
         self.block = block
+        if any_live(lists):  # a step plan's gradients: new addresses, the same table shape
+            on_refresh(lambda: setattr(self, "ptrs", self._pointers(lists)))
+
+    def _pointers(self, lists) -> torch.Tensor:
+        ptrs = (lst.addresses().tolist() if isinstance(lst, Live) else map(_data_ptr, lst) for lst in lists)
+        return _pointer_table(tuple(itertools.chain.from_iterable(ptrs)), self.device)
 
     def run(self, kernel, *args, **meta):
         """Launch `kernel` over the table (once; twice if some counts are not multiples of the
@@ -123,17 +160,23 @@ class Launch:
                          VEC=vec, BLOCK=self.block, **meta, **launch_kwargs())
 
 
-def dtype_groups(params):
-    """Indices of params grouped by dtype, skipping empty tensors (one launch per group)."""
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        if p.numel():
-            groups.setdefault(p.dtype, []).append(i)
-    return groups.items()
+def bind(*lists):
+    """[(dtype, Launch, index)] over the dtype groups of the first list: the tables of a kernel
+    for these lists, built once (absent optional lists are None and left out of the table)."""
+    present = [lst for lst in lists if lst is not None]
+    return [(dtype, Launch([pick(lst, index) for lst in present]), index)
+            for dtype, index in dtype_groups(present[0])]
 
 
-def pick(lst, index):
-    return [lst[i] for i in index]
+@functools.lru_cache(maxsize=256)
+def int_column(values: tuple, device: torch.device) -> torch.Tensor:
+    """A per-tensor int64 column on the device (nuSAM's column counts and indices), built once."""
+    return device_tensor(values, torch.int64, device)
+
+
+def optional(t, fallback):
+    """(a tensor to pass, whether it is real): kernels take a pointer either way."""
+    return (t, True) if t is not None else (fallback, False)
 
 
 def launch_kwargs():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tables import Launch, block_of, tensor_ptr, compute_dtype, dtype_groups, pick, tl_dtype
+from ._tables import bind, block_of, compute_dtype, tensor_ptr, tl_dtype
 
 EPS = 1e-12
 
@@ -37,8 +37,15 @@ def _perturb_kernel(
     tl.store(x_ptr + offs, tl.where(finite, xf + step, xf).to(DTYPE), mask=mask)
 
 
+def prepare_perturb_(params, grads, olds):
+    bound = bind(params, grads, olds)
+
+    def run(norm, rho, adaptive, offset):
+        for dtype, launch, _ in bound:
+            launch.run(_perturb_kernel, norm, float(rho), float(offset), ADAPTIVE=bool(adaptive), DTYPE=tl_dtype(dtype),
+                       CT=compute_dtype(dtype), EPS=EPS)
+    return run
+
+
 def perturb_(params, grads, olds, norm, rho, adaptive, offset):
-    for dtype, index in dtype_groups(params):
-        launch = Launch([pick(params, index), pick(grads, index), pick(olds, index)])
-        launch.run(_perturb_kernel, norm, float(rho), float(offset),
-                   ADAPTIVE=bool(adaptive), DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), EPS=EPS)
+    prepare_perturb_(params, grads, olds)(norm, rho, adaptive, offset)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tables import _pointer_table, launch_kwargs, tl_dtype
+from ._tables import _pointer_table, device_tensor, launch_kwargs, tl_dtype
 
 BR_T, BC_T = 32, 128  # G^T u: row tile, column block
 BR, BC = 16, 256      # G v: row block, column tile
@@ -97,7 +97,7 @@ def _scale_kernel(x_ptrs, lens, it_t, it_s, scale, BLOCK: tl.constexpr):
 
 
 def _dev(values, dtype, device):
-    return torch.tensor(values, dtype=dtype).to(device)
+    return device_tensor(values, dtype, device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -139,7 +139,7 @@ def power_iteration_(mats, us, vs, sigmas, iters, tau):
             idx = [i for i, m in enumerate(mats) if m.dtype == dt]
             sub = torch.empty(len(idx), dtype=torch.float32, device=device)
             power_iteration_([mats[i] for i in idx], [us[i] for i in idx], [vs[i] for i in idx], sub, iters, tau)
-            sigmas[torch.tensor(idx, device=device)] = sub
+            sigmas.index_copy_(0, _dev(idx, torch.int64, device), sub)
         return
     k = len(mats)
     ns, ms, (tt_t, tt_c, pt_start, pt_count, n_t), (tr_t, tr_r, pr_start, pr_count, n_r), scale_items = _plan(

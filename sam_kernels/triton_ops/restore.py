@@ -1,22 +1,37 @@
-"""restore_: x <- olds, a bit-exact copy. Floor: read olds, write x (8 B per fp32 element)."""
+"""restore_: x <- olds, a bit-exact copy; with found_inf, only when it is 0 (SAMPa commits the
+y-pass buffers this way, integer ones as float views). Floor: read olds, write x (8 B per fp32
+element)."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._tables import Launch, block_of, tensor_ptr, dtype_groups, pick, tl_dtype
+from ._tables import bind, block_of, optional, tensor_ptr, tl_dtype
 
 
 @triton.jit
-def _restore_kernel(ptrs, n_tensors, numels, blk_tensor, blk_start,
-                    DTYPE: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
+def _restore_kernel(ptrs, n_tensors, numels, blk_tensor, blk_start, found_inf,
+                    HAS_FOUND: tl.constexpr, DTYPE: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
     o_ptr = tensor_ptr(ptrs, n_tensors, t, 1, DTYPE)
-    tl.store(x_ptr + offs, tl.load(o_ptr + offs, mask=mask), mask=mask)
+    v = tl.load(o_ptr + offs, mask=mask)
+    if HAS_FOUND:
+        if tl.load(found_inf) == 0:
+            tl.store(x_ptr + offs, v, mask=mask)
+    else:
+        tl.store(x_ptr + offs, v, mask=mask)
 
 
-def restore_(params, olds):
-    for dtype, index in dtype_groups(params):
-        launch = Launch([pick(params, index), pick(olds, index)])
-        launch.run(_restore_kernel, DTYPE=tl_dtype(dtype))
+def prepare_restore_(params, olds):
+    bound = bind(params, olds)
+
+    def run(found_inf=None):
+        for dtype, launch, _ in bound:
+            flag, has = optional(found_inf, launch.numels)
+            launch.run(_restore_kernel, flag, HAS_FOUND=has, DTYPE=tl_dtype(dtype))
+    return run
+
+
+def restore_(params, olds, found_inf=None):
+    prepare_restore_(params, olds)(found_inf)

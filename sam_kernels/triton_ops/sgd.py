@@ -1,17 +1,19 @@
 """restore_sgd_: x <- olds, then one torch.optim.SGD step, fused in one pass:
-    d = (maximize ? -g : g) + wd * x;  buf = init ? d : momentum * buf + (1 - dampening) * d
+    d = (maximize ? -g : g) * grad_scale + wd * x;  buf = init ? d : momentum * buf + (1 - dampening) * d
     x = x - lr * (nesterov ? d + momentum * buf : buf)
 Floor with momentum: read olds, g, buf; write x, buf (20 B per fp32 element).
+found_inf != 0 (read on the device) skips the step: x <- olds, the buffers untouched.
 
 The same kernel is nuSAM's rank1_restore_sgd_ (x_old = M - s u v^T recomputed: RANK1) and
-SAMPa's sampa_update_sgd_ (olds = params, d from (1 - lam) g + lam g2: MIX; 24 B)."""
+SAMPa's sampa_update_sgd_ (olds = params, d from (1 - lam) g + lam g2: MIX; 24 B; a skipped
+step writes nothing)."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._tables import (Launch, block_of, compute_dtype, dtype_groups, load_grad, pick, tensor_ptr,
-                      tl_dtype)
+from ._tables import (Launch, block_of, compute_dtype, dtype_groups, load_factor, load_flag, load_grad, optional,
+                      pick, tensor_ptr, tl_dtype)
 from .rank1 import load_old, rank1_lists
 
 
@@ -38,31 +40,35 @@ def sgd_math(x, d, buf, lr, momentum, one_minus_dampening, weight_decay, MOMENTU
 @triton.jit
 def _restore_sgd_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start,
-    lr, momentum, one_minus_dampening, weight_decay, ncols, scales, lam, grad_scale,
-    SCALED: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr,
-    HAS_WD: tl.constexpr, RANK1: tl.constexpr, U_LIST: tl.constexpr, MIX: tl.constexpr, DTYPE: tl.constexpr,
-    CT: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
+    lr, momentum, one_minus_dampening, weight_decay, ncols, index, scales, lam, grad_scale, found_inf,
+    SCALED: tl.constexpr, HAS_FOUND: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr, HAS_WD: tl.constexpr, RANK1: tl.constexpr, U_LIST: tl.constexpr,
+    MIX: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
+    x = load_old(ptrs, n_tensors, t, offs, mask, ncols, index, scales, RANK1, U_LIST, DTYPE, CT)  # nuSAM: M - s u v^T
+    if load_flag(found_inf, HAS_FOUND) != 0:  # skipped: SAM's restore (nuSAM's removal) only
+        if not MIX:
+            tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
+    else:
+        d = load_grad(ptrs, n_tensors, t, offs, mask, lam, 2, MIX, U_LIST, DTYPE, CT)  # SAMPa: (1 - lam) g + lam g2
+        if SCALED:  # GradScaler's unscale and the clipping coefficient: here, not in a pass of their own
+            d = d * load_factor(grad_scale, SCALED).to(CT)
+        buf = d
+        if MOMENTUM and not INIT_BUFS:
+            buf = tl.load(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, mask=mask).to(CT)
+        x, buf = sgd_math(x, d, buf, lr, momentum, one_minus_dampening, weight_decay, MOMENTUM, NESTEROV, MAXIMIZE,
+                          INIT_BUFS, HAS_WD)
+        if MOMENTUM:
+            tl.store(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, buf.to(DTYPE), mask=mask)
+        tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
 
-    x = load_old(ptrs, n_tensors, t, offs, mask, ncols, scales, RANK1, U_LIST, DTYPE, CT)  # nuSAM: M - s u v^T
-    d = load_grad(ptrs, n_tensors, t, offs, mask, lam, 2, MIX, U_LIST, DTYPE, CT)  # SAMPa: (1 - lam) g + lam g2
-    if SCALED:  # GradScaler: unscaled here, not in a pass of its own
-        d = d * grad_scale
-    buf = d
-    if MOMENTUM and not INIT_BUFS:
-        buf = tl.load(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, mask=mask).to(CT)
-    x, buf = sgd_math(x, d, buf, lr, momentum, one_minus_dampening, weight_decay, MOMENTUM, NESTEROV, MAXIMIZE,
-                      INIT_BUFS, HAS_WD)
-    if MOMENTUM:
-        tl.store(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, buf.to(DTYPE), mask=mask)
-    tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
 
-
-def _launch(params, olds, grads, bufs, rank1, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
-            grads2=None, lam=0.0, grad_scale=1.0):
+def _prepare(params, olds, grads, bufs, momentum, rank1=None, grads2=None):
+    """The launches of one fused SGD update over these lists (rank1 = (us, vs): nuSAM; grads2: SAMPa)."""
     has_momentum = momentum != 0
+    launches = []
     for dtype, index in dtype_groups(params):
         lists = [pick(params, index), pick(olds, index), pick(grads, index)]
         if has_momentum:
@@ -70,30 +76,53 @@ def _launch(params, olds, grads, bufs, rank1, lr, momentum, dampening, nesterov,
         extra = len(lists)  # first list after the fixed ones: u, v (RANK1) or g2 (MIX)
         if grads2 is not None:
             lists.append(pick(grads2, index))
-        lists, ncols, scales = rank1_lists(lists, params, index, rank1)
-        launch = Launch(lists)
-        launch.run(
-            _restore_sgd_kernel, float(lr), float(momentum), float(1 - dampening), float(weight_decay), ncols, scales,
-            float(lam), float(grad_scale), SCALED=grad_scale != 1.0,
-            MOMENTUM=has_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), INIT_BUFS=bool(init_bufs),
-            HAS_WD=weight_decay != 0, RANK1=rank1 is not None, U_LIST=extra, MIX=grads2 is not None,
-            DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype),
-        )
+        lists, ncols, cols_index, _ = rank1_lists(lists, params, index, (*rank1, None) if rank1 else None)
+        launches.append((dtype, Launch(lists), extra, ncols, cols_index))
+
+    def run(lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs, grad_scale=None, found_inf=None,
+            lam=0.0, scales=None):
+        for dtype, launch, extra, ncols, cols_index in launches:
+            gscale, scaled = optional(grad_scale, launch.numels)
+            flag, has_found = optional(found_inf, launch.numels)
+            launch.run(
+                _restore_sgd_kernel, float(lr), float(momentum), float(1 - dampening), float(weight_decay), ncols,
+                cols_index, scales if scales is not None else launch.numels, float(lam), gscale, flag, SCALED=scaled,
+                HAS_FOUND=has_found, MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+                INIT_BUFS=bool(init_bufs), HAS_WD=weight_decay != 0, RANK1=rank1 is not None, U_LIST=extra,
+                MIX=grads2 is not None, DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype),
+            )
+    return run
+
+
+def prepare_restore_sgd_(params, olds, grads, bufs, momentum):
+    return _prepare(params, olds, grads, bufs, momentum)
+
+
+def prepare_rank1_restore_sgd_(params, us, vs, grads, bufs, momentum):
+    run = _prepare(params, params, grads, bufs, momentum, rank1=(us, vs))
+    return lambda scales, **kw: run(scales=scales, **kw)
+
+
+def prepare_sampa_update_sgd_(params, grads, grads2, bufs, momentum):
+    run = _prepare(params, params, grads, bufs, momentum, grads2=grads2)
+    return lambda lam, **kw: run(lam=lam, **kw)
 
 
 def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
-                 grad_scale=1.0):
-    _launch(params, olds, grads, bufs, None, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
-            grad_scale=grad_scale)
+                 grad_scale=None, found_inf=None):
+    prepare_restore_sgd_(params, olds, grads, bufs, momentum)(
+        lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs, grad_scale, found_inf)
 
 
 def rank1_restore_sgd_(params, us, vs, scales, grads, bufs, lr, momentum, dampening, nesterov, weight_decay,
-                       maximize, init_bufs, grad_scale=1.0):
-    _launch(params, params, grads, bufs, (us, vs, scales), lr, momentum, dampening, nesterov, weight_decay,
-            maximize, init_bufs, grad_scale=grad_scale)
+                       maximize, init_bufs, grad_scale=None, found_inf=None):
+    prepare_rank1_restore_sgd_(params, us, vs, grads, bufs, momentum)(
+        scales, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+        maximize=maximize, init_bufs=init_bufs, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def sampa_update_sgd_(params, grads, grads2, bufs, lam, lr, momentum, dampening, nesterov, weight_decay, maximize,
-                      init_bufs):
-    _launch(params, params, grads, bufs, None, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
-            grads2=grads2, lam=lam)
+                      init_bufs, grad_scale=None, found_inf=None):
+    prepare_sampa_update_sgd_(params, grads, grads2, bufs, momentum)(
+        lam, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+        maximize=maximize, init_bufs=init_bufs, grad_scale=grad_scale, found_inf=found_inf)

@@ -1,0 +1,180 @@
+"""No step waits for the device. Every optimizer's first_step / second_step / step / base_step /
+restore, on every backend that runs here (the C++ kernels, the Triton kernels through the
+interpreter, the torch reference), clean steps and steps with a NaN gradient, with and without
+a GradScaler (and the scaler.unscale_ + clipping recipe), with and without max_grad_norm, runs
+under a TorchDispatchMode that fails on the ops that read a tensor on the host:
+aten._local_scalar_dense (.item(), bool(t), float(t)), aten.is_nonzero and aten.equal. The first
+steps (which build the plans and the state) are inside the mode too. On a GPU the same steps run
+under torch.cuda.set_sync_debug_mode("error"), which also catches blocking copies."""
+import contextlib
+
+import pytest
+import torch
+from conftest import NUSAM_BACKENDS, backend_cases
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from sam_kernels import PSAM, SAM, GaussSAM, NuSAM, SAMPa
+
+_FORBIDDEN = {torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero, torch.ops.aten.equal}
+
+
+class NoHostReads(TorchDispatchMode):
+    """Fails on any op that reads a tensor's value on the host (a synchronization on a GPU)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in _FORBIDDEN:
+            raise AssertionError(f"a host read of a tensor in the step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def no_sync(device):
+    """NoHostReads, and on CUDA also the sync debug mode set to error."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with NoHostReads():
+            yield
+    finally:
+        if torch.device(device).type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def mlp(device):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3)).to(device)
+
+
+def batches(n, device):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 6, generator=g).to(device), torch.randint(0, 3, (16,), generator=g).to(device))
+            for _ in range(n)]
+
+
+def loss_fn(model, batch):
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+         "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2))}
+OPTIMIZERS = {
+    "sam": lambda ps, b, kw, backend: SAM(ps, b, rho=0.05, backend=backend, **kw),
+    "asam": lambda ps, b, kw, backend: SAM(ps, b, rho=0.5, adaptive=True, backend=backend, **kw),
+    "nusam": lambda ps, b, kw, backend: NuSAM(ps, b, rho=0.1, backend=backend, **kw),
+    "nusam-norm": lambda ps, b, kw, backend: NuSAM(ps, b, rho=0.1, normalized=True, backend=backend, **kw),
+    "gausssam": lambda ps, b, kw, backend: GaussSAM(ps, b, rho=0.05, backend=backend,
+                                                    generator=torch.Generator(ps[0].device).manual_seed(0), **kw),
+    "psam": lambda ps, b, kw, backend: PSAM(ps, b, rho=0.05, period=2, backend=backend, **kw),
+}
+
+
+def cases():
+    return [pytest.param(name, *c.values, id=f"{name}-{c.id}") for name in OPTIMIZERS
+            for c in (NUSAM_BACKENDS if name.startswith("nusam") else backend_cases())]
+
+
+def two_step(model, opt, batch, scaler=None, poison=None, unscale=False, closure=False):
+    """One step of the documented loops; only the optimizer calls run under the mode."""
+    def backward(when):
+        loss = loss_fn(model, batch)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if poison == when:
+            model[2].weight.grad[0, 0] = float("nan")
+
+    opt.zero_grad()
+    backward("first")
+    if closure:
+        def fn():
+            with _disable_current_modes():  # the closure is the user's code
+                backward("second")
+        with no_sync(batch[0].device):
+            opt.step(fn, grad_scaler=scaler)
+    elif opt.sam_step_due:
+        with no_sync(batch[0].device):
+            opt.first_step(zero_grad=True, grad_scaler=scaler)
+        backward("second")
+        if unscale:  # the clipping recipe: unscale, clip, then step
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        with no_sync(batch[0].device):
+            opt.second_step(grad_scaler=scaler)
+    else:
+        with no_sync(batch[0].device):
+            opt.base_step(grad_scaler=scaler)
+    if scaler is not None:
+        scaler.update()
+
+
+def test_the_mode_catches_host_reads():
+    """The check can fail: .item(), bool(t) and torch.equal are what it must catch."""
+    t = torch.ones(3)
+    for read in (lambda: t.sum().item(), lambda: bool(t.sum()), lambda: torch.equal(t, t), lambda: float(t[0])):
+        with pytest.raises(AssertionError, match="host read"):
+            with NoHostReads():
+                read()
+
+
+@pytest.mark.parametrize("name,backend,device", cases())
+@pytest.mark.parametrize("base", list(BASES))
+def test_steps_never_read_the_device(name, backend, device, base):
+    base_cls, kw = BASES[base]
+    model = mlp(device)
+    opt = OPTIMIZERS[name](list(model.parameters()), base_cls, kw, backend)
+    data = batches(6, device)
+    for i, b in enumerate(data):  # the first steps build the plans and the state inside the mode
+        two_step(model, opt, b, poison={2: "first", 4: "second"}.get(i), closure=i == 3)
+    with no_sync(device):
+        opt.restore()  # nothing pending: a no-op that must not read either
+    model.zero_grad()
+    loss_fn(model, data[0]).backward()
+    with no_sync(device):
+        opt.first_step()
+        opt.restore()
+    assert opt.skipped_steps == 2  # the two poisoned steps (read after the mode)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,backend,device", cases())
+def test_grad_scaler_and_clipping_never_read_the_device(name, backend, device):
+    base_cls, kw = BASES["sgd"]
+    model = mlp(device)
+    opt = OPTIMIZERS[name](list(model.parameters()), base_cls, {**kw, "max_grad_norm": 0.5}, backend)
+    scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=2.0 ** 8)
+    for i, b in enumerate(batches(6, device)):
+        two_step(model, opt, b, scaler, poison="second" if i == 2 else None, unscale=i >= 4)
+    assert opt.skipped_steps == 1
+    assert scaler.get_scale() < 2.0 ** 8  # backed off once
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("lam", [0.2, 0.0])
+def test_sampa_steps_never_read_the_device(backend, device, base, lam):
+    base_cls, kw = BASES[base]
+    model = mlp(device)
+    opt = SAMPa(model, loss_fn, base_cls, rho=0.05, lam=lam, backend=backend, parallel="sequential",
+                max_grad_norm=1.0 if lam else None, start_step=1, **kw)
+    for i, b in enumerate(batches(6, device)):
+        if i == 3:
+            b = (b[0].clone(), b[1])
+            b[0][0, 0] = float("nan")  # a NaN in the y-pass's batch: a non-finite g_y'
+        with no_sync(device):
+            opt.step(b)
+    assert opt.skipped_steps >= 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_generic_path_is_the_documented_exception():
+    """Base optimizers we do not fuse (their step() cannot read a device flag) read it on the host:
+    the mode sees it, which also shows the tests above would."""
+    model = mlp("cpu")
+    opt = SAM(model.parameters(), torch.optim.RMSprop, lr=1e-3)
+    b = batches(1, "cpu")[0]
+    loss_fn(model, b).backward()
+    opt.first_step(zero_grad=True)
+    loss_fn(model, b).backward()
+    with pytest.raises(AssertionError, match="host read"):
+        with NoHostReads():
+            opt.second_step()

@@ -1,0 +1,123 @@
+"""Lists of tensors shared by the backends: one launch per dtype group, and live lists (the
+gradients of a step, which autograd reallocates) whose addresses a step plan refreshes in its
+launch tables instead of rebuilding them."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+
+def dtype_groups(tensors) -> list[tuple[torch.dtype, list[int]]]:
+    """Indices of `tensors` grouped by dtype, in first-seen order, skipping empty tensors (no work)."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel():
+            groups.setdefault(t.dtype, []).append(i)
+    return list(groups.items())
+
+
+def pick(lst, index):
+    """lst[i] for i in index; a Live list stays live."""
+    return lst.pick(index) if isinstance(lst, Live) else [lst[i] for i in index]
+
+
+class Live(Sequence):
+    """A list of tensors read when used: a step plan binds gradients through it. Its prepared
+    launches take their addresses once and register a refresher (on_refresh) that writes the new
+    addresses into their tables when autograd moved the gradients (the plan's key says when);
+    where it calls the list ops instead (tensors that need staging) they are read on every call.
+    Either way a plan never keeps a step's gradients alive."""
+
+    def item(self, i: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.item(j) for j in range(len(self))[i]]
+        return self.item(i)
+
+    def __iter__(self):
+        return (self.item(i) for i in range(len(self)))
+
+    def pick(self, index) -> "Live":
+        return _Picked(self, list(index))
+
+    def addresses(self) -> torch.Tensor:
+        """The tensors' data pointers now, an int64 CPU tensor (what a refresher writes)."""
+        return torch.tensor([t.data_ptr() for t in self], dtype=torch.int64)
+
+
+class _Picked(Live):
+    def __init__(self, base: Live, index: list):
+        self.base, self.index = base, index
+        self._index = torch.tensor(index, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def item(self, i: int) -> torch.Tensor:
+        return self.base.item(self.index[i])
+
+    def addresses(self) -> torch.Tensor:
+        return self.base.addresses()[self._index]
+
+
+class GradsOf(Live):
+    """The gradients of `params` (reshaped to `shapes`, if given: a view of a contiguous gradient)."""
+
+    def __init__(self, params, shapes=None):
+        self.params = list(params)
+        self.shapes = list(shapes) if shapes is not None else None
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def item(self, i: int) -> torch.Tensor:
+        g = self.params[i].grad
+        return g if self.shapes is None else g.reshape(self.shapes[i])
+
+    def addresses(self) -> torch.Tensor:
+        from . import _ext  # one C loop (a reshaped contiguous gradient has the gradient's address)
+
+        return _ext.grad_addresses(self.params)
+
+
+class Slot(Live):
+    """holder[name][start:start + n], as it is when read (SAMPa's gradients, from autograd.grad)."""
+
+    def __init__(self, holder: dict, name: str, start: int, n: int):
+        self.holder, self.name, self.start, self.n = holder, name, start, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def item(self, i: int) -> torch.Tensor:
+        return self.holder[self.name][self.start + i]
+
+
+# --- refreshers: what a plan's prepared launches register while the plan is built -------------
+
+_collectors: list[list] = []
+
+
+@contextlib.contextmanager
+def collecting():
+    """Collect the refreshers registered (on_refresh) while a plan is built."""
+    refreshers: list = []
+    _collectors.append(refreshers)
+    try:
+        yield refreshers
+    finally:
+        _collectors.pop()
+
+
+def on_refresh(fn) -> None:
+    """Register fn() to run when the live lists of the plan being built have moved."""
+    if _collectors:
+        _collectors[-1].append(fn)
+
+
+def any_live(lists) -> bool:
+    return any(isinstance(lst, Live) for lst in lists)
