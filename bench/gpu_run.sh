@@ -2,17 +2,20 @@
 # Everything a lent GPU machine (device tool) is for, in one call: build the extension with the
 # CUDA kernels, run the whole test suite on the GPU, run both benchmarks; results under $OUT.
 #   device run: bash bench/gpu_run.sh [STAGE ...]     (carry: .whl .gpu-cache)
-# Stages, in the order given (default: build tests bench memory pytest-bench):
+# Stages, in the order given (default: build nosync probe tests bench memory):
 #   build         compile sam_kernels._C (CUDA kernels for sm_90); reuses .gpu-cache/_C.so.gz when
 #                 it was built from the same csrc/ + setup.py (the device keeps nothing between calls:
 #                 copy $OUT/_C.so.gz and $OUT/triton-cache.tgz to .gpu-cache/ and carry it)
+#   nosync        the no-host-read tests of every optimizer and the guard's, on the GPU (seconds)
 #   tests         python_tests on the GPU (pytest-xdist workers)
-#   probe         the kernel benchmarks only, on the GPU-sized parameter sets
+#   probe         the kernel and step benchmarks only: ViT-B shapes, the flat 134M tensor, and host_152
+#                 (ViT-B's 152 tensors at 256 elements: the host's time per step), both GPU backends
 #   bench         python -m sam_kernels.bench (kernels, peers, training steps) with JSON/markdown/plot
 #   memory        python -m sam_kernels.memory with JSON/plot
 #   pytest-bench  pytest bench --benchmark-only
 # Each stage is capped so that the whole call ends within BUDGET_S (default 560 s) and what ran
-# comes back. The image has torch (CUDA), triton, ninja, pytest(-xdist), hypothesis,
+# comes back. With 15 device minutes a session, one call of the default stages (~9 minutes, the
+# build included) is the plan; `build nosync probe` alone takes ~5. The image has torch (CUDA), triton, ninja, pytest(-xdist), hypothesis,
 # pytest-benchmark, matplotlib; pytorch_optimizer travels as a wheel in .whl (see the device README).
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu-run}
@@ -20,7 +23,7 @@ BUDGET_S=${BUDGET_S:-560}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build tests bench memory pytest-bench)
+[ ${#stages[@]} -eq 0 ] && stages=(build nosync probe tests bench memory)
 
 left() { echo $((BUDGET_S - SECONDS)); }
 capped() {  # capped SECONDS CMD...: run CMD for at most SECONDS, or what is left of the budget
@@ -58,6 +61,14 @@ for stage in "${stages[@]}"; do
       python3 -c "import sam_kernels; print('backends on cuda:', sam_kernels.backends.available('cuda'))" \
         | tee -a "$OUT/gpu.txt"
       ;;
+    nosync)
+      # the steps of every optimizer on the GPU under torch.cuda.set_sync_debug_mode("error") and
+      # the dispatch mode that fails on host reads (python_tests/test_no_sync.py), first: it is what
+      # issue 12 is about and it takes seconds
+      capped 120 python3 -m pytest python_tests/test_no_sync.py python_tests/test_guard.py -q -p no:cacheprovider \
+        -k cuda -rfEs > "$OUT/nosync.log" 2>&1
+      echo "nosync exit $?"; tail -5 "$OUT/nosync.log"
+      ;;
     tests)
       # 8 workers of 2 threads each: 16 workers with a 16-thread pool each oversubscribe the CPUs
       # and the CPU-side tests crawl. PYTEST_ARGS narrows the run (e.g. -k cuda).
@@ -66,7 +77,7 @@ for stage in "${stages[@]}"; do
       echo "tests exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40; tail -3 "$OUT/tests.log"
       ;;
     probe)
-      capped 150 python3 -m sam_kernels.bench --sets vit_b,flat_128m --models "" --compiled no \
+      capped 150 python3 -m sam_kernels.bench --sets vit_b,flat_128m,host_152 --models "" --compiled no \
         --json "$OUT/probe-$dev-$stamp.json" 2>"$OUT/probe.err" | tail -60
       ;;
     bench)

@@ -133,6 +133,11 @@ TORCH_LIBRARY(sam_kernels, m) {
   m.def(
       "power_iteration_(Tensor[] mats, Tensor(a!)[] us, Tensor(b!)[] vs, Tensor(c!) sigmas, int iters, "
       "float tau) -> ()");
+  // nuSAM's scales (fp32 vectors of k): scales_i = every sigma finite ? (normalized_i != 0 ?
+  // rho_i sigma_i / (sqrt(sum of the normalized sigma_j^2) + 1e-12) : rho_i) : 0; prior = sum of
+  // the sigmas (not finite iff one is not).
+  m.def(
+      "rank1_scales_(Tensor sigmas, Tensor rho, Tensor normalized, Tensor(a!) scales, Tensor(b!) prior) -> ()");
   // M_i <- M_i + scales[i] * u_i v_i^T (scales: fp32 on the device; 0 leaves M_i untouched).
   m.def("rank1_update_(Tensor(a!)[] mats, Tensor[] us, Tensor[] vs, Tensor scales) -> ()");
   // M <- M - s u v^T, then the SGD / Adam step of restore_sgd_ / restore_adam_, in one pass.

@@ -24,12 +24,13 @@ KERNELS = {
 SCALAR_KERNELS = {
     "finalize": norm._finalize_kernel, "guard": norm._guard_kernel,
     "gemv_t": power_iteration._gemv_t_kernel, "gemv": power_iteration._gemv_kernel,
+    "finish": power_iteration._finish_kernel, "scales": power_iteration._scales_kernel,
 }
-INTS = ("n_tensors", "part0", "n", "n_prior", "n_steps")
+INTS = ("n_tensors", "part0", "n", "n_prior", "n_steps", "k")
 FP32 = ("rho", "offset", "scalar", "lr", "momentum", "one_minus_dampening", "weight_decay", "lam", "beta1_weight",
         "beta2", "one_minus_beta2", "eps", "decay_factor", "max_norm", "tau")
 CONSTS = {"CT": tl.float32, "BLOCK": 4096, "EPS": 1e-12, "U_LIST": 6, "MOMENTUM": True, "HAS_FOUND": True,
-          "SCALED": True, "MODE": 0, "BR": 16, "BC": 256}
+          "SCALED": True, "MODE": 0, "BR": 16, "BC": 256, "SEG": 128, "WARM": False}
 
 
 def instructions(fn, dtype, vec, block=4096):
@@ -43,9 +44,9 @@ def instructions(fn, dtype, vec, block=4096):
         elif p.name in FP32:
             sig[p.name] = "fp32"
         elif p.name in ("ptrs", "numels", "blk_start", "ncols", "index", "g_ptrs", "u_ptrs", "v_ptrs", "ns", "ms",
-                        "it_c", "it_r"):
+                        "it_c", "it_r", "it_s", "pt_start", "pt_count", "pr_start", "pr_count", "sigma_index"):
             sig[p.name] = "*i64"
-        elif p.name in ("blk_tensor", "it_t"):
+        elif p.name in ("blk_tensor", "it_t", "it_dim"):
             sig[p.name] = "*i32"
         else:  # the fp32 device scalars and vectors: norms, flags, partials, scales, steps
             sig[p.name] = "*fp32"
@@ -62,4 +63,6 @@ if __name__ == "__main__":
     out["perturb-fp32-vec1"] = instructions(perturb._perturb_kernel, tl.float32, 1)
     for name, fn in SCALAR_KERNELS.items():
         out[name] = instructions(fn, tl.float32, 1, block=128)
+    for name in ("gemv_t", "gemv"):  # the matrices with 16-byte rows
+        out[f"{name}-fp32-vec4"] = instructions(SCALAR_KERNELS[name], tl.float32, 4, block=128)
     print(json.dumps(out))

@@ -54,7 +54,10 @@ def test_bench_cli_quick_records(tmp_path):
             "power_iteration", "nusam_step", "sampa_step", "sampa_step_adamw"} <= {r["op"] for r in rows}
     assert {r["backend"] for r in rows} >= {"cpu", "torch", "loop", "peer_sam", "compiled", "torch_foreach",
                                             "torch_fused"}
-    assert {r["params"] for r in rows} == {"vit_s", "flat_16m"}
+    assert {r["params"] for r in rows} == {"vit_s", "flat_16m", "host_152"}
+    host = [r for r in rows if r["params"] == "host_152"]
+    assert host and all(r["metric"] == "host" for r in host)  # the host's time per step
+    assert {r["backend"] for r in host if r["op"] == "sam_step"} >= {"cpu", "foreach", "loop"}
     for r in rows:
         for key in ("op", "backend", "device", "dtype", "numel", "tensors", "median_ms", "gbps", "frac_of_copy"):
             assert key in r, key
@@ -63,6 +66,8 @@ def test_bench_cli_quick_records(tmp_path):
             assert (r["numel"], r["tensors"]) == (16 * 2 ** 20, 1)
         elif r["op"] == "power_iteration":  # the matrices only
             assert r["tensors"] == 49 and r["numel"] < 22_050_664
+        elif r["params"] == "host_152":  # 152 tensors of 256 elements
+            assert (r["numel"], r["tensors"]) == (152 * 256, 152)
         else:
             assert (r["numel"], r["tensors"]) == (22_050_664, 152)
         # (0, 1.3] holds on a GPU (checked on the committed results in test_results_files.py); a

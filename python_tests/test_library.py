@@ -23,8 +23,10 @@ def test_ops_are_registered_with_mutation_annotations():
 def test_auto_backend_per_device():
     assert backends.resolve("auto", torch.device("cpu")) == "cpu"
     assert backends.resolve("torch", torch.device("cpu")) == "torch"
-    if torch.cuda.is_available():
-        assert backends.resolve("auto", torch.device("cuda")) == "triton"
+    if torch.cuda.is_available():  # CUDA C++ where the extension has the kernel, Triton for nuSAM's
+        cuda = "cuda" if _ext.has_kernel("perturb_", "CUDA") else "triton"
+        assert backends.resolve("auto", torch.device("cuda")) == cuda
+        assert backends.resolve("auto", torch.device("cuda"), "power_iteration_") == "triton"
 
 
 def test_explicit_unavailable_backend_says_why():

@@ -3,6 +3,7 @@ torch.linalg.svd, the rank-1 oracle, the layer scaling of nuSAM-Norm, what is (n
 restore drift, parity with an exact-SVD reference and across backends, Figure 1 of the paper,
 memory, resume and failures."""
 import io
+import math
 
 import pytest
 import torch
@@ -69,6 +70,55 @@ def test_power_iteration_matches_reference_per_step_and_warm_start(backend, devi
     ops.power_iteration_([m], u, v, sig, iters=1, backend=backend)
     assert abs(float(v[0].double().cpu() @ Vh[0])) == pytest.approx(1, abs=1e-6)
     assert float(sig[0]) == pytest.approx(float(S[0]), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_prepared_power_iteration_starts_from_the_warm_vectors_and_keeps_them(backend, device):
+    """The step plans' form: the warm starts read, never written (a skipped step keeps them), u into
+    separate candidates; the same as the list op from a copy of the warm starts; tables reused when
+    called again on new values at the same addresses."""
+    mats = [torch.randn(n, m, device=device) for n, m in SHAPES + [(64, 128)]]
+    g = torch.Generator().manual_seed(3)
+    warm = [torch.nn.functional.normalize(torch.randn(m.shape[0], generator=g), dim=0).to(device) for m in mats]
+    warm0 = [w.clone() for w in warm]
+    cands, vs = [poison(torch.empty_like(w)) for w in warm], [poison(torch.empty(m.shape[1], device=device)) for m in mats]
+    sig = poison(torch.empty(len(mats), device=device))
+    run = ops.prepare("power_iteration_", backend, torch.device(device), mats=mats, us=cands, vs=vs, warm=warm)
+    for _ in range(2):
+        for m in mats:
+            m.normal_()
+        run(sig, 2, 1e-12)
+        us_ref, vs_ref = [w.clone() for w in warm], [torch.empty_like(v) for v in vs]
+        sig_ref = torch.empty_like(sig)
+        ops.power_iteration_(mats, us_ref, vs_ref, sig_ref, iters=2, backend="torch")
+        for a, r in zip(cands + vs + [sig], us_ref + vs_ref + [sig_ref]):
+            torch.testing.assert_close(a.cpu(), r.cpu(), rtol=1e-4, atol=1e-6)
+        assert all(torch.equal(w, w0) for w, w0 in zip(warm, warm0))
+
+
+@pytest.mark.parametrize("backend,device", NUSAM_BACKENDS)
+@pytest.mark.parametrize("case", ["plain", "normalized", "mixed", "nan", "inf", "empty"])
+def test_rank1_scales(backend, device, case):
+    """s_i = rho_i, or rho_i sigma_i / sqrt(sum of the normalized sigma_j^2) (nuSAM-Norm), all 0 when a
+    sigma is not finite; prior = sum of the sigmas. Against float64 values computed here."""
+    k = 0 if case == "empty" else 7
+    sigmas = torch.rand(k, dtype=torch.float64) * 3
+    if case == "nan":
+        sigmas[3] = float("nan")
+    if case == "inf":
+        sigmas[0] = float("inf")
+    rho = torch.linspace(0.05, 0.4, k, dtype=torch.float64)
+    normed = torch.tensor([{"plain": 0, "normalized": 1}.get(case, i % 2) for i in range(k)], dtype=torch.float64)
+    c = math.sqrt(float((sigmas[normed != 0] ** 2).sum())) if k else 0.0
+    want = torch.where(normed != 0, rho * sigmas / (c + 1e-12), rho)
+    if not torch.isfinite(sigmas).all():
+        want = torch.zeros_like(want)
+    scales, prior = poison(torch.empty(k, device=device)), poison(torch.empty(1, device=device))
+    ops.rank1_scales_(sigmas.float().to(device), rho.float().to(device), normed.float().to(device), scales,
+                      prior[0], backend=backend)
+    torch.testing.assert_close(scales.cpu().double(), want, rtol=1e-5, atol=0)
+    total = float(sigmas.sum())
+    assert (prior.item() == pytest.approx(total, rel=1e-5)) if math.isfinite(total) else not math.isfinite(prior.item())
 
 
 @pytest.mark.parametrize("backend,device", NUSAM_KERNEL_BACKENDS)

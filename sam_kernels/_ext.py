@@ -84,6 +84,7 @@ if _LOADED:
         return None
 
     for _op in ("check_grads_", "perturb_", "restore_", "restore_sgd_", "restore_adam_", "power_iteration_",
+                "rank1_scales_",
                 "rank1_update_", "rank1_restore_sgd_", "rank1_restore_adam_", "sampa_preview_sgd_",
                 "sampa_preview_adam_", "sampa_update_sgd_", "sampa_update_adam_"):
         torch.library.register_fake(f"sam_kernels::{_op}")(_mutating_fake)

@@ -1,8 +1,13 @@
 """Which implementation of the primitives runs, and why another cannot.
 
-"triton" (default on CUDA tensors; on CPU tensors only with TRITON_INTERPRET=1), "cuda" (the
-CUDA C++ kernels of the extension), "cpu" (its C++ CPU kernels, default on CPU tensors),
-"torch" (pure-torch reference, works everywhere), "auto" (the best available for the device).
+"cuda" (the CUDA C++ kernels of the extension: the default on CUDA tensors where it has the
+primitive), "triton" (on CUDA tensors: the default for the others, nuSAM's, and everything when
+the extension was built without CUDA; on CPU tensors only with TRITON_INTERPRET=1), "cpu" (the
+extension's C++ CPU kernels, default on CPU tensors), "torch" (pure-torch reference, works
+everywhere), "auto" (the best available for the device and primitive). Why CUDA C++ first: the
+kernels of both stream alike (within 3 points of copy on the H100), and a step is host-bound on
+real models: a prepared C++ launch (torch.ops.sam_kernels._launch) costs the host a dispatcher
+call, a Triton launch its Python launcher (bench/NOTES.md, issue 12).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ def triton_interpret() -> bool:
 
 
 # Primitives without a CUDA C++ kernel (Triton is their GPU path).
-NO_CUDA_KERNEL = ("power_iteration_", "rank1_update_", "rank1_restore_sgd_", "rank1_restore_adam_")
+NO_CUDA_KERNEL = ("power_iteration_", "rank1_scales_", "rank1_update_", "rank1_restore_sgd_", "rank1_restore_adam_")
 
 
 def why_unavailable(backend: str, device: torch.device, op: str | None = None) -> str | None:
@@ -69,7 +74,7 @@ def resolve(backend: str, device: torch.device, op: str | None = None) -> str:
     """The concrete backend for (primitive `op` on) tensors on `device`; raises if an explicit one cannot run."""
     check_name(backend)
     if backend == "auto":
-        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+        order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         return next(b for b in order if why_unavailable(b, device, op) is None)
     reason = why_unavailable(backend, device, op)
     if reason is not None:

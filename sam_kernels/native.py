@@ -58,6 +58,10 @@ def rank1_update_(mats, us, vs, scales):
     _ops().rank1_update_(mats, us, vs, scales)
 
 
+def rank1_scales_(sigmas, rho, normalized, scales, prior):
+    _ops().rank1_scales_(sigmas, rho, normalized, scales, prior)
+
+
 def rank1_restore_sgd_(params, us, vs, scales, grads, bufs, lr, momentum, dampening, nesterov, weight_decay,
                        maximize, init_bufs, grad_scale=None, found_inf=None):
     _ops().rank1_restore_sgd_(params, us, vs, scales, grads, bufs or [], float(lr), float(momentum), float(dampening),
@@ -242,6 +246,18 @@ def prepare_sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, ex
         bound([float(rho), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay)],
               [bool(decoupled), bool(amsgrad), bool(maximize)], [norm])
     return run
+
+
+def prepare_power_iteration_(mats, us, vs, warm=None):
+    """run(sigmas, iters, tau) from the warm start `warm` (default: us) into us, vs (CPU kernel:
+    csrc/cpu/power_iteration.cpp; matrices with no element are not touched)."""
+    bound = _Bound("power_iteration_", [mats, us, vs, warm if warm is not None else us],
+                   [[m.shape[0] for m in mats], [m.shape[1] for m in mats], list(range(len(mats)))])
+    return lambda sigmas, iters, tau: bound([float(tau)], [int(iters)], [sigmas])
+
+
+def prepare_rank1_scales_():
+    return _ops().rank1_scales_
 
 
 def prepare_rank1_update_(mats, us, vs):

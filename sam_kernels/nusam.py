@@ -27,7 +27,6 @@ from .fused_update import prepare_update
 from .pipeline import NormStage
 
 CONV = ("skip", "reshape")
-NORM_EPS = 1e-12  # nuSAM-Norm's guard of sqrt(sum_j sigma_j^2)
 
 
 def _device_vector(values, device) -> torch.Tensor:
@@ -59,22 +58,32 @@ class NuSamPlan:
         self.vs = [opt._buffer(p, "v", m.shape[1]) for p, m in zip(self.params, self.mats)]
         k = len(self.params)
         self.sigmas = torch.zeros(k, dtype=torch.float32, device=device)
-        self._zero = torch.zeros((), dtype=torch.float32, device=device)
         self.scales = torch.zeros(k, dtype=torch.float32, device=device)
         self.neg_scales = torch.zeros(k, dtype=torch.float32, device=device)
         self.groups = [g for _, g in chosen]
-        self.normed = _device_vector([float(g["normalized"]) for g in self.groups], device) != 0
-        self.any_normed = any(g["normalized"] for g in self.groups)
+        self.normed = _device_vector([float(g["normalized"]) for g in self.groups], device)
         self._rho_key, self.rho = None, None
         self.prior = torch.zeros(2, dtype=torch.float32, device=device)
         self.check = (NormStage(opt._backend(device, "global_norm"), device, [(GradsOf(others), None, 0, 0.0)])
                       if others else None)
         self.backend = opt._backend(device, "rank1_update_") if k else None
         if k:
-            self._copy = ops.bind("restore_", self.backend, device, {"params": self.cands, "olds": self.us})
+            staged = not ops.stageable({"mats": self.grads}, aligned=self.backend == "triton")
+            # the power iteration from the warm starts into the candidates (a skipped step keeps the warm start)
+            self._power = (ops.prepare("power_iteration_", self.backend, device, mats=self.grads, us=self.cands,
+                                       vs=self.vs, warm=self.us) if not staged else self._staged_power)
+            self._scales = ops.prepare("rank1_scales_", self._backend_of("rank1_scales_"), device)
             self._commit = ops.bind("restore_", self.backend, device, {"params": self.us, "olds": self.cands})
             self._rank1 = ops.bind("rank1_update_", self.backend, device,
                                    {"mats": self.mats, "us": self.cands, "vs": self.vs})
+
+    def _backend_of(self, op):
+        return self.opt._backend(self.device, op)
+
+    def _staged_power(self, sigmas, iters, tau):
+        """The list op (which stages gradients it cannot take as they are), from a copy of the warm starts."""
+        torch._foreach_copy_(self.cands, self.us)
+        ops.power_iteration_(list(self.grads), self.cands, self.vs, sigmas, iters, tau, backend=self.backend)
 
     def _rhos(self) -> torch.Tensor:
         """rho per matrix on the device, sent again only when a group's rho changed."""
@@ -87,22 +96,13 @@ class NuSamPlan:
         if self.check is not None:
             self.check.norm(self.prior[1])
         if self.params:
-            self._copy()  # power iteration from a candidate: a skipped step keeps the warm start
-            ops.power_iteration_(self.grads, self.cands, self.vs, self.sigmas, self.opt.power_iters, self.opt.tau,
-                                 backend=self.opt.backend)
-            self.prior[0] = self.sigmas.sum()
+            self._power(self.sigmas, self.opt.power_iters, self.opt.tau)
+            # s_i (nuSAM-Norm's too; all 0 if a sigma is not finite: no perturbation), prior[0] = sum of sigmas
+            self._scales(self.sigmas, self._rhos(), self.normed, self.scales, self.prior[0])
         if raise_nonfinite and not bool(torch.isfinite(self.prior).all()):  # raise mode: a synchronization
             raise FloatingPointError("NuSAM.first_step: NaN or inf in a gradient")
-        if not self.params:
-            self.active = True
-            return
-        rho = self._rhos()
-        if self.any_normed:  # nuSAM-Norm: s_i = rho sigma_i / sqrt(sum_j sigma_j^2) over the normalized matrices
-            c = torch.linalg.vector_norm(torch.where(self.normed, self.sigmas, 0.0))
-            rho = torch.where(self.normed, rho * self.sigmas / (c + NORM_EPS), rho)
-        # a non-finite sigma: no perturbation at all (a zero scale leaves M untouched)
-        torch.where(torch.isfinite(self.sigmas).all(), rho, self._zero, out=self.scales)
-        self._rank1(scales=self.scales)
+        if self.params:
+            self._rank1(scales=self.scales)
         self.active = True
 
     def old_of(self, p):

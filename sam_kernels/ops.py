@@ -22,6 +22,7 @@ with its step count for this update (the bias corrections are computed from it o
 
 nuSAM (rank-1 perturbations of weight matrices; us / vs fp32 vectors, scales an fp32 device vector):
     power_iteration_(mats, us, vs, sigmas, iters, tau)   warm-started top singular pairs of every matrix
+    rank1_scales_(sigmas, rho, normalized, scales, prior) the scales of the rank-1 terms (nuSAM-Norm too)
     rank1_update_(mats, us, vs, scales)                  M_i <- M_i + s_i u_i v_i^T
     rank1_restore_sgd_ / rank1_restore_adam_             M <- M - s u v^T, then the fused base step
 
@@ -391,6 +392,17 @@ def power_iteration_(mats, us, vs, sigmas, iters: int = 1, tau: float = 1e-12, *
     mats, us, vs = _rank1_lists("power_iteration_", mats, us, vs)
     _run("power_iteration_", backend, {"mats": mats, "us": us, "vs": vs}, ("us", "vs"),
          {"sigmas": sigmas, "iters": int(iters), "tau": float(tau)})
+
+
+@torch.no_grad()
+def rank1_scales_(sigmas, rho, normalized, scales, prior, *, backend: str = "auto") -> None:
+    """nuSAM's per-matrix scales (fp32 device vectors of k): scales_i = 0 for every i if a sigma is
+    not finite (no perturbation at all), else rho_i sigma_i / (sqrt(sum_j sigma_j^2 over the
+    matrices with normalized_j != 0) + 1e-12) where normalized_i != 0 (nuSAM-Norm), rho_i
+    elsewhere; prior (one value) <- sum of the sigmas (not finite iff one is not)."""
+    device = sigmas.device
+    name = backends.resolve(backend, device, "rank1_scales_")
+    _impl(name).rank1_scales_(sigmas, rho, normalized, scales, prior)
 
 
 @torch.no_grad()

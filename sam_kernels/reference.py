@@ -277,6 +277,16 @@ def power_iteration_(mats, us, vs, sigmas, iters, tau):
         sigmas[i] = sigma
 
 
+def rank1_scales_(sigmas, rho, normalized, scales, prior):
+    """nuSAM's scales: every sigma finite ? (normalized ? rho sigma / (sqrt(sum of the normalized
+    sigma^2) + 1e-12) : rho) : 0; prior = sum of the sigmas (not finite iff one is not)."""
+    normed = normalized != 0
+    c = torch.linalg.vector_norm(torch.where(normed, sigmas, 0.0))
+    scale = torch.where(normed, rho * sigmas / (c + 1e-12), rho)
+    scales.copy_(torch.where(torch.isfinite(sigmas).all(), scale, torch.zeros_like(scale)))
+    prior.copy_(sigmas.sum().reshape(prior.shape))
+
+
 def _rank1_term(m, u, v, s):
     """(s * u_r) * v_c in fp32, the order every backend uses."""
     return torch.outer(s * u, v)
@@ -390,3 +400,16 @@ def prepare_sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, ex
 
 def prepare_rank1_update_(mats, us, vs):
     return _bind(rank1_update_, mats=mats, us=us, vs=vs)
+
+
+def prepare_power_iteration_(mats, us, vs, warm=None):
+    """run(sigmas, iters, tau) from the warm start `warm` (default: us) into us, vs."""
+    def run(sigmas, iters, tau):
+        if warm is not None:
+            torch._foreach_copy_(us, list(warm))
+        torch.no_grad()(power_iteration_)(list(mats), us, vs, sigmas, iters, tau)
+    return run
+
+
+def prepare_rank1_scales_():
+    return torch.no_grad()(rank1_scales_)

@@ -23,10 +23,19 @@ struct Item {
 // Row blocks of about kItemElems elements per matrix.
 constexpr int64_t kItemElems = 1 << 16;
 
-std::vector<Item> row_blocks(at::TensorList mats) {
+// One matrix of the power iteration: G (n x m, of the launch's dtype), the warm start, u and v.
+struct Mat {
+  const void* g;
+  const float* warm;
+  float* u;
+  float* v;
+  int64_t n, m, sigma;
+};
+
+std::vector<Item> row_blocks(const std::vector<Mat>& mats) {
   std::vector<Item> items;
   for (size_t i = 0; i < mats.size(); ++i) {
-    const int64_t n = mats[i].size(0), m = std::max<int64_t>(mats[i].size(1), 1);
+    const int64_t n = mats[i].n, m = std::max<int64_t>(mats[i].m, 1);
     const int64_t rows = std::max<int64_t>(1, kItemElems / m);
     for (int64_t b = 0; b < n; b += rows) items.push_back({static_cast<int64_t>(i), b, std::min(n, b + rows)});
   }
@@ -63,23 +72,16 @@ float norm2(const float* x, int64_t n) {
   return static_cast<float>(std::sqrt(acc));
 }
 
-}  // namespace
-
-void power_iteration_(
-    at::TensorList mats, at::TensorList us, at::TensorList vs, const at::Tensor& sigmas, int64_t iters,
-    double tau) {
-  if (mats.empty()) return;
-  TORCH_CHECK(iters >= 1, "power_iteration_: iters must be >= 1, got ", iters);
-  check_rank1_args("power_iteration_", at::kCPU, mats, us, vs, sigmas);
+// The whole power iteration over `mats` (one dtype), from the warm starts into u and v.
+void power_iteration(const std::vector<Mat>& mats, at::ScalarType dtype, float* sigma, int64_t iters, double tau) {
   const int64_t k = static_cast<int64_t>(mats.size());
-  float* sigma = sigmas.data_ptr<float>();
   std::vector<float> u_scale(k, 1.f), v_scale(k);
   // v_i and u_i hold the raw products between half-steps; the scales normalize them lazily.
   const auto items = row_blocks(mats);
   std::vector<int64_t> part_at(items.size() + 1, 0);  // each item's private m-vector in `partials`
   std::vector<int64_t> first_item(k + 1, 0);
   for (size_t w = 0; w < items.size(); ++w) {
-    part_at[w + 1] = part_at[w] + mats[items[w].mat].size(1);
+    part_at[w + 1] = part_at[w] + mats[items[w].mat].m;
     first_item[items[w].mat + 1] = static_cast<int64_t>(w) + 1;
   }
   for (int64_t i = 0; i < k; ++i) first_item[i + 1] = std::max(first_item[i + 1], first_item[i]);
@@ -88,17 +90,17 @@ void power_iteration_(
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t w = lo; w < hi; ++w) {
         const Item& it = items[w];
-        const auto& g = mats[it.mat];
-        SAM_DISPATCH_FLOATING(g.scalar_type(), "power_iteration_", [&] {
-          gemv_t_rows(g.const_data_ptr<scalar_t>(), g.size(1), us[it.mat].const_data_ptr<float>(), u_scale[it.mat],
+        const Mat& mt = mats[it.mat];
+        SAM_DISPATCH_FLOATING(dtype, "power_iteration_", [&] {
+          gemv_t_rows(static_cast<const scalar_t*>(mt.g), mt.m, t == 0 ? mt.warm : mt.u, u_scale[it.mat],
                       partials.data() + part_at[w], it.begin, it.end);
         });
       }
     });
     at::parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {  // v_i = the partials of matrix i, in item order
       for (int64_t i = lo; i < hi; ++i) {
-        float* v = vs[i].data_ptr<float>();
-        const int64_t m = vs[i].numel();
+        float* v = mats[i].v;
+        const int64_t m = mats[i].m;
         for (int64_t c = 0; c < m; ++c) v[c] = 0.f;
         for (int64_t w = first_item[i]; w < first_item[i + 1]; ++w) {
           const float* part = partials.data() + part_at[w];
@@ -107,31 +109,99 @@ void power_iteration_(
         }
       }
     });
-    for (int64_t i = 0; i < k; ++i) v_scale[i] = 1.f / (norm2(vs[i].const_data_ptr<float>(), vs[i].numel()) + tau);
+    for (int64_t i = 0; i < k; ++i) v_scale[i] = 1.f / (norm2(mats[i].v, mats[i].m) + tau);
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t w = lo; w < hi; ++w) {
         const Item& it = items[w];
-        const auto& g = mats[it.mat];
-        SAM_DISPATCH_FLOATING(g.scalar_type(), "power_iteration_", [&] {
-          gemv_block(g.const_data_ptr<scalar_t>(), g.size(1), vs[it.mat].const_data_ptr<float>(), v_scale[it.mat],
-                     us[it.mat].data_ptr<float>(), it.begin, it.end);
+        const Mat& mt = mats[it.mat];
+        SAM_DISPATCH_FLOATING(dtype, "power_iteration_", [&] {
+          gemv_block(static_cast<const scalar_t*>(mt.g), mt.m, mt.v, v_scale[it.mat], mt.u, it.begin, it.end);
         });
       }
     });
     for (int64_t i = 0; i < k; ++i) {
-      sigma[i] = norm2(us[i].const_data_ptr<float>(), us[i].numel());
-      u_scale[i] = 1.f / (sigma[i] + static_cast<float>(tau));
+      sigma[mats[i].sigma] = norm2(mats[i].u, mats[i].n);
+      u_scale[i] = 1.f / (sigma[mats[i].sigma] + static_cast<float>(tau));
     }
   }
-  // the returned vectors are normalized
+  // the returned vectors are normalized (plain loops: an ATen call per vector costs more than the work)
   for (int64_t i = 0; i < k; ++i) {
-    us[i].mul_(u_scale[i]);
-    vs[i].mul_(v_scale[i]);
+    for (int64_t r = 0; r < mats[i].n; ++r) mats[i].u[r] *= u_scale[i];
+    for (int64_t c = 0; c < mats[i].m; ++c) mats[i].v[c] *= v_scale[i];
   }
+}
+
+// lists G, u, v, warm; values [rows, cols, index of its sigma]; scalars [tau]; options [iters]; args [sigmas]
+void power_iteration_runner(const Launch& l) {
+  const TableView& t = l.table;
+  std::vector<Mat> mats;
+  for (int64_t i = 0; i < t.n_tensors; ++i) {
+    mats.push_back(Mat{t.ptr<const void>(0, i), t.ptr<const float>(3, i), t.ptr<float>(1, i), t.ptr<float>(2, i),
+                       t.value(0, i), t.value(1, i), t.value(2, i)});
+  }
+  TORCH_CHECK(l.options.at(0) >= 1, "power_iteration_: iters must be >= 1, got ", l.options.at(0));
+  power_iteration(mats, l.dtype, l.f32(0), l.options.at(0), l.s(0));
+}
+
+SAM_RUNNER("power_iteration_", c10::DeviceType::CPU, power_iteration_runner);
+
+}  // namespace
+
+void power_iteration_(
+    at::TensorList mats, at::TensorList us, at::TensorList vs, const at::Tensor& sigmas, int64_t iters,
+    double tau) {
+  if (mats.empty()) return;
+  check_rank1_args("power_iteration_", at::kCPU, mats, us, vs, sigmas);
+  std::vector<std::vector<int64_t>> values(3);
+  for (size_t i = 0; i < mats.size(); ++i) {
+    values[0].push_back(mats[i].size(0));
+    values[1].push_back(mats[i].size(1));
+    values[2].push_back(static_cast<int64_t>(i));
+  }
+  // empty matrices too: their product is zeros (so is sigma); dtype groups skip numel-0 tensors
+  for (size_t i = 0; i < mats.size(); ++i) {
+    if (mats[i].numel() == 0) {
+      us[i].zero_();
+      vs[i].zero_();
+      sigmas[static_cast<int64_t>(i)].zero_();
+    }
+  }
+  run_lists("power_iteration_", "power_iteration_", at::kCPU,
+            {{"mats", mats}, {"us", us, ListKind::kVectors}, {"vs", vs, ListKind::kVectors},
+             {"warm", us, ListKind::kVectors}},
+            values, {tau}, {iters}, {sigmas});
+}
+
+// rank1_scales_: nuSAM's per-matrix scales from the sigmas (see sam_kernels/ops.py), and prior =
+// sum of the sigmas (not finite iff one is not: the first gradient's check).
+void rank1_scales_(const at::Tensor& sigmas, const at::Tensor& rho, const at::Tensor& normalized, const at::Tensor& scales,
+                   const at::Tensor& prior) {
+  const int64_t k = sigmas.numel();
+  for (const auto* t : {&sigmas, &rho, &normalized, &scales}) {
+    TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == k,
+                "rank1_scales_: sigmas, rho, normalized, scales must be contiguous float32 vectors of ", k, " values");
+  }
+  TORCH_CHECK(prior.is_cpu() && prior.scalar_type() == at::kFloat && prior.numel() == 1,
+              "rank1_scales_: prior must be one float32 value");
+  const float* s = sigmas.const_data_ptr<float>();
+  const float* r = rho.const_data_ptr<float>();
+  const float* nm = normalized.const_data_ptr<float>();
+  float* out = scales.data_ptr<float>();
+  bool finite = true;
+  double sq = 0.0, total = 0.0;
+  for (int64_t i = 0; i < k; ++i) {
+    finite = finite && std::isfinite(s[i]);
+    if (nm[i] != 0.f) sq += static_cast<double>(s[i]) * s[i];
+    total += s[i];
+  }
+  const float c = static_cast<float>(std::sqrt(sq));
+  for (int64_t i = 0; i < k; ++i) out[i] = finite ? (nm[i] != 0.f ? r[i] * s[i] / (c + 1e-12f) : r[i]) : 0.f;
+  *prior.data_ptr<float>() = static_cast<float>(total);
 }
 
 }  // namespace sam_kernels::cpu
 
 TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
   m.impl("power_iteration_", &sam_kernels::cpu::power_iteration_);
+  m.impl("rank1_scales_", &sam_kernels::cpu::rank1_scales_);
 }
