@@ -135,6 +135,7 @@ class Plans:
 
     def __init__(self):
         self._plans: dict[str, list] = {}
+        self.builds = self.refreshes = 0  # counted for the tests and the benchmarks
 
     def get(self, kind: str, key: tuple, build):
         structure, addresses = key
@@ -144,10 +145,12 @@ class Plans:
                 for refresh in cached[3]:
                     refresh()
                 cached[1] = addresses
+                self.refreshes += 1
             return cached[2]
         with collecting() as refreshers:
             plan = build()
         self._plans[kind] = [structure, addresses, plan, refreshers]
+        self.builds += 1
         return plan
 
     def plan(self, kind: str):
