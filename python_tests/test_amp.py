@@ -83,7 +83,8 @@ def test_inf_in_either_pass_skips_restores_and_backs_off(backend, device, which)
     scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 10)
     data = batches(3, device=device)
     scaled_step(model, opt, scaler, data[0])
-    before, state = flat(model), [b.clone() for b in (opt.base_optimizer.state[p]["momentum_buffer"] for p in model.parameters())]
+    buffers = (opt.base_optimizer.state[p]["momentum_buffer"] for p in model.parameters())
+    before, state = flat(model), [b.clone() for b in buffers]
     scaled_step(model, opt, scaler, data[1], poison=which)
     assert torch.equal(flat(model), before)  # restored bit for bit, nothing applied
     for p, b in zip(model.parameters(), state):

@@ -149,7 +149,8 @@ def test_updates_obey_found_inf(backend, device, op, found, dtype):
             ref_x = [t.clone() for t in olds]
         elif op.startswith("rank1"):
             ref_x = [t.clone() for t in x]
-            ops.rank1_update_([t.reshape(-1, 1) for t in ref_x], [torch.linspace(-1, 1, n, device=device) for n in sizes],
+            ops.rank1_update_([t.reshape(-1, 1) for t in ref_x],
+                              [torch.linspace(-1, 1, n, device=device) for n in sizes],
                               [torch.ones(1, device=device) for _ in sizes], torch.full((3,), -0.25, device=device),
                               backend="torch")
         _run(op, backend, device, x, olds, g, g2, st, sizes, flag, scale)

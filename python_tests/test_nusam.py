@@ -81,7 +81,8 @@ def test_prepared_power_iteration_starts_from_the_warm_vectors_and_keeps_them(ba
     g = torch.Generator().manual_seed(3)
     warm = [torch.nn.functional.normalize(torch.randn(m.shape[0], generator=g), dim=0).to(device) for m in mats]
     warm0 = [w.clone() for w in warm]
-    cands, vs = [poison(torch.empty_like(w)) for w in warm], [poison(torch.empty(m.shape[1], device=device)) for m in mats]
+    cands = [poison(torch.empty_like(w)) for w in warm]
+    vs = [poison(torch.empty(m.shape[1], device=device)) for m in mats]
     sig = poison(torch.empty(len(mats), device=device))
     run = ops.prepare("power_iteration_", backend, torch.device(device), mats=mats, us=cands, vs=vs, warm=warm)
     for _ in range(2):
@@ -215,7 +216,8 @@ def test_nusam_norm_scales_layers_by_their_top_singular_values(backend, device):
     sig = torch.tensor([float(torch.linalg.svdvals(g.double().cpu())[0]) for g in G])
     want = 0.5 * sig / sig.norm()
     for M, w in zip(Ms, want):
-        assert float(torch.linalg.matrix_norm(M.detach().double().cpu(), ord="nuc")) == pytest.approx(float(w), rel=1e-4)
+        nuclear = torch.linalg.matrix_norm(M.detach().double().cpu(), ord="nuc")
+        assert float(nuclear) == pytest.approx(float(w), rel=1e-4)
     opt.restore()
 
 
@@ -330,7 +332,8 @@ def transformer_mlp(dim=256, blocks=2):
     torch.manual_seed(0)
     layers = []
     for _ in range(blocks):
-        layers += [torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim)]
+        layers += [torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(),
+                   torch.nn.Linear(4 * dim, dim)]
     return torch.nn.Sequential(*layers)
 
 

@@ -195,7 +195,8 @@ def test_views_at_unaligned_offsets(backend, device, dtype):
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_mixed_dtypes_in_one_call(backend, device):
-    x = [torch.randn(n, device=device).to(dt) for n, dt in [(5, torch.float32), (9, torch.bfloat16), (3, torch.float16)]]
+    shapes = [(5, torch.float32), (9, torch.bfloat16), (3, torch.float16)]
+    x = [torch.randn(n, device=device).to(dt) for n, dt in shapes]
     g = [torch.randn_like(t) for t in x]
     norm = ops.global_norm(g, backend=backend)
     torch.testing.assert_close(norm.cpu(), ops.global_norm(g, backend="torch").cpu(), rtol=NORM_RTOL, atol=0)

@@ -149,7 +149,8 @@ def test_update_adam(backend, device, sizes, dtype, cfg, lam):
         for a, b in zip(got, want):
             assert_close(a, b)
     if lam in (0.0, 1.0):
-        ops.restore_adam_(x_one, x_one, g if lam == 0 else g2, *state_one, backend=backend, **adam_kw(cfg, sizes, device))
+        ops.restore_adam_(x_one, x_one, g if lam == 0 else g2, *state_one, backend=backend,
+                          **adam_kw(cfg, sizes, device))
         for a, b in zip(x, x_one):
             assert torch.equal(a, b)
 
@@ -239,7 +240,8 @@ def test_update_at_the_endpoints_reads_one_gradient(backend, device, lam):
         assert torch.equal(a, b)
     state = adam_state(sizes, torch.bfloat16, device)
     state_one = [clone_all(s) for s in state]
-    ops.sampa_update_adam_(x, grads, grads2, *state, lam=lam, backend=backend, **adam_kw(ADAM_CONFIGS[0], sizes, device))
+    ops.sampa_update_adam_(x, grads, grads2, *state, lam=lam, backend=backend,
+                           **adam_kw(ADAM_CONFIGS[0], sizes, device))
     ops.restore_adam_(x_one, x_one, g, *state_one, backend=backend, **adam_kw(ADAM_CONFIGS[0], sizes, device))
     for a, b in zip(x + state[0] + state[1], x_one + state_one[0] + state_one[1]):
         assert torch.equal(a, b)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-EPS = 1e-12  # ALGORITHMS.md: eps guarding divisions by a norm
-CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard
+from ._constants import CLIP_EPS, NORM_EPS as EPS
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -282,7 +282,7 @@ def rank1_scales_(sigmas, rho, normalized, scales, prior):
     sigma^2) + 1e-12) : rho) : 0; prior = sum of the sigmas (not finite iff one is not)."""
     normed = normalized != 0
     c = torch.linalg.vector_norm(torch.where(normed, sigmas, 0.0))
-    scale = torch.where(normed, rho * sigmas / (c + 1e-12), rho)
+    scale = torch.where(normed, rho * sigmas / (c + EPS), rho)
     scales.copy_(torch.where(torch.isfinite(sigmas).all(), scale, torch.zeros_like(scale)))
     prior.copy_(sigmas.sum().reshape(prior.shape))
 
@@ -315,7 +315,8 @@ def rank1_restore_sgd_(params, us, vs, scales, grads, bufs, lr, momentum, dampen
 
 def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
                         beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None):
-    """M <- M - s u v^T, then torch.optim.Adam / AdamW's step with gradient g (the removal only where found_inf != 0)."""
+    """M <- M - s u v^T, then torch.optim.Adam / AdamW's step with gradient g (the removal only where
+    found_inf != 0)."""
     olds = _rank1_olds(params, us, vs, scales)
     restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                   weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf)

@@ -352,8 +352,9 @@ class SAMPa(SharpnessAwareOptimizer):
         with torch.enable_grad():
             loss = functional_call(self._module, tensors, (batch,))
             if not (torch.is_tensor(loss) and loss.numel() == 1 and loss.requires_grad):
+                got = loss if not torch.is_tensor(loss) else f"a tensor of shape {tuple(loss.shape)}"
                 raise ValueError("loss_fn(model, batch) must return a scalar tensor that depends on the parameters, "
-                                 f"got {loss if not torch.is_tensor(loss) else f'a tensor of shape {tuple(loss.shape)}'}")
+                                 f"got {got}")
             grads = torch.autograd.grad(loss.reshape(()), point, allow_unused=True, materialize_grads=True)
         return loss.detach(), list(grads), buffers
 

@@ -13,9 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _constants
 from ._tables import bind, block_of, load_factor, load_flag, tensor_ptr, tl_dtype
 
-CLIP_EPS = tl.constexpr(1e-6)  # torch.nn.utils.clip_grad_norm_'s guard
+CLIP_EPS = tl.constexpr(_constants.CLIP_EPS)
 # the flags (csrc/guard_math.h)
 FOUND_INF, GRAD_SCALE, GRAD_NORM, SKIPPED = (tl.constexpr(i) for i in range(4))
 
@@ -103,7 +104,8 @@ def guard_finalize(partials, flags, prior=None, scale=None, found_inf=None, max_
                    steps_mask=None):
     """The guard of check_grads_ from the sums of squares in partials."""
     _guard_kernel[(1,)](
-        partials, partials.numel(), flags, prior if prior is not None else flags, prior.numel() if prior is not None else 0,
+        partials, partials.numel(), flags,
+        prior if prior is not None else flags, prior.numel() if prior is not None else 0,
         scale if scale is not None else flags, found_inf if found_inf is not None else flags, float(max_norm),
         steps if steps is not None else flags, steps_mask if steps_mask is not None else flags,
         steps.numel() if steps is not None else 0, HAS_SCALE=scale is not None, HAS_FOUND=found_inf is not None,

@@ -6,9 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._constants import NORM_EPS as EPS
 from ._tables import bind, block_of, compute_dtype, tensor_ptr, tl_dtype
-
-EPS = 1e-12
 
 
 @triton.jit

@@ -23,13 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _constants
 from .._lists import Live, on_refresh
 from ._tables import _pointer_table, device_tensor, launch_kwargs, tl_dtype
 
 BR_T, BC_T = 32, 128  # G^T u: row tile, column block
 BR, BC = 16, 256      # G v: row block, column tile
 SEG_BLOCK = 128
-NORM_EPS = tl.constexpr(1e-12)  # nuSAM-Norm's guard of sqrt(sum_j sigma_j^2)
+NORM_EPS = tl.constexpr(_constants.NORM_EPS)  # nuSAM-Norm's guard of sqrt(sum_j sigma_j^2)
 
 
 @triton.jit

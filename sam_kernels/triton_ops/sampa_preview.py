@@ -36,7 +36,8 @@ def _preview_sgd_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start, norm_ptr, rho,
     lr, momentum, one_minus_dampening, weight_decay,
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr,
-    HAS_WD: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_WD: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr,
+    VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     x, g = _perturbed_point(ptrs, n_tensors, t, offs, mask, norm_ptr, rho, DTYPE, CT, EPS)
