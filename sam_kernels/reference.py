@@ -96,22 +96,23 @@ def restore_(params, olds, found_inf=None):
         return
     keep = found_inf != 0
     for p, o in zip(params, olds):
-        p.copy_(torch.where(keep, p, o))
+        torch.where(keep, p, o, out=p)
 
 
 # --- the fused updates: the base step, applied or (found_inf) skipped on the device -----------
 
 def _guarded(found_inf, fallbacks, update):
     """Run update(); where found_inf != 0, put each (tensor, value) of fallbacks back instead.
-    fallbacks: pairs known before the update (the state as it was, the weights restored)."""
+    fallbacks: pairs known before the update (the state as it was, the weights restored); a value
+    that is not its own tensor is an input the update only reads (x_old), so it needs no copy."""
     if found_inf is None:
         update()
         return
-    saved = [(t, v.clone()) for t, v in fallbacks]
+    saved = [(t, v.clone() if v is t else v) for t, v in fallbacks]
     update()
     skip = found_inf != 0
     for t, v in saved:
-        t.copy_(torch.where(skip, v.to(t.dtype), t))
+        torch.where(skip, v.to(t.dtype), t, out=t)  # in place: no second copy
 
 
 def _start(params, olds):
