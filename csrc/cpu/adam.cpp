@@ -33,11 +33,6 @@ void adam_chunk(
   }
 }
 
-template <typename scalar_t, typename old_t>
-void copy_chunk(scalar_t* x, const old_t* old, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<scalar_t>(old[i]);
-}
-
 // Shared: scalars [lr, beta1, beta2, eps, wd, (lam)], options [decoupled, amsgrad, maximize],
 // args [grad_scale, found_inf, ...]; the state lists m, v, steps [, vmax] start at list `first`.
 struct AdamLaunch {
@@ -68,19 +63,14 @@ struct AdamLaunch {
 // lists x, old, g, m, v, steps [, vmax]
 void restore_adam_runner(const Launch& l) {
   const AdamLaunch a(l, 3);
-  for_each_chunk(l.table, [&](const ChunkRef& c) {
-    SAM_DISPATCH_FLOATING(l.dtype, "restore_adam_", [&] {
-      scalar_t* x = l.table.ptr<scalar_t>(0, c.tensor) + c.begin;
-      const scalar_t* old = l.table.ptr<const scalar_t>(1, c.tensor) + c.begin;
-      const int64_t n = c.end - c.begin;
-      if (a.skip) return copy_chunk(x, old, n);
-      const scalar_t* g = l.table.ptr<const scalar_t>(2, c.tensor) + c.begin;
-      scalar_t *m, *v, *vmax;
-      a.state(l.table, c, 6, m, v, vmax);
-      const AdamArgs args = a.args(l.table, c.tensor);
-      dispatch_adam_flags(a.amsgrad, a.lerp_low, [&]<bool kA, bool kL>() {
-        adam_chunk<scalar_t, kA, kL>(x, old, g, m, v, vmax, args, n);
-      });
+  for_each_restore_chunk(l, a.skip, [&](const ChunkRef& c, auto* x, const auto* old, int64_t n) {
+    using scalar_t = std::remove_pointer_t<decltype(x)>;
+    const scalar_t* g = l.table.ptr<const scalar_t>(2, c.tensor) + c.begin;
+    scalar_t *m, *v, *vmax;
+    a.state(l.table, c, 6, m, v, vmax);
+    const AdamArgs args = a.args(l.table, c.tensor);
+    dispatch_adam_flags(a.amsgrad, a.lerp_low, [&]<bool kA, bool kL>() {
+      adam_chunk<scalar_t, kA, kL>(x, old, g, m, v, vmax, args, n);
     });
   });
 }
@@ -112,19 +102,14 @@ void rank1_restore_adam_runner(const Launch& l) {
 // lists x, g, g2, m, v, steps [, vmax]; scalars [..., lam]
 void sampa_update_adam_runner(const Launch& l) {
   const AdamLaunch a(l, 3);
-  if (a.skip) return;
   const Mix mix = make_mix(l.s(5));
-  for_each_chunk(l.table, [&](const ChunkRef& c) {
-    SAM_DISPATCH_FLOATING(l.dtype, "sampa_update_adam_", [&] {
-      scalar_t* x = l.table.ptr<scalar_t>(0, c.tensor) + c.begin;
-      const scalar_t* g = l.table.ptr<const scalar_t>(1, c.tensor) + c.begin;
-      const scalar_t* g2 = l.table.ptr<const scalar_t>(2, c.tensor) + c.begin;
-      scalar_t *m, *v, *vmax;
-      a.state(l.table, c, 6, m, v, vmax);
-      const AdamArgs args = a.args(l.table, c.tensor);
-      dispatch_adam_flags(a.amsgrad, a.lerp_low, [&]<bool kA, bool kL>() {
-        adam_chunk<scalar_t, kA, kL, scalar_t, true>(x, x, g, m, v, vmax, args, c.end - c.begin, g2, mix);
-      });
+  for_each_mix_chunk(l, a.skip, [&](const ChunkRef& c, auto* x, const auto* g, const auto* g2, int64_t n) {
+    using scalar_t = std::remove_pointer_t<decltype(x)>;
+    scalar_t *m, *v, *vmax;
+    a.state(l.table, c, 6, m, v, vmax);
+    const AdamArgs args = a.args(l.table, c.tensor);
+    dispatch_adam_flags(a.amsgrad, a.lerp_low, [&]<bool kA, bool kL>() {
+      adam_chunk<scalar_t, kA, kL, scalar_t, true>(x, x, g, m, v, vmax, args, n, g2, mix);
     });
   });
 }

@@ -29,11 +29,6 @@ void sgd_chunk(
   }
 }
 
-template <typename scalar_t, typename old_t>
-void copy_chunk(scalar_t* x, const old_t* old, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<scalar_t>(old[i]);
-}
-
 // The parts every form shares: scalars [lr, momentum, dampening, wd, (lam)], options
 // [nesterov, maximize, init_bufs], args [grad_scale, found_inf, ...].
 struct SgdLaunch {
@@ -50,17 +45,12 @@ struct SgdLaunch {
 // lists x, old, g [, buf]
 void restore_sgd_runner(const Launch& l) {
   const SgdLaunch s(l);
-  for_each_chunk(l.table, [&](const ChunkRef& c) {
-    SAM_DISPATCH_FLOATING(l.dtype, "restore_sgd_", [&] {
-      scalar_t* x = l.table.ptr<scalar_t>(0, c.tensor) + c.begin;
-      const scalar_t* old = l.table.ptr<const scalar_t>(1, c.tensor) + c.begin;
-      const int64_t n = c.end - c.begin;
-      if (s.skip) return copy_chunk(x, old, n);
-      const scalar_t* g = l.table.ptr<const scalar_t>(2, c.tensor) + c.begin;
-      scalar_t* buf = s.momentum ? l.table.ptr<scalar_t>(3, c.tensor) + c.begin : nullptr;
-      dispatch_sgd_flags(s.momentum, s.nesterov, s.init, [&]<bool kM, bool kN, bool kI>() {
-        sgd_chunk<scalar_t, kM, kN, kI>(x, old, g, buf, s.args, n);
-      });
+  for_each_restore_chunk(l, s.skip, [&](const ChunkRef& c, auto* x, const auto* old, int64_t n) {
+    using scalar_t = std::remove_pointer_t<decltype(x)>;
+    const scalar_t* g = l.table.ptr<const scalar_t>(2, c.tensor) + c.begin;
+    scalar_t* buf = s.momentum ? l.table.ptr<scalar_t>(3, c.tensor) + c.begin : nullptr;
+    dispatch_sgd_flags(s.momentum, s.nesterov, s.init, [&]<bool kM, bool kN, bool kI>() {
+      sgd_chunk<scalar_t, kM, kN, kI>(x, old, g, buf, s.args, n);
     });
   });
 }
@@ -90,17 +80,12 @@ void rank1_restore_sgd_runner(const Launch& l) {
 // lists x, g, g2 [, buf]; scalars [..., lam]
 void sampa_update_sgd_runner(const Launch& l) {
   const SgdLaunch s(l);
-  if (s.skip) return;
   const Mix mix = make_mix(l.s(4));
-  for_each_chunk(l.table, [&](const ChunkRef& c) {
-    SAM_DISPATCH_FLOATING(l.dtype, "sampa_update_sgd_", [&] {
-      scalar_t* x = l.table.ptr<scalar_t>(0, c.tensor) + c.begin;
-      const scalar_t* g = l.table.ptr<const scalar_t>(1, c.tensor) + c.begin;
-      const scalar_t* g2 = l.table.ptr<const scalar_t>(2, c.tensor) + c.begin;
-      scalar_t* buf = s.momentum ? l.table.ptr<scalar_t>(3, c.tensor) + c.begin : nullptr;
-      dispatch_sgd_flags(s.momentum, s.nesterov, s.init, [&]<bool kM, bool kN, bool kI>() {
-        sgd_chunk<scalar_t, kM, kN, kI, scalar_t, true>(x, x, g, buf, s.args, c.end - c.begin, g2, mix);
-      });
+  for_each_mix_chunk(l, s.skip, [&](const ChunkRef& c, auto* x, const auto* g, const auto* g2, int64_t n) {
+    using scalar_t = std::remove_pointer_t<decltype(x)>;
+    scalar_t* buf = s.momentum ? l.table.ptr<scalar_t>(3, c.tensor) + c.begin : nullptr;
+    dispatch_sgd_flags(s.momentum, s.nesterov, s.init, [&]<bool kM, bool kN, bool kI>() {
+      sgd_chunk<scalar_t, kM, kN, kI, scalar_t, true>(x, x, g, buf, s.args, n, g2, mix);
     });
   });
 }

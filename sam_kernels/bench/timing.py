@@ -43,38 +43,39 @@ def median_ms(fn, device: torch.device, warmup: int = 3, reps: int = 10, min_tim
     return statistics.median(times)
 
 
-def median_ms_interleaved(fns: dict, device: torch.device, warmup: int = 3, reps: int = 10) -> dict:
-    """Median time of each callable, measured in interleaved rounds (one call of each per round),
-    so that drift of a shared machine hits every contender alike."""
+def _interleaved(fns: dict, warmup: int, reps: int, measure) -> dict:
+    """Median of measure(fn) per callable over `reps` rounds of one measurement of each, so that
+    drift of a shared machine hits every contender alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
-            times[k].append(median_ms(fn, device, warmup=0, reps=1))
+            times[k].append(measure(fn))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def median_ms_interleaved(fns: dict, device: torch.device, warmup: int = 3, reps: int = 10) -> dict:
+    """Median time of each callable, measured in interleaved rounds (one call of each per round)."""
+    return _interleaved(fns, warmup, reps, lambda fn: median_ms(fn, device, warmup=0, reps=1))
 
 
 def host_ms_interleaved(fns: dict, device: torch.device, warmup: int = 3, reps: int = 10, calls: int = 20) -> dict:
     """The host's time per call of each callable: `calls` back-to-back calls timed on the host
     without waiting for the device (with tensors so small that the device keeps up, this is what a
     step costs the host: Python, launches and any synchronization), median over interleaved rounds."""
-    for fn in fns.values():
-        for _ in range(warmup):
+    def measure(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
             fn()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[k].append((time.perf_counter() - t0) * 1e3 / calls)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-    return {k: statistics.median(v) for k, v in times.items()}
+        ms = (time.perf_counter() - t0) * 1e3 / calls
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return ms
+    return _interleaved(fns, warmup, reps, measure)
 
 
 def copy_bandwidth_gbps(device: torch.device, mib: int = 512) -> float:

@@ -67,18 +67,10 @@ def scalar_ptr(ptrs, n_tensors, t, LIST: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def load_flag(ptr, HAS: tl.constexpr):
-    """An optional fp32 device scalar, 0 when absent (found_inf: the step is taken)."""
-    v = 0.0
-    if HAS:
-        v = tl.load(ptr)
-    return v
-
-
-@triton.jit
-def load_factor(ptr, HAS: tl.constexpr):
-    """An optional fp32 device scalar, 1 when absent (grad_scale: the gradient as it is)."""
-    v = 1.0
+def load_optional(ptr, HAS: tl.constexpr, ABSENT: tl.constexpr):
+    """An optional fp32 device scalar, ABSENT when not given (found_inf 0: the step is taken;
+    grad_scale 1: the gradient as it is)."""
+    v = ABSENT
     if HAS:
         v = tl.load(ptr)
     return v

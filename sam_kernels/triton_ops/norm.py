@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .. import _constants
-from ._tables import bind, block_of, load_factor, load_flag, tensor_ptr, tl_dtype
+from ._tables import bind, block_of, load_optional, tensor_ptr, tl_dtype
 
 CLIP_EPS = tl.constexpr(_constants.CLIP_EPS)
 # the flags (csrc/guard_math.h)
@@ -62,8 +62,8 @@ def _guard_kernel(
         offs = start + tl.arange(0, BLOCK)
         p = tl.load(prior + offs, mask=offs < n_prior, other=0.0)
         bad += tl.sum(tl.where(tl.abs(p) < float("inf"), 0, 1), axis=0)
-    found = tl.where((bad > 0) | (load_flag(found_inf, HAS_FOUND) != 0), 1.0, 0.0)
-    inv = 1.0 / load_factor(scale, HAS_SCALE)
+    found = tl.where((bad > 0) | (load_optional(found_inf, HAS_FOUND, 0.0) != 0), 1.0, 0.0)
+    inv = 1.0 / load_optional(scale, HAS_SCALE, 1.0)
     norm = raw * inv
     clip = max_norm / (norm + CLIP_EPS)  # max_norm = inf: no clipping
     tl.store(flags + FOUND_INF, found)

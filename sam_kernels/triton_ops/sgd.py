@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tables import (Launch, block_of, compute_dtype, dtype_groups, load_factor, load_flag, load_grad, optional,
+from ._tables import (Launch, block_of, compute_dtype, dtype_groups, load_grad, load_optional, optional,
                       pick, tensor_ptr, tl_dtype)
 from .rank1 import load_old, rank1_lists
 
@@ -48,13 +48,13 @@ def _restore_sgd_kernel(
     t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
     x = load_old(ptrs, n_tensors, t, offs, mask, ncols, index, scales, RANK1, U_LIST, DTYPE, CT)  # nuSAM: M - s u v^T
-    if load_flag(found_inf, HAS_FOUND) != 0:  # skipped: SAM's restore (nuSAM's removal) only
+    if load_optional(found_inf, HAS_FOUND, 0.0) != 0:  # skipped: SAM's restore (nuSAM's removal) only
         if not MIX:
             tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
     else:
         d = load_grad(ptrs, n_tensors, t, offs, mask, lam, 2, MIX, U_LIST, DTYPE, CT)  # SAMPa: (1 - lam) g + lam g2
         if SCALED:  # GradScaler's unscale and the clipping coefficient: here, not in a pass of their own
-            d = d * load_factor(grad_scale, SCALED).to(CT)
+            d = d * load_optional(grad_scale, SCALED, 1.0).to(CT)
         buf = d
         if MOMENTUM and not INIT_BUFS:
             buf = tl.load(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, mask=mask).to(CT)
