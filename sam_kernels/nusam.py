@@ -37,8 +37,10 @@ def _device_vector(values, device) -> torch.Tensor:
 class NuSamPlan:
     """The first pass of nuSAM over [(group, params with a gradient)]: the batched power iteration
     over the matrix gradients (from candidates of the warm starts), the scales, the rank-1
-    perturbation in place; `prior` = [sum of sigmas, norm of the other first gradients] (the
-    first gradient's check)."""
+    perturbation in place. The norm of the other first gradients (biases, norms) is one more entry
+    of the sigma vector (rho 0, not normalized), so a non-finite value in any first gradient zeroes
+    every scale: nothing is perturbed and a skipped step leaves the weights bit for bit. `prior`
+    (the sum of that vector) is the first gradient's check."""
 
     def __init__(self, opt: "NuSAM", work, device):
         chosen = [(p, g) for g, ps in work for p in ps if opt._is_matrix(p)]
@@ -57,13 +59,16 @@ class NuSamPlan:
         self.cands = [torch.empty_like(u) for u in self.us]
         self.vs = [opt._buffer(p, "v", m.shape[1]) for p, m in zip(self.params, self.mats)]
         k = len(self.params)
-        self.sigmas = torch.zeros(k, dtype=torch.float32, device=device)
-        self.scales = torch.zeros(k, dtype=torch.float32, device=device)
+        # [sigma_1 .. sigma_k, the other gradients' norm] and their scales (the last one unused)
+        self.sigmas_all = torch.zeros(k + 1, dtype=torch.float32, device=device)
+        self.sigmas, self.others_norm = self.sigmas_all[:k], self.sigmas_all[k]
+        self.scales_all = torch.zeros(k + 1, dtype=torch.float32, device=device)
+        self.scales = self.scales_all[:k]
         self.neg_scales = torch.zeros(k, dtype=torch.float32, device=device)
         self.groups = [g for _, g in chosen]
-        self.normed = _device_vector([float(g["normalized"]) for g in self.groups], device)
+        self.normed = _device_vector([float(g["normalized"]) for g in self.groups] + [0.0], device)
         self._rho_key, self.rho = None, None
-        self.prior = torch.zeros(2, dtype=torch.float32, device=device)
+        self.prior = torch.zeros((), dtype=torch.float32, device=device)
         self.check = (NormStage(opt._backend(device, "global_norm"), device, [(GradsOf(others), None, 0, 0.0)])
                       if others else None)
         self.backend = opt._backend(device, "rank1_update_") if k else None
@@ -89,17 +94,17 @@ class NuSamPlan:
         """rho per matrix on the device, sent again only when a group's rho changed."""
         key = tuple(g["rho"] for g in self.groups)
         if key != self._rho_key:
-            self._rho_key, self.rho = key, _device_vector(list(key), self.device)
+            self._rho_key, self.rho = key, _device_vector(list(key) + [0.0], self.device)
         return self.rho
 
     def perturb(self, raise_nonfinite: bool) -> None:
         if self.check is not None:
-            self.check.norm(self.prior[1])
+            self.check.norm(self.others_norm if self.params else self.prior)
         if self.params:
             self._power(self.sigmas, self.opt.power_iters, self.opt.tau)
-            # s_i (nuSAM-Norm's too; all 0 if a sigma is not finite: no perturbation), prior[0] = sum of sigmas
-            self._scales(self.sigmas, self._rhos(), self.normed, self.scales, self.prior[0])
-        if raise_nonfinite and not bool(torch.isfinite(self.prior).all()):  # raise mode: a synchronization
+            # s_i (nuSAM-Norm's too; all 0 if an entry is not finite: no perturbation), prior = their sum
+            self._scales(self.sigmas_all, self._rhos(), self.normed, self.scales_all, self.prior)
+        if raise_nonfinite and not bool(torch.isfinite(self.prior)):  # raise mode: a synchronization
             raise FloatingPointError("NuSAM.first_step: NaN or inf in a gradient")
         if self.params:
             self._rank1(scales=self.scales)
