@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
+from torch.optim.optimizer import required
 
 from . import _ext, backends
 from ._lists import GradsOf
@@ -51,6 +52,24 @@ def check_max_norm(value) -> float | None:
     return float(value)
 
 
+def check_finite_options(group: dict, where: str) -> None:
+    """Every number of a param group (lr, momentum, betas, eps, weight_decay, rho, lam, ...) is
+    finite: a NaN or inf learning rate would write NaN into every weight at the first step."""
+    for key, value in group.items():
+        if key == "params" or isinstance(value, bool):
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if torch.is_tensor(v) and v.is_floating_point():
+                ok = bool(torch.isfinite(v).all())  # a tensor lr: read once, when the group is added
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                ok = math.isfinite(v)
+            else:
+                continue
+            if not ok:
+                raise ValueError(f"{where}['{key}'] must be finite, got {value!r}")
+
+
 def split_rho(rho):
     """(the radius at step 0, the schedule step -> rho or None): rho is a number or a callable."""
     if callable(rho):
@@ -63,12 +82,14 @@ def _check_scaler(grad_scaler) -> None:
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
 
 
-def check_grad(p: torch.Tensor, where: str):
-    g = p.grad
+def check_grad(p: torch.Tensor, where: str, g: torch.Tensor | None = None):
+    """where names the parameter (e.g. "SAM first_step: param_groups[0]['params'][3]")."""
+    g = p.grad if g is None else g
     if g.layout is torch.strided and g.dtype is p.dtype and p.dtype in _FLOATS and g.shape == p.shape:
         return  # the common case, checked cheaply
     if g.is_sparse or g.layout != torch.strided:
-        raise TypeError(f"{where}: sparse gradients are not supported (parameter of shape {tuple(p.shape)})")
+        raise TypeError(f"{where}: sparse gradients are not supported (parameter of shape {tuple(p.shape)}; "
+                        "an nn.Embedding with sparse=True makes them)")
     if g.is_complex() or p.is_complex():
         raise TypeError(f"{where}: complex parameters are not supported (dtype {p.dtype})")
     if g.dtype != p.dtype or g.shape != p.shape:
@@ -119,6 +140,9 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def __init__(self, params, base_optimizer, defaults: dict, backend: str, nonfinite: str, base_kwargs: dict,
                  start_step: int = 0, rho_fn: Callable[[int], float] | None = None, max_grad_norm=None):
+        if isinstance(params, Optimizer):
+            raise TypeError(f"params is a {type(params).__name__} instance: pass the base optimizer as "
+                            f"base_optimizer= and params=None, e.g. {type(self).__name__}(base_optimizer=opt, rho=...)")
         backends.check_name(backend)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
@@ -151,14 +175,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.nonfinite = nonfinite
         self.max_grad_norm = max_grad_norm
         for i, group in enumerate(self.param_groups):
-            check_nonneg(f"param_groups[{i}]['rho']", group["rho"])
-            devices = {p.device for p in group["params"]}
-            if len(devices) > 1:
-                raise ValueError(
-                    f"param_groups[{i}] spans devices {sorted(map(str, devices))}: a fused group must be on one device"
-                )
-            for d in devices:
-                backends.resolve(backend, d)  # an unavailable explicit backend fails here, not mid-step
+            self._check_group(group, f"param_groups[{i}]")
         self.start_step = check_step("start_step", start_step)
         self._rho_fn = rho_fn
         self._t = 0  # steps taken (SAM, plain or skipped): what start_step and the rho schedule count
@@ -170,7 +187,10 @@ class SharpnessAwareOptimizer(Optimizer):
         self._plans = Plans()
         self._version = 0  # bumped when the param groups or the state change under the plans
         self._params_cache = (-1, [])
-        base.register_load_state_dict_post_hook(lambda _: self._invalidate())
+        base.register_load_state_dict_post_hook(self._on_base_load)
+
+    def _on_base_load(self, _base) -> None:
+        self._invalidate()
 
     # --- to implement ------------------------------------------------------------------------
 
@@ -185,6 +205,20 @@ class SharpnessAwareOptimizer(Optimizer):
     def _group_key(self, group: dict) -> tuple:
         """The options of a param group that decide a plan's launches (not its scalars)."""
         return ()
+
+    def _check_group(self, group: dict, where: str) -> None:
+        """A param group's options and parameters, before it joins (nothing is modified if this
+        raises). Subclasses add their own checks."""
+        check_nonneg(f"{where}['rho']", group["rho"])
+        check_finite_options(group, where)
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(f"{where} spans devices {sorted(map(str, devices))}: a fused group must be on one device")
+        for d in devices:
+            backends.resolve(self.backend, d)  # an unavailable explicit backend fails here, not mid-step
+
+    def _group_added(self, group: dict) -> None:
+        """A group that add_param_group appended (validated): set up what the subclass keeps per parameter."""
 
     def _extra_state(self) -> dict:
         """What the subclass keeps across steps beyond the base optimizer (tensors allowed)."""
@@ -237,11 +271,12 @@ class SharpnessAwareOptimizer(Optimizer):
     def _work(self, where: str):
         """[(group, [params with a gradient])] after checking every gradient, and their device."""
         work, devices = [], set()
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             ps = [p for p in group["params"] if p.grad is not None]
-            for p in ps:
-                check_grad(p, where)
-                devices.add(p.device)
+            for j, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    check_grad(p, f"{where}: param_groups[{i}]['params'][{j}]")
+                    devices.add(p.device)
             work.append((group, ps))
         if len(devices) > 1:
             raise ValueError(f"{where}: the parameters with gradients span devices {sorted(map(str, devices))}")
@@ -432,13 +467,64 @@ class SharpnessAwareOptimizer(Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
+        """Add a param group (options default to the constructor's): checked as the constructor
+        checks its groups, before anything is modified."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        where = f"param_groups[{len(self.param_groups)}]"
+        params = param_group.get("params")
+        if params is None:
+            raise ValueError(f"{where} has no 'params'")
+        params = [params] if isinstance(params, torch.Tensor) else list(params)  # a generator is read once
+        self._check_new_params(params, where)
         if "base_optimizer" not in self.__dict__:  # Optimizer.__init__ adding the first groups
+            param_group["params"] = params  # (the instance path: defaults land in the base's own groups)
             return super().add_param_group(param_group)
-        for key, value in self._own_defaults.items():
-            param_group.setdefault(key, value)
-        self.base_optimizer.add_param_group(param_group)  # appends to the shared list
-        check_nonneg(f"param_groups[{len(self.param_groups) - 1}]['rho']", param_group["rho"])
+        group = {**param_group, "params": params}
+        for key, value in [*self._own_defaults.items(), *self.base_optimizer.defaults.items()]:
+            if value is not required:
+                group.setdefault(key, value)
+        self._check_group(group, where)
+        self.base_optimizer.add_param_group(group)  # appends to the shared list
+        self._group_added(self.param_groups[-1])
         self._invalidate()
+
+    def _check_new_params(self, params: list, where: str) -> None:
+        """Tensors, each listed once and in no other group: a parameter listed twice would be updated twice."""
+        seen = {id(p): (i, j) for i, g in enumerate(self.__dict__.get("param_groups", [])) for j, p in
+                enumerate(g["params"])}
+        for j, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{where}['params'][{j}] must be a tensor, got {type(p).__name__}")
+            if id(p) in seen:
+                i, k = seen[id(p)]
+                other = f"param_groups[{i}]['params'][{k}]" if i is not None else f"{where}['params'][{k}]"
+                raise ValueError(f"{where}['params'][{j}] (shape {tuple(p.shape)}) is {other} again: "
+                                 "each parameter may be listed once")
+            seen[id(p)] = (None, j)
+
+    # --- copies and pickling ---------------------------------------------------------------
+
+    def _transient(self) -> tuple:
+        """Attributes rebuilt after a copy: plans (tables of addresses), caches keyed by id()."""
+        return ("_plans", "_params_cache", "_flags", "_counters")
+
+    def __getstate__(self) -> dict:
+        """copy.deepcopy, pickle and torch.save: everything but what is rebuilt from it (the plans,
+        the device flags: their skipped count is carried over), and torch's hooks (as torch's
+        optimizers do). The copy is an independent optimizer that steps like the original."""
+        if self._pending is not None:
+            raise RuntimeError(f"{type(self).__name__} cannot be copied between first_step() and second_step(): "
+                               "the weights are perturbed")
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in self._transient() and not k.startswith("_optimizer_")}
+        state["_skipped_at_load"] = float(self.skipped_steps)  # the device count, read once
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # torch's hooks, as after Optimizer.__init__
+        self._plans, self._params_cache, self._flags, self._counters = Plans(), (-1, []), None, StepCounters()
+        self.base_optimizer.register_load_state_dict_post_hook(self._on_base_load)
 
     # --- state -------------------------------------------------------------------------------
 

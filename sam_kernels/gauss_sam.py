@@ -14,17 +14,33 @@ from .sam import SAM
 class GaussSAM(SAM):
     """SAM perturbed along a normalized Gaussian direction instead of the gradient.
 
-    generator: a torch.Generator on the parameters' device for z (None: torch's global RNG). z is
-    drawn into one buffer per dtype (a copy of the perturbed parameters, allocated once; each
-    parameter's part 16-byte aligned), in parameter order.
+    generator: a torch.Generator on the parameters' device for z; None: the optimizer's own, on
+    that device, seeded with `seed` (None: a seed drawn from torch's global RNG when the optimizer
+    is built, so torch.manual_seed makes runs repeatable). Either way its state is part of
+    state_dict(): a resumed run draws the same z. z is drawn into one buffer per dtype (a copy of
+    the perturbed parameters, allocated once; each parameter's part 16-byte aligned), in
+    parameter order.
     """
 
     def __init__(self, params=None, base_optimizer=torch.optim.SGD, rho=0.05, backend: str = "auto",
-                 nonfinite: str = "skip", generator: torch.Generator | None = None, start_step: int = 0,
-                 max_grad_norm=None, **base_kwargs):
+                 nonfinite: str = "skip", generator: torch.Generator | None = None, seed: int | None = None,
+                 start_step: int = 0, max_grad_norm=None, **base_kwargs):
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an integer or None, got {seed!r}")
         super().__init__(params, base_optimizer, rho=rho, adaptive=False, backend=backend, nonfinite=nonfinite,
                          start_step=start_step, max_grad_norm=max_grad_norm, **base_kwargs)
         self.generator = generator
+        self.seed = seed if seed is not None else int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        self._own: torch.Generator | None = None
+
+    def _generator(self, device) -> torch.Generator:
+        if self.generator is not None:
+            return self.generator
+        if self._own is None or self._own.device != torch.device(device):
+            self._own = torch.Generator(device).manual_seed(self.seed)
+        return self._own
 
     def _directions(self, plan, work, device):
         """of(params): views of one flat z buffer per dtype (filled each step by _perturb)."""
@@ -49,9 +65,30 @@ class GaussSAM(SAM):
         plan.prior = plan.check_out
         if self.nonfinite == "raise" and not bool(torch.isfinite(plan.check_out)):  # raise mode: a synchronization
             raise FloatingPointError(f"GaussSAM.first_step: the gradient norm is {plan.check_out.item()}")
+        gen = self._generator(plan.check_out.device)
         for z in plan.z:
-            z.normal_(generator=self.generator)
+            z.normal_(generator=gen)
         plan.perturb()
+
+    def _extra_state(self) -> dict:
+        """The seed and the state of the generator z is drawn from (once it exists)."""
+        extra = {**super()._extra_state(), "seed": self.seed}
+        gen = self.generator if self.generator is not None else self._own
+        if gen is not None:
+            extra["generator"], extra["generator_device"] = gen.get_state(), str(gen.device)
+        return extra
+
+    def _load_extra_state(self, extra: dict) -> None:
+        super()._load_extra_state(extra)
+        self.seed = int(extra.get("seed", self.seed))
+        self._own = None
+        if "generator" in extra:
+            device = torch.device(extra.get("generator_device", "cpu"))
+            gen = self.generator if self.generator is not None else self._generator(device)
+            if gen.device != device:
+                raise ValueError(f"load_state_dict: the generator state is of a {device} generator, "
+                                 f"this GaussSAM's generator is on {gen.device}")
+            gen.set_state(extra["generator"])
 
     def memory_report(self) -> dict:
         """As SAM's, plus `direction`: the z buffer (one copy of the perturbed parameters)."""

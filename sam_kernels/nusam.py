@@ -190,20 +190,31 @@ class NuSAM(SharpnessAwareOptimizer):
         if conv not in CONV:
             raise ValueError(f"conv must be one of {CONV}, got {conv!r}")
         defaults = dict(rho=rho, normalized=bool(normalized))
+        # before the groups are checked: _check_group reads conv
+        self.power_iters, self.conv, self.tau, self.seed = power_iters, conv, float(tau), seed
         super().__init__(params, base_optimizer, defaults, backend, nonfinite, base_kwargs, start_step, rho_fn,
                          max_grad_norm)
-        self.power_iters, self.conv, self.tau, self.seed = power_iters, conv, float(tau), seed
         gen = torch.Generator().manual_seed(seed)
         for group in self.param_groups:
-            for p in group["params"]:
-                if self._is_matrix(p):
-                    if not p.is_contiguous():
-                        raise ValueError(f"NuSAM perturbs matrices in place: parameter of shape {tuple(p.shape)} "
-                                         "must be contiguous")
-                    n = p.shape[0]
-                    u = torch.randn(n, generator=gen, dtype=torch.float32)
-                    st = self.state[p]
-                    st["u"] = (u / u.norm()).to(p.device)
+            self._init_u(group, gen)
+
+    def _init_u(self, group: dict, gen: torch.Generator) -> None:
+        """The warm starts u of the group's matrices: normalized N(0, I) draws from gen, in order."""
+        for p in group["params"]:
+            if self._is_matrix(p):
+                u = torch.randn(p.shape[0], generator=gen, dtype=torch.float32)
+                self.state[p]["u"] = (u / u.norm()).to(p.device)
+
+    def _check_group(self, group: dict, where: str) -> None:
+        super()._check_group(group, where)
+        for j, p in enumerate(group["params"]):
+            if self._is_matrix(p) and not p.is_contiguous():
+                raise ValueError(f"NuSAM perturbs matrices in place: {where}['params'][{j}] of shape "
+                                 f"{tuple(p.shape)} must be contiguous")
+
+    def _group_added(self, group: dict) -> None:
+        """A group added later draws its u from torch.Generator(seed + its index)."""
+        self._init_u(group, torch.Generator().manual_seed(self.seed + len(self.param_groups) - 1))
 
     def _is_matrix(self, p: torch.Tensor) -> bool:
         return p.dim() == 2 or (p.dim() > 2 and self.conv == "reshape")

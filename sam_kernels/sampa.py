@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import ops
-from ._base import SharpnessAwareOptimizer, UpdatePlan, split_rho
+from ._base import SharpnessAwareOptimizer, UpdatePlan, check_grad, split_rho
 from ._lists import Slot
 from .fused_update import fused_kind, prepare_preview, prepare_state, prepare_update
 from .pipeline import NormStage
@@ -93,19 +93,11 @@ class SAMPa(SharpnessAwareOptimizer):
             params = [p for p in named.values() if p.requires_grad]
             if not params:
                 raise ValueError("model has no parameter that requires grad")
+        self._model_names = {id(p): n for n, p in named.items()}  # _check_group reads it
         super().__init__(params, base_optimizer, dict(rho=rho, lam=lam), backend, nonfinite, base_kwargs, start_step,
                          rho_fn, max_grad_norm)
-        for i, group in enumerate(self.param_groups):
-            try:
-                group["lam"] = check_lam(group["lam"])
-            except ValueError:
-                raise ValueError(f"param_groups[{i}]['lam'] must be a number in [0, 1], got {group['lam']!r}") from None
-        names = {id(p): n for n, p in named.items()}
         self._params = [p for g in self.param_groups for p in g["params"]]
-        missing = [tuple(p.shape) for p in self._params if id(p) not in names]
-        if missing:
-            raise ValueError(f"base_optimizer holds parameters that are not the model's (shapes {missing})")
-        self._names = ["model." + names[id(p)] for p in self._params]
+        self._names = ["model." + self._model_names[id(p)] for p in self._params]
         self._buffer_names = ["model." + n for n, _ in model.named_buffers()]
         self.model = model
         self.loss_fn = loss_fn
@@ -129,6 +121,28 @@ class SAMPa(SharpnessAwareOptimizer):
 
     def _group_key(self, group: dict) -> tuple:
         return (group["lam"] if group["lam"] in (0.0, 1.0) else None,)
+
+    def _check_group(self, group: dict, where: str) -> None:
+        super()._check_group(group, where)
+        try:
+            group["lam"] = check_lam(group["lam"])
+        except ValueError:
+            raise ValueError(f"{where}['lam'] must be a number in [0, 1], got {group['lam']!r}") from None
+        for j, p in enumerate(group["params"]):
+            if id(p) not in self._model_names:
+                raise ValueError(f"{where}['params'][{j}] (shape {tuple(p.shape)}) is not a parameter of the model: "
+                                 "SAMPa takes its gradients through the model")
+
+    def _group_added(self, group: dict) -> None:
+        """The new parameters join the passes; their kept gradient g_y starts at zero (no
+        perturbation of them, and a preview without them, until their first step)."""
+        if any(p.device != self.device for p in group["params"]):
+            raise ValueError(f"SAMPa: the new parameters must be on {self.device}")
+        self._params = self._params + list(group["params"])
+        self._names = self._names + ["model." + self._model_names[id(p)] for p in group["params"]]
+        if self._g_y is not None:
+            self._g_y = self._g_y + [torch.zeros_like(p) for p in group["params"]]
+        self._shadows = None
 
     def _resolve_parallel(self, parallel: str, process_group) -> str:
         if parallel == "auto":
@@ -192,7 +206,13 @@ class SAMPa(SharpnessAwareOptimizer):
         (the live lists self._live[name]: autograd gives new tensors each pass; when only their
         addresses changed, the plan's tables take them, pipeline.Plans)."""
         structure, grads = self._key(*names, *extra)
-        return structure, (grads, *(tuple(map(torch.Tensor.data_ptr, self._live[n])) for n in names))
+        try:
+            return structure, (grads, *(tuple(map(torch.Tensor.data_ptr, self._live[n])) for n in names))
+        except RuntimeError:  # a gradient without storage: say which (checked only when it fails)
+            for n in names:
+                for name, p, g in zip(self._names, self._params, self._live[n]):
+                    check_grad(p, f"SAMPa.step: the gradient of '{name[len('model.'):]}'", g)
+            raise
 
     def _slots(self, name: str) -> list:
         """self._live[name] per param group, read when used (_lists.Slot)."""
