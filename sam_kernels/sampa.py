@@ -122,6 +122,20 @@ class SAMPa(SharpnessAwareOptimizer):
     def _group_key(self, group: dict) -> tuple:
         return (group["lam"] if group["lam"] in (0.0, 1.0) else None,)
 
+    def _transient(self) -> tuple:
+        # streams and the passes' scratch are made again; the names are keyed by id() of the model's parameters
+        return (*super()._transient(), "_streams", "_live", "_shadows", "_model_names")
+
+    def __getstate__(self) -> dict:
+        if self.parallel == "distributed":
+            raise TypeError("a SAMPa with parallel='distributed' holds a process group: it cannot be copied")
+        return super().__getstate__()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._streams, self._live, self._shadows = None, {}, None
+        self._model_names = {id(p): n for n, p in self.model.named_parameters()}
+
     def _check_group(self, group: dict, where: str) -> None:
         super()._check_group(group, where)
         try:
