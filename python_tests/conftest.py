@@ -19,7 +19,8 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # once, so they differ by FMA contraction: a few fp32 ulps, at most one ulp after rounding to
 # the half types. fp64 tensors get fp64 arithmetic, but the norm and the scale are fp32 values
 # and the Triton backend passes lr, momentum, betas as fp32 scalars: fp32-level tolerance on
-# the update terms.
+# the update terms. The Triton interpreter (CPU runs) rounds fp32 -> bf16 toward zero where the
+# GPU and torch round to nearest: up to one bf16 ulp, inside the bf16 tolerance.
 TOL = {
     torch.float64: dict(rtol=1e-6, atol=1e-7),
     torch.float32: dict(rtol=1e-5, atol=1e-6),
@@ -28,6 +29,14 @@ TOL = {
 }
 # Norms: fp32 accumulation in different orders.
 NORM_RTOL = 1e-5
+# Whole runs (every tolerance of the suite is one of these, stated here once):
+TRAJECTORY = dict(rtol=2e-5, atol=2e-6)  # fp32 rounding carried through tens of steps of a small network
+NUSAM_TRAJECTORY = dict(rtol=1e-4, atol=1e-5)  # ... and through power iterations, which amplify it
+ROUNDING = dict(rtol=2 ** -23, atol=2 ** -24)  # one fp32 rounding (nuSAM's removal of its rank-1 term)
+FP64 = dict(rtol=1e-10, atol=1e-12)  # fp64 runs that reduce in other orders (ranks, accumulation)
+BF16_FORWARD = dict(rtol=5e-2, atol=5e-3)  # a bf16-autocast forward against the fp32 one
+HALF_RANK1 = dict(rtol=2e-2, atol=2e-2)  # rank-1 terms added to bf16 / fp16 matrices (values ~1, one ulp ~8e-3)
+FP64_SPEC = dict(rtol=1e-6, atol=1e-9)  # an fp64 optimizer against a closed form (fp32 scalars inside)
 
 
 def devices():
@@ -74,3 +83,40 @@ def _seed():
 def test_triton_backend_is_exercised_here():
     """CI has no GPU: the Triton kernels must still run (interpreter), or the GPU path is untested."""
     assert "triton" in backends.available("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pairwise(dims: dict, valid=None) -> list:
+    """Cases that cover every pair of values of any two dimensions at least once (a greedy covering
+    array, deterministic), instead of their full product: the kernels' branches interact in pairs
+    (an option with a dtype, a size with an option), and each dimension's every value still runs.
+    dims: name -> [(id, value), ...] (a name "a,b" takes tuple values, passed as two arguments);
+    valid(case dict of values) -> bool drops impossible cases. Returns pytest.param(*values in
+    the order of dims, id=...)."""
+    names = list(dims)
+    ok = valid or (lambda case: True)
+
+    def pairs_of(row):
+        return {(i, row[i], j, row[j]) for i in range(len(names)) for j in range(i + 1, len(names))}
+
+    every = [dict(zip(range(len(names)), combo)) for combo in _product([range(len(dims[n])) for n in names])]
+    every = [row for row in every if ok({names[i]: dims[names[i]][v][1] for i, v in row.items()})]
+    uncovered = set().union(*(pairs_of(row) for row in every)) if every else set()
+    rows = []
+    while uncovered:  # the valid row that covers the most pairs still uncovered, first such in product order
+        row = max(every, key=lambda r: len(pairs_of(r) & uncovered))
+        rows.append(row)
+        uncovered -= pairs_of(row)
+    def values(row):
+        out = []
+        for i, n in enumerate(names):
+            v = dims[n][row[i]][1]
+            out.extend(v if "," in n else (v,))
+        return out
+
+    return [pytest.param(*values(row), id="-".join(dims[names[i]][row[i]][0] for i in range(len(names))))
+            for row in rows]
+
+
+def _product(ranges):
+    import itertools
+    return itertools.product(*ranges)

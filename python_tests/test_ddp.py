@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import FP64
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -85,7 +86,7 @@ def test_ddp_ranks_identical_and_equal_to_one_process_on_the_full_batch(name):
         sam_step(model, opt, batch)
     single = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     # the mean of two half-batch means is the full-batch mean up to rounding (fp64 here)
-    torch.testing.assert_close(ranks[0], single, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ranks[0], single, **FP64)
 
 
 def test_msam_keeps_ranks_identical():
@@ -100,4 +101,4 @@ def test_msam_nusam_ranks_agree_to_rounding():
     to rounding, not bit for bit (README, "Distributed"). The synchronized first pass above is
     bit-identical."""
     ranks = run_ranks("nusam", msam=True)
-    torch.testing.assert_close(ranks[0], ranks[1], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ranks[0], ranks[1], **FP64)

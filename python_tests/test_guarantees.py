@@ -10,7 +10,7 @@ import io
 
 import pytest
 import torch
-from conftest import backend_cases
+from conftest import ROUNDING, backend_cases
 from torch import nn
 
 from sam_kernels import PSAM, SAM, GaussSAM, NuSAM, SAMPa
@@ -299,7 +299,7 @@ def test_nonfinite_anywhere_skips_bit_for_bit(name, backend, device, where, valu
         # perturbed before the bad gradient showed: the rank-1 term is removed by recomputing it,
         # within one rounding of x_t (nuSAM stores no copy of the weights; README.md says so)
         for w, w0 in zip(weights, before[0]):
-            torch.testing.assert_close(w, w0, rtol=2 ** -23, atol=2 ** -24)
+            torch.testing.assert_close(w, w0, **ROUNDING)
         weights = before[0]
     assert_same((weights, base_state, ours), before[:3])
     assert steps == before[3] + 1 and opt.skipped_steps == 1

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, KERNEL_BACKENDS, assert_close, backend_cases, poison, step_counts
+from conftest import DTYPES, KERNEL_BACKENDS, assert_close, backend_cases, pairwise, poison, step_counts
 
 from sam_kernels import backends, ops
 
@@ -126,9 +126,10 @@ UPDATES = ["restore", "restore_sgd", "restore_adam", "sampa_update_sgd", "sampa_
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("op", UPDATES)
-@pytest.mark.parametrize("found", [1.0, -3.0, float("nan"), 0.0])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op,found,dtype", pairwise({
+    "op": [(op, op) for op in UPDATES],
+    "found": [("1", 1.0), ("-3", -3.0), ("nan", float("nan")), ("0", 0.0)],
+    "dtype": [("fp32", torch.float32), ("bf16", torch.bfloat16)]}))
 def test_updates_obey_found_inf(backend, device, op, found, dtype):
     """found_inf != 0 (NaN included: it is not 0): SAM's x <- olds, nuSAM's x <- M - s u v^T,
     SAMPa's and restore_'s nothing, and no state written, while the gradient holds NaN. found_inf

@@ -7,12 +7,26 @@ import math
 
 import pytest
 import torch
-from conftest import NUSAM_BACKENDS, NUSAM_KERNEL_BACKENDS, poison, step_counts
+from conftest import (
+    FP64_SPEC,
+    HALF_RANK1,
+    NORM_RTOL,
+    NUSAM_BACKENDS,
+    NUSAM_KERNEL_BACKENDS,
+    NUSAM_TRAJECTORY,
+    TOL,
+    TRAJECTORY,
+    poison,
+    step_counts,
+)
 
 from sam_kernels import SAM, GaussSAM, NuSAM, ops
 
 BACKENDS = NUSAM_BACKENDS
-TRAJ_TOL = dict(rtol=1e-4, atol=1e-5)  # fp32 rounding through a few steps and power iterations
+
+
+def rank1_tol(dtype):
+    return TOL[torch.float32] if dtype == torch.float32 else HALF_RANK1
 
 
 def planted(n, m, gap=3.0, dtype=torch.float32, seed=0):
@@ -59,8 +73,8 @@ def test_power_iteration_matches_reference_per_step_and_warm_start(backend, devi
         ops.power_iteration_(mats, us, vs, sig, iters=1, backend=b)
         outs[b] = (us, vs, sig)
     for a, r in zip(outs[backend][0] + outs[backend][1], outs["torch"][0] + outs["torch"][1]):
-        torch.testing.assert_close(a.cpu(), r.cpu(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(outs[backend][2].cpu(), outs["torch"][2].cpu(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.cpu(), r.cpu(), **TOL[torch.float32])
+    torch.testing.assert_close(outs[backend][2].cpu(), outs["torch"][2].cpu(), **TOL[torch.float32])
     # warm start: from the exact top u, one iteration returns the exact pair
     m = planted(30, 20).to(device)
     U, S, Vh = torch.linalg.svd(m.double().cpu())
@@ -93,7 +107,7 @@ def test_prepared_power_iteration_starts_from_the_warm_vectors_and_keeps_them(ba
         sig_ref = torch.empty_like(sig)
         ops.power_iteration_(mats, us_ref, vs_ref, sig_ref, iters=2, backend="torch")
         for a, r in zip(cands + vs + [sig], us_ref + vs_ref + [sig_ref]):
-            torch.testing.assert_close(a.cpu(), r.cpu(), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a.cpu(), r.cpu(), **NUSAM_TRAJECTORY)
         assert all(torch.equal(w, w0) for w, w0 in zip(warm, warm0))
 
 
@@ -117,7 +131,7 @@ def test_rank1_scales(backend, device, case):
     scales, prior = poison(torch.empty(k, device=device)), poison(torch.empty(1, device=device))
     ops.rank1_scales_(sigmas.float().to(device), rho.float().to(device), normed.float().to(device), scales,
                       prior[0], backend=backend)
-    torch.testing.assert_close(scales.cpu().double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(scales.cpu().double(), want, rtol=NORM_RTOL, atol=0)
     total = float(sigmas.sum())
     assert (prior.item() == pytest.approx(total, rel=1e-5)) if math.isfinite(total) else not math.isfinite(prior.item())
 
@@ -136,8 +150,7 @@ def test_rank1_primitives_match_reference(backend, device, dtype):
     ops.rank1_update_(got, us, vs, scales, backend=backend)
     ops.rank1_update_(ref, us, vs, scales, backend="torch")
     for a, r in zip(got, ref):
-        torch.testing.assert_close(a.float().cpu(), r.float().cpu(), rtol=1e-2 if dtype != torch.float32 else 1e-5,
-                                   atol=1e-2 if dtype != torch.float32 else 1e-5)
+        torch.testing.assert_close(a.float().cpu(), r.float().cpu(), **rank1_tol(dtype))
     assert torch.equal(got[2], base[2])
     grads = [torch.randn_like(b) for b in base]
     for kind in ("sgd", "adam"):
@@ -156,7 +169,7 @@ def test_rank1_primitives_match_reference(backend, device, dtype):
                                         eps=1e-8, weight_decay=1e-2, decoupled=True,
                                         state_steps=step_counts(len(xs), 2, device), backend=b)
                 outs.append(xs + ms + vv)
-        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        tol = rank1_tol(dtype)
         for a, r in zip(*outs):
             torch.testing.assert_close(a.float().cpu(), r.float().cpu(), **tol)
 
@@ -200,9 +213,9 @@ def test_rank1_gradient_gives_exactly_sams_perturbation():
         opt.first_step()
         deltas.append(M.detach() - start)
         opt.restore()
-    torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(deltas[0], deltas[1], **FP64_SPEC)
     G = torch.outer(a, b)
-    torch.testing.assert_close(deltas[1], 0.3 * G / G.norm(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(deltas[1], 0.3 * G / G.norm(), **FP64_SPEC)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -285,7 +298,7 @@ def test_trajectory_matches_exact_svd_reference_with_many_power_iterations(backe
     model = mlp(device=device)
     ours = train(model, NuSAM(model.parameters(), base_cls, rho=0.2, power_iters=60, backend=backend, **kw), data)
     ref = exact_svd_nusam(mlp(device=device), base_cls, kw, data, rho=0.2)
-    torch.testing.assert_close(ours, ref, **TRAJ_TOL)
+    torch.testing.assert_close(ours, ref, **NUSAM_TRAJECTORY)
 
 
 @pytest.mark.parametrize("backend,device", NUSAM_KERNEL_BACKENDS)
@@ -297,7 +310,7 @@ def test_backends_agree(backend, device, normalized):
         model = mlp(device=device)
         runs.append(train(model, NuSAM(model.parameters(), torch.optim.AdamW, rho=0.2, normalized=normalized,
                                        backend=b, lr=1e-2), data))
-    torch.testing.assert_close(runs[0], runs[1], **TRAJ_TOL)
+    torch.testing.assert_close(runs[0], runs[1], **NUSAM_TRAJECTORY)
 
 
 def test_figure_1_gradient_direction_matters():
@@ -447,13 +460,13 @@ def test_property_power_iteration_and_rank1(backend, device, shapes, iters, scal
     for a, r in zip(outs[backend][0] + outs[backend][1] + [outs[backend][2]],
                     outs["torch"][0] + outs["torch"][1] + [outs["torch"][2]]):
         assert torch.isfinite(a).all()
-        torch.testing.assert_close(a.cpu(), r.cpu(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.cpu(), r.cpu(), **NUSAM_TRAJECTORY)
     us, vs, _ = outs["torch"]
     scales = torch.full((len(shapes),), scale, device=device)
     got, ref = [m.clone() for m in mats], [m.clone() for m in mats]
     ops.rank1_update_(got, us, vs, scales, backend=backend)
     ops.rank1_update_(ref, us, vs, scales, backend="torch")
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-2)
+    tol = rank1_tol(dtype)
     for a, r in zip(got, ref):
         torch.testing.assert_close(a.float().cpu(), r.float().cpu(), **tol)
 
@@ -464,7 +477,7 @@ def test_generic_path_for_other_base_optimizers():
     model = mlp()
     ours = train(model, NuSAM(model.parameters(), torch.optim.RMSprop, rho=0.2, power_iters=60, lr=1e-2), data)
     ref = exact_svd_nusam(mlp(), torch.optim.RMSprop, dict(lr=1e-2), data, rho=0.2)
-    torch.testing.assert_close(ours, ref, **TRAJ_TOL)
+    torch.testing.assert_close(ours, ref, **NUSAM_TRAJECTORY)
 
 
 def test_nusam_with_an_instance_and_lr_scheduler():
@@ -512,7 +525,7 @@ def test_conv_reshape_keeps_the_base_state_on_the_parameters(base):
         for t in fused.base_optimizer.state[p].values():
             assert t.dim() == 0 or t.shape == p.shape
     for a, b in zip(params, generic_model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, **TRAJECTORY)
 
 
 @pytest.mark.parametrize("bad,message", [

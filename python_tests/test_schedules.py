@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import TRAJECTORY
 from torch import nn
 
 from sam_kernels import PSAM, SAM, GaussSAM, NuSAM, SAMPa
@@ -161,7 +162,7 @@ def test_sampa_start_step_and_callable_rho():
     for t, b in enumerate(data[k:], start=k):
         rest.param_groups[0]["rho"] = schedule(t)
         rest.step(b)
-    torch.testing.assert_close(flat(model), flat(ref), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(flat(model), flat(ref), **TRAJECTORY)
 
 
 @pytest.mark.parametrize("kwargs,pattern", [

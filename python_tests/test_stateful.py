@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TOL
+from conftest import ROUNDING, TOL
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -152,7 +152,7 @@ class TwoStepMachine(RuleBasedStateMachine):
                 if exact:
                     assert torch.equal(p.detach(), x), "a skipped step moved the weights"
                 else:  # nuSAM removes its rank-1 term by recomputing it: within a rounding
-                    torch.testing.assert_close(p.detach(), x, rtol=2 ** -23, atol=2 ** -24)
+                    torch.testing.assert_close(p.detach(), x, **ROUNDING)
             after = self.opt.base_optimizer.state_dict()["state"]
             for k in after:
                 for key, v in after[k].items():
@@ -183,7 +183,7 @@ class TwoStepMachine(RuleBasedStateMachine):
         self.opt.restore()
         for p, x in zip(self.params, xs):
             if self.name.startswith("nusam"):
-                torch.testing.assert_close(p.detach(), x, rtol=2 ** -23, atol=2 ** -24)
+                torch.testing.assert_close(p.detach(), x, **ROUNDING)
             else:
                 assert torch.equal(p.detach(), x), "restore() is not bit for bit"
 
@@ -200,7 +200,7 @@ class TwoStepMachine(RuleBasedStateMachine):
             self.opt.step(closure)
         for p, x in zip(self.params, xs):
             if self.name.startswith("nusam"):
-                torch.testing.assert_close(p.detach(), x, rtol=2 ** -23, atol=2 ** -24)
+                torch.testing.assert_close(p.detach(), x, **ROUNDING)
             else:
                 assert torch.equal(p.detach(), x)
         assert self.opt.state_dict()["state"].keys() == state["state"].keys()
