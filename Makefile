@@ -27,9 +27,10 @@ test: install
 	$(BIN)/python -m pytest python_tests -q -p no:cacheprovider
 
 demo: install
-	$(BIN)/python -m sam_kernels.demo
+	$(BIN)/python -m sam_kernels.demo --json demo_out/demo.json
 	$(BIN)/python -m sam_kernels.bench --quick --json demo_out/bench.json --markdown demo_out/bench.md --plot demo_out/bench.png
 	$(BIN)/python -m sam_kernels.memory --quick --json demo_out/memory.json --plot demo_out/memory.png
+	@echo "make demo: files in $(CURDIR)/demo_out:" && ls demo_out
 
 bench: install
 	$(BIN)/python -m sam_kernels.bench --quick --json bench/results/cpu-quick.json

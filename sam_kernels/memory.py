@@ -148,7 +148,7 @@ def plot(records, path: str) -> None:
     peak: activations and temporaries), one panel per model."""
     plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in records))
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models) + 2.5, 4.5), squeeze=False)
     parts = [("params_bytes", "parameters"), ("grads_bytes", "gradients"), ("state_bytes", "base state"),
              ("perturbation_bytes", "perturbation")]
     for ax, m in zip(axes[0], models):
@@ -159,10 +159,12 @@ def plot(records, path: str) -> None:
             vals = [(r[key] if key else max(r["peak_bytes"] - sum(r[k] for k, _ in parts), 0)) / 2 ** 20 for r in rows]
             ax.bar(names, vals, bottom=bottom, label=label)
             bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.set_title(f"{m} ({rows[0]['device']})")
-        ax.set_ylabel("MiB")
-    axes[0][-1].legend(fontsize=8)
-    save_figure(plt, fig, path, dpi=120)
+        ax.set_title(f"{m} ({rows[0]['device']})", fontsize=12)
+        ax.set_ylabel("MiB", fontsize=11)
+        ax.tick_params(axis="x", labelsize=10, rotation=30)
+    # beside the panels, never over a bar
+    axes[0][-1].legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    save_figure(plt, fig, path, dpi=110)
 
 
 def main(argv=None):

@@ -21,7 +21,7 @@ from .cases import (BYTES_PER_ELEMENT, compiled_sam_case, foreach_sam_case, loop
                     torch_sgd_case)
 from .cases import sampa_step_case
 from .models import MODELS
-from .output import progress, pyplot, save_figure, write_text
+from .output import colour, progress, pyplot, save_figure, sibling, write_text
 from .shapes import PARAM_SETS, numel
 from .timing import copy_bandwidth_gbps, device_name, host_ms_interleaved, median_ms_interleaved
 from .train import run_train_steps
@@ -128,7 +128,7 @@ def run(args) -> list[dict]:
         del fns
         bar.update(len(group))
         if args.json:  # as it goes: a run cut short still leaves its records
-            write_text(args.json, json.dumps(records, indent=1))
+            write_text(args.json, json.dumps(records, indent=1), announce=False)
     bar.close()
     models = [m for m in args.models.split(",") if m] if args.models is not None else (
         ["resnet20"] if args.quick else ["resnet20", "resnet56", "vit_s"])
@@ -138,7 +138,7 @@ def run(args) -> list[dict]:
             records += run_train_steps(device, [model], batch, reps=3 if args.quick else 20,
                                        warmup=1 if args.quick else 5)
             if args.json:
-                write_text(args.json, json.dumps(records, indent=1))
+                write_text(args.json, json.dumps(records, indent=1), announce=False)
     return records
 
 
@@ -165,31 +165,77 @@ def table(records) -> str:
                                if train else "")
 
 
+ABOVE_COPY = ("* above the copy bandwidth: a copy moves 3 bytes per byte it writes (its stores allocate the line "
+              "first) where\n  read-heavy kernels move fewer, and between repetitions part of a working set stays "
+              "in the caches (CPU; small sets on a GPU)")
+
+
+def _bars(plt, records, value, label, title, path, limit=None):
+    """One figure of one quantity: a panel per parameter set, ops along x, one bar (and one
+    colour) per implementation. limit: a dashed line (the copy), bars above it starred."""
+    sets = list(dict.fromkeys(r["params"] for r in records))
+    fig, axes = plt.subplots(len(sets), 1, figsize=(12, 4.6 * len(sets)), squeeze=False)
+    starred = False
+    for ax, name in zip(axes[:, 0], sets):
+        rows = [r for r in records if r["params"] == name]
+        ops = list(dict.fromkeys(r["op"] for r in rows))
+        impls = list(dict.fromkeys(r["backend"] for r in rows))
+        width = 0.8 / max(sum(r["op"] == op for r in rows) for op in ops)
+        for impl in impls:
+            xs, ys = [], []
+            for i, op in enumerate(ops):
+                present = [r["backend"] for r in rows if r["op"] == op]  # the bars of one op, centred on it
+                if impl in present:
+                    xs.append(i + (present.index(impl) - (len(present) - 1) / 2) * width)
+                    ys.append(value(next(r for r in rows if r["op"] == op and r["backend"] == impl)))
+            ax.bar(xs, ys, width=width, color=colour(impl), label=impl)
+            for x, y in zip(xs, ys):
+                if limit is not None and y > limit:
+                    ax.annotate("*", (x, y), ha="center", va="bottom", fontsize=12)
+                    starred = True
+        if limit is not None:
+            ax.axhline(limit, linestyle="--", color="k", linewidth=1)
+        ax.set_xticks(range(len(ops)), ops, fontsize=10, rotation=25, ha="right")
+        ax.set_ylabel(label, fontsize=11)
+        ax.set_title(f"{title}: {name}", fontsize=12)
+        ax.tick_params(axis="y", labelsize=10)
+        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if starred:
+        fig.text(0.01, 0.005, ABOVE_COPY, fontsize=9, ha="left", va="bottom")
+    save_figure(plt, fig, path, dpi=100, bottom=0.07 if starred else 0.0)
+
+
 def plot(records, path: str) -> None:
-    """GB/s of every kernel record (against the copy bandwidth, dashed) per parameter set, and the
-    whole-training-step times, as one PNG."""
+    """One figure per quantity, never two on one axis: `path` the fraction of the copy bandwidth
+    (measured in the same run) of every device-timed case, `-gbps` its GB/s, `-host` the host's
+    ms per step (host_152), `-train` the whole training steps' ms."""
     plt = pyplot()
     copy = next(r for r in records if r["op"] == "copy")
-    kernels = [r for r in records if r["op"] not in ("copy", "train_step")]
+    device = [r for r in records if r["op"] not in ("copy", "train_step") and r.get("metric") != "host"]
+    host = [r for r in records if r.get("metric") == "host"]
     train = [r for r in records if r["op"] == "train_step"]
-    sets = list(dict.fromkeys(r["params"] for r in kernels))
-    panels = len(sets) + (1 if train else 0)
-    fig, axes = plt.subplots(panels, 1, figsize=(12, 3.5 * panels), squeeze=False)
-    for ax, name in zip(axes[:, 0], sets):
-        rows = [r for r in kernels if r["params"] == name]
-        ax.bar([f"{r['op']}\n{r['backend']}" for r in rows], [r["gbps"] for r in rows])
-        ax.axhline(copy["gbps"], linestyle="--", color="k", label=f"copy {copy['gbps']:.0f} GB/s")
-        ax.set_ylabel("GB/s (floor bytes / time)")
-        ax.set_title(f"{name} on {copy['device']}")
-        ax.tick_params(axis="x", labelsize=6, rotation=90)
-        ax.legend()
+    where = f"{copy['device']}, copy {copy['gbps']:.0f} GB/s"
+    _bars(plt, device, lambda r: 100 * r["frac_of_copy"], "% of the copy bandwidth",
+          f"fraction of the copy ({where})", path, limit=100.0)
+    _bars(plt, device, lambda r: r["gbps"], "GB/s (floor bytes / time)", f"bandwidth ({where})",
+          sibling(path, "gbps"), limit=copy["gbps"])
+    if host:
+        _bars(plt, host, lambda r: r["median_ms"], "ms of host time per call", f"host time ({copy['device']})",
+              sibling(path, "host"))
     if train:
-        ax = axes[-1, 0]
-        ax.bar([f"{r['model']}\n{r['optimizer']}" for r in train], [r["median_ms"] for r in train])
-        ax.set_ylabel("ms per training step")
-        ax.set_title(f"whole training steps (batch {train[0]['batch']})")
-        ax.tick_params(axis="x", labelsize=7)
-    save_figure(plt, fig, path, dpi=110)
+        fig, ax = plt.subplots(figsize=(11, 4.5))
+        models = list(dict.fromkeys(r["model"] for r in train))
+        opts = list(dict.fromkeys(r["optimizer"] for r in train))
+        width = 0.85 / len(opts)
+        for j, o in enumerate(opts):
+            rows = [(i, r) for i, m in enumerate(models) for r in train if r["model"] == m and r["optimizer"] == o]
+            ax.bar([i + (j - (len(opts) - 1) / 2) * width for i, _ in rows], [r["median_ms"] for _, r in rows],
+                   width=width, label=o, color=f"C{j}")
+        ax.set_xticks(range(len(models)), models, fontsize=10)
+        ax.set_ylabel("ms per training step", fontsize=11)
+        ax.set_title(f"whole training steps, batch {train[0]['batch']} ({copy['device']})", fontsize=12)
+        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        save_figure(plt, fig, sibling(path, "train"), dpi=100)
 
 
 def main(argv=None):
