@@ -155,5 +155,6 @@ TORCH_LIBRARY(sam_kernels, m) {
   // of a kernel over it with scalars only. Not traceable (the table hides what is written): the
   // plans use them in eager mode only, and the list ops above under torch.compile.
   m.def("_table(Tensor[] tensors, int n_lists, int[] values) -> (Tensor, int[])");
-  m.def("_launch(str kernel, Tensor? table, int[] meta, float[] scalars, int[] options, Tensor?[] args) -> ()");
+  m.def("_launch(str kernel, Tensor? table, int[] meta, float[] scalars, int[] options, Tensor?[] args, "
+        "Tensor?[] device_scalars) -> ()");
 }

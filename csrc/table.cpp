@@ -1,7 +1,8 @@
 // The launch helper (table.h): the runner registry, table construction, the argument checks of
 // every list op, and the two private ops of the optimizers' step plans:
 //   _table(Tensor[] tensors, int n_lists, int[] values) -> (Tensor table, int[] meta)
-//   _launch(str kernel, Tensor? table, int[] meta, float[] scalars, int[] options, Tensor?[] args)
+//   _launch(str kernel, Tensor? table, int[] meta, float[] scalars, int[] options, Tensor?[] args,
+//           Tensor?[] device_scalars)  (device_scalars[i]: read scalars[i] from it when the kernel runs)
 // A plan builds its tables once (the addresses of the parameters, gradients and state do not
 // change from step to step) and then launches with scalars only: no list of tensors crosses the
 // Python / C++ boundary per step.
@@ -204,8 +205,16 @@ std::tuple<at::Tensor, std::vector<int64_t>> table_op(at::TensorList tensors, in
                   chunk_size(device.type())}};
 }
 
+// The CUDA kernels that read device scalars, and which: a slot no kernel reads must not be ignored.
+bool reads_device_scalar(const std::string& kernel, size_t slot) {
+  if (kernel == "sampa_preview_sgd_" || kernel == "sampa_preview_adam_") return slot <= 1;  // rho, lr
+  return slot == 0 && (kernel == "perturb_" || kernel == "restore_sgd_" || kernel == "sampa_update_sgd_" ||
+                       kernel == "restore_adam_" || kernel == "sampa_update_adam_");  // rho or lr
+}
+
 void launch_op(const std::string& kernel, const std::optional<at::Tensor>& table, at::IntArrayRef meta,
-               at::ArrayRef<double> scalars, at::IntArrayRef options, const c10::List<std::optional<at::Tensor>>& args) {
+               at::ArrayRef<double> scalars, at::IntArrayRef options, const c10::List<std::optional<at::Tensor>>& args,
+               const c10::List<std::optional<at::Tensor>>& device_scalars) {
   Launch l;
   std::optional<at::Device> device;
   if (table.has_value()) {
@@ -223,6 +232,23 @@ void launch_op(const std::string& kernel, const std::optional<at::Tensor>& table
   l.device = *device;
   l.scalars.assign(scalars.begin(), scalars.end());
   l.options.assign(options.begin(), options.end());
+  TORCH_CHECK(device_scalars.size() <= l.scalars.size(), "_launch: ", device_scalars.size(), " device scalars for ",
+              l.scalars.size(), " scalars");
+  for (size_t i = 0; i < device_scalars.size(); ++i) {
+    const std::optional<at::Tensor> t = device_scalars.get(i);
+    if (!t.has_value()) continue;
+    TORCH_CHECK(t->device() == l.device && t->scalar_type() == at::kFloat && t->numel() == 1,
+                "_launch: device_scalars[", i, "] must be one fp32 value on ", l.device, ", got ", t->scalar_type(),
+                " of ", t->numel(), " values on ", t->device());
+    if (l.device.is_cpu()) {
+      l.scalars[i] = *t->const_data_ptr<float>();  // host memory: read now, no synchronization
+    } else {
+      TORCH_CHECK(reads_device_scalar(kernel, i), "_launch: kernel ", kernel, " does not read scalar ", i,
+                  " on the device");
+      l.dev.resize(std::max(l.dev.size(), i + 1), nullptr);
+      l.dev[i] = t->const_data_ptr<float>();
+    }
+  }
   const c10::DeviceGuard guard(l.device);
   find_runner(kernel, l.device.type())(l);
 }

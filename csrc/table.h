@@ -68,8 +68,12 @@ struct Launch {
   std::vector<double> scalars;
   std::vector<int64_t> options;
   std::vector<std::optional<at::Tensor>> args;
+  // Capturable steps: scalars[i] read from this fp32 device scalar when the kernel runs (lr, rho
+  // change between replays of a CUDA graph). CPU launches get the value in scalars instead.
+  std::vector<const float*> dev;
 
   double s(size_t i) const { return scalars.at(i); }
+  const float* dev_scalar(size_t i) const { return i < dev.size() ? dev[i] : nullptr; }
   bool flag(size_t i) const { return options.at(i) != 0; }
   // The fp32 device scalar (or vector) args[i], nullptr when absent.
   float* f32(size_t i) const {

@@ -25,6 +25,7 @@ from torch.optim.optimizer import required
 
 from . import _ext, backends
 from ._lists import GradsOf
+from .capturable import DeviceScalars, capturing
 from .fused_update import StepCounters, fused_kind, prepare_state, prepare_update, structure
 from .pipeline import SKIPPED, Flags, NormStage, Plans, scaler_inputs, scaler_record
 
@@ -139,7 +140,8 @@ class SharpnessAwareOptimizer(Optimizer):
     """
 
     def __init__(self, params, base_optimizer, defaults: dict, backend: str, nonfinite: str, base_kwargs: dict,
-                 start_step: int = 0, rho_fn: Callable[[int], float] | None = None, max_grad_norm=None):
+                 start_step: int = 0, rho_fn: Callable[[int], float] | None = None, max_grad_norm=None,
+                 capturable: bool = False):
         if isinstance(params, Optimizer):
             raise TypeError(f"params is a {type(params).__name__} instance: pass the base optimizer as "
                             f"base_optimizer= and params=None, e.g. {type(self).__name__}(base_optimizer=opt, rho=...)")
@@ -174,6 +176,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.backend = backend
         self.nonfinite = nonfinite
         self.max_grad_norm = max_grad_norm
+        self.capturable = bool(capturable)
         for i, group in enumerate(self.param_groups):
             self._check_group(group, f"param_groups[{i}]")
         self.start_step = check_step("start_step", start_step)
@@ -182,6 +185,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._plain_pending = False  # first_step() found no SAM step due: second_step() is a base step
         self._pending = None  # the first plan between first_step() and second_step()
         self._flags: Flags | None = None  # on the device of the parameters, from the first step on
+        self._scalars: DeviceScalars | None = None  # capturable: lr and rho on the device
         self._skipped_at_load = 0.0  # a loaded skipped_steps, before the flags exist
         self._counters = StepCounters()
         self._plans = Plans()
@@ -294,6 +298,50 @@ class SharpnessAwareOptimizer(Optimizer):
     def _backend(self, device, op: str) -> str:
         return backends.resolve(self.backend, device, op)
 
+    # --- capturable steps (sam_kernels/capturable.py) --------------------------------------------
+
+    def _device_scalars(self, device) -> DeviceScalars:
+        ds = self._scalars
+        if ds is None or ds.device != torch.device(device) or not ds.covers(self.param_groups):
+            ds = self._scalars = DeviceScalars(self.param_groups, self._flags_on(device).device)
+            ds.load_()
+        return ds
+
+    def _lr(self, group: dict, device):
+        """What a fused update takes for the group's lr: None (group["lr"], read per call) or, when
+        capturable, its device scalar."""
+        if not self.capturable:
+            return None
+        return self._device_scalars(device).lr(group)
+
+    def _rho(self, group: dict, device):
+        """The group's rho: the number, or (capturable) its device scalar."""
+        if not self.capturable:
+            return group["rho"]
+        return self._device_scalars(device).rho(group)
+
+    def _begin(self, name: str) -> None:
+        """Before a step's launches: under CUDA graph capture, only a capturable optimizer may run
+        (its host numbers would be baked into the graph); otherwise the device scalars of a
+        capturable one get the groups' current lr and rho."""
+        if capturing():
+            if not self.capturable:
+                raise RuntimeError(f"{name} is being captured in a CUDA graph but the optimizer was built with "
+                                   "capturable=False: its lr and rho would be fixed at their values of the capture")
+            if self.nonfinite == "raise":
+                raise RuntimeError(f"{name}: nonfinite='raise' reads the device on the host and cannot be captured")
+        elif self.capturable and self._scalars is not None:
+            self._scalars.load_()
+
+    def _plan(self, kind: str, key, build):
+        """The plan of kind for key; under capture it must be the one warm-up built (a build or a
+        refresh would copy tables from the host into the graph)."""
+        if capturing() and not self._plans.holds(kind, key):
+            raise RuntimeError(f"{type(self).__name__}: the {kind!r} step plan changed during CUDA graph capture "
+                               "(parameters, gradients, their addresses or the param groups differ from the last "
+                               "eager step): run an eager step with the same setup before capturing")
+        return self._plans.get(kind, key, build)
+
     def _build_update(self, work, device, first) -> UpdatePlan:
         """The guard and the fused updates of one pass over [(group, params with a gradient)]:
         each parameter restores from what `first` kept (SAM's copy, nuSAM's rank-1 term) or, not
@@ -316,7 +364,7 @@ class SharpnessAwareOptimizer(Optimizer):
             if plain:
                 olds = [first.old_of(p) if first is not None else p for p in plain]
                 run = prepare_update(self.base_optimizer, kind, group, backend, device, plain, GradsOf(plain),
-                                     self._counters, olds=olds)
+                                     self._counters, olds=olds, lr=self._lr(group, device))
                 plan.updates.append(lambda flags, run=run: run(flags.grad_scale, flags.found_inf))
             if rank1:
                 plan.updates.append(first.rank1_update(self.base_optimizer, kind, group, device, rank1,
@@ -380,7 +428,8 @@ class SharpnessAwareOptimizer(Optimizer):
                 self.zero_grad()
             return
         self._apply_rho_schedule()
-        plan = self._plans.get("first", self._key(), lambda: self._build_first(*self._work(f"{name} first_step")))
+        self._begin(f"{name}.first_step")
+        plan = self._plan("first", self._key(), lambda: self._build_first(*self._work(f"{name} first_step")))
         self._perturb(plan)
         self._pending = plan
         if zero_grad:
@@ -405,7 +454,8 @@ class SharpnessAwareOptimizer(Optimizer):
             raise RuntimeError(f"{name}.second_step() called without first_step()")
         self._pending = None
         try:
-            plan = self._plans.get("second", self._key(first),
+            self._begin(f"{name}.second_step")
+            plan = self._plan("second", self._key(first),
                                    lambda: self._build_update(*self._work(f"{name} second_step"), first))
             self._t += 1
             self._finish(plan, first.prior, grad_scaler, first, f"{name}.second_step")
@@ -426,7 +476,8 @@ class SharpnessAwareOptimizer(Optimizer):
         if self._pending is not None:
             raise RuntimeError(f"{name}.base_step() between first_step() and second_step(): the weights are perturbed")
         self._plain_pending = False
-        plan = self._plans.get("base", self._key(), lambda: self._build_update(*self._work(f"{name} base_step"), None))
+        self._begin(f"{name}.base_step")
+        plan = self._plan("base", self._key(), lambda: self._build_update(*self._work(f"{name} base_step"), None))
         self._t += 1
         self._finish(plan, None, grad_scaler, None, f"{name}.base_step")
         self._opt_called = True

@@ -157,12 +157,13 @@ _OPS = {("sgd", "old"): "restore_sgd_", ("sgd", "rank1"): "rank1_restore_sgd_", 
 
 
 def prepare_update(base, kind: str, group: dict, backend: str, device, params, grads, counters: StepCounters, *,
-                   olds=None, rank1=None, grads2=None, keys=None):
+                   olds=None, rank1=None, grads2=None, keys=None, lr=None):
     """The fused update of `params` (one param group) with `grads`, restoring from olds (SAM), from
     the rank-1 term rank1 = (us, vs) (nuSAM; the scales are given per call), or from x itself
     with the mix of grads and grads2 (SAMPa). keys: the state's owners when params are views of
-    them. counters: the optimizer's StepCounters (Adam). Returns run(grad_scale, found_inf, scales=None,
-    lam=None)."""
+    them. counters: the optimizer's StepCounters (Adam). lr: a device scalar the kernel reads instead of
+    group["lr"] (capturable steps: sam_kernels/capturable.py). Returns run(grad_scale, found_inf,
+    scales=None, lam=None)."""
     keys = keys if keys is not None else params
     views = None if keys is params else [p.shape for p in params]
     state_lists(base, kind, group, keys)  # create what is missing
@@ -182,6 +183,8 @@ def prepare_update(base, kind: str, group: dict, backend: str, device, params, g
 
     def run(grad_scale=None, found_inf=None, scales=None, lam=None):
         kw = hyper(base, kind, group)
+        if lr is not None:
+            kw["lr"] = lr
         if scales is not None:
             kw["scales"] = scales
         if lam is not None:
@@ -190,11 +193,11 @@ def prepare_update(base, kind: str, group: dict, backend: str, device, params, g
     return run
 
 
-def prepare_preview(base, kind: str, group: dict, backend: str, device, params, grads, perturbed, previews):
+def prepare_preview(base, kind: str, group: dict, backend: str, device, params, grads, perturbed, previews, lr=None):
     """SAMPa: perturbed <- x + rho g / (norm + eps), previews <- the base step from x with g, the state
     read and never written (Adam state that does not exist yet is created as torch.optim.Adam
     would on its first step, zeros: a prepared launch holds addresses, so what it reads must
-    outlive it). Returns run(norm, rho)."""
+    outlive it). lr: as for prepare_update. Returns run(norm, rho) (rho a number or a device scalar)."""
     state = base.state
     if kind == "sgd":
         fresh = group["momentum"] != 0 and any(state[p].get("momentum_buffer") is None for p in params)
@@ -213,6 +216,8 @@ def prepare_preview(base, kind: str, group: dict, backend: str, device, params, 
 
     def run(norm, rho):
         kw = hyper(base, kind, group)
+        if lr is not None:
+            kw["lr"] = lr
         if kind == "sgd":
             kw["init_bufs"] = static["init_bufs"]
         launch(norm=norm, rho=rho, **kw)

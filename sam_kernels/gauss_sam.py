@@ -24,13 +24,13 @@ class GaussSAM(SAM):
 
     def __init__(self, params=None, base_optimizer=torch.optim.SGD, rho=0.05, backend: str = "auto",
                  nonfinite: str = "skip", generator: torch.Generator | None = None, seed: int | None = None,
-                 start_step: int = 0, max_grad_norm=None, **base_kwargs):
+                 start_step: int = 0, max_grad_norm=None, capturable: bool = False, **base_kwargs):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an integer or None, got {seed!r}")
         super().__init__(params, base_optimizer, rho=rho, adaptive=False, backend=backend, nonfinite=nonfinite,
-                         start_step=start_step, max_grad_norm=max_grad_norm, **base_kwargs)
+                         start_step=start_step, max_grad_norm=max_grad_norm, capturable=capturable, **base_kwargs)
         self.generator = generator
         self.seed = seed if seed is not None else int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self._own: torch.Generator | None = None

@@ -125,8 +125,18 @@ class _Bound:
 
     def __call__(self, scalars, options, args):
         launch = _ops()._launch
+        scalars, device_scalars = _device_scalars(scalars)
         for table, meta in self.parts:
-            launch(self.kernel, table, meta, scalars, options, args)
+            launch(self.kernel, table, meta, scalars, options, args, device_scalars)
+
+
+def _device_scalars(values):
+    """(floats, device scalars): a value given as a tensor (a capturable step's lr or rho, an fp32
+    device scalar) is read by the kernel when it runs; its float slot is a placeholder."""
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return [float(v) for v in values], []
+    return ([0.0 if isinstance(v, torch.Tensor) else float(v) for v in values],
+            [v if isinstance(v, torch.Tensor) else None for v in values])
 
 
 def _patch(table: torch.Tensor, at: int, tensors) -> None:
@@ -148,7 +158,7 @@ def prepare_sumsq(tensors, second=None):
 
     def run(partials, mode, scalar, at=0):
         for table, meta in bound.parts:
-            launch("sumsq", table, meta, [float(scalar)], [int(mode), at], [partials])
+            launch("sumsq", table, meta, [float(scalar)], [int(mode), at], [partials], [])
             at += meta[3]
 
     run.n_partials = bound.n_chunks
@@ -157,19 +167,19 @@ def prepare_sumsq(tensors, second=None):
 
 def norm_finalize(partials, out):
     """out <- sqrt(sum(partials)) (every element of partials is a sum of squares)."""
-    _ops()._launch("norm_finalize", None, [], [], [], [partials, out])
+    _ops()._launch("norm_finalize", None, [], [], [], [partials, out], [])
 
 
 def guard_finalize(partials, flags, prior=None, scale=None, found_inf=None, max_norm=float("inf"), steps=None,
                    steps_mask=None):
     """The guard of check_grads_ from the sums of squares in partials."""
     _ops()._launch("guard_finalize", None, [], [float(max_norm)], [],
-                   [partials, flags, prior, scale, found_inf, steps, steps_mask])
+                   [partials, flags, prior, scale, found_inf, steps, steps_mask], [])
 
 
 def prepare_perturb_(params, grads, olds):
     bound = _Bound("perturb_", [params, grads, olds])
-    return lambda norm, rho, adaptive, offset: bound([float(rho), float(offset)], [bool(adaptive)], [norm])
+    return lambda norm, rho, adaptive, offset: bound([rho, offset], [bool(adaptive)], [norm])
 
 
 def prepare_restore_(params, olds):
@@ -180,8 +190,8 @@ def prepare_restore_(params, olds):
 def _sgd_run(bound, lam=None):
     def run(lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs, grad_scale=None, found_inf=None,
             scales=None, lam=lam):
-        scalars = [float(lr), float(momentum), float(dampening), float(weight_decay)]
-        bound(scalars + ([float(lam)] if lam is not None else []), [bool(nesterov), bool(maximize), bool(init_bufs)],
+        scalars = [lr, momentum, dampening, weight_decay]
+        bound(scalars + ([lam] if lam is not None else []), [bool(nesterov), bool(maximize), bool(init_bufs)],
               [grad_scale, found_inf] + ([scales] if scales is not None else []))
     return run
 
@@ -204,8 +214,8 @@ def prepare_sampa_update_sgd_(params, grads, grads2, bufs, momentum):
 def _adam_run(bound, lam=None):
     def run(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None,
             scales=None, lam=lam):
-        scalars = [float(lr), float(beta1), float(beta2), float(eps), float(weight_decay)]
-        bound(scalars + ([float(lam)] if lam is not None else []), [bool(decoupled), bool(amsgrad), bool(maximize)],
+        scalars = [lr, beta1, beta2, eps, weight_decay]
+        bound(scalars + ([lam] if lam is not None else []), [bool(decoupled), bool(amsgrad), bool(maximize)],
               [grad_scale, found_inf] + ([scales] if scales is not None else []))
     return run
 
@@ -232,7 +242,7 @@ def prepare_sampa_preview_sgd_(params, grads, perturbed, previews, bufs, momentu
                                           bufs if momentum != 0 and not init_bufs else None])
 
     def run(norm, rho, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs):
-        bound([float(rho), float(lr), float(momentum), float(dampening), float(weight_decay)],
+        bound([rho, lr, momentum, dampening, weight_decay],
               [bool(nesterov), bool(maximize), bool(init_bufs)], [norm])
     return run
 
@@ -243,7 +253,7 @@ def prepare_sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, ex
                                            max_exp_avg_sqs if amsgrad else None])
 
     def run(norm, rho, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize):
-        bound([float(rho), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay)],
+        bound([rho, lr, beta1, beta2, eps, weight_decay],
               [bool(decoupled), bool(amsgrad), bool(maximize)], [norm])
     return run
 

@@ -91,7 +91,16 @@ class NuSamPlan:
         ops.power_iteration_(list(self.grads), self.cands, self.vs, sigmas, iters, tau, backend=self.backend)
 
     def _rhos(self) -> torch.Tensor:
-        """rho per matrix on the device, sent again only when a group's rho changed."""
+        """rho per matrix on the device, sent again only when a group's rho changed (capturable:
+        gathered on the device from the groups' device scalars, into one buffer)."""
+        if self.opt.capturable:
+            if self.rho is None:
+                ds = self.opt._device_scalars(self.device)
+                self._rho_rows = _device_vector([ds.row(g) for g in self.groups], self.device).long()
+                self.rho = torch.zeros(len(self.groups) + 1, dtype=torch.float32, device=self.device)
+                self._rho_column = ds.rho_column()
+            torch.index_select(self._rho_column, 0, self._rho_rows, out=self.rho[:-1])
+            return self.rho
         key = tuple(g["rho"] for g in self.groups)
         if key != self._rho_key:
             self._rho_key, self.rho = key, _device_vector(list(key) + [0.0], self.device)
@@ -131,7 +140,8 @@ class NuSamPlan:
         keys = None if all(p is m for p, m in zip(ps, mats)) else ps  # conv kernels: state keyed by the params
         grads = GradsOf(ps, [m.shape for m in mats])  # the second gradients
         run = prepare_update(base, kind, group, self.opt._backend(device, "rank1_restore_sgd_"), device, mats, grads,
-                             counters, rank1=([self.cands[j] for j in idx], [self.vs[j] for j in idx]), keys=keys)
+                             counters, rank1=([self.cands[j] for j in idx], [self.vs[j] for j in idx]), keys=keys,
+                             lr=self.opt._lr(group, device))
         scales = self._scales_of(idx)
         return lambda flags: run(flags.grad_scale, flags.found_inf, scales=scales(self.scales))
 
@@ -182,7 +192,8 @@ class NuSAM(SharpnessAwareOptimizer):
 
     def __init__(self, params=None, base_optimizer=torch.optim.AdamW, rho: float = 0.1, power_iters: int = 1,
                  normalized: bool = False, conv: str = "skip", backend: str = "auto", nonfinite: str = "skip",
-                 seed: int = 0, tau: float = 1e-12, start_step: int = 0, max_grad_norm=None, **base_kwargs):
+                 seed: int = 0, tau: float = 1e-12, start_step: int = 0, max_grad_norm=None, capturable: bool = False,
+                 **base_kwargs):
         rho, rho_fn = split_rho(rho)
         check_nonneg("tau", tau)
         if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
@@ -193,7 +204,7 @@ class NuSAM(SharpnessAwareOptimizer):
         # before the groups are checked: _check_group reads conv
         self.power_iters, self.conv, self.tau, self.seed = power_iters, conv, float(tau), seed
         super().__init__(params, base_optimizer, defaults, backend, nonfinite, base_kwargs, start_step, rho_fn,
-                         max_grad_norm)
+                         max_grad_norm, capturable)
         gen = torch.Generator().manual_seed(seed)
         for group in self.param_groups:
             self._init_u(group, gen)

@@ -153,6 +153,11 @@ class Plans:
         self.builds += 1
         return plan
 
+    def holds(self, kind: str, key: tuple) -> bool:
+        """Whether get(kind, key) would neither build nor refresh."""
+        cached = self._plans.get(kind)
+        return cached is not None and cached[0] == key[0] and cached[1] == key[1]
+
     def plan(self, kind: str):
         """The plan of `kind` now cached, or None."""
         cached = self._plans.get(kind)

@@ -150,7 +150,10 @@ def _sgd(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_de
             torch._foreach_add_(buf, d, alpha=1 - dampening)
         d = torch._foreach_add(d, buf, alpha=momentum) if nesterov else buf
         _commit(bufs, buf)
-    torch._foreach_add_(x, d, alpha=-lr)
+    if isinstance(lr, torch.Tensor):  # a capturable step's lr, a device scalar
+        torch._foreach_add_(x, torch._foreach_mul(d, -lr.to(torch.float32)))
+    else:
+        torch._foreach_add_(x, d, alpha=-lr)
     _commit(params, x)
 
 

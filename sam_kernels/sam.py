@@ -41,6 +41,7 @@ class SamPlan:
                                for (adaptive, offset), xs in classes.items()])
         self.norm_out = torch.empty((), dtype=torch.float32, device=device)
         self.prior = self.norm_out
+        self._rho = lambda group: opt._rho(group, device)  # a number, or a device scalar (capturable)
         self.perturbs = [(group, ops.bind("perturb_", backend, device,
                                           {"params": ps, "grads": directions(ps),
                                            "olds": [self.olds[id(p)] for p in ps]}))
@@ -53,7 +54,7 @@ class SamPlan:
         if not norm_done:
             self.norm.norm(self.norm_out)
         for group, run in self.perturbs:
-            run(norm=self.norm_out, rho=group["rho"], adaptive=group["adaptive"], offset=group["adaptive_offset"])
+            run(norm=self.norm_out, rho=self._rho(group), adaptive=group["adaptive"], offset=group["adaptive_offset"])
         self.active = True
 
     def old_of(self, p):
@@ -94,16 +95,18 @@ class SAM(SharpnessAwareOptimizer):
             grows; "raise": FloatingPointError instead (this reads the decision on the host).
         start_step: plain base steps before this step (perturbation delay), SAM steps from it on.
         max_grad_norm: clip the gradient of the base update to this global norm (None: no clipping).
+        capturable: lr and rho live on the device too, so that a step can be captured in a CUDA
+            graph (sam_kernels/capturable.py; sam_kernels.make_graphed_step captures whole steps).
     """
 
     def __init__(self, params=None, base_optimizer=torch.optim.SGD, rho=0.05, adaptive: bool = False,
                  backend: str = "auto", nonfinite: str = "skip", adaptive_offset: float = 0.0, start_step: int = 0,
-                 max_grad_norm=None, **base_kwargs):
+                 max_grad_norm=None, capturable: bool = False, **base_kwargs):
         rho, rho_fn = split_rho(rho)
         check_nonneg("adaptive_offset", adaptive_offset)
         defaults = dict(rho=rho, adaptive=bool(adaptive), adaptive_offset=float(adaptive_offset))
         super().__init__(params, base_optimizer, defaults, backend, nonfinite, base_kwargs, start_step, rho_fn,
-                         max_grad_norm)
+                         max_grad_norm, capturable)
 
     def _group_key(self, group: dict) -> tuple:
         return (group["adaptive"], group["adaptive_offset"])

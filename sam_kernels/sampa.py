@@ -77,7 +77,7 @@ class SAMPa(SharpnessAwareOptimizer):
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                  base_optimizer=torch.optim.SGD, rho=0.1, lam: float = 0.2, parallel: str = "auto",
                  backend: str = "auto", nonfinite: str = "skip", process_group=None, start_step: int = 0,
-                 max_grad_norm=None, **base_kwargs):
+                 max_grad_norm=None, capturable: bool = False, **base_kwargs):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -95,7 +95,7 @@ class SAMPa(SharpnessAwareOptimizer):
                 raise ValueError("model has no parameter that requires grad")
         self._model_names = {id(p): n for n, p in named.items()}  # _check_group reads it
         super().__init__(params, base_optimizer, dict(rho=rho, lam=lam), backend, nonfinite, base_kwargs, start_step,
-                         rho_fn, max_grad_norm)
+                         rho_fn, max_grad_norm, capturable)
         self._params = [p for g in self.param_groups for p in g["params"]]
         self._names = ["model." + self._model_names[id(p)] for p in self._params]
         self._buffer_names = ["model." + n for n, _ in model.named_buffers()]
@@ -183,8 +183,10 @@ class SAMPa(SharpnessAwareOptimizer):
             raise ValueError("SAMPa.step(batch) needs the new minibatch (SAMPa computes its gradients itself; "
                              "loss_fn(model, batch) gives the loss)")
         if not self.sam_step_due:
+            self._begin("SAMPa.step")
             return self._plain_step(batch)
         self._apply_rho_schedule()
+        self._begin("SAMPa.step")
         g_y, kept = self._g_y, self._batch
         if g_y is None:  # step 0: g_y = grad f(x_0; B_0), and B_0 for both passes
             _, g_y, _ = self._pass_at_x(batch)
@@ -205,7 +207,7 @@ class SAMPa(SharpnessAwareOptimizer):
         """x~ and y from x_t and g_y (one fused pass per group) into the shadow parameter sets."""
         xt, y = self._shadow_sets()
         self._live["g_y"] = g_y
-        self._plans.get("preview", self._key_of("g_y", extra=(len(self.base_optimizer.state),)),
+        self._plan("preview", self._key_of("g_y", extra=(len(self.base_optimizer.state),)),
                         lambda: self._build_preview(xt, y))()
         return xt, y
 
@@ -240,7 +242,7 @@ class SAMPa(SharpnessAwareOptimizer):
     def _norm_of(self, name: str, grads, out) -> None:
         """out <- ||grads|| (grads live as self._live[name])."""
         self._live[name] = grads
-        self._plans.get("norm " + name, self._key_of(name), lambda: NormStage(
+        self._plan("norm " + name, self._key_of(name), lambda: NormStage(
             self._backend(self.device, "global_norm"), self.device,
             [(Slot(self._live, name, 0, len(grads)), None, 0, 0.0)])).norm(out)
 
@@ -252,7 +254,7 @@ class SAMPa(SharpnessAwareOptimizer):
         if not plain:
             self._norm_of("g_yn", g_yn, self._g_y_norm_buf())  # the next step's ||g_y||, this one's check of g_y'
         self._live["g_t"], self._live["g_yn"] = g_t, g_yn
-        plan = self._plans.get("plain" if plain else "update", self._key_of("g_t", "g_yn", extra=(plain,)),
+        plan = self._plan("plain" if plain else "update", self._key_of("g_t", "g_yn", extra=(plain,)),
                                lambda: self._build_update_plan(plain))
         if plan.generic:  # d = (1 - lam) g~ + lam g_y' into .grad, for the base optimizer's own step()
             plan.grads = self._mixed_grads(g_t, g_yn, plain)
@@ -289,11 +291,11 @@ class SAMPa(SharpnessAwareOptimizer):
             w = 0.0 if plain else group["lam"]
             if w in (0.0, 1.0):  # the plain fused step with the one gradient used: bit for bit, the other unread
                 run = prepare_update(self.base_optimizer, kind, group, backend, device, ps, gyn if w else gt,
-                                     self._counters, olds=ps)
+                                     self._counters, olds=ps, lr=self._lr(group, device))
                 plan.updates.append(lambda flags, run=run: run(flags.grad_scale, flags.found_inf))
             else:
                 run = prepare_update(self.base_optimizer, kind, group, backend, device, ps, gt, self._counters,
-                                     grads2=gyn)
+                                     grads2=gyn, lr=self._lr(group, device))
                 plan.updates.append(lambda flags, run=run, group=group: run(flags.grad_scale, flags.found_inf,
                                                                            lam=group["lam"]))
             if kind == "adam":
@@ -353,8 +355,9 @@ class SAMPa(SharpnessAwareOptimizer):
                     norm=self._g_y_norm, rho=group["rho"], lr=group["lr"], momentum=0.0, dampening=0.0,
                     nesterov=False, weight_decay=0.0, maximize=False, init_bufs=False))
             else:
-                run = prepare_preview(self.base_optimizer, kind, group, backend, device, *lists)
-                runs.append(lambda run=run, group=group: run(self._g_y_norm, group["rho"]))
+                run = prepare_preview(self.base_optimizer, kind, group, backend, device, *lists,
+                                      lr=self._lr(group, device))
+                runs.append(lambda run=run, group=group: run(self._g_y_norm, self._rho(group, device)))
 
         def preview():
             for run in runs:

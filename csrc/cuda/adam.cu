@@ -12,7 +12,7 @@ namespace {
 template <typename scalar_t, bool kAmsgrad, bool kLerpLow, bool kMix>
 __global__ void __launch_bounds__(kThreads) adam_kernel(
     TableView table, AdamHyper hyper, Mix mix, const float* __restrict__ grad_scale,
-    const float* __restrict__ found_inf) {
+    const float* __restrict__ found_inf, const float* __restrict__ lr) {
   using opmath_t = at::opmath_type<scalar_t>;
   const ChunkRef c = table.chunk_ref(blockIdx.x);
   const bool skip = load_or(found_inf, 0.f) != 0.f;
@@ -28,6 +28,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(
   scalar_t* m = table.ptr<scalar_t>(3, c.tensor);
   scalar_t* v = table.ptr<scalar_t>(4, c.tensor);
   scalar_t* vmax = kAmsgrad ? table.ptr<scalar_t>(6, c.tensor) : nullptr;
+  if (lr != nullptr) hyper.lr = *lr;  // capturable: the lr of this replay
   const AdamArgs args = make_adam_args(hyper, *table.ptr<const float>(5, c.tensor), load_or(grad_scale, 1.f));
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
     opmath_t xv[kILP], gv[kILP], mv[kILP], vv[kILP], vmv[kILP];
@@ -57,14 +58,15 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(
   }
 }
 
-// scalars [lr, beta1, beta2, eps, wd, (lam)]; options [decoupled, amsgrad, maximize]; args [grad_scale, found_inf]
+// scalars [lr, beta1, beta2, eps, wd, (lam)]; options [decoupled, amsgrad, maximize]; args [grad_scale, found_inf];
+// device scalar lr
 template <bool kMix>
 void adam_runner(const Launch& l) {
   const AdamHyper hyper{l.s(0), l.s(1), l.s(2), l.s(3), l.s(4), l.flag(0), l.flag(2)};
   const Mix mix = kMix ? make_mix(l.s(5)) : Mix{};
   SAM_CUDA_DISPATCH(l.dtype, "adam", [&] {
     dispatch_adam_flags(l.flag(1), 1.0 - l.s(1) < 0.5, [&]<bool kA, bool kL>() {
-      launch_chunks(l, adam_kernel<scalar_t, kA, kL, kMix>, hyper, mix, l.f32(0), l.f32(1));
+      launch_chunks(l, adam_kernel<scalar_t, kA, kL, kMix>, hyper, mix, l.f32(0), l.f32(1), l.dev_scalar(0));
     });
   });
 }

@@ -8,8 +8,9 @@
 namespace sam_kernels::cuda {
 namespace {
 
-__device__ __forceinline__ float preview_scale(const float* norm, float rho, bool& finite) {
+__device__ __forceinline__ float preview_scale(const float* norm, float rho, const float* rho_t, bool& finite) {
   const float nv = *norm;
+  if (rho_t != nullptr) rho = *rho_t;  // capturable: the rho and lr of this replay
   finite = isfinite(nv);
   return finite ? rho / (nv + static_cast<float>(kNormEps)) : 0.f;
 }
@@ -17,7 +18,8 @@ __device__ __forceinline__ float preview_scale(const float* norm, float rho, boo
 // Lists: x, g, perturbed, previews, [buf].
 template <typename scalar_t, bool kMomentum, bool kNesterov, bool kInit>
 __global__ void __launch_bounds__(kThreads)
-    preview_sgd_kernel(TableView table, const float* __restrict__ norm, float rho, SgdArgs args) {
+    preview_sgd_kernel(TableView table, const float* __restrict__ norm, float rho, SgdArgs args, const float* rho_t,
+                       const float* lr_t) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr bool kReadBuf = kMomentum && !kInit;
   const ChunkRef c = table.chunk_ref(blockIdx.x);
@@ -27,7 +29,8 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* y = table.ptr<scalar_t>(3, c.tensor);
   const scalar_t* buf = kReadBuf ? table.ptr<const scalar_t>(4, c.tensor) : nullptr;
   bool finite;
-  const opmath_t s = static_cast<opmath_t>(preview_scale(norm, rho, finite));
+  const opmath_t s = static_cast<opmath_t>(preview_scale(norm, rho, rho_t, finite));
+  if (lr_t != nullptr) args.lr = *lr_t;
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
     opmath_t xv[kILP], gv[kILP], bv[kILP];
 #pragma unroll
@@ -54,7 +57,8 @@ __global__ void __launch_bounds__(kThreads)
 // Lists: x, g, perturbed, previews, m, v, steps, [vmax]; the preview is of step count + 1.
 template <typename scalar_t, bool kAmsgrad, bool kLerpLow>
 __global__ void __launch_bounds__(kThreads)
-    preview_adam_kernel(TableView table, const float* __restrict__ norm, float rho, AdamHyper hyper) {
+    preview_adam_kernel(TableView table, const float* __restrict__ norm, float rho, AdamHyper hyper,
+                        const float* rho_t, const float* lr_t) {
   using opmath_t = at::opmath_type<scalar_t>;
   const ChunkRef c = table.chunk_ref(blockIdx.x);
   const scalar_t* x = table.ptr<const scalar_t>(0, c.tensor);
@@ -64,9 +68,10 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* m = table.ptr<const scalar_t>(4, c.tensor);
   const scalar_t* v = table.ptr<const scalar_t>(5, c.tensor);
   const scalar_t* vmax = kAmsgrad ? table.ptr<const scalar_t>(7, c.tensor) : nullptr;
+  if (lr_t != nullptr) hyper.lr = *lr_t;
   const AdamArgs args = make_adam_args(hyper, *table.ptr<const float>(6, c.tensor) + 1.0);
   bool finite;
-  const opmath_t s = static_cast<opmath_t>(preview_scale(norm, rho, finite));
+  const opmath_t s = static_cast<opmath_t>(preview_scale(norm, rho, rho_t, finite));
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
     opmath_t xv[kILP], gv[kILP], mv[kILP], vv[kILP], vmv[kILP];
 #pragma unroll
@@ -92,22 +97,26 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// scalars [rho, lr, momentum, dampening, wd]; options [nesterov, maximize, init_bufs]; args [norm]
+// scalars [rho, lr, momentum, dampening, wd]; options [nesterov, maximize, init_bufs]; args [norm];
+// device scalars rho, lr
 void preview_sgd_runner(const Launch& l) {
   const SgdArgs args = make_sgd_args(l.s(1), l.s(2), l.s(3), l.s(4), l.flag(1));
   SAM_CUDA_DISPATCH(l.dtype, "sampa_preview_sgd_", [&] {
     dispatch_sgd_flags(l.s(2) != 0.0, l.flag(0), l.flag(2), [&]<bool kM, bool kN, bool kI>() {
-      launch_chunks(l, preview_sgd_kernel<scalar_t, kM, kN, kI>, l.f32(0), static_cast<float>(l.s(0)), args);
+      launch_chunks(l, preview_sgd_kernel<scalar_t, kM, kN, kI>, l.f32(0), static_cast<float>(l.s(0)), args,
+                    l.dev_scalar(0), l.dev_scalar(1));
     });
   });
 }
 
-// scalars [rho, lr, beta1, beta2, eps, wd]; options [decoupled, amsgrad, maximize]; args [norm]
+// scalars [rho, lr, beta1, beta2, eps, wd]; options [decoupled, amsgrad, maximize]; args [norm];
+// device scalars rho, lr
 void preview_adam_runner(const Launch& l) {
   const AdamHyper hyper{l.s(1), l.s(2), l.s(3), l.s(4), l.s(5), l.flag(0), l.flag(2)};
   SAM_CUDA_DISPATCH(l.dtype, "sampa_preview_adam_", [&] {
     dispatch_adam_flags(l.flag(1), 1.0 - l.s(2) < 0.5, [&]<bool kA, bool kL>() {
-      launch_chunks(l, preview_adam_kernel<scalar_t, kA, kL>, l.f32(0), static_cast<float>(l.s(0)), hyper);
+      launch_chunks(l, preview_adam_kernel<scalar_t, kA, kL>, l.f32(0), static_cast<float>(l.s(0)), hyper,
+                    l.dev_scalar(0), l.dev_scalar(1));
     });
   });
 }

@@ -11,7 +11,8 @@ namespace {
 // Lists: x, old, g, [buf] (restore) or x, g, g2, [buf] (kMix).
 template <typename scalar_t, bool kMomentum, bool kNesterov, bool kInit, bool kMix>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(
-    TableView table, SgdArgs args, Mix mix, const float* __restrict__ grad_scale, const float* __restrict__ found_inf) {
+    TableView table, SgdArgs args, Mix mix, const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
+    const float* __restrict__ lr) {
   using opmath_t = at::opmath_type<scalar_t>;
   const ChunkRef c = table.chunk_ref(blockIdx.x);
   const bool skip = load_or(found_inf, 0.f) != 0.f;
@@ -26,6 +27,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(
     return;
   }
   args.sign *= load_or(grad_scale, 1.f);
+  if (lr != nullptr) args.lr = *lr;  // capturable: the lr of this replay
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
     opmath_t xv[kILP], gv[kILP], bv[kILP];
 #pragma unroll
@@ -50,7 +52,8 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(
   }
 }
 
-// scalars [lr, momentum, dampening, wd, (lam)]; options [nesterov, maximize, init_bufs]; args [grad_scale, found_inf]
+// scalars [lr, momentum, dampening, wd, (lam)]; options [nesterov, maximize, init_bufs]; args [grad_scale, found_inf];
+// device scalar lr
 template <bool kMix>
 void sgd_runner(const Launch& l) {
   const bool momentum = l.s(1) != 0.0;
@@ -58,7 +61,7 @@ void sgd_runner(const Launch& l) {
   const Mix mix = kMix ? make_mix(l.s(4)) : Mix{};
   SAM_CUDA_DISPATCH(l.dtype, "sgd", [&] {
     dispatch_sgd_flags(momentum, l.flag(0), l.flag(2), [&]<bool kM, bool kN, bool kI>() {
-      launch_chunks(l, sgd_kernel<scalar_t, kM, kN, kI, kMix>, args, mix, l.f32(0), l.f32(1));
+      launch_chunks(l, sgd_kernel<scalar_t, kM, kN, kI, kMix>, args, mix, l.f32(0), l.f32(1), l.dev_scalar(0));
     });
   });
 }

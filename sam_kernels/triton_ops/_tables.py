@@ -76,6 +76,21 @@ def load_optional(ptr, HAS: tl.constexpr, ABSENT: tl.constexpr):
     return v
 
 
+@triton.jit
+def host_or_device(v, ON_DEVICE: tl.constexpr):
+    """A runtime scalar given as a number, or (ON_DEVICE) as an fp32 device scalar read when the
+    kernel runs: a capturable step's lr or rho, which change between replays of a CUDA graph."""
+    out = v
+    if ON_DEVICE:
+        out = tl.load(v)
+    return out
+
+
+def scalar_arg(v):
+    """(what a kernel takes for a runtime scalar, whether it is a device scalar): host_or_device."""
+    return (v, True) if isinstance(v, torch.Tensor) else (float(v), False)
+
+
 def tl_dtype(dtype: torch.dtype):
     try:
         return TL_DTYPE[dtype]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tables import (Launch, block_of, compute_dtype, dtype_groups, load_grad, load_optional, optional,
-                      pick, scalar_ptr, tensor_ptr, tl_dtype)
+from ._tables import (Launch, block_of, compute_dtype, dtype_groups, host_or_device, load_grad, load_optional,
+                      optional, pick, scalar_arg, scalar_ptr, tensor_ptr, tl_dtype)
 from .rank1 import load_old, rank1_lists
 
 
@@ -69,7 +69,8 @@ def _restore_adam_kernel(
     lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, ncols, index, scales, lam,
     grad_scale, found_inf, SCALED: tl.constexpr, HAS_FOUND: tl.constexpr, AMSGRAD: tl.constexpr,
     DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, RANK1: tl.constexpr, U_LIST: tl.constexpr,
-    MIX: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
+    MIX: tl.constexpr, LR_T: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, VEC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
@@ -80,6 +81,7 @@ def _restore_adam_kernel(
     else:
         m_ptr = tensor_ptr(ptrs, n_tensors, t, 3, DTYPE)
         v_ptr = tensor_ptr(ptrs, n_tensors, t, 4, DTYPE)
+        lr, decay_factor = device_lr(lr, weight_decay, decay_factor, LR_T)
         step_size, bc2_sqrt = step_scalars(scalar_ptr(ptrs, n_tensors, t, 5, tl.float32), lr, beta1_weight,
                                            one_minus_beta2, 0, CT)
         d = load_grad(ptrs, n_tensors, t, offs, mask, lam, 2, MIX, U_LIST, DTYPE, CT)  # SAMPa: (1 - lam) g + lam g2
@@ -99,10 +101,23 @@ def _restore_adam_kernel(
         tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
 
 
+@triton.jit
+def device_lr(lr, weight_decay, decay_factor, LR_T: tl.constexpr):
+    """(lr, AdamW's 1 - lr * wd): as given, or (LR_T) lr read from the device and the factor from it."""
+    lr_v = host_or_device(lr, LR_T)
+    decay = decay_factor
+    if LR_T:
+        decay = 1.0 - lr_v * weight_decay
+    return lr_v, decay
+
+
 def adam_scalars(lr, beta1, beta2, eps, weight_decay):
-    """The kernels' runtime scalars, in kernel order from lr to decay_factor."""
-    return (float(lr), float(1 - beta1), float(beta2), float(1 - beta2), float(eps), float(weight_decay),
-            float(1 - lr * weight_decay))
+    """The kernels' runtime scalars, in kernel order from lr to decay_factor (lr a device scalar:
+    the kernel computes the factor; LR_T), and LR_T."""
+    lr, lr_t = scalar_arg(lr)
+    decay = 1.0 if lr_t else 1 - lr * weight_decay
+    return (lr, float(1 - beta1), float(beta2), float(1 - beta2), float(eps), float(weight_decay),
+            float(decay)), lr_t
 
 
 def _prepare(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad, rank1=None,
@@ -121,15 +136,16 @@ def _prepare(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
 
     def run(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None,
             lam=0.0, scales=None):
+        scalars, lr_t = adam_scalars(lr, beta1, beta2, eps, weight_decay)
         for dtype, launch, extra, ncols, cols_index in launches:
             gscale, scaled = optional(grad_scale, launch.numels)
             flag, has_found = optional(found_inf, launch.numels)
             launch.run(
-                _restore_adam_kernel, *adam_scalars(lr, beta1, beta2, eps, weight_decay), ncols, cols_index,
+                _restore_adam_kernel, *scalars, ncols, cols_index,
                 scales if scales is not None else launch.numels, float(lam), gscale, flag, SCALED=scaled,
                 HAS_FOUND=has_found, AMSGRAD=bool(amsgrad), DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize),
                 HAS_WD=weight_decay != 0, RANK1=rank1 is not None, U_LIST=extra, MIX=grads2 is not None,
-                DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype),
+                LR_T=lr_t, DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype),
             )
     return run
 

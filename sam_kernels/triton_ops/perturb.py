@@ -7,14 +7,14 @@ import triton
 import triton.language as tl
 
 from .._constants import NORM_EPS as EPS
-from ._tables import bind, block_of, compute_dtype, tensor_ptr, tl_dtype
+from ._tables import bind, block_of, compute_dtype, host_or_device, scalar_arg, tensor_ptr, tl_dtype
 
 
 @triton.jit
 def _perturb_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start, norm_ptr, rho, offset,
-    ADAPTIVE: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, VEC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ADAPTIVE: tl.constexpr, RHO_T: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr,
+    VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
@@ -23,7 +23,7 @@ def _perturb_kernel(
 
     norm = tl.load(norm_ptr)
     finite = tl.abs(norm) < float("inf")  # False for inf and NaN
-    scale = tl.where(finite, rho / (norm + EPS), 0.0).to(CT)
+    scale = tl.where(finite, host_or_device(rho, RHO_T) / (norm + EPS), 0.0).to(CT)
 
     x = tl.load(x_ptr + offs, mask=mask)
     tl.store(o_ptr + offs, x, mask=mask)
@@ -40,9 +40,10 @@ def prepare_perturb_(params, grads, olds):
     bound = bind(params, grads, olds)
 
     def run(norm, rho, adaptive, offset):
+        rho, rho_t = scalar_arg(rho)
         for dtype, launch, _ in bound:
-            launch.run(_perturb_kernel, norm, float(rho), float(offset), ADAPTIVE=bool(adaptive), DTYPE=tl_dtype(dtype),
-                       CT=compute_dtype(dtype), EPS=EPS)
+            launch.run(_perturb_kernel, norm, rho, float(offset), ADAPTIVE=bool(adaptive), RHO_T=rho_t,
+                       DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), EPS=EPS)
     return run
 
 

@@ -11,20 +11,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tables import bind, block_of, compute_dtype, scalar_ptr, tensor_ptr, tl_dtype
-from .adam import adam_math, adam_scalars, step_scalars
+from ._tables import bind, block_of, compute_dtype, host_or_device, scalar_arg, scalar_ptr, tensor_ptr, tl_dtype
+from .adam import adam_math, adam_scalars, device_lr, step_scalars
 from .perturb import EPS
 from .sgd import sgd_math
 
 
 @triton.jit
-def _perturbed_point(ptrs, n_tensors, t, offs, mask, norm_ptr, rho, DTYPE: tl.constexpr, CT: tl.constexpr,
-                     EPS: tl.constexpr):
+def _perturbed_point(ptrs, n_tensors, t, offs, mask, norm_ptr, rho, RHO_T: tl.constexpr, DTYPE: tl.constexpr,
+                     CT: tl.constexpr, EPS: tl.constexpr):
     """Loads x and g (lists 0, 1; g = 0 where the norm is not finite), stores x + s g into list 2,
     returns x and g in the compute type."""
     norm = tl.load(norm_ptr)
     finite = tl.abs(norm) < float("inf")  # False for inf and NaN
-    scale = tl.where(finite, rho / (norm + EPS), 0.0).to(CT)
+    scale = tl.where(finite, host_or_device(rho, RHO_T) / (norm + EPS), 0.0).to(CT)
     x = tl.load(tensor_ptr(ptrs, n_tensors, t, 0, DTYPE) + offs, mask=mask).to(CT)
     g = tl.where(finite, tl.load(tensor_ptr(ptrs, n_tensors, t, 1, DTYPE) + offs, mask=mask).to(CT), 0.0)
     tl.store(tensor_ptr(ptrs, n_tensors, t, 2, DTYPE) + offs, (x + scale * g).to(DTYPE), mask=mask)
@@ -36,15 +36,15 @@ def _preview_sgd_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start, norm_ptr, rho,
     lr, momentum, one_minus_dampening, weight_decay,
     MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr,
-    HAS_WD: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr,
-    VEC: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_WD: tl.constexpr, RHO_T: tl.constexpr, LR_T: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr,
+    EPS: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
-    x, g = _perturbed_point(ptrs, n_tensors, t, offs, mask, norm_ptr, rho, DTYPE, CT, EPS)
+    x, g = _perturbed_point(ptrs, n_tensors, t, offs, mask, norm_ptr, rho, RHO_T, DTYPE, CT, EPS)
     buf = g
     if MOMENTUM and not INIT_BUFS:
         buf = tl.load(tensor_ptr(ptrs, n_tensors, t, 4, DTYPE) + offs, mask=mask).to(CT)
-    y, buf = sgd_math(x, g, buf, lr, momentum, one_minus_dampening, weight_decay, MOMENTUM, NESTEROV, MAXIMIZE,
+    y, buf = sgd_math(x, g, buf, host_or_device(lr, LR_T), momentum, one_minus_dampening, weight_decay, MOMENTUM, NESTEROV, MAXIMIZE,
                       INIT_BUFS, HAS_WD)
     tl.store(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, y.to(DTYPE), mask=mask)
 
@@ -54,10 +54,12 @@ def _preview_adam_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start, norm_ptr, rho,
     lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
     AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
-    DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
+    RHO_T: tl.constexpr, LR_T: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr,
+    VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
-    x, g = _perturbed_point(ptrs, n_tensors, t, offs, mask, norm_ptr, rho, DTYPE, CT, EPS)
+    x, g = _perturbed_point(ptrs, n_tensors, t, offs, mask, norm_ptr, rho, RHO_T, DTYPE, CT, EPS)
+    lr, decay_factor = device_lr(lr, weight_decay, decay_factor, LR_T)
     m = tl.load(tensor_ptr(ptrs, n_tensors, t, 4, DTYPE) + offs, mask=mask).to(CT)
     v = tl.load(tensor_ptr(ptrs, n_tensors, t, 5, DTYPE) + offs, mask=mask).to(CT)
     vmax = v
@@ -75,12 +77,13 @@ def prepare_sampa_preview_sgd_(params, grads, perturbed, previews, bufs, momentu
     bound = bind(params, grads, perturbed, previews, bufs if momentum != 0 and not init_bufs else None)
 
     def run(norm, rho, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs):
+        (rho, rho_t), (lr, lr_t) = scalar_arg(rho), scalar_arg(lr)
         for dtype, launch, _ in bound:
             launch.run(
-                _preview_sgd_kernel, norm, float(rho), float(lr), float(momentum), float(1 - dampening),
+                _preview_sgd_kernel, norm, rho, lr, float(momentum), float(1 - dampening),
                 float(weight_decay), MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
-                INIT_BUFS=bool(init_bufs), HAS_WD=weight_decay != 0, DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype),
-                EPS=EPS,
+                INIT_BUFS=bool(init_bufs), HAS_WD=weight_decay != 0, RHO_T=rho_t, LR_T=lr_t, DTYPE=tl_dtype(dtype),
+                CT=compute_dtype(dtype), EPS=EPS,
             )
     return run
 
@@ -91,11 +94,12 @@ def prepare_sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, ex
                  max_exp_avg_sqs if amsgrad else None)
 
     def run(norm, rho, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize):
+        (rho, rho_t), (scalars, lr_t) = scalar_arg(rho), adam_scalars(lr, beta1, beta2, eps, weight_decay)
         for dtype, launch, _ in bound:
             launch.run(
-                _preview_adam_kernel, norm, float(rho), *adam_scalars(lr, beta1, beta2, eps, weight_decay),
+                _preview_adam_kernel, norm, rho, *scalars,
                 AMSGRAD=bool(amsgrad), DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
-                DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), EPS=EPS,
+                RHO_T=rho_t, LR_T=lr_t, DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype), EPS=EPS,
             )
     return run
 

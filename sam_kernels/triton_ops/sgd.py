@@ -12,8 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tables import (Launch, block_of, compute_dtype, dtype_groups, load_grad, load_optional, optional,
-                      pick, tensor_ptr, tl_dtype)
+from ._tables import (Launch, block_of, compute_dtype, dtype_groups, host_or_device, load_grad, load_optional,
+                      optional, pick, scalar_arg, tensor_ptr, tl_dtype)
 from .rank1 import load_old, rank1_lists
 
 
@@ -43,7 +43,8 @@ def _restore_sgd_kernel(
     lr, momentum, one_minus_dampening, weight_decay, ncols, index, scales, lam, grad_scale, found_inf,
     SCALED: tl.constexpr, HAS_FOUND: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, INIT_BUFS: tl.constexpr, HAS_WD: tl.constexpr, RANK1: tl.constexpr, U_LIST: tl.constexpr,
-    MIX: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
+    MIX: tl.constexpr, LR_T: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, VEC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
@@ -58,7 +59,7 @@ def _restore_sgd_kernel(
         buf = d
         if MOMENTUM and not INIT_BUFS:
             buf = tl.load(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, mask=mask).to(CT)
-        x, buf = sgd_math(x, d, buf, lr, momentum, one_minus_dampening, weight_decay, MOMENTUM, NESTEROV, MAXIMIZE,
+        x, buf = sgd_math(x, d, buf, host_or_device(lr, LR_T), momentum, one_minus_dampening, weight_decay, MOMENTUM, NESTEROV, MAXIMIZE,
                           INIT_BUFS, HAS_WD)
         if MOMENTUM:
             tl.store(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, buf.to(DTYPE), mask=mask)
@@ -81,15 +82,16 @@ def _prepare(params, olds, grads, bufs, momentum, rank1=None, grads2=None):
 
     def run(lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs, grad_scale=None, found_inf=None,
             lam=0.0, scales=None):
+        lr, lr_t = scalar_arg(lr)
         for dtype, launch, extra, ncols, cols_index in launches:
             gscale, scaled = optional(grad_scale, launch.numels)
             flag, has_found = optional(found_inf, launch.numels)
             launch.run(
-                _restore_sgd_kernel, float(lr), float(momentum), float(1 - dampening), float(weight_decay), ncols,
+                _restore_sgd_kernel, lr, float(momentum), float(1 - dampening), float(weight_decay), ncols,
                 cols_index, scales if scales is not None else launch.numels, float(lam), gscale, flag, SCALED=scaled,
                 HAS_FOUND=has_found, MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
                 INIT_BUFS=bool(init_bufs), HAS_WD=weight_decay != 0, RANK1=rank1 is not None, U_LIST=extra,
-                MIX=grads2 is not None, DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype),
+                MIX=grads2 is not None, LR_T=lr_t, DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype),
             )
     return run
 
