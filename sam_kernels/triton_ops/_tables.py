@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import itertools
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -87,8 +88,10 @@ def host_or_device(v, ON_DEVICE: tl.constexpr):
 
 
 def scalar_arg(v):
-    """(what a kernel takes for a runtime scalar, whether it is a device scalar): host_or_device."""
-    return (v, True) if isinstance(v, torch.Tensor) else (float(v), False)
+    """(what a kernel takes for a runtime scalar, whether it is a device scalar): host_or_device.
+    A number is rounded to fp32 here, as a compiled kernel's float argument is (the interpreter
+    would keep a value below fp32's range as an fp64 scalar, and store it as such)."""
+    return (v, True) if isinstance(v, torch.Tensor) else (float(np.float32(v)), False)
 
 
 def tl_dtype(dtype: torch.dtype):
