@@ -9,6 +9,7 @@ import pytest
 
 from sam_kernels import demo
 from sam_kernels.bench.__main__ import main as bench_main
+from sam_kernels.bench.graphed import CASES as GRAPHED_CASES
 from sam_kernels.bench.models import MODELS
 
 
@@ -129,3 +130,16 @@ def test_pytest_benchmark_suite_collects_and_runs():
     ran = subprocess.run(base + ["-k", "test_primitive and grad_norm", "--benchmark-disable"], cwd=root, env=env,
                          capture_output=True, text=True)
     assert ran.returncode == 0 and re.search(r"\d+ passed", ran.stdout), ran.stdout + ran.stderr
+
+
+def test_bench_graphed_cli(tmp_path):
+    """`python -m sam_kernels.bench --graphed` on CPU (no timm: ResNet-20; no CUDA: the graphed
+    cases run make_graphed_step's eager fallback): every case, its ratios and setup time."""
+    out = tmp_path / "graphed.json"
+    bench_main(["--graphed", "--quick", "--device", "cpu", "--batch", "4", "--json", str(out)])
+    records = json.loads(out.read_text())
+    assert [r["case"] for r in records] == list(GRAPHED_CASES)
+    for r in records:
+        assert r["op"] == "graphed_step" and r["model"] == "resnet20" and r["batch"] == 4
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and not r["graphed"]
+        assert r["setup_s"] > 0 if r["case"] in ("sam_graphed", "psam_graphed") else r["setup_s"] >= 0

@@ -138,7 +138,8 @@ def table(records) -> str:
     mib = 2 ** 20
     for r in records:
         above = (r["peak_bytes"] - sgd[r["model"]]) / r["params_bytes"] if r["model"] in sgd else float("nan")
-        lines.append(f"| {r['model']} | {r['optimizer']} | {r['params_bytes'] / mib:.1f} | {r['state_bytes'] / mib:.1f} | "
+        lines.append(f"| {r['model']} | {r['optimizer']} | {r['params_bytes'] / mib:.1f} | "
+                     f"{r['state_bytes'] / mib:.1f} | "
                      f"{r['perturbation_bytes'] / mib:.2f} | {r['peak_bytes'] / mib:.1f} | {above:+.1%} |")
     return "\n".join(lines)
 

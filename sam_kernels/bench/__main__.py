@@ -24,6 +24,8 @@ from .models import MODELS
 from .output import colour, progress, pyplot, save_figure, sibling, write_text
 from .shapes import PARAM_SETS, numel
 from .timing import copy_bandwidth_gbps, device_name, host_ms_interleaved, median_ms_interleaved
+from .graphed import run_graphed
+from .graphed import table as graphed_table
 from .train import run_train_steps
 from .train import table as train_table
 
@@ -254,9 +256,19 @@ def main(argv=None):
     ap.add_argument("--json", default="", help="write the records as JSON here")
     ap.add_argument("--markdown", default="", help="write the table as markdown here")
     ap.add_argument("--plot", default="", help="write a PNG of the results here")
+    ap.add_argument("--graphed", action="store_true",
+                    help="instead: whole training steps eager and as CUDA graphs (sam_kernels/bench/graphed.py)")
     args = ap.parse_args(argv)
-    records = run(args)
-    text = table(records)
+    if args.graphed:
+        device = torch.device(args.device)
+        records = run_graphed(device, reps=3 if args.quick else 20, warmup=1 if args.quick else 5,
+                              models=[m for m in args.models.split(",") if m] if args.models else None,
+                              batch_size=args.batch)
+        text = graphed_table(records)
+        args.plot = ""  # the table says it all
+    else:
+        records = run(args)
+        text = table(records)
     print(text)
     for path, payload in ((args.json, json.dumps(records, indent=1)), (args.markdown, text + "\n")):
         if path:

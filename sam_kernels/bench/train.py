@@ -122,7 +122,8 @@ def table(records) -> str:
     if not rows:
         return ""
     ms = {(r["model"], r["optimizer"]): r["median_ms"] for r in rows}
-    lines = ["| model | size | batch | optimizer | median ms | vs SGD | vs SAM | peak MiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | size | batch | optimizer | median ms | vs SGD | vs SAM | peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sgd, sam = ms.get((r["model"], "sgd")), ms.get((r["model"], "sam"))
         peak = f"{r['peak_bytes'] / 2**20:.1f}"

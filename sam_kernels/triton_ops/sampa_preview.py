@@ -44,8 +44,8 @@ def _preview_sgd_kernel(
     buf = g
     if MOMENTUM and not INIT_BUFS:
         buf = tl.load(tensor_ptr(ptrs, n_tensors, t, 4, DTYPE) + offs, mask=mask).to(CT)
-    y, buf = sgd_math(x, g, buf, host_or_device(lr, LR_T), momentum, one_minus_dampening, weight_decay, MOMENTUM, NESTEROV, MAXIMIZE,
-                      INIT_BUFS, HAS_WD)
+    y, buf = sgd_math(x, g, buf, host_or_device(lr, LR_T), momentum, one_minus_dampening, weight_decay, MOMENTUM,
+                      NESTEROV, MAXIMIZE, INIT_BUFS, HAS_WD)
     tl.store(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, y.to(DTYPE), mask=mask)
 
 

@@ -59,8 +59,8 @@ def _restore_sgd_kernel(
         buf = d
         if MOMENTUM and not INIT_BUFS:
             buf = tl.load(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, mask=mask).to(CT)
-        x, buf = sgd_math(x, d, buf, host_or_device(lr, LR_T), momentum, one_minus_dampening, weight_decay, MOMENTUM, NESTEROV, MAXIMIZE,
-                          INIT_BUFS, HAS_WD)
+        x, buf = sgd_math(x, d, buf, host_or_device(lr, LR_T), momentum, one_minus_dampening, weight_decay, MOMENTUM,
+                          NESTEROV, MAXIMIZE, INIT_BUFS, HAS_WD)
         if MOMENTUM:
             tl.store(tensor_ptr(ptrs, n_tensors, t, 3, DTYPE) + offs, buf.to(DTYPE), mask=mask)
         tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
