@@ -291,12 +291,15 @@ def test_base_optimizer_instance():
     assert opt.base_optimizer is base and len(base.state) == len(list(model.parameters()))
 
 
-def test_memory_report():
+@pytest.mark.parametrize("capturable", [False, True])
+def test_memory_report(capturable):
+    """capturable keeps the x~-pass gradient too (g_y is the y-pass's, in the y shadows' .grad)."""
     model = make_model()
-    opt = SAMPa(model, loss_fn, lr=0.1, momentum=0.9)
-    opt.step(make_batches(1)[0])
+    opt = SAMPa(model, loss_fn, lr=0.1, momentum=0.9, capturable=capturable)
+    for b in make_batches(2):
+        opt.step(b)
     n = sum(p.numel() * 4 for p in model.parameters())
-    assert opt.memory_report() == {"g_y": n, "shadows": 2 * n, "base_state": n}
+    assert opt.memory_report() == {"g_y": n, "shadows": 2 * n, "pass_grads": n if capturable else 0, "base_state": n}
 
 
 # --- failures --------------------------------------------------------------------------------

@@ -22,10 +22,12 @@ How a call runs (GraphedStep.__call__):
 Each call is a real training step on its batch: eager, warm-up and graphed steps give the same
 weights and state (to fp32 rounding; bit for bit where the kernels are the same).
 
+SAMPa's whole step (the fused preview, both forward-backward passes, the fused update) is one
+graph too; the previous batch, which SAMPa's x~-pass reads, is kept in a second set of static
+inputs that the graph itself refreshes.
+
 Without CUDA (CPU parameters, or no torch.cuda) the same step runs eagerly with the same
-interface; `step.graphed` says which. SAMPa's steps run eagerly here for now: its two gradients
-come from torch.autograd.grad, whose outputs get new addresses every pass, which a graph cannot
-hold yet (`step.why_eager` says so).
+interface; `step.graphed` says which and `step.why_eager` why.
 """
 from __future__ import annotations
 
@@ -96,6 +98,8 @@ class GraphedStep:
         self._warm = {"sam": 0, "base": 0}
         self._static: dict[str, tuple] = {}  # kind -> (static input leaves, static loss)
         self._capture_state = None  # what the graphs were captured with (checked before each replay)
+        self._sampa = type(optimizer).__name__ == "SAMPa"
+        self._passes_per_step = 0
         self.why_eager = self._why_eager(enabled)
         self.graphed = self.why_eager is None
         if self.why_eager is not None and enabled and torch.cuda.is_available() and self._device().type == "cuda":
@@ -113,9 +117,8 @@ class GraphedStep:
             return "enabled=False"
         if not torch.cuda.is_available() or self._device().type != "cuda":
             return "the parameters are not on a CUDA device"
-        if type(opt).__name__ == "SAMPa":
-            return ("SAMPa's gradients come from torch.autograd.grad with new addresses every pass, "
-                    "which a graph cannot hold yet")
+        if getattr(opt, "parallel", None) == "distributed":
+            return "SAMPa's parallel='distributed' exchanges its gradients through the process group"
         if not opt.capturable:
             return f"{type(opt).__name__} was built with capturable=False (pass capturable=True to graph its steps)"
         if opt.nonfinite == "raise":
@@ -154,8 +157,7 @@ class GraphedStep:
         return loss
 
     def _kind(self) -> str:
-        opt = self.optimizer
-        return "sam" if type(opt).__name__ == "SAMPa" or opt.sam_step_due else "base"
+        return "sam" if self.optimizer.sam_step_due else "base"
 
     # --- a call ------------------------------------------------------------------------------
 
@@ -194,6 +196,8 @@ class GraphedStep:
         self.graphs[kind].replay()
         opt._t += 1
         opt._opt_called = True
+        if self._sampa:
+            opt.loss_calls += self._passes_per_step
         self._update_scaler()
         return static_loss.clone()  # the static output is overwritten by the next replay
 
@@ -224,6 +228,16 @@ class GraphedStep:
 
     # --- capture -----------------------------------------------------------------------------
 
+    def _keep_previous_batch(self) -> list | None:
+        """SAMPa: static inputs holding the batch of the last step (its x~-pass reads it next),
+        filled now from that batch; None before SAMPa's first SAM step (no previous batch yet)."""
+        previous = self.optimizer._batch
+        if previous is None:
+            return None
+        kept = [t.detach().clone() for t in self._leaves(previous)]
+        self.optimizer._batch = pytree.tree_unflatten(kept, self._spec)
+        return kept
+
     def _snapshot(self) -> tuple:
         opt = self.optimizer
         groups = tuple(tuple((k, g[k]) for k in _FIXED_OPTIONS if k in g) for g in opt.param_groups)
@@ -250,12 +264,16 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         if hasattr(graph, "register_generator_state") and getattr(opt, "_generator", None) is not None:
             graph.register_generator_state(opt._generator(device))  # GaussSAM's own stream advances per replay
-        t, called = opt._t, getattr(opt, "_opt_called", False)
+        t, called, calls = opt._t, getattr(opt, "_opt_called", False), getattr(opt, "loss_calls", 0)
+        kept = self._keep_previous_batch() if self._sampa else None
         opt._device_scalars(device).load_()
         torch.cuda.synchronize(device)
         try:
             with torch.cuda.graph(graph):
                 loss = self._body(batch, kind)
+                if kept is not None:  # the next step's x~-pass reads this step's batch
+                    for dst, src in zip(kept, static_in):
+                        dst.copy_(src)
         except Exception as e:
             opt.restore()
             opt._plain_pending = False
@@ -264,6 +282,11 @@ class GraphedStep:
                                f"be captured: {type(e).__name__}: {e}") from e
         finally:
             opt._t, opt._opt_called = t, called  # capture recorded the step without taking it
+            if self._sampa:
+                self._passes_per_step = opt.loss_calls - calls
+                opt.loss_calls = calls
+                if kept is not None:
+                    opt._batch = pytree.tree_unflatten(kept, self._spec)
         if self.scaler is not None and self.scaler.is_enabled():  # the capture's record of the step
             self.scaler._per_optimizer_states[id(opt)] = self.scaler._per_optimizer_states.default_factory()
         self.graphs[kind] = graph

@@ -52,6 +52,21 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def _accumulate(loss: torch.Tensor, leaves: list) -> list:
+    """The gradients of loss w.r.t. the leaf tensors `leaves` in their .grad, zeroed in place first
+    (capturable: the same addresses every step, which the step plans and a CUDA graph hold, where
+    torch.autograd.grad returns new tensors each pass; the gradients are the same, 0 + g = g).
+    A leaf the loss does not use gets zeros."""
+    held = [t.grad for t in leaves if t.grad is not None]
+    if held:
+        torch._foreach_zero_(held)
+    torch.autograd.backward(loss, inputs=leaves)
+    for t in leaves:
+        if t.grad is None:
+            t.grad = torch.zeros_like(t)
+    return [t.grad for t in leaves]
+
+
 class SAMPa(SharpnessAwareOptimizer):
     """SAMPa-lambda around torch.optim.SGD (momentum, nesterov, weight decay), Adam or AdamW (fused),
     or any other torch.optim optimizer (generic: y previews a plain gradient step, x_{t+1} is the
@@ -72,6 +87,8 @@ class SAMPa(SharpnessAwareOptimizer):
         process_group: for "distributed" (default: the world).
         start_step: plain base steps before it (one gradient at x_t on the new batch; SAMPa's step
             0, which computes g_y, is then step start_step). rho may be a callable step -> rho.
+        capturable: as for SAM; the gradients of each pass also land at fixed addresses (the .grad
+            of the shadow parameter sets, zeroed in place), so that a CUDA graph can hold them.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -392,7 +409,10 @@ class SAMPa(SharpnessAwareOptimizer):
                 got = loss if not torch.is_tensor(loss) else f"a tensor of shape {tuple(loss.shape)}"
                 raise ValueError("loss_fn(model, batch) must return a scalar tensor that depends on the parameters, "
                                  f"got {got}")
-            grads = torch.autograd.grad(loss.reshape(()), point, allow_unused=True, materialize_grads=True)
+            if self.capturable:
+                grads = _accumulate(loss.reshape(()), point)
+            else:
+                grads = torch.autograd.grad(loss.reshape(()), point, allow_unused=True, materialize_grads=True)
         return loss.detach(), list(grads), buffers
 
     def _both_passes(self, xt, kept, y, batch):
@@ -493,9 +513,13 @@ class SAMPa(SharpnessAwareOptimizer):
 
     def memory_report(self) -> dict:
         """Bytes held across steps: `g_y` (the kept gradient), `shadows` (the x~ and y parameter
-        sets the passes run at) and `base_state`."""
+        sets the passes run at), `pass_grads` (capturable: the gradients of the passes held at
+        fixed addresses, in the shadows' .grad, g_y among them; counted once) and `base_state`."""
         def nbytes(tensors):
             return sum(t.numel() * t.element_size() for t in tensors or ())
 
         shadows = sum(nbytes(s) for s in self._shadows or ())
-        return {"g_y": nbytes(self._g_y), "shadows": shadows, "base_state": self._base_state_bytes()}
+        kept = {t.data_ptr() for t in self._g_y or ()}
+        held = [t.grad for s in self._shadows or () for t in s if t.grad is not None and t.grad.data_ptr() not in kept]
+        return {"g_y": nbytes(self._g_y), "shadows": shadows, "pass_grads": nbytes(held),
+                "base_state": self._base_state_bytes()}

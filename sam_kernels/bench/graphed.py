@@ -16,14 +16,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .. import PSAM, SAM, GaussSAM, NuSAM, make_graphed_step
+from .. import PSAM, SAM, GaussSAM, NuSAM, SAMPa, make_graphed_step
 from .models import MODELS
 from .timing import device_name
 
 KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 RHO = 0.05
 CASES = ("sgd", "sgd_graphed", "peer_sam_graphed", "sam", "sam_graphed", "asam_graphed", "nusam_graphed",
-         "gausssam_graphed", "psam_graphed")
+         "gausssam_graphed", "psam_graphed", "sampa_graphed")
 
 
 def _models(device):
@@ -51,8 +51,10 @@ def _batches(n, batch, size, device):
              torch.randint(0, 10, (batch,), generator=g).to(device)) for _ in range(n)]
 
 
-def _ours(name, params):
+def _ours(name, params, model=None, loss_fn=None):
     kw = dict(KW, capturable=True)
+    if name == "sampa":  # both passes one after the other in the graph (their overlap: the next issue)
+        return SAMPa(model, loss_fn, torch.optim.SGD, rho=0.1, lam=0.2, parallel="sequential", **kw)
     if name == "sam":
         return SAM(params, torch.optim.SGD, rho=RHO, **kw)
     if name == "asam":
@@ -138,7 +140,7 @@ def _case(name, build, loss_fn, data, device):
     if name in ("sgd_graphed", "peer_sam_graphed"):
         step = _by_hand(model, loss_fn, data[0], name == "peer_sam_graphed", device)
     else:
-        opt = _ours(name[:-len("_graphed")], list(model.parameters()))
+        opt = _ours(name[:-len("_graphed")], list(model.parameters()), model, loss_fn)
         step = make_graphed_step(model, loss_fn, opt, data[0], warmup=3)
         for _ in range(4 + (5 if name.startswith("psam") else 0)):  # warm-up, capture (PSAM: both kinds)
             step(next(batches))
