@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TRAJECTORY
+from conftest import NUSAM_TRAJECTORY, TRAJECTORY
 from torch import nn
 
 from sam_kernels import PSAM, SAM, GaussSAM, NuSAM, SAMPa, disable_running_stats, enable_running_stats, \
@@ -87,12 +87,12 @@ def graphed_loop(model, opt, data, sched, scaler=None, warmup=2):
     return step, losses
 
 
-def _same(model_a, model_b, opt_a, opt_b, exact=True):
+def _same(model_a, model_b, opt_a, opt_b, exact=True, tol=TRAJECTORY):
     for (n, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         if exact:  # (a NaN batch makes BatchNorm's running statistics NaN, in both)
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=n)
         else:
-            torch.testing.assert_close(a, b, **TRAJECTORY, equal_nan=True, msg=n)
+            torch.testing.assert_close(a, b, **tol, equal_nan=True, msg=n)
     assert opt_a.steps == opt_b.steps and opt_a.skipped_steps == opt_b.skipped_steps
     assert all(torch.isfinite(p).all() for p in model_a.parameters())  # the NaN never reached the weights
 
@@ -239,3 +239,43 @@ def test_a_step_that_synchronizes_cannot_be_captured():
     assert opt._pending is None
     for a, b in zip(model.state_dict().values(), before.values()):
         assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_graphed_step_of_a_compiled_model():
+    """torch.compile (default mode) compiles during the eager warm-up; the graph captures the
+    compiled kernels."""
+    data = batches(10, "cuda", nan_at=6)
+    ref, mine = convnet("cuda"), convnet("cuda")
+    opt_r, opt_m = make("sam", ref), make("sam", mine)
+    readme_loop(ref, opt_r, data, torch.optim.lr_scheduler.StepLR(opt_r, 4, 0.5))
+    step, _ = graphed_loop(torch.compile(mine), opt_m, data, torch.optim.lr_scheduler.StepLR(opt_m, 4, 0.5))
+    assert step.graphed
+    _same(mine, ref, opt_m, opt_r, exact=False, tol=NUSAM_TRAJECTORY)  # inductor's kernels round differently
+
+
+@needs_cuda
+@pytest.mark.parametrize("lam", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_graphed_sampa_on_two_streams_equals_the_sequential_reference(lam, base, bf16):
+    """parallel="auto" forks the two passes onto two streams inside the graph (joined before the
+    update): 20 steps equal eager sequential SAMPa to fp32 rounding."""
+    def amp_loss(model, batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+            return loss_fn(model, batch)
+
+    def build(model, parallel):
+        base_cls, kw = ((torch.optim.SGD, dict(lr=0.05, momentum=0.9)) if base == "sgd"
+                        else (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)))
+        return SAMPa(model, amp_loss, base_cls, rho=0.05, lam=lam, parallel=parallel, capturable=True, **kw)
+    data = batches(20, "cuda", nan_at=11)
+    ref, mine = convnet("cuda"), convnet("cuda")
+    opt_r, opt_m = build(ref, "sequential"), build(mine, "auto")
+    for b in data:
+        opt_r.step(b)
+    step = make_graphed_step(mine, amp_loss, opt_m, data[0], warmup=2)
+    for b in data:
+        step(b)
+    assert step.graphed and opt_m._streams is not None  # the capture forked onto the two streams
+    _same(mine, ref, opt_m, opt_r, exact=False, tol=NUSAM_TRAJECTORY if bf16 else TRAJECTORY)

@@ -23,7 +23,10 @@ from .timing import device_name
 KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 RHO = 0.05
 CASES = ("sgd", "sgd_graphed", "peer_sam_graphed", "sam", "sam_graphed", "asam_graphed", "nusam_graphed",
-         "gausssam_graphed", "psam_graphed", "sampa_graphed")
+         "gausssam_graphed", "psam_graphed", "sampa", "sampa0_graphed", "sampa_graphed",
+         # the limit of SAMPa's overlap: one forward-backward pass, two independent ones one after
+         # the other, and two forked onto two streams, each captured whole
+         "one_pass_graphed", "two_passes_graphed", "two_passes_forked_graphed")
 
 
 def _models(device):
@@ -53,8 +56,8 @@ def _batches(n, batch, size, device):
 
 def _ours(name, params, model=None, loss_fn=None):
     kw = dict(KW, capturable=True)
-    if name == "sampa":  # both passes one after the other in the graph (their overlap: the next issue)
-        return SAMPa(model, loss_fn, torch.optim.SGD, rho=0.1, lam=0.2, parallel="sequential", **kw)
+    if name in ("sampa", "sampa0"):  # parallel="auto": two streams inside a graph, sequential in eager mode
+        return SAMPa(model, loss_fn, torch.optim.SGD, rho=0.1, lam=0.0 if name == "sampa0" else 0.2, **kw)
     if name == "sam":
         return SAM(params, torch.optim.SGD, rho=RHO, **kw)
     if name == "asam":
@@ -115,6 +118,56 @@ def _by_hand(model, loss_fn, batch, sam: bool, device):
     return step
 
 
+def _passes(model, other, loss_fn, batch, name, device):
+    """Forward-backward passes only (no optimizer), captured whole: of `model` alone, or of `model`
+    and the independent `other` one after the other or forked onto a second stream (joined
+    before the capture ends). Returns step(batch)."""
+    static = [t.clone() for t in batch]
+    params = [p for m in (model, other) for p in m.parameters()]
+    side = torch.cuda.Stream() if device.type == "cuda" else None
+
+    def body():
+        for p in params:
+            if p.grad is not None:
+                p.grad.zero_()
+        if name == "two_passes_forked_graphed" and side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # the whole pass, forward included: backward follows its forward's stream
+                loss_fn(other, static).backward()
+            loss = loss_fn(model, static)
+            loss.backward()
+            torch.cuda.current_stream().wait_stream(side)
+            return loss.detach()
+        loss = loss_fn(model, static)
+        loss.backward()
+        if name != "one_pass_graphed":
+            loss_fn(other, static).backward()
+        return loss.detach()
+
+    if device.type != "cuda":
+        def eager(b):
+            for s, t in zip(static, b):
+                s.copy_(t)
+            return body()
+        return eager
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):
+        for _ in range(3):
+            body()
+    torch.cuda.current_stream().wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = body()
+
+    def step(b):
+        for s, t in zip(static, b):
+            s.copy_(t, non_blocking=True)
+        graph.replay()
+        return out
+    return step
+
+
 def _case(name, build, loss_fn, data, device):
     """A zero-argument callable running one training step of case `name` on the next batch, and the
     seconds its warm-up and capture took."""
@@ -137,8 +190,15 @@ def _case(name, build, loss_fn, data, device):
             loss_fn(model, b).backward()
             opt.second_step()
         return eager, 0.0
+    if name == "sampa":  # eager
+        opt = _ours("sampa", None, model, loss_fn)
+        return (lambda: opt.step(next(batches))), 0.0
     if name in ("sgd_graphed", "peer_sam_graphed"):
         step = _by_hand(model, loss_fn, data[0], name == "peer_sam_graphed", device)
+    elif name.endswith("passes_graphed") or name == "one_pass_graphed":
+        torch.manual_seed(1)
+        other = build().to(device).train()
+        step = _passes(model, other, loss_fn, data[0], name, device)
     else:
         opt = _ours(name[:-len("_graphed")], list(model.parameters()), model, loss_fn)
         step = make_graphed_step(model, loss_fn, opt, data[0], warmup=3)
