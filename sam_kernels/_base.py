@@ -23,7 +23,7 @@ from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
-from . import _ext, backends
+from . import _ext, backends, distributed
 from ._lists import GradsOf
 from .capturable import DeviceScalars, capturing
 from .fused_update import StepCounters, fused_kind, prepare_state, prepare_update, structure
@@ -191,6 +191,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._plans = Plans()
         self._version = 0  # bumped when the param groups or the state change under the plans
         self._params_cache = (-1, [])
+        self._sharded = None  # the process group of sharded (DTensor) parameters, set by _param_list
         base.register_load_state_dict_post_hook(self._on_base_load)
 
     def _on_base_load(self, _base) -> None:
@@ -215,6 +216,7 @@ class SharpnessAwareOptimizer(Optimizer):
         raises). Subclasses add their own checks."""
         check_nonneg(f"{where}['rho']", group["rho"])
         check_finite_options(group, where)
+        distributed.shard_group(group["params"], where)  # sharded parameters: a placement we support
         devices = {p.device for p in group["params"]}
         if len(devices) > 1:
             raise ValueError(f"{where} spans devices {sorted(map(str, devices))}: a fused group must be on one device")
@@ -260,7 +262,14 @@ class SharpnessAwareOptimizer(Optimizer):
         if version != self._version or len(params) != sum(len(g["params"]) for g in self.param_groups):
             params = [p for g in self.param_groups for p in g["params"]]
             self._params_cache = (self._version, params)
+            self._sharded = distributed.shard_group(params, "param_groups")  # None, or the mesh's group
         return params
+
+    def _reduce_group(self):
+        """The process group over which the optimizer's parameters are sharded (None: not sharded):
+        what the global norms are all-reduced over (sam_kernels/distributed.py)."""
+        self._param_list()
+        return self._sharded
 
     def _key(self, *extra):
         """A plan's key, (structure, gradient addresses): the groups' structure and options, the
@@ -269,7 +278,8 @@ class SharpnessAwareOptimizer(Optimizer):
         kind = fused_kind(self.base_optimizer)
         groups = tuple((len(g["params"]), self._group_key(g), structure(kind, g) if kind else ())
                        for g in self.param_groups)
-        params, grads = _ext.fingerprint(self._param_list())
+        params = self._param_list()
+        params, grads = (_ext if self._sharded is None else distributed).fingerprint(params)
         return (self._version, kind, groups, self._counters.version, params, *extra), grads
 
     def _work(self, where: str):
@@ -349,7 +359,7 @@ class SharpnessAwareOptimizer(Optimizer):
         plan = UpdatePlan()
         plan.grads = GradsOf([p for _, ps in work for p in ps])
         plan.guard = NormStage(self._backend(device, "global_norm"), device,
-                               [(plan.grads, None, 0, 0.0)] if len(plan.grads) else [])
+                               [(plan.grads, None, 0, 0.0)] if len(plan.grads) else [], group=self._reduce_group())
         kind = fused_kind(self.base_optimizer)
         plan.generic = kind is None
         if kind is not None:
@@ -387,6 +397,9 @@ class SharpnessAwareOptimizer(Optimizer):
         """The guard, then the update: the one place the non-finite policy is written."""
         flags = self._flags_on(plan.guard.partials.device)
         scale, found_inf, scaler_state = scaler_inputs(self, grad_scaler, flags.device)
+        if found_inf is not None and plan.guard.group is not None:  # scaler.unscale_ checked this rank's shards
+            found_inf = found_inf.clone()
+            distributed.all_reduce_sum_(found_inf, plan.guard.group)
         plan.guard.guard(flags, prior=prior, scale=scale, found_inf=found_inf, max_norm=self.max_grad_norm,
                          steps=plan.steps, steps_mask=plan.steps_mask)
         scaler_record(scaler_state, flags)
@@ -558,7 +571,7 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _transient(self) -> tuple:
         """Attributes rebuilt after a copy: plans (tables of addresses), caches keyed by id()."""
-        return ("_plans", "_params_cache", "_flags", "_counters")
+        return ("_plans", "_params_cache", "_flags", "_counters", "_scalars", "_sharded")
 
     def __getstate__(self) -> dict:
         """copy.deepcopy, pickle and torch.save: everything but what is rebuilt from it (the plans,
@@ -575,6 +588,7 @@ class SharpnessAwareOptimizer(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)  # torch's hooks, as after Optimizer.__init__
         self._plans, self._params_cache, self._flags, self._counters = Plans(), (-1, []), None, StepCounters()
+        self._scalars, self._sharded = None, None
         self.base_optimizer.register_load_state_dict_post_hook(self._on_base_load)
 
     # --- state -------------------------------------------------------------------------------
@@ -616,5 +630,5 @@ class SharpnessAwareOptimizer(Optimizer):
         self._invalidate()
 
     def _base_state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for st in self.base_optimizer.state.values() for t in st.values()
-                   if torch.is_tensor(t) and t.dim() > 0)
+        return sum(distributed.nbytes(t) for st in self.base_optimizer.state.values() for t in st.values()
+                   if torch.is_tensor(t) and t.dim() > 0)  # this rank's bytes (its shards, under FSDP2)

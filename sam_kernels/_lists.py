@@ -8,6 +8,9 @@ from collections.abc import Sequence
 
 import torch
 
+from . import distributed
+from .distributed import is_dtensor, local
+
 
 def dtype_groups(tensors) -> list[tuple[torch.dtype, list[int]]]:
     """Indices of `tensors` grouped by dtype, in first-seen order, skipping empty tensors (no work)."""
@@ -70,15 +73,20 @@ class GradsOf(Live):
     def __init__(self, params, shapes=None):
         self.params = list(params)
         self.shapes = list(shapes) if shapes is not None else None
+        self._sharded = any(map(is_dtensor, self.params))  # DTensor gradients: their local shards
 
     def __len__(self) -> int:
         return len(self.params)
 
     def item(self, i: int) -> torch.Tensor:
         g = self.params[i].grad
+        if self._sharded:
+            g = local(g)
         return g if self.shapes is None else g.reshape(self.shapes[i])
 
     def addresses(self) -> torch.Tensor:
+        if self._sharded:
+            return torch.tensor(distributed.fingerprint(self.params)[1], dtype=torch.int64)
         from . import _ext  # one C loop (a reshaped contiguous gradient has the gradient's address)
 
         return _ext.grad_addresses(self.params)

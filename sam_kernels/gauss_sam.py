@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ._lists import GradsOf
+from .distributed import local
 from .pipeline import NormStage
 from .sam import SAM
 
@@ -19,7 +20,8 @@ class GaussSAM(SAM):
     is built, so torch.manual_seed makes runs repeatable). Either way its state is part of
     state_dict(): a resumed run draws the same z. z is drawn into one buffer per dtype (a copy of
     the perturbed parameters, allocated once; each parameter's part 16-byte aligned), in
-    parameter order.
+    parameter order. Sharded parameters (FSDP2): each rank draws z for its shards from its own
+    generator, seeded with seed + its rank (the same distribution as one process, another sample).
     """
 
     def __init__(self, params=None, base_optimizer=torch.optim.SGD, rho=0.05, backend: str = "auto",
@@ -39,7 +41,9 @@ class GaussSAM(SAM):
         if self.generator is not None:
             return self.generator
         if self._own is None or self._own.device != torch.device(device):
-            self._own = torch.Generator(device).manual_seed(self.seed)
+            group = self._reduce_group()  # sharded parameters: each rank draws its shards' z from its own stream
+            offset = torch.distributed.get_rank(group) if group is not None else 0
+            self._own = torch.Generator(device).manual_seed(self.seed + offset)
         return self._own
 
     def _directions(self, plan, work, device):
@@ -49,14 +53,16 @@ class GaussSAM(SAM):
         views = {}
         for dtype in dict.fromkeys(p.dtype for p in params):
             ps = [p for p in params if p.dtype == dtype]
+            shards = [local(p) for p in ps]  # sharded parameters: z of this rank's shards
             vec = max(1, 16 // ps[0].element_size())  # each view 16-byte aligned: the kernels' vector width
-            sizes = [-(-p.numel() // vec) * vec for p in ps]
+            sizes = [-(-s.numel() // vec) * vec for s in shards]
             flat = torch.empty(sum(sizes), dtype=dtype, device=device)
             plan.z.append(flat)
-            for p, z in zip(ps, flat.split(sizes)):
-                views[id(p)] = z[:p.numel()].view(p.shape)
+            for p, s, z in zip(ps, shards, flat.split(sizes)):
+                views[id(p)] = z[:s.numel()].view(s.shape)
         # the first gradient's own check: its norm is the prior of the guard
-        plan.check = NormStage(self._backend(device, "global_norm"), device, [(GradsOf(params), None, 0, 0.0)])
+        plan.check = NormStage(self._backend(device, "global_norm"), device, [(GradsOf(params), None, 0, 0.0)],
+                               group=self._reduce_group())
         plan.check_out = torch.empty((), dtype=torch.float32, device=device)
         return lambda ps: [views[id(p)] for p in ps]
 

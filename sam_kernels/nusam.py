@@ -23,6 +23,7 @@ import torch
 from . import ops
 from ._base import SharpnessAwareOptimizer, check_nonneg, split_rho
 from ._lists import GradsOf
+from .distributed import is_dtensor
 from .fused_update import prepare_update
 from .pipeline import NormStage
 
@@ -219,6 +220,11 @@ class NuSAM(SharpnessAwareOptimizer):
     def _check_group(self, group: dict, where: str) -> None:
         super()._check_group(group, where)
         for j, p in enumerate(group["params"]):
+            if is_dtensor(p):
+                raise NotImplementedError(
+                    f"NuSAM: {where}['params'][{j}] is a sharded DTensor ({p.placements}): the power iteration on "
+                    "sharded matrices (partial mat-vec products reduced over the shards) is not implemented yet; "
+                    "SAM, ASAM, GaussSAM and PSAM support FSDP2")
             if self._is_matrix(p) and not p.is_contiguous():
                 raise ValueError(f"NuSAM perturbs matrices in place: {where}['params'][{j}] of shape "
                                  f"{tuple(p.shape)} must be contiguous")

@@ -45,6 +45,7 @@ import operator
 import torch
 
 from . import backends
+from .distributed import localize
 
 _IMPL_MODULES = {"torch": ".reference", "cpu": ".native", "cuda": ".native", "triton": ".triton_ops"}
 # Lists of scalars or small vectors: read-only, any alignment (never staged).
@@ -149,17 +150,24 @@ def prepare(op: str, backend: str, device: torch.device, **lists):
     run.n_partials sums of squares; norm_finalize / guard_finalize (finalizers(backend)) end them."""
     impl = _impl(backend)
     if hasattr(impl, "prepare_" + op):
-        return getattr(impl, "prepare_" + op)(**lists)
+        return getattr(impl, "prepare_" + op)(**_local_lists(lists))
     raise ValueError(f"prepare: no prepared form of {op!r} on backend {backend!r}")
 
 
 def bind(op: str, backend: str, device: torch.device, lists: dict, static: dict | None = None):
     """prepare(op, ...) when the element lists need no staging, else a function calling the list op
     (which stages them on every call): the same run(**scalars) either way."""
+    lists = _local_lists(lists)
     if stageable(lists, aligned=backend == "triton"):
         return prepare(op, backend, device, **lists, **(static or {}))
     fn = globals()[op]
     return lambda **kw: fn(**lists, **kw, backend=backend)
+
+
+def _local_lists(lists: dict) -> dict:
+    """The local shards of DTensor lists (sam_kernels/distributed.py); live lists take theirs
+    when read (_lists.GradsOf), other values pass as they are."""
+    return {k: localize(v) if isinstance(v, list) else v for k, v in lists.items()}
 
 
 def finalizers(backend: str):

@@ -25,6 +25,7 @@ from torch.amp.grad_scaler import OptState
 
 from . import ops, reference
 from ._lists import collecting
+from .distributed import all_reduce_sum_, localize
 
 FOUND_INF, GRAD_SCALE, GRAD_NORM, SKIPPED = range(4)  # csrc/guard_math.h
 
@@ -76,11 +77,16 @@ class NormStage:
     launch writes the norm (norm()) or the step's guard (guard()). Classes whose tensors the
     kernels cannot take as they are (non-contiguous, misaligned for Triton) are staged through
     contiguous copies on every call, and their tables built for them (the same sums as from
-    tensors that need no staging, bit for bit)."""
+    tensors that need no staging, bit for bit). group: the process group whose ranks hold shards of
+    the tensors (sam_kernels/distributed.py): the partial sums are summed and all-reduced, one
+    fp32 scalar, before the finalize."""
 
-    def __init__(self, backend: str, device: torch.device, classes):
+    def __init__(self, backend: str, device: torch.device, classes, group=None):
         self.runs, at = [], 0
+        self.group = group
         for tensors, second, mode, scalar in classes:
+            tensors = localize(tensors) if isinstance(tensors, list) else tensors
+            second = localize(second) if isinstance(second, list) else second
             lists = {"tensors": tensors, "second": second}
             if backend == "torch":
                 run = reference.prepare_sumsq(tensors, second)
@@ -93,19 +99,24 @@ class NormStage:
         self.partials = (torch.empty(at, dtype=torch.float32, device=device) if at
                          else torch.zeros(1, dtype=torch.float32, device=device))
         self._finalize, self._guard = ops.finalizers(backend)
+        self._total = torch.zeros(1, dtype=torch.float32, device=device) if group is not None else None
 
-    def _sums(self) -> None:
+    def _sums(self) -> torch.Tensor:
+        """The partial sums of squares (sharded: their sum over every rank, one scalar)."""
         for run, mode, scalar, at in self.runs:
             run(self.partials, mode, scalar, at)
+        if self.group is None:
+            return self.partials
+        torch.sum(self.partials, 0, keepdim=True, out=self._total)
+        all_reduce_sum_(self._total, self.group)
+        return self._total
 
     def norm(self, out: torch.Tensor) -> None:
-        self._sums()
-        self._finalize(self.partials, out)
+        self._finalize(self._sums(), out)
 
     def guard(self, flags: Flags, prior=None, scale=None, found_inf=None, max_norm=None, steps=None,
               steps_mask=None) -> None:
-        self._sums()
-        self._guard(self.partials, flags.t, prior, scale, found_inf, float("inf") if max_norm is None else max_norm,
+        self._guard(self._sums(), flags.t, prior, scale, found_inf, float("inf") if max_norm is None else max_norm,
                     steps, steps_mask)
 
 

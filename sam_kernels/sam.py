@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import distributed, ops
 from ._base import SharpnessAwareOptimizer, check_nonneg, split_rho
 from ._lists import GradsOf
 from .pipeline import NormStage
@@ -38,7 +38,7 @@ class SamPlan:
                 classes.setdefault(key, []).extend(ps)
         self.norm = NormStage(opt._backend(device, "global_norm"), device,
                               [(directions(xs), xs if adaptive else None, int(adaptive), offset)
-                               for (adaptive, offset), xs in classes.items()])
+                               for (adaptive, offset), xs in classes.items()], group=opt._reduce_group())
         self.norm_out = torch.empty((), dtype=torch.float32, device=device)
         self.prior = self.norm_out
         self._rho = lambda group: opt._rho(group, device)  # a number, or a device scalar (capturable)
@@ -130,8 +130,7 @@ class SAM(SharpnessAwareOptimizer):
     def memory_report(self) -> dict:
         """Bytes held by the optimizer: `perturbation` (SAM's x_old buffers, one copy of the
         perturbed parameters) and `base_state` (the base optimizer's tensors)."""
-        perturbation = sum(st["old_p"].numel() * st["old_p"].element_size() for st in self.state.values()
-                           if "old_p" in st)
+        perturbation = sum(distributed.nbytes(st["old_p"]) for st in self.state.values() if "old_p" in st)
         return {"perturbation": perturbation, "base_state": self._base_state_bytes()}
 
     def _old(self, p: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from . import ops
 from ._base import SharpnessAwareOptimizer, UpdatePlan, check_grad, split_rho
 from ._lists import Slot
 from .capturable import capturing
+from .distributed import is_dtensor
 from .fused_update import fused_kind, prepare_preview, prepare_state, prepare_update
 from .pipeline import NormStage
 
@@ -165,6 +166,10 @@ class SAMPa(SharpnessAwareOptimizer):
         except ValueError:
             raise ValueError(f"{where}['lam'] must be a number in [0, 1], got {group['lam']!r}") from None
         for j, p in enumerate(group["params"]):
+            if is_dtensor(p):
+                raise NotImplementedError(f"SAMPa: {where}['params'][{j}] is a sharded DTensor: SAMPa runs its passes "
+                                          "at parameter copies of its own (torch.func.functional_call), which FSDP2 "
+                                          "does not gather; use parallel='distributed' on replicated parameters")
             if id(p) not in self._model_names:
                 raise ValueError(f"{where}['params'][{j}] (shape {tuple(p.shape)}) is not a parameter of the model: "
                                  "SAMPa takes its gradients through the model")

@@ -1,0 +1,180 @@
+"""SAM, ASAM, GaussSAM and PSAM on FSDP2-sharded parameters (fully_shard: DTensors sharded along
+dim 0), 2 and 4 gloo processes on CPU (sam_kernels/distributed.py). Each rank steps its local
+shards with the fused kernels; the global gradient norm is one all-reduce of one scalar per norm.
+Checked against one process on the full batch: the same weights to fp32 rounding, the same
+skipped steps (a NaN on one rank's shard skips the step on every rank), per-rank perturbation
+memory 1/world of a full copy, and clear errors for what is not supported."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import TRAJECTORY
+from torch import nn
+
+from sam_kernels import PSAM, SAM, GaussSAM, NuSAM
+
+STEPS = 6
+NAN_STEP = 3  # rank 0 (in the reference: the same entry) poisons its shard of the first gradient
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 17), nn.Tanh(), nn.Linear(17, 9), nn.Tanh(), nn.Linear(9, 4))
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(STEPS)]
+
+
+CASES = {
+    "sam-sgd": lambda ps: SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    "asam-adamw": lambda ps: SAM(ps, torch.optim.AdamW, rho=0.5, adaptive=True, lr=1e-2, weight_decay=1e-2,
+                                 max_grad_norm=0.5),
+    "psam-sgd": lambda ps: PSAM(ps, torch.optim.SGD, rho=0.05, period=2, lr=0.1, momentum=0.9),
+    "gausssam-sgd": lambda ps: GaussSAM(ps, torch.optim.SGD, rho=0.05, seed=3, lr=0.1, momentum=0.9),
+    "sam-sgd-capturable": lambda ps: SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, capturable=True),
+}
+
+
+def train(model, opt, rank=0, world=1, counts=None):
+    """STEPS SAM steps; each rank sees its part of every batch (the mean loss over ranks is the
+    full batch's: FSDP2 averages the reduce-scattered gradients). Returns the skipped steps."""
+    for i, (x, y) in enumerate(batches()):
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if i == NAN_STEP:
+            g = model[2].weight.grad
+            if world == 1:
+                g[0, 0] = float("nan")  # the first row: rank 0's shard under FSDP2
+            elif rank == 0:
+                g._local_tensor[0, 0] = float("nan")
+        before = counts[0] if counts else 0
+        if opt.sam_step_due:
+            opt.first_step(zero_grad=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.second_step()
+        else:
+            opt.base_step()
+        if counts is not None:
+            counts[1].append(counts[0] - before)
+    return opt.skipped_steps
+
+
+def _count_all_reduces():
+    """(counts, restore): torch.distributed.all_reduce counted until restore()."""
+    counts = [0, []]
+    original = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        counts[0] += 1
+        return original(*args, **kwargs)
+
+    def restore():
+        dist.all_reduce = original
+    dist.all_reduce = counting
+    return counts, restore
+
+
+def _worker(rank, world, init_file, out_dir, names):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from torch.distributed.fsdp import fully_shard
+
+    try:
+        results = {}
+        for name in names:
+            model = mlp()
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    fully_shard(m)
+            fully_shard(model)
+            opt = CASES[name](model.parameters())
+            counts, restore = _count_all_reduces()
+            try:
+                skipped = train(model, opt, rank, world, counts)
+            finally:
+                restore()
+            results[name] = {"params": [p.full_tensor().detach().clone() for p in model.parameters()],
+                             "skipped": skipped, "all_reduces": counts[1],
+                             "perturbation": opt.memory_report()["perturbation"]}
+        if rank == 0:  # what is refused, by name
+            errors = {}
+            model = mlp()
+            fully_shard(model)
+            for what, build in (("nusam", lambda: NuSAM(model.parameters(), torch.optim.SGD, lr=0.1)),
+                                ("mixed", lambda: SAM([*model.parameters(), nn.Parameter(torch.ones(3))], lr=0.1))):
+                try:
+                    build()
+                except (ValueError, NotImplementedError) as e:
+                    errors[what] = f"{type(e).__name__}: {e}"
+            results["errors"] = errors
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world, names):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), tmp, names), nprocs=world, join=True)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_ranks(2, list(CASES))
+
+
+def reference(name):
+    model = mlp()
+    opt = CASES[name](model.parameters())
+    skipped = train(model, opt)
+    return [p.detach() for p in model.parameters()], skipped, opt.memory_report()["perturbation"]
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if not n.startswith("gausssam")])
+def test_fsdp2_equals_one_process_on_the_full_batch(two_ranks, name):
+    ref, skipped, _ = reference(name)
+    for r in two_ranks:
+        for p, q in zip(r[name]["params"], ref):
+            torch.testing.assert_close(p, q, **TRAJECTORY)
+        assert r[name]["skipped"] == skipped == 1  # the NaN on rank 0's shard: skipped on both ranks
+
+
+def test_one_all_reduce_of_one_scalar_per_norm(two_ranks):
+    """SAM step: the first pass's norm and the second pass's guard, one all-reduce each; PSAM's
+    plain steps: the guard's only (the module's own gradient reduce-scatters are not all-reduces)."""
+    assert two_ranks[0]["sam-sgd"]["all_reduces"] == [2] * STEPS
+    assert two_ranks[0]["psam-sgd"]["all_reduces"] == [2, 1] * (STEPS // 2)
+
+
+def test_per_rank_perturbation_is_a_shard_of_the_copy(two_ranks):
+    _, _, full = reference("sam-sgd")
+    per_rank = [r["sam-sgd"]["perturbation"] for r in two_ranks]
+    assert sum(per_rank) == full and max(per_rank) <= full // 2 + 17 * 4 * 8  # uneven rows: at most one more
+
+
+def test_gausssam_steps_and_skips_on_every_rank(two_ranks):
+    start = [p.detach() for p in mlp().parameters()]
+    for r in two_ranks:
+        assert r["gausssam-sgd"]["skipped"] == 1
+        assert all(torch.isfinite(p).all() for p in r["gausssam-sgd"]["params"])
+        assert any(not torch.equal(p, q) for p, q in zip(r["gausssam-sgd"]["params"], start))
+
+
+def test_unsupported_setups_are_refused_by_name(two_ranks):
+    errors = two_ranks[0]["errors"]
+    assert errors["nusam"].startswith("NotImplementedError: NuSAM: param_groups[0]['params'][0] is a sharded DTensor")
+    assert "plain tensor among DTensor parameters" in errors["mixed"]
+
+
+def test_four_ranks_equal_one_process():
+    ranks = run_ranks(4, ["sam-sgd"])
+    ref, skipped, _ = reference("sam-sgd")
+    for r in ranks:
+        for p, q in zip(r["sam-sgd"]["params"], ref):
+            torch.testing.assert_close(p, q, **TRAJECTORY)
+        assert r["sam-sgd"]["skipped"] == skipped == 1
