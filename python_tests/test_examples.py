@@ -1,6 +1,7 @@
 """The examples in examples/ run (small sizes, CPU) and do what they say."""
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -94,3 +95,20 @@ def test_graphed_example_trains_and_equals_the_eager_loop(name):
         sched.step()
     for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("optimizer", ["sam", "psam"])
+def test_fsdp2_torchrun_example(optimizer):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port),
+           os.path.join(ROOT, "examples", "fsdp2_sam.py"), "--steps", "4", "--optimizer", optimizer]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "ranks agree on the weights: True; skipped steps 0" in out.stdout
+    per_rank = [int(m) for m in re.findall(r"perturbation (\d+) bytes", out.stdout)]
+    full = int(re.search(r"bytes of (\d+)", out.stdout).group(1))
+    assert len(per_rank) == 2 and sum(per_rank) == full  # each rank holds its shards' copy only
