@@ -179,3 +179,20 @@ def test_lr_as_a_number_or_a_device_scalar(backend, device, lr):
         assert torch.equal(a, b)
         if lr < 1e-100:
             assert torch.equal(a, old)
+
+
+def test_a_copy_of_a_capturable_optimizer_steps_like_the_original():
+    """The device scalars are rebuilt for the copy's own param groups (they are keyed by them)."""
+    model, opt, step = _warm(capturable=True)
+    step()
+    model2, opt2 = copy.deepcopy((model, opt))
+    b = batches(2, "cpu")[1]
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        loss_fn(m, b).backward()
+        o.first_step(zero_grad=True)
+        loss_fn(m, b).backward()
+        o.second_step()
+    assert opt2._scalars is not opt._scalars
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
