@@ -40,10 +40,12 @@ CASES = {
 }
 
 
-def train(model, opt, rank=0, world=1, counts=None):
-    """STEPS SAM steps; each rank sees its part of every batch (the mean loss over ranks is the
+def train(model, opt, rank=0, world=1, counts=None, steps=range(STEPS)):
+    """SAM steps `steps`; each rank sees its part of every batch (the mean loss over ranks is the
     full batch's: FSDP2 averages the reduce-scattered gradients). Returns the skipped steps."""
-    for i, (x, y) in enumerate(batches()):
+    data = batches()
+    for i in steps:
+        x, y = data[i]
         x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
@@ -80,6 +82,38 @@ def _count_all_reduces():
     return counts, restore
 
 
+def sharded_mlp():
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp()
+    for m in model:
+        if isinstance(m, nn.Linear):
+            fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def resumed(name, rank, world, ckpt):
+    """Half the steps, a torch.distributed.checkpoint save of model and optimizer on every rank,
+    then a new model and optimizer (init_state(): the template DCP loads into) that load it and
+    take the other half."""
+    import torch.distributed.checkpoint as dcp
+
+    model = sharded_mlp()
+    opt = CASES[name](model.parameters())
+    train(model, opt, rank, world, steps=range(STEPS // 2))
+    dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=ckpt)
+    del model, opt
+    model = sharded_mlp()
+    opt = CASES[name](model.parameters())
+    opt.init_state()
+    state = {"model": model.state_dict(), "optim": opt.state_dict()}
+    dcp.load(state, checkpoint_id=ckpt)  # in place: the model's shards, the state's tensors
+    opt.load_state_dict(state["optim"])
+    skipped = train(model, opt, rank, world, steps=range(STEPS // 2, STEPS))
+    return [p.full_tensor().detach().clone() for p in model.parameters()], skipped
+
+
 def _worker(rank, world, init_file, out_dir, names):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     from torch.distributed.fsdp import fully_shard
@@ -87,11 +121,7 @@ def _worker(rank, world, init_file, out_dir, names):
     try:
         results = {}
         for name in names:
-            model = mlp()
-            for m in model:
-                if isinstance(m, nn.Linear):
-                    fully_shard(m)
-            fully_shard(model)
+            model = sharded_mlp()
             opt = CASES[name](model.parameters())
             counts, restore = _count_all_reduces()
             try:
@@ -101,6 +131,8 @@ def _worker(rank, world, init_file, out_dir, names):
             results[name] = {"params": [p.full_tensor().detach().clone() for p in model.parameters()],
                              "skipped": skipped, "all_reduces": counts[1],
                              "perturbation": opt.memory_report()["perturbation"]}
+        if "asam-adamw" in names:
+            results["resumed"] = resumed("asam-adamw", rank, world, os.path.join(out_dir, "ckpt"))
         if rank == 0:  # what is refused, by name
             errors = {}
             model = mlp()
@@ -178,3 +210,13 @@ def test_four_ranks_equal_one_process():
         for p, q in zip(r["sam-sgd"]["params"], ref):
             torch.testing.assert_close(p, q, **TRAJECTORY)
         assert r["sam-sgd"]["skipped"] == skipped == 1
+
+
+def test_dcp_resume_is_bit_exact(two_ranks):
+    """Saved with torch.distributed.checkpoint after 3 steps on 2 ranks, loaded into a new model and
+    optimizer, 3 more steps (the NaN step among them): the weights of the run without a break."""
+    for r in two_ranks:
+        params, skipped = r["resumed"]
+        assert skipped == 1
+        for p, q in zip(params, r["asam-adamw"]["params"]):
+            assert torch.equal(p, q)

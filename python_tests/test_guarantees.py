@@ -422,3 +422,27 @@ def test_base_optimizer_instance_as_params(name):
         TWO_STEP[name](base, torch.optim.SGD)
     opt = TWO_STEP[name](None, base)  # the way that works
     two_step(model, opt, data())
+
+
+@pytest.mark.parametrize("base,kw", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+                                     (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2))], ids=["sgd", "adamw"])
+def test_init_state_creates_what_the_first_step_would(base, kw):
+    """init_state() (the template a checkpoint loads into): zeros, and steps that follow are the
+    steps without it, bit for bit; a base optimizer we do not fuse is refused by name."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [SAM(m.parameters(), base, rho=0.05, **kw) for m in models]
+    opts[1].init_state()
+    assert all(torch.count_nonzero(t) == 0 for st in opts[1].base_optimizer.state.values() for t in st.values())
+    x = torch.randn(8, 4)
+    for m, o in zip(models, opts):
+        for _ in range(3):
+            m(x).square().mean().backward()
+            o.first_step(zero_grad=True)
+            m(x).square().mean().backward()
+            o.second_step(zero_grad=True)
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
+    with pytest.raises(TypeError, match="init_state: RMSprop"):
+        SAM(models[0].parameters(), torch.optim.RMSprop, lr=0.1).init_state()

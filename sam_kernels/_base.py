@@ -606,6 +606,23 @@ class SharpnessAwareOptimizer(Optimizer):
         """The norm of the (unscaled, unclipped) gradient of the last update, a device scalar."""
         return self._flags.t[2] if self._flags is not None else None
 
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create now, without stepping, the base optimizer's state that the first step would create
+        (momentum buffers, Adam's moments and step counters, at zero; sharded like the parameters
+        under FSDP2), so that a checkpoint can be loaded into it: torch.distributed.checkpoint loads
+        into the tensors of the state dict it is given (see python_tests/test_fsdp.py). Only for the
+        base optimizers we fuse (SGD, Adam, AdamW); others create their state in their own step."""
+        kind = fused_kind(self.base_optimizer)
+        if kind is None:
+            raise TypeError(f"init_state: {type(self.base_optimizer).__name__} (with these options) is not fused "
+                            "here; its own step() creates its state")
+        params = self._param_list()
+        if params:
+            prepare_state(self.base_optimizer, kind, [(g, list(g["params"])) for g in self.param_groups],
+                          self._counters, distributed.local(params[0]).device)
+        self._invalidate()
+
     def state_dict(self) -> dict:
         """The base optimizer's state_dict (its param_groups hold rho and our options) plus ours."""
         if self._pending is not None:
