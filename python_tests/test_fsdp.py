@@ -1,4 +1,4 @@
-"""SAM, ASAM, GaussSAM and PSAM on FSDP2-sharded parameters (fully_shard: DTensors sharded along
+"""SAM, ASAM, NuSAM, GaussSAM and PSAM on FSDP2-sharded parameters (fully_shard: DTensors sharded along
 dim 0), 2 and 4 gloo processes on CPU (sam_kernels/distributed.py). Each rank steps its local
 shards with the fused kernels; the global gradient norm is one all-reduce of one scalar per norm.
 Checked against one process on the full batch: the same weights to fp32 rounding, the same
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TRAJECTORY
+from conftest import NUSAM_TRAJECTORY, TRAJECTORY
 from torch import nn
 
 from sam_kernels import PSAM, SAM, GaussSAM, NuSAM
@@ -36,6 +36,8 @@ CASES = {
                                  max_grad_norm=0.5),
     "psam-sgd": lambda ps: PSAM(ps, torch.optim.SGD, rho=0.05, period=2, lr=0.1, momentum=0.9),
     "gausssam-sgd": lambda ps: GaussSAM(ps, torch.optim.SGD, rho=0.05, seed=3, lr=0.1, momentum=0.9),
+    "nusam-adamw": lambda ps: NuSAM(ps, torch.optim.AdamW, rho=0.1, power_iters=2, lr=1e-2),
+    "nusam-norm-sgd": lambda ps: NuSAM(ps, torch.optim.SGD, rho=0.1, normalized=True, lr=0.1, momentum=0.9),
     "sam-sgd-capturable": lambda ps: SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, capturable=True),
 }
 
@@ -133,17 +135,24 @@ def _worker(rank, world, init_file, out_dir, names):
                              "perturbation": opt.memory_report()["perturbation"]}
         if "asam-adamw" in names:
             results["resumed"] = resumed("asam-adamw", rank, world, os.path.join(out_dir, "ckpt"))
-        if rank == 0:  # what is refused, by name
-            errors = {}
-            model = mlp()
-            fully_shard(model)
-            for what, build in (("nusam", lambda: NuSAM(model.parameters(), torch.optim.SGD, lr=0.1)),
-                                ("mixed", lambda: SAM([*model.parameters(), nn.Parameter(torch.ones(3))], lr=0.1))):
-                try:
-                    build()
-                except (ValueError, NotImplementedError) as e:
-                    errors[what] = f"{type(e).__name__}: {e}"
-            results["errors"] = errors
+        # what is refused, by name (the mesh and the model are built on every rank: collectives)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        errors = {}
+        model = mlp()
+        fully_shard(model)
+        cols = nn.Parameter(DTensor.from_local(torch.ones(4, 6 // world), mesh, [Shard(1)], run_check=False))
+        replicated = nn.Parameter(DTensor.from_local(torch.ones(4, 6), mesh, [Replicate()], run_check=False))
+        for what, build in (("nusam", lambda: NuSAM([cols], torch.optim.SGD, lr=0.1)),
+                            ("replicated", lambda: SAM([replicated], lr=0.1)),
+                            ("mixed", lambda: SAM([*model.parameters(), nn.Parameter(torch.ones(3))], lr=0.1))):
+            try:
+                build()
+            except (ValueError, NotImplementedError) as e:
+                errors[what] = f"{type(e).__name__}: {e}"
+        results["errors"] = errors
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -169,10 +178,12 @@ def reference(name):
 
 @pytest.mark.parametrize("name", [n for n in CASES if not n.startswith("gausssam")])
 def test_fsdp2_equals_one_process_on_the_full_batch(two_ranks, name):
+    """(nuSAM: the power iteration's sums are over the ranks' rows, in another order.)"""
     ref, skipped, _ = reference(name)
+    tol = NUSAM_TRAJECTORY if name.startswith("nusam") else TRAJECTORY
     for r in two_ranks:
         for p, q in zip(r[name]["params"], ref):
-            torch.testing.assert_close(p, q, **TRAJECTORY)
+            torch.testing.assert_close(p, q, **tol)
         assert r[name]["skipped"] == skipped == 1  # the NaN on rank 0's shard: skipped on both ranks
 
 
@@ -181,6 +192,12 @@ def test_one_all_reduce_of_one_scalar_per_norm(two_ranks):
     plain steps: the guard's only (the module's own gradient reduce-scatters are not all-reduces)."""
     assert two_ranks[0]["sam-sgd"]["all_reduces"] == [2] * STEPS
     assert two_ranks[0]["psam-sgd"]["all_reduces"] == [2, 1] * (STEPS // 2)
+
+
+def test_nusam_all_reduces_per_round_are_batched_over_matrices(two_ranks):
+    """NuSAM-AdamW, 2 power iterations: per SAM step 2 per round (every matrix's G^T u at once, then
+    every ||G v||^2 at once), the other first gradients' norm, and the guard; never one per matrix."""
+    assert two_ranks[0]["nusam-adamw"]["all_reduces"] == [2 * 2 + 1 + 1] * STEPS
 
 
 def test_per_rank_perturbation_is_a_shard_of_the_copy(two_ranks):
@@ -199,17 +216,23 @@ def test_gausssam_steps_and_skips_on_every_rank(two_ranks):
 
 def test_unsupported_setups_are_refused_by_name(two_ranks):
     errors = two_ranks[0]["errors"]
-    assert errors["nusam"].startswith("NotImplementedError: NuSAM: param_groups[0]['params'][0] is a sharded DTensor")
+    assert errors["nusam"].startswith("NotImplementedError: NuSAM: param_groups[0]['params'][0] is sharded as "
+                                      "(Shard(dim=1),)")
+    assert errors["replicated"].startswith("ValueError: param_groups[0]['params'][0] (shape (4, 6)) has placements "
+                                           "(Replicate(),)")
     assert "plain tensor among DTensor parameters" in errors["mixed"]
 
 
 def test_four_ranks_equal_one_process():
-    ranks = run_ranks(4, ["sam-sgd"])
-    ref, skipped, _ = reference("sam-sgd")
-    for r in ranks:
-        for p, q in zip(r["sam-sgd"]["params"], ref):
-            torch.testing.assert_close(p, q, **TRAJECTORY)
-        assert r["sam-sgd"]["skipped"] == skipped == 1
+    """(4 ranks over 4-row matrices: one row each; over 9 rows: 3, 3, 3 and an empty shard.)"""
+    names = ["sam-sgd", "nusam-adamw"]
+    ranks = run_ranks(4, names)
+    for name in names:
+        ref, skipped, _ = reference(name)
+        for r in ranks:
+            for p, q in zip(r[name]["params"], ref):
+                torch.testing.assert_close(p, q, **(NUSAM_TRAJECTORY if name.startswith("nusam") else TRAJECTORY))
+            assert r[name]["skipped"] == skipped == 1
 
 
 def test_dcp_resume_is_bit_exact(two_ranks):

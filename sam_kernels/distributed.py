@@ -9,7 +9,8 @@ squares of its shards, and one all-reduce of that one fp32 scalar over the mesh 
 host read) gives every rank the same norm (pipeline.NormStage), so every rank perturbs along the
 same global direction and skips the same steps (a NaN on one rank's shard makes the sum NaN
 everywhere). Placements other than Shard(d) on a 1-D mesh (Replicate, Partial, HSDP's 2-D mesh)
-are refused by name: their squares would be counted once per replica.
+are refused by name: their squares would be counted once per replica. NuSAM's power iteration on
+row-sharded matrices reduces its partial mat-vec products over the mesh (nusam.NuSamPlan._sharded_power).
 """
 from __future__ import annotations
 
@@ -58,6 +59,14 @@ def shard_group(params, where: str):
         elif p.device_mesh != mesh:
             raise ValueError(f"{where}['params'][{j}] is on another device mesh than the parameters before it")
     return mesh.get_group() if mesh is not None else None
+
+
+def row_slice(p) -> slice:
+    """The rows of a Shard(0) DTensor that this rank holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return slice(offset[0], offset[0] + shape[0])
 
 
 def all_reduce_sum_(t: torch.Tensor, group) -> None:

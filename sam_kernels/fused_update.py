@@ -17,6 +17,7 @@ import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
 from . import ops
+from .distributed import local
 
 
 def _plain_float(*values) -> bool:
@@ -119,7 +120,7 @@ def state_lists(base, kind: str, group: dict, keys, views=None, create: bool = T
 
     def view(name):
         ts = [state[p][name] for p in keys]
-        return ts if views is None else [t.view(s) for t, s in zip(ts, views)]
+        return ts if views is None else [local(t).view(s) for t, s in zip(ts, views)]  # sharded: this rank's
 
     if kind == "sgd":
         return {"bufs": view("momentum_buffer") if group["momentum"] != 0 else None}

@@ -23,7 +23,8 @@ import torch
 from . import ops
 from ._base import SharpnessAwareOptimizer, check_nonneg, split_rho
 from ._lists import GradsOf
-from .distributed import is_dtensor
+from . import distributed
+from .distributed import Shard, all_reduce_sum_, is_dtensor, local
 from .fused_update import prepare_update
 from .pipeline import NormStage
 
@@ -54,8 +55,9 @@ class NuSamPlan:
             if not p.is_contiguous():
                 raise ValueError(f"NuSAM perturbs matrices in place: parameter of shape {tuple(p.shape)} "
                                  "must be contiguous")
-        self.mats = [opt._as_matrix(p) for p in self.params]
+        self.mats = [opt._as_matrix(local(p)) for p in self.params]  # sharded: this rank's rows
         self.grads = GradsOf(self.params, [m.shape for m in self.mats])
+        self.group = opt._reduce_group()
         self.us = [opt.state[p]["u"] for p in self.params]  # the warm starts, replaced when a step is taken
         self.cands = [torch.empty_like(u) for u in self.us]
         self.vs = [opt._buffer(p, "v", m.shape[1]) for p, m in zip(self.params, self.mats)]
@@ -70,13 +72,14 @@ class NuSamPlan:
         self.normed = _device_vector([float(g["normalized"]) for g in self.groups] + [0.0], device)
         self._rho_key, self.rho = None, None
         self.prior = torch.zeros((), dtype=torch.float32, device=device)
-        self.check = (NormStage(opt._backend(device, "global_norm"), device, [(GradsOf(others), None, 0, 0.0)])
-                      if others else None)
+        self.check = (NormStage(opt._backend(device, "global_norm"), device, [(GradsOf(others), None, 0, 0.0)],
+                                group=self.group) if others else None)
         self.backend = opt._backend(device, "rank1_update_") if k else None
         if k:
             staged = not ops.stageable({"mats": self.grads}, aligned=self.backend == "triton")
             # the power iteration from the warm starts into the candidates (a skipped step keeps the warm start)
-            self._power = (ops.prepare("power_iteration_", self.backend, device, mats=self.grads, us=self.cands,
+            self._power = (self._sharded_power if self.group is not None else
+                           ops.prepare("power_iteration_", self.backend, device, mats=self.grads, us=self.cands,
                                        vs=self.vs, warm=self.us) if not staged else self._staged_power)
             self._scales = ops.prepare("rank1_scales_", self._backend_of("rank1_scales_"), device)
             self._commit = ops.bind("restore_", self.backend, device, {"params": self.us, "olds": self.cands})
@@ -90,6 +93,28 @@ class NuSamPlan:
         """The list op (which stages gradients it cannot take as they are), from a copy of the warm starts."""
         torch._foreach_copy_(self.cands, self.us)
         ops.power_iteration_(list(self.grads), self.cands, self.vs, sigmas, iters, tau, backend=self.backend)
+
+    def _sharded_power(self, sigmas, iters, tau):
+        """The power iteration on row-sharded matrices (FSDP2's Shard(0)), as reference.power_iteration_
+        computes it on whole ones: each rank holds its rows of G and u, v is replicated. Per round,
+        G^T u is each rank's G_l^T u_l summed over the ranks (one all-reduce of every matrix's vector
+        at once) and ||G v||^2 the sum of the ranks' ||G_l v||^2 (one all-reduce of all of them)."""
+        grads = [g.float() for g in self.grads]
+        us = [u.clone() for u in self.us]
+        for _ in range(iters):
+            vs = torch.cat([g.t() @ u for g, u in zip(grads, us)])
+            all_reduce_sum_(vs, self.group)
+            vs = list(vs.split([v.numel() for v in self.vs]))
+            norms = torch.stack([torch.linalg.vector_norm(v) for v in vs])
+            vs = [v / (n + tau) for v, n in zip(vs, norms)]
+            gvs = [g @ v for g, v in zip(grads, vs)]
+            sq = torch.stack([gv.square().sum() for gv in gvs])
+            all_reduce_sum_(sq, self.group)
+            sigma = sq.sqrt()
+            us = [gv / (s + tau) for gv, s in zip(gvs, sigma)]
+        torch._foreach_copy_(self.cands, us)
+        torch._foreach_copy_(self.vs, vs)
+        sigmas.copy_(sigma)
 
     def _rhos(self) -> torch.Tensor:
         """rho per matrix on the device, sent again only when a group's rho changed (capturable:
@@ -211,20 +236,23 @@ class NuSAM(SharpnessAwareOptimizer):
             self._init_u(group, gen)
 
     def _init_u(self, group: dict, gen: torch.Generator) -> None:
-        """The warm starts u of the group's matrices: normalized N(0, I) draws from gen, in order."""
+        """The warm starts u of the group's matrices: normalized N(0, I) draws from gen, in order
+        (a row-sharded matrix: this rank's rows of the same draw)."""
         for p in group["params"]:
             if self._is_matrix(p):
                 u = torch.randn(p.shape[0], generator=gen, dtype=torch.float32)
-                self.state[p]["u"] = (u / u.norm()).to(p.device)
+                u = u / u.norm()
+                if is_dtensor(p):
+                    u = u[distributed.row_slice(p)]
+                self.state[p]["u"] = u.to(local(p).device)
 
     def _check_group(self, group: dict, where: str) -> None:
         super()._check_group(group, where)
         for j, p in enumerate(group["params"]):
-            if is_dtensor(p):
+            if is_dtensor(p) and self._is_matrix(p) and tuple(p.placements) != (Shard(0),):
                 raise NotImplementedError(
-                    f"NuSAM: {where}['params'][{j}] is a sharded DTensor ({p.placements}): the power iteration on "
-                    "sharded matrices (partial mat-vec products reduced over the shards) is not implemented yet; "
-                    "SAM, ASAM, GaussSAM and PSAM support FSDP2")
+                    f"NuSAM: {where}['params'][{j}] is sharded as {p.placements}: the power iteration on sharded "
+                    "matrices takes their rows sharded (Shard(0), what FSDP2's fully_shard makes)")
             if self._is_matrix(p) and not p.is_contiguous():
                 raise ValueError(f"NuSAM perturbs matrices in place: {where}['params'][{j}] of shape "
                                  f"{tuple(p.shape)} must be contiguous")
