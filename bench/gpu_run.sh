@@ -2,7 +2,7 @@
 # Everything a lent GPU machine (device tool) is for, in one call: build the extension with the
 # CUDA kernels, run the whole test suite on the GPU, run both benchmarks; results under $OUT.
 #   device run: bash bench/gpu_run.sh [STAGE ...]     (carry: .whl .gpu-cache)
-# Stages, in the order given (default: build nosync graphs probe tests bench memory):
+# Stages, in the order given (default: build nosync graphs fsdp probe tests bench memory):
 #   build         compile sam_kernels._C (CUDA kernels for sm_90); reuses .gpu-cache/_C.so.gz when
 #                 it was built from the same csrc/ + setup.py (the device keeps nothing between calls:
 #                 copy $OUT/_C.so.gz and $OUT/triton-cache.tgz to .gpu-cache/ and carry it)
@@ -10,6 +10,8 @@
 #   graphs        capturable optimizers and make_graphed_step on the GPU (python_tests/test_graphs.py,
 #                 test_capturable.py), then the graphed training-step
 #                 benchmark (python -m sam_kernels.bench --graphed: timm resnet18 CIFAR-size, ViT-S/16 bf16)
+#   fsdp          FSDP2 with world size 1 on CUDA (nccl needs a GPU per rank): examples/fsdp2_sam.py for
+#                 every optimizer class, the kernels on the local shards (seconds)
 #   tests         python_tests on the GPU (pytest-xdist workers)
 #   probe         the kernel and step benchmarks only: ViT-B shapes, the flat 134M tensor, and host_152
 #                 (ViT-B's 152 tensors at 256 elements: the host's time per step), both GPU backends
@@ -26,7 +28,7 @@ BUDGET_S=${BUDGET_S:-560}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build nosync graphs probe tests bench memory)
+[ ${#stages[@]} -eq 0 ] && stages=(build nosync graphs fsdp probe tests bench memory)
 
 left() { echo $((BUDGET_S - SECONDS)); }
 capped() {  # capped SECONDS CMD...: run CMD for at most SECONDS, or what is left of the budget
@@ -78,6 +80,12 @@ for stage in "${stages[@]}"; do
       echo "graphs tests exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/graphs-tests.log" | head -20; tail -3 "$OUT/graphs-tests.log"
       capped 200 python3 -m sam_kernels.bench --graphed --json "$OUT/graphed-$dev-$stamp.json" \
         --markdown "$OUT/graphed-$dev-$stamp.md" 2>"$OUT/graphed.err" | tail -25
+      ;;
+    fsdp)
+      for o in sam asam nusam gausssam psam; do
+        capped 60 python3 -m torch.distributed.run --nnodes 1 --nproc_per_node 1 --master_addr 127.0.0.1 \
+          --master_port 29511 examples/fsdp2_sam.py --steps 20 --optimizer $o 2>&1 | tail -3 | tee -a "$OUT/fsdp.log"
+      done
       ;;
     tests)
       # 8 workers of 2 threads each: 16 workers with a 16-thread pool each oversubscribe the CPUs

@@ -1,7 +1,7 @@
 """SAM on an FSDP2-sharded model (torch.distributed.fsdp.fully_shard), launched by torchrun (gloo
 on CPU, nccl on GPUs):
 
-    torchrun --nproc_per_node 2 examples/fsdp2_sam.py --steps 50 [--optimizer sam|asam|gausssam|psam]
+    torchrun --nproc_per_node 2 examples/fsdp2_sam.py --steps 50 [--optimizer sam|asam|nusam|gausssam|psam]
 
 Parameters, gradients and the optimizer state are sharded along dim 0; each rank's fused kernels
 step its own shards, and the gradient norm is one all-reduce of one scalar (sam_kernels/distributed.py),
@@ -23,6 +23,7 @@ def make_optimizer(name: str, params):
     kw = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
     return {"sam": lambda: sam_kernels.SAM(params, torch.optim.SGD, rho=0.05, **kw),
             "asam": lambda: sam_kernels.SAM(params, torch.optim.SGD, rho=0.5, adaptive=True, **kw),
+            "nusam": lambda: sam_kernels.NuSAM(params, torch.optim.SGD, rho=0.1, **kw),
             "gausssam": lambda: sam_kernels.GaussSAM(params, torch.optim.SGD, rho=0.05, seed=0, **kw),
             "psam": lambda: sam_kernels.PSAM(params, torch.optim.SGD, rho=0.05, period=4, **kw)}[name]()
 
@@ -30,7 +31,7 @@ def make_optimizer(name: str, params):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--optimizer", default="sam", choices=("sam", "asam", "gausssam", "psam"))
+    ap.add_argument("--optimizer", default="sam", choices=("sam", "asam", "nusam", "gausssam", "psam"))
     args = ap.parse_args(argv)
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("WORLD_SIZE", "1"))
     dist.init_process_group("nccl" if use_cuda else "gloo")

@@ -97,7 +97,7 @@ def test_graphed_example_trains_and_equals_the_eager_loop(name):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("optimizer", ["sam", "psam"])
+@pytest.mark.parametrize("optimizer", ["sam", "nusam"])
 def test_fsdp2_torchrun_example(optimizer):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -111,4 +111,8 @@ def test_fsdp2_torchrun_example(optimizer):
     assert "ranks agree on the weights: True; skipped steps 0" in out.stdout
     per_rank = [int(m) for m in re.findall(r"perturbation (\d+) bytes", out.stdout)]
     full = int(re.search(r"bytes of (\d+)", out.stdout).group(1))
-    assert len(per_rank) == 2 and sum(per_rank) == full  # each rank holds its shards' copy only
+    assert len(per_rank) == 2
+    if optimizer == "sam":
+        assert sum(per_rank) == full  # each rank holds its shards' copy only
+    else:
+        assert sum(per_rank) < full / 20  # nuSAM: a few vectors per matrix

@@ -39,18 +39,27 @@ CASES = {
     "nusam-adamw": lambda ps: NuSAM(ps, torch.optim.AdamW, rho=0.1, power_iters=2, lr=1e-2),
     "nusam-norm-sgd": lambda ps: NuSAM(ps, torch.optim.SGD, rho=0.1, normalized=True, lr=0.1, momentum=0.9),
     "sam-sgd-capturable": lambda ps: SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, capturable=True),
+    "sam-sgd-scaler": lambda ps: SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9),  # with a GradScaler
 }
 
 
-def train(model, opt, rank=0, world=1, counts=None, steps=range(STEPS)):
+SCALED = {"sam-sgd-scaler"}
+
+
+def train(model, opt, rank=0, world=1, counts=None, steps=range(STEPS), scaled=False):
     """SAM steps `steps`; each rank sees its part of every batch (the mean loss over ranks is the
-    full batch's: FSDP2 averages the reduce-scattered gradients). Returns the skipped steps."""
+    full batch's: FSDP2 averages the reduce-scattered gradients). scaled: with a GradScaler (the
+    scale it ends with is kept in opt.final_scale). Returns the skipped steps."""
     data = batches()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if scaled else None
+
+    def backward(loss):
+        (scaler.scale(loss) if scaler is not None else loss).backward()
     for i in steps:
         x, y = data[i]
         x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        backward(nn.functional.cross_entropy(model(x), y))
         if i == NAN_STEP:
             g = model[2].weight.grad
             if world == 1:
@@ -59,11 +68,14 @@ def train(model, opt, rank=0, world=1, counts=None, steps=range(STEPS)):
                 g._local_tensor[0, 0] = float("nan")
         before = counts[0] if counts else 0
         if opt.sam_step_due:
-            opt.first_step(zero_grad=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.second_step()
+            opt.first_step(zero_grad=True, grad_scaler=scaler)
+            backward(nn.functional.cross_entropy(model(x), y))
+            opt.second_step(grad_scaler=scaler)
         else:
-            opt.base_step()
+            opt.base_step(grad_scaler=scaler)
+        if scaler is not None:
+            scaler.update()
+            opt.final_scale = scaler.get_scale()
         if counts is not None:
             counts[1].append(counts[0] - before)
     return opt.skipped_steps
@@ -127,12 +139,13 @@ def _worker(rank, world, init_file, out_dir, names):
             opt = CASES[name](model.parameters())
             counts, restore = _count_all_reduces()
             try:
-                skipped = train(model, opt, rank, world, counts)
+                skipped = train(model, opt, rank, world, counts, scaled=name in SCALED)
             finally:
                 restore()
             results[name] = {"params": [p.full_tensor().detach().clone() for p in model.parameters()],
                              "skipped": skipped, "all_reduces": counts[1],
-                             "perturbation": opt.memory_report()["perturbation"]}
+                             "perturbation": opt.memory_report()["perturbation"],
+                             "scale": getattr(opt, "final_scale", None)}
         if "asam-adamw" in names:
             results["resumed"] = resumed("asam-adamw", rank, world, os.path.join(out_dir, "ckpt"))
         # what is refused, by name (the mesh and the model are built on every rank: collectives)
@@ -172,7 +185,7 @@ def two_ranks():
 def reference(name):
     model = mlp()
     opt = CASES[name](model.parameters())
-    skipped = train(model, opt)
+    skipped = train(model, opt, scaled=name in SCALED)
     return [p.detach() for p in model.parameters()], skipped, opt.memory_report()["perturbation"]
 
 
@@ -185,6 +198,16 @@ def test_fsdp2_equals_one_process_on_the_full_batch(two_ranks, name):
         for p, q in zip(r[name]["params"], ref):
             torch.testing.assert_close(p, q, **tol)
         assert r[name]["skipped"] == skipped == 1  # the NaN on rank 0's shard: skipped on both ranks
+
+
+def test_grad_scaler_backs_off_on_every_rank(two_ranks):
+    """The scaled gradients are unscaled in the fused update; the NaN on rank 0's shard is in the
+    all-reduced guard, so both ranks' scalers back off, as the one process's does."""
+    model = mlp()
+    opt = CASES["sam-sgd-scaler"](model.parameters())
+    train(model, opt, scaled=True)
+    assert [r["sam-sgd-scaler"]["scale"] for r in two_ranks] == [opt.final_scale] * 2
+    assert opt.final_scale < 2.0 ** 8
 
 
 def test_one_all_reduce_of_one_scalar_per_norm(two_ranks):
