@@ -69,6 +69,34 @@ def _ours(name, params, model=None, loss_fn=None):
     return PSAM(params, torch.optim.SGD, rho=RHO, period=5, **kw)
 
 
+def _captured(body, static, device):
+    """step(batch): copy the batch into `static` and run body() (no arguments; it reads `static`):
+    on CUDA captured whole by hand after 3 warm-up runs on a side stream, as torch's graph notes
+    show, and replayed; elsewhere eagerly."""
+    if device.type != "cuda":
+        def eager(b):
+            for s, t in zip(static, b):
+                s.copy_(t)
+            return body()
+        return eager
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = body()
+
+    def step(b):
+        for s, t in zip(static, b):
+            s.copy_(t, non_blocking=True)
+        graph.replay()
+        return out
+    return step
+
+
 def _by_hand(model, loss_fn, batch, sam: bool, device):
     """The peer: SGD, or a torch-only SAM (foreach ops, fused SGD), captured whole by hand after a
     warm-up on a side stream, as torch's graph notes show. Returns step(batch)."""
@@ -94,28 +122,7 @@ def _by_hand(model, loss_fn, batch, sam: bool, device):
         opt.step()
         return loss.detach()
 
-    if device.type != "cuda":
-        def eager(b):
-            for s, t in zip(static, b):
-                s.copy_(t)
-            return body()
-        return eager
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = body()
-
-    def step(b):
-        for s, t in zip(static, b):
-            s.copy_(t, non_blocking=True)
-        graph.replay()
-        return out
-    return step
+    return _captured(body, static, device)
 
 
 def _passes(model, other, loss_fn, batch, name, device):
@@ -144,28 +151,7 @@ def _passes(model, other, loss_fn, batch, name, device):
             loss_fn(other, static).backward()
         return loss.detach()
 
-    if device.type != "cuda":
-        def eager(b):
-            for s, t in zip(static, b):
-                s.copy_(t)
-            return body()
-        return eager
-    warm = torch.cuda.Stream()
-    warm.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(warm):
-        for _ in range(3):
-            body()
-    torch.cuda.current_stream().wait_stream(warm)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = body()
-
-    def step(b):
-        for s, t in zip(static, b):
-            s.copy_(t, non_blocking=True)
-        graph.replay()
-        return out
-    return step
+    return _captured(body, static, device)
 
 
 def _case(name, build, loss_fn, data, device):
