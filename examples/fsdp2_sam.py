@@ -9,6 +9,7 @@ so every rank perturbs along the global gradient. The script prints each rank's 
 bytes (1/world of a full copy) and checks that the ranks agree on the full weights at the end.
 """
 import argparse
+import gc
 import os
 
 import torch
@@ -37,6 +38,8 @@ def main(argv=None):
     dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
         train(args, use_cuda)
+        gc.collect()  # FSDP2's module state and its pending work go while the group is alive
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -65,8 +65,9 @@ def _worker(rank, world, init_file, out_dir, name, msam):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.save(_train(rank, world, name, msam), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
         gc.collect()  # the DDP reducer and its pending gloo work go before the group (examples/ddp_torchrun.py)
+        dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 

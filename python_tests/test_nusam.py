@@ -289,8 +289,11 @@ def exact_svd_nusam(model, base_cls, kw, data, rho):
     return torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("base", ["sgd", "adamw"])
+# Triton with SGD only: 60 interpreted power iterations per step are slow; its agreement with the
+# other backends under Adam is test_backends_agree's
+@pytest.mark.parametrize("backend,device,base", [
+    pytest.param(*c.values, base, id=f"{base}-{c.id}") for c in BACKENDS for base in ("sgd", "adamw")
+    if base == "sgd" or c.values[0] != "triton"])
 def test_trajectory_matches_exact_svd_reference_with_many_power_iterations(backend, device, base):
     base_cls, kw = ((torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)) if base == "sgd"
                     else (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)))

@@ -1,5 +1,6 @@
 """SAMPa's distributed mode on CPU: two gloo processes, one pair. Rank 0 takes the x~-pass, rank 1
 the y-pass; both must end bit-identical, and equal to the sequential mode in one process."""
+import gc
 import os
 import tempfile
 
@@ -31,6 +32,8 @@ def _worker(rank, world, init_file, out_dir, backend, base):
         torch.save({"params": flat(model), "buffers": buffers(model), "losses": torch.stack(losses),
                     "calls": len(calls), "g_y": opt.state_dict()["sam"]["g_y"]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        gc.collect()  # nothing of the run holds gloo work when the group goes
+        dist.barrier()  # (a rank tearing down while the other still sends aborted once in CI-like runs)
     finally:
         dist.destroy_process_group()
 
