@@ -56,12 +56,14 @@ def test_capturable_steps_follow_the_eager_trajectory(name, backend, device, bas
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
-@pytest.mark.parametrize("lam", [0.2, 0.0])
-def test_capturable_sampa_follows_the_eager_trajectory(backend, device, lam):
+@pytest.mark.parametrize("lam,base", [(0.2, "adamw"), (0.0, "sgd")])  # Adam's preview with a device lr too
+def test_capturable_sampa_follows_the_eager_trajectory(backend, device, lam, base):
+    base_cls, kw = BASES[base]
+
     def run(capturable):
         model = mlp(device)
-        opt = SAMPa(model, loss_fn, torch.optim.SGD, rho=0.05, lam=lam, backend=backend, parallel="sequential",
-                    capturable=capturable, start_step=1, lr=0.05, momentum=0.9)
+        opt = SAMPa(model, loss_fn, base_cls, rho=0.05, lam=lam, backend=backend, parallel="sequential",
+                    capturable=capturable, start_step=1, **kw)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
         for b in batches(6, device):
             opt.step(b)
