@@ -139,15 +139,17 @@ def prepare_state(base, kind: str, work, counters: StepCounters, device) -> None
         counters.bind(base.state, [p for _, ps in work for p in ps], device)
 
 
-def hyper(base, kind: str, group: dict) -> dict:
-    """The scalars of a group's update, read on every call (lr schedulers change them)."""
+def hyper(base, kind: str, group: dict, lr=None) -> dict:
+    """The scalars of a group's update, read on every call (lr schedulers change them). lr: a device
+    scalar the kernel reads instead of group["lr"] (capturable steps: sam_kernels/capturable.py)."""
+    lr = group["lr"] if lr is None else lr
     if kind == "sgd":
-        return dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+        return dict(lr=lr, momentum=group["momentum"], dampening=group["dampening"],
                     nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"],
                     init_bufs=False)
     beta1, beta2 = group["betas"]
     decoupled = isinstance(base, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
-    return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+    return dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 decoupled=decoupled, amsgrad=group["amsgrad"], maximize=group["maximize"])
 
 
@@ -183,9 +185,7 @@ def prepare_update(base, kind: str, group: dict, backend: str, device, params, g
     launch = ops.bind(op, backend, device, lists, static)
 
     def run(grad_scale=None, found_inf=None, scales=None, lam=None):
-        kw = hyper(base, kind, group)
-        if lr is not None:
-            kw["lr"] = lr
+        kw = hyper(base, kind, group, lr)
         if scales is not None:
             kw["scales"] = scales
         if lam is not None:
@@ -216,9 +216,7 @@ def prepare_preview(base, kind: str, group: dict, backend: str, device, params, 
                                             "previews": previews, **lists}, static)
 
     def run(norm, rho):
-        kw = hyper(base, kind, group)
-        if lr is not None:
-            kw["lr"] = lr
+        kw = hyper(base, kind, group, lr)
         if kind == "sgd":
             kw["init_bufs"] = static["init_bufs"]
         launch(norm=norm, rho=rho, **kw)
