@@ -2,7 +2,8 @@
 
 The memory of a whole training step for every optimizer of the library and plain SGD / AdamW:
 parameters, gradients, base-optimizer state, the perturbation (SAM's x_old, nuSAM's vectors,
-SAMPa's g_y and shadow parameter sets) and the peak of the step. On CUDA the peak is measured
+SAMPa's g_y, its step's scratch set or, with streams, its fixed parameter and gradient sets) and
+the peak of the step. On CUDA the peak is measured
 (torch.cuda.max_memory_allocated); on CPU it is exact tensor accounting: every storage alive
 during the step (the model, gradients, state, activations, temporaries) counted from allocation
 to release, through a TorchDispatchMode.
@@ -23,7 +24,8 @@ from .bench.models import MODELS, cross_entropy, synthetic_batches
 from .bench.output import progress, pyplot, save_figure, write_text
 from .bench.timing import device_name
 
-OPTIMIZERS = ("sgd", "adamw", "sam", "nusam", "psam", "sampa")
+OPTIMIZERS = ("sgd", "adamw", "sam", "nusam", "psam", "sampa", "sampa_streams")
+CUDA_ONLY = ("sampa_streams",)
 SGD_KW = dict(lr=0.01, momentum=0.9)
 
 
@@ -38,13 +40,15 @@ def build(name: str, model):
         return NuSAM(model.parameters(), torch.optim.SGD, rho=0.1, conv="reshape", **SGD_KW)
     if name == "psam":
         return PSAM(model.parameters(), torch.optim.SGD, rho=0.05, period=2, **SGD_KW)
-    if name == "sampa":
+    if name == "sampa":  # eager: its passes in turn (two parameter copies above SGD)
         return SAMPa(model, cross_entropy, torch.optim.SGD, rho=0.1, **SGD_KW)
+    if name == "sampa_streams":  # the fixed sets of concurrent passes (a CUDA graph's too), and their activations
+        return SAMPa(model, cross_entropy, torch.optim.SGD, rho=0.1, parallel="streams", **SGD_KW)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
 
 
 def train_step(name, model, opt, batch):
-    if name == "sampa":
+    if name.startswith("sampa"):
         return opt.step(batch)
     opt.zero_grad(set_to_none=True)
     cross_entropy(model, batch).backward()
@@ -63,7 +67,8 @@ def _state_tensors(opt):
     if base is not opt:
         out += [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
         if isinstance(opt, SAMPa):
-            out += list(opt._g_y or []) + [t for s in opt._shadows or () for t in s]
+            out += list(opt._g_y or [])
+            out += [t for s in opt._shadows or () for u in s for t in (u, u.grad) if t is not None]
     return out
 
 
@@ -182,7 +187,11 @@ def main(argv=None):
     device = torch.device(args.device)
     models = [m for m in args.models.split(",") if m] or (["vit_s", "resnet20"] if args.quick
                                                           else ["vit_s", "vit_b", "mixer_b", "resnet56"])
-    names = [o for o in args.optimizers.split(",") if o] or list(OPTIMIZERS)
+    names = [o for o in args.optimizers.split(",") if o] or [o for o in OPTIMIZERS
+                                                            if device.type == "cuda" or o not in CUDA_ONLY]
+    wrong = [o for o in names if o in CUDA_ONLY and device.type != "cuda"]
+    if wrong:
+        raise SystemExit(f"--optimizers {','.join(wrong)}: needs a CUDA device, got {device}")
     batch = args.batch or (4 if args.quick else 128)
     bar = progress(len(models) * len(names), "memory")
     records = []

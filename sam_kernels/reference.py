@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._constants import CLIP_EPS, NORM_EPS as EPS
+from ._lists import Live
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -355,7 +356,7 @@ def guard_finalize(partials, flags, prior=None, scale=None, found_inf=None, max_
 
 def _bind(fn, **lists):
     fn = torch.no_grad()(fn)  # in-place on leaf parameters, as the list ops (ops.py) run it
-    return lambda **kw: fn(**lists, **kw)
+    return lambda **kw: fn(**{k: list(v) if isinstance(v, Live) else v for k, v in lists.items()}, **kw)  # read now
 
 
 def prepare_perturb_(params, grads, olds):

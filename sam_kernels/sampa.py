@@ -214,13 +214,24 @@ class SAMPa(SharpnessAwareOptimizer):
             return self._plain_step(batch)
         self._apply_rho_schedule()
         self._begin("SAMPa.step")
-        g_y, kept = self._g_y, self._batch
-        if g_y is None:  # step 0: g_y = grad f(x_0; B_0), and B_0 for both passes
+        kept = self._batch
+        if self._g_y is None:  # step 0: g_y = grad f(x_0; B_0), and B_0 for both passes
             _, g_y, _ = self._pass_at_x(batch)
             kept = batch
             self._norm_of("g_y", g_y, self._g_y_norm_buf())
-        xt, y = self._preview_step(g_y)
-        (loss_t, g_t, _), (loss_y, g_yn, buffers_y) = self._both_passes(xt, kept, y, batch)
+            self._live["g_y"] = g_y
+            del g_y
+        else:
+            self._live["g_y"] = self._g_y
+        if self._in_turn():
+            (loss_t, g_t, _), (loss_y, g_yn, buffers_y) = self._passes_in_turn(kept, batch)
+        else:
+            xt, y = self._preview_step(self._live["g_y"])
+            g_y = self._live.pop("g_y")
+            if self.capturable and g_y is not self._g_y:
+                self.zero_grad()  # step 0's g_y, accumulated in the model's .grad: read, no longer needed
+            del g_y
+            (loss_t, g_t, _), (loss_y, g_yn, buffers_y) = self._both_passes(xt, kept, y, batch)
         if self.parallel == "distributed":
             g_t, g_yn, buffers_y, loss_y = self._exchange(g_t, g_yn, buffers_y, loss_y)
         self._finish_step(g_t, g_yn, buffers_y)
@@ -235,8 +246,70 @@ class SAMPa(SharpnessAwareOptimizer):
         xt, y = self._shadow_sets()
         self._live["g_y"] = g_y
         self._plan("preview", self._key_of("g_y", extra=(len(self.base_optimizer.state),)),
-                        lambda: self._build_preview(xt, y))()
+                   lambda: self._build_preview([xt[sl] for _, sl in self._group_slices()],
+                                               [y[sl] for _, sl in self._group_slices()]))()
         return xt, y
+
+    def _in_turn(self) -> bool:
+        """Whether this step runs its passes one after the other on scratch sets
+        (_passes_in_turn): sequential and not capturable (a graph needs the fixed shadow sets)."""
+        return not self.capturable and (self.parallel == "sequential" or
+                                        (self.parallel == "auto" and not capturing()))
+
+    @torch.no_grad()
+    def _passes_in_turn(self, kept, batch):
+        """Both passes, one after the other, holding two parameter sets above SGD at any time
+        (SGD: x_t and a gradient; README.md, SAMPa, "Memory"; bench/NOTES.md):
+          y-pass   x_t, y (scratch), g_y, g_y' (built by autograd as SGD's gradient is)
+          x~-pass  x~ (the model's parameters, perturbed in place), x_t (in y's storage), g_y', g~
+        g_y (self._live["g_y"]) is released once x~ is made from it, so the y-pass, which takes
+        the new batch, goes first: an exception in it (bad input) leaves everything as it was.
+        One in the x~-pass (loss_fn on the kept batch, which already ran in the last step) puts
+        x_t back bit for bit but loses g_y: the next step starts again from step 0."""
+        n = len(self._params)
+        self._live["x~"], self._live["y"] = self._scratch(), self._scratch()
+        key = self._key_of("g_y", "x~", "y", extra=(len(self.base_optimizer.state),))
+        preview = self._plan("preview", key, lambda: self._build_preview(self._slots("x~"), self._slots("y")))
+        preview()
+        self._live.pop("x~")  # x~ is made again below, where no y-pass is alive
+        try:
+            y_pass = self._grad_at(self._live["y"], batch)
+        except BaseException:
+            self._live.pop("y")
+            self._live.pop("g_y")
+            raise
+        self._plan("perturb", self._key_of("g_y", "y"), lambda: self._build_perturb(n))()  # y's storage takes x_t
+        self._g_y = None
+        self._live.pop("g_y")
+        try:
+            x_pass = self._grad_at(self._params, kept)
+        except BaseException:
+            self._batch = None  # g_y is gone: the next step is a step 0
+            raise
+        finally:
+            self._plan("restore", self._key_of("y"), lambda: ops.bind(
+                "restore_", self._backend(self.device, "restore_"), self.device,
+                {"params": self._params, "olds": Slot(self._live, "y", 0, n)}))()
+            self._live.pop("y")
+        return x_pass, y_pass
+
+    def _scratch(self) -> list:
+        """A parameter set for one step (released by its end: memory_report's step_scratch)."""
+        return [torch.empty_like(p, memory_format=torch.contiguous_format).requires_grad_(True)
+                for p in self._params]
+
+    def _build_perturb(self, n: int):
+        """x_t into y's storage and the model's parameters to x~ = x_t + rho g_y / (||g_y|| + eps), per
+        group (ops.perturb_: the x~ of the fused preview; no move where ||g_y|| is not finite)."""
+        backend = self._backend(self.device, "perturb_")
+        runs = [(group, ops.bind("perturb_", backend, self.device,
+                                 {"params": group["params"], "grads": g_y, "olds": olds}))
+                for (group, _), g_y, olds in zip(self._group_slices(), self._slots("g_y"), self._slots("y"))]
+
+        def perturb():
+            for group, run in runs:
+                run(norm=self._g_y_norm, rho=self._rho(group, self.device), adaptive=False, offset=0.0)
+        return perturb
 
     def _plain_step(self, batch):
         """Before start_step: the base step with one gradient at x_t on `batch`."""
@@ -368,12 +441,12 @@ class SAMPa(SharpnessAwareOptimizer):
         return merged[-1].reshape(()), merged[:len(grads)], merged[len(grads):-1]
 
     def _build_preview(self, xt, y):
-        """x~ and y into the shadow parameter sets: one fused pass per param group."""
+        """x~ and y into the parameter sets xt and y (one list per param group): one fused pass per group."""
         kind = fused_kind(self.base_optimizer)
         device, backend = self.device, self._backend(self.device, "sampa_preview_sgd_")
         runs = []
-        for (group, sl), g_y in zip(self._group_slices(), self._slots("g_y")):
-            lists = (group["params"], g_y, xt[sl], y[sl])
+        for (group, sl), g_y, xt_g, y_g in zip(self._group_slices(), self._slots("g_y"), xt, y):
+            lists = (group["params"], g_y, xt_g, y_g)
             if kind is None:  # generic: y previews a plain gradient step with the group's lr
                 run = ops.bind("sampa_preview_sgd_", backend, device,
                                {"params": lists[0], "grads": lists[1], "perturbed": lists[2], "previews": lists[3],
@@ -419,7 +492,7 @@ class SAMPa(SharpnessAwareOptimizer):
                 got = loss if not torch.is_tensor(loss) else f"a tensor of shape {tuple(loss.shape)}"
                 raise ValueError("loss_fn(model, batch) must return a scalar tensor that depends on the parameters, "
                                  f"got {got}")
-            if self.capturable:
+            if self.capturable or self.parallel == "streams":  # the fixed buffers: g_y' lands in g_y's storage
                 grads = _accumulate(loss.reshape(()), point)
             else:
                 grads = torch.autograd.grad(loss.reshape(()), point, allow_unused=True, materialize_grads=True)
@@ -523,8 +596,11 @@ class SAMPa(SharpnessAwareOptimizer):
 
     def memory_report(self) -> dict:
         """Bytes held across steps: `g_y` (the kept gradient), `shadows` (the x~ and y parameter
-        sets the passes run at), `pass_grads` (capturable: the gradients of the passes held at
-        fixed addresses, in the shadows' .grad, g_y among them; counted once) and `base_state`."""
+        sets the concurrent passes run at: streams, capturable), `pass_grads` (capturable or
+        streams: the gradients of the passes at fixed addresses, in the shadows' .grad, g_y among
+        them, counted once) and `base_state`; and `step_scratch`, what a step in turn
+        (_passes_in_turn) allocates and frees: one parameter set (y, then x_t), and for the
+        moment of the fused preview, before any pass, a second one (x~)."""
         def nbytes(tensors):
             return sum(t.numel() * t.element_size() for t in tensors or ())
 
@@ -532,4 +608,4 @@ class SAMPa(SharpnessAwareOptimizer):
         kept = {t.data_ptr() for t in self._g_y or ()}
         held = [t.grad for s in self._shadows or () for t in s if t.grad is not None and t.grad.data_ptr() not in kept]
         return {"g_y": nbytes(self._g_y), "shadows": shadows, "pass_grads": nbytes(held),
-                "base_state": self._base_state_bytes()}
+                "step_scratch": nbytes(self._params) if self._in_turn() else 0, "base_state": self._base_state_bytes()}
