@@ -8,9 +8,11 @@ they can be computed at the same time.
     d_t     = (1 - lam) g~ + lam g_y'
     x_{t+1} = the base step from x_t with d_t        (one fused pass);  g_y <- g_y', B_t <- B_{t+1}
 
-The model's parameters hold x_t throughout a step: both gradients are taken at shadow copies
-(x~ and y) through torch.func.functional_call, so the two passes share nothing they write and
-can run on two CUDA streams, or on two ranks of a process group.
+Concurrent passes (two CUDA streams, two ranks of a process group, a CUDA graph) take both
+gradients at shadow copies (x~ and y) through torch.func.functional_call while the model's
+parameters hold x_t, so that they share nothing they write. An eager step takes them in turn,
+with two parameter copies above SGD: the y-pass at a scratch copy, then the x~-pass at the
+model's own parameters, moved to x~ and back (SAMPa._passes_in_turn).
 
 Module buffers (BatchNorm running statistics): they move only with the y-pass, which sees every
 batch first, at the unperturbed preview point (the counterpart of the reference SAM, which
@@ -577,7 +579,7 @@ class SAMPa(SharpnessAwareOptimizer):
     second_step = base_step = first_step
 
     def restore(self) -> None:
-        pass  # the model's parameters hold x_t throughout a step: nothing to restore
+        pass  # between steps the model's parameters hold x_t: nothing to restore
 
     def _extra_state(self) -> dict:
         return {"g_y": self._g_y, "g_y_norm": self._g_y_norm, "batch": self._batch, "loss_calls": self.loss_calls}
