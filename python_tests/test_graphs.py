@@ -56,7 +56,7 @@ def readme_loop(model, opt, data, sched, scaler=None):
     """The loop README.md gives, step by step, as the reference."""
     for b in data:
         if isinstance(opt, SAMPa):
-            opt.step(b)
+            opt.step(b, grad_scaler=scaler)
         elif not opt.sam_step_due:
             opt.zero_grad()
             loss = loss_fn(model, b)
@@ -113,10 +113,11 @@ def test_cpu_fallback_is_the_readme_loop(name):
     assert all(isinstance(x, torch.Tensor) and x.dim() == 0 for x in losses)
 
 
-def test_cpu_fallback_with_a_grad_scaler():
+@pytest.mark.parametrize("name", ["sam", "sampa"])
+def test_cpu_fallback_with_a_grad_scaler(name):
     data = batches(6, "cpu", nan_at=2)
     ref, mine = convnet("cpu"), convnet("cpu")
-    opt_r, opt_m = make("sam", ref, backend="cpu"), make("sam", mine, backend="cpu")
+    opt_r, opt_m = make(name, ref, backend="cpu"), make(name, mine, backend="cpu")
     sc_r, sc_m = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in range(2))
     readme_loop(ref, opt_r, data, torch.optim.lr_scheduler.StepLR(opt_r, 3, 0.5), sc_r)
     graphed_loop(mine, opt_m, data, torch.optim.lr_scheduler.StepLR(opt_m, 3, 0.5), sc_m)
@@ -152,9 +153,8 @@ def test_arguments_are_checked():
         make_graphed_step(model, loss_fn, opt, b, warmup=0)
     with pytest.raises(TypeError, match="example_batch must be a tensor"):
         make_graphed_step(model, loss_fn, opt, (b[0], "labels"))
-    with pytest.raises(TypeError, match="SAMPa .* takes no GradScaler"):
-        make_graphed_step(model, loss_fn, make("sampa", model, backend="cpu"), b,
-                          grad_scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler, got float"):
+        make_graphed_step(model, loss_fn, opt, b, grad_scaler=2.0 ** 10)
 
 
 # --- on a GPU ------------------------------------------------------------------------------
@@ -177,16 +177,27 @@ def test_graphed_steps_equal_eager_ones(name):
 
 
 @needs_cuda
-def test_graphed_fp16_grad_scaler_backs_off_as_eager():
+@pytest.mark.parametrize("name", ["sam", "sampa"])
+def test_graphed_fp16_grad_scaler_backs_off_as_eager(name):
+    """fp16 autocast with a GradScaler: the graphed step (SAMPa: its two passes forked onto two
+    streams) backs the scale off after the NaN batch as the eager loop does."""
     data = batches(12, "cuda", nan_at=7)
     ref, mine = convnet("cuda"), convnet("cuda")
-    opt_r, opt_m = make("sam", ref), make("sam", mine)
 
     def amp_loss(model, batch):
         with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
             return loss_fn(model, batch)
+    if name == "sampa":
+        opt_r, opt_m = (SAMPa(m, amp_loss, torch.optim.SGD, rho=0.05, lam=0.2, parallel=p, capturable=True, lr=0.05,
+                              momentum=0.9) for m, p in ((ref, "sequential"), (mine, "auto")))
+    else:
+        opt_r, opt_m = make("sam", ref), make("sam", mine)
     sc_r, sc_m = (torch.amp.GradScaler("cuda", init_scale=2.0 ** 12) for _ in range(2))
     for b in data:
+        if name == "sampa":
+            opt_r.step(b, grad_scaler=sc_r)
+            sc_r.update()
+            continue
         opt_r.zero_grad()
         sc_r.scale(amp_loss(ref, b)).backward()
         opt_r.first_step(zero_grad=True, grad_scaler=sc_r)

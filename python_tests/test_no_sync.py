@@ -152,17 +152,23 @@ def test_grad_scaler_and_clipping_never_read_the_device(name, backend, device):
 @pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("lam", [0.2, 0.0])
 def test_sampa_steps_never_read_the_device(backend, device, base, lam):
+    """(lam 0.2: with clipping and a GradScaler, whose update() backs off after the NaN batch)"""
     base_cls, kw = BASES[base]
     model = mlp(device)
     opt = SAMPa(model, loss_fn, base_cls, rho=0.05, lam=lam, backend=backend, parallel="sequential",
                 max_grad_norm=1.0 if lam else None, start_step=1, **kw)
+    scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=2.0 ** 10) if lam else None
     for i, b in enumerate(batches(6, device)):
         if i == 3:
             b = (b[0].clone(), b[1])
             b[0][0, 0] = float("nan")  # a NaN in the y-pass's batch: a non-finite g_y'
         with no_sync(device):
-            opt.step(b)
+            opt.step(b, grad_scaler=scaler)
+            if scaler is not None:
+                scaler.update()
     assert opt.skipped_steps >= 1
+    if scaler is not None:
+        assert scaler.get_scale() < 2.0 ** 10
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -344,6 +344,62 @@ def test_memory_above_sgd(capturable):
     assert low - 0.05 * n <= above <= high + 0.05 * n, above / n  # slack: scalars, activations, temporaries
 
 
+# --- GradScaler ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_grad_scaler_follows_the_reference(base, capturable):
+    """Each pass backpropagates loss * scale and unscales its gradients (the preview's y uses g_y's
+    size, so a gradient left scaled moves it 2^10 times too far): the reference trajectory."""
+    cls, kw = BASES[base]
+    batches = make_batches(8)
+    model, ref = make_model(), make_model()
+    opt = SAMPa(model, loss_fn, cls, rho=0.1, lam=0.2, capturable=capturable, **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
+    for b in batches:
+        opt.step(b, grad_scaler=scaler)
+        scaler.update()
+    assert scaler.get_scale() == 2.0 ** 12  # grew twice: no step found an inf
+    reference_sampa(ref, batches, cls, kw, rho=0.1, lam=0.2)
+    torch.testing.assert_close(flat(model), flat(ref), **TRAJECTORY)
+
+
+def test_grad_scaler_overflow_skips_backs_off_and_goes_on():
+    """A scale that overflows the scaled gradients: those steps are skipped on the device (the
+    weights untouched), the scaler halves its scale after each, and training goes on."""
+    model = make_model()
+    opt = SAMPa(model, lambda m, b: 16 * loss_fn(m, b), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)  # 16 * loss * scale overflows fp32
+    before = flat(model)
+    opt.step(make_batches(1)[0], grad_scaler=scaler)
+    scaler.update()
+    assert torch.equal(flat(model), before) and opt.skipped_steps == 1
+    for b in make_batches(40, seed=2):
+        opt.step(b, grad_scaler=scaler)
+        scaler.update()
+    assert scaler.get_scale() < 2.0 ** 127 and opt.steps - opt.skipped_steps > 20
+    assert not torch.equal(flat(model), before) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_grad_scaler_misuse_is_refused_before_anything_changes():
+    model = make_model()
+    opt = SAMPa(model, loss_fn, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    b = make_batches(1)[0]
+    with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler, got int"):
+        opt.step(b, grad_scaler=1024)
+    opt.step(b, grad_scaler=scaler)
+    snap = snapshot(model, opt)
+    with pytest.raises(RuntimeError, match="already recorded a step of this optimizer"):
+        opt.step(b, grad_scaler=scaler)  # no scaler.update() in between
+    assert_unchanged(model, opt, snap)
+    scaler.update()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match=r"SAMPa.step: scaler.unscale_\(optimizer\) was called"):
+        opt.step(b, grad_scaler=scaler)
+    assert_unchanged(model, opt, snap)
+
+
 # --- failures --------------------------------------------------------------------------------
 
 def snapshot(model, opt):

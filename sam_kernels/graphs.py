@@ -84,8 +84,6 @@ class GraphedStep:
             raise TypeError(f"optimizer must be a sam_kernels optimizer, got {type(optimizer).__name__}")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
-        if grad_scaler is not None and type(optimizer).__name__ == "SAMPa":
-            raise TypeError("SAMPa computes its gradients itself and takes no GradScaler")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
         leaves, self._spec = pytree.tree_flatten_with_path(example_batch)
@@ -135,7 +133,7 @@ class GraphedStep:
         their addresses, which the step plans (and a graph) hold."""
         opt = self.optimizer
         if type(opt).__name__ == "SAMPa":
-            return opt.step(batch)
+            return opt.step(batch, grad_scaler=self.scaler)
         opt.zero_grad(set_to_none=False)
         if kind == "base":
             loss = self._backward(batch)

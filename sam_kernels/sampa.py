@@ -25,15 +25,16 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.amp.grad_scaler import OptState
 from torch.func import functional_call
 
 from . import ops
-from ._base import SharpnessAwareOptimizer, UpdatePlan, check_grad, split_rho
+from ._base import SharpnessAwareOptimizer, UpdatePlan, _check_scaler, check_grad, split_rho
 from ._lists import Slot
 from .capturable import capturing
 from .distributed import is_dtensor
 from .fused_update import fused_kind, prepare_preview, prepare_state, prepare_update
-from .pipeline import NormStage
+from .pipeline import NormStage, scaler_inputs, scaler_record
 
 PARALLEL = ("auto", "streams", "sequential", "distributed")
 
@@ -205,20 +206,27 @@ class SAMPa(SharpnessAwareOptimizer):
     # --- the step ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, batch=None):
+    def step(self, batch=None, grad_scaler=None):
         """One SAMPa step with the new minibatch `batch`; returns the detached loss of the y-pass,
-        f(y_{t+1}; batch). An exception in loss_fn leaves model and optimizer as they were."""
+        f(y_{t+1}; batch). An exception in loss_fn leaves model and optimizer as they were.
+
+        grad_scaler: a torch.amp.GradScaler (fp16): each pass backpropagates the loss times its
+        scale and unscales its gradients in place (a device scalar, no host read), and the scaler
+        gets the step's device flag as from scaler.step(optimizer): call scaler.update() after."""
         if batch is None:
             raise ValueError("SAMPa.step(batch) needs the new minibatch (SAMPa computes its gradients itself; "
                              "loss_fn(model, batch) gives the loss)")
+        scale, scaler_state = self._scaler_inputs(grad_scaler)
         if not self.sam_step_due:
             self._begin("SAMPa.step")
-            return self._plain_step(batch)
+            loss = self._plain_step(batch, scale)
+            scaler_record(scaler_state, self._flags)
+            return loss
         self._apply_rho_schedule()
         self._begin("SAMPa.step")
         kept = self._batch
         if self._g_y is None:  # step 0: g_y = grad f(x_0; B_0), and B_0 for both passes
-            _, g_y, _ = self._pass_at_x(batch)
+            _, g_y, _ = self._pass_at_x(batch, scale)
             kept = batch
             self._norm_of("g_y", g_y, self._g_y_norm_buf())
             self._live["g_y"] = g_y
@@ -226,17 +234,18 @@ class SAMPa(SharpnessAwareOptimizer):
         else:
             self._live["g_y"] = self._g_y
         if self._in_turn():
-            (loss_t, g_t, _), (loss_y, g_yn, buffers_y) = self._passes_in_turn(kept, batch)
+            (loss_t, g_t, _), (loss_y, g_yn, buffers_y) = self._passes_in_turn(kept, batch, scale)
         else:
             xt, y = self._preview_step(self._live["g_y"])
             g_y = self._live.pop("g_y")
             if self.capturable and g_y is not self._g_y:
                 self.zero_grad()  # step 0's g_y, accumulated in the model's .grad: read, no longer needed
             del g_y
-            (loss_t, g_t, _), (loss_y, g_yn, buffers_y) = self._both_passes(xt, kept, y, batch)
+            (loss_t, g_t, _), (loss_y, g_yn, buffers_y) = self._both_passes(xt, kept, y, batch, scale)
         if self.parallel == "distributed":
             g_t, g_yn, buffers_y, loss_y = self._exchange(g_t, g_yn, buffers_y, loss_y)
         self._finish_step(g_t, g_yn, buffers_y)
+        scaler_record(scaler_state, self._flags)
         # g_y <- g_y' and B_t <- B_{t+1} always (ALGORITHMS.md); a g_y from a skipped step that is
         # not finite is not used by the next preview (its norm says so on the device)
         self._g_y, self._batch = list(g_yn), batch
@@ -252,6 +261,20 @@ class SAMPa(SharpnessAwareOptimizer):
                                                [y[sl] for _, sl in self._group_slices()]))()
         return xt, y
 
+    def _scaler_inputs(self, grad_scaler):
+        """((scale, 1 / scale) as fp32 device scalars, the scaler's record of this optimizer) or
+        (None, None) without an enabled GradScaler; checked before anything changes."""
+        _check_scaler(grad_scaler)
+        if grad_scaler is not None and grad_scaler.is_enabled() and (
+                grad_scaler._per_optimizer_states[id(self)]["stage"] is OptState.UNSCALED):
+            raise RuntimeError("SAMPa.step: scaler.unscale_(optimizer) was called, but SAMPa computes (and "
+                               "unscales) its gradients inside step(batch, grad_scaler)")
+        scale, _, state = scaler_inputs(self, grad_scaler, self.device)
+        if scale is None:
+            return None, None
+        scale = scale.float()
+        return (scale, torch.reciprocal(scale.double()).float()), state
+
     def _in_turn(self) -> bool:
         """Whether this step runs its passes one after the other on scratch sets
         (_passes_in_turn): sequential and not capturable (a graph needs the fixed shadow sets)."""
@@ -259,7 +282,7 @@ class SAMPa(SharpnessAwareOptimizer):
                                         (self.parallel == "auto" and not capturing()))
 
     @torch.no_grad()
-    def _passes_in_turn(self, kept, batch):
+    def _passes_in_turn(self, kept, batch, scale):
         """Both passes, one after the other, holding two parameter sets above SGD at any time
         (SGD: x_t and a gradient; README.md, SAMPa, "Memory"; bench/NOTES.md):
           y-pass   x_t, y (scratch), g_y, g_y' (built by autograd as SGD's gradient is)
@@ -275,7 +298,7 @@ class SAMPa(SharpnessAwareOptimizer):
         preview()
         self._live.pop("x~")  # x~ is made again below, where no y-pass is alive
         try:
-            y_pass = self._grad_at(self._live["y"], batch)
+            y_pass = self._grad_at(self._live["y"], batch, scale)
         except BaseException:
             self._live.pop("y")
             self._live.pop("g_y")
@@ -284,7 +307,7 @@ class SAMPa(SharpnessAwareOptimizer):
         self._g_y = None
         self._live.pop("g_y")
         try:
-            x_pass = self._grad_at(self._params, kept)
+            x_pass = self._grad_at(self._params, kept, scale)
         except BaseException:
             self._batch = None  # g_y is gone: the next step is a step 0
             raise
@@ -313,9 +336,9 @@ class SAMPa(SharpnessAwareOptimizer):
                 run(norm=self._g_y_norm, rho=self._rho(group, self.device), adaptive=False, offset=0.0)
         return perturb
 
-    def _plain_step(self, batch):
+    def _plain_step(self, batch, scale):
         """Before start_step: the base step with one gradient at x_t on `batch`."""
-        loss, grads, bufs = self._pass_at_x(batch)
+        loss, grads, bufs = self._pass_at_x(batch, scale)
         self._finish_step(grads, grads, bufs, plain=True)
         return loss.detach()
 
@@ -433,12 +456,12 @@ class SAMPa(SharpnessAwareOptimizer):
         if views:
             ops.restore_(views, news, found, backend=self.backend)
 
-    def _pass_at_x(self, batch):
+    def _pass_at_x(self, batch, scale):
         """(loss, gradients, buffers after the pass) at x_t on `batch`; in the distributed mode
         the y-rank of each pair computes them and the x~-rank receives them."""
         if self.parallel != "distributed":
-            return self._grad_at(self._params, batch)
-        loss, grads, bufs = self._zeros() if self._role() == "x~" else self._grad_at(self._params, batch)
+            return self._grad_at(self._params, batch, scale)
+        loss, grads, bufs = self._zeros() if self._role() == "x~" else self._grad_at(self._params, batch, scale)
         merged = self._all_reduce_mean(grads + bufs + [loss.float().reshape(1)])
         return merged[-1].reshape(()), merged[:len(grads)], merged[len(grads):-1]
 
@@ -480,9 +503,11 @@ class SAMPa(SharpnessAwareOptimizer):
     def _model_buffers(self):
         return list(self.model.named_buffers())
 
-    def _grad_at(self, point, batch):
+    def _grad_at(self, point, batch, scale=None):
         """(loss, gradients w.r.t. `point`, the buffers after the pass) for loss_fn at the
-        parameters `point` on `batch`; the model's own buffers are not touched (private copies)."""
+        parameters `point` on `batch`; the model's own buffers are not touched (private copies).
+        scale: (a GradScaler's scale, its inverse), device scalars: the gradients of loss * scale,
+        unscaled in place."""
         buffers = [b.clone() for _, b in self._model_buffers()]
         tensors = dict(zip(self._buffer_names, buffers))
         if point is not self._params:
@@ -494,23 +519,26 @@ class SAMPa(SharpnessAwareOptimizer):
                 got = loss if not torch.is_tensor(loss) else f"a tensor of shape {tuple(loss.shape)}"
                 raise ValueError("loss_fn(model, batch) must return a scalar tensor that depends on the parameters, "
                                  f"got {got}")
+            scaled = loss.reshape(()) if scale is None else loss.reshape(()) * scale[0]
             if self.capturable or self.parallel == "streams":  # the fixed buffers: g_y' lands in g_y's storage
-                grads = _accumulate(loss.reshape(()), point)
+                grads = list(_accumulate(scaled, point))
             else:
-                grads = torch.autograd.grad(loss.reshape(()), point, allow_unused=True, materialize_grads=True)
-        return loss.detach(), list(grads), buffers
+                grads = list(torch.autograd.grad(scaled, point, allow_unused=True, materialize_grads=True))
+        if scale is not None:
+            torch._foreach_mul_(grads, scale[1])
+        return loss.detach(), grads, buffers
 
-    def _both_passes(self, xt, kept, y, batch):
+    def _both_passes(self, xt, kept, y, batch, scale):
         if self.parallel == "sequential" or (self.parallel == "auto" and not capturing()):
-            return self._grad_at(xt, kept), self._grad_at(y, batch)
+            return self._grad_at(xt, kept, scale), self._grad_at(y, batch, scale)
         if self.parallel == "distributed":
             # this rank's pass, zeros for the other: the pair's sum in _exchange gives both
             if self._role() == "x~":
-                return self._grad_at(xt, kept), self._zeros()
-            return self._zeros(), self._grad_at(y, batch)
-        return self._on_streams(xt, kept, y, batch)
+                return self._grad_at(xt, kept, scale), self._zeros()
+            return self._zeros(), self._grad_at(y, batch, scale)
+        return self._on_streams(xt, kept, y, batch, scale)
 
-    def _on_streams(self, xt, kept, y, batch):
+    def _on_streams(self, xt, kept, y, batch, scale):
         """The two passes on two CUDA streams: the host enqueues one after the other, the device
         runs them concurrently. Each side stream first waits for the preview on the current stream;
         the current stream waits for both before the gradients are read. Tensors allocated on a
@@ -522,7 +550,7 @@ class SAMPa(SharpnessAwareOptimizer):
         for stream, (point, b) in zip(self._streams, ((xt, kept), (y, batch))):
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
-                results.append(self._grad_at(point, b))
+                results.append(self._grad_at(point, b, scale))
         for stream in self._streams:
             main.wait_stream(stream)
         return results
