@@ -96,23 +96,34 @@ class NuSamPlan:
 
     def _sharded_power(self, sigmas, iters, tau):
         """The power iteration on row-sharded matrices (FSDP2's Shard(0)), as reference.power_iteration_
-        computes it on whole ones: each rank holds its rows of G and u, v is replicated. Per round,
-        G^T u is each rank's G_l^T u_l summed over the ranks (one all-reduce of every matrix's vector
-        at once) and ||G v||^2 the sum of the ranks' ||G_l v||^2 (one all-reduce of all of them)."""
+        computes it on whole ones: each rank holds its rows of G and u, v is replicated. One
+        all-reduce per round, of every matrix at once: round r sums the ranks' ||G_l v||^2 together
+        with their G_l^T (G_l v), which over (||G v|| + tau) is the next round's G^T u (u = G v /
+        (||G v|| + tau)); the first G^T u rides with the other first gradients' sum of squares
+        (their check). So T rounds take T + 1 all-reduces, where two per round would take 2T + 1."""
         grads = [g.float() for g in self.grads]
-        us = [u.clone() for u in self.us]
-        for _ in range(iters):
-            vs = torch.cat([g.t() @ u for g, u in zip(grads, us)])
-            all_reduce_sum_(vs, self.group)
-            vs = list(vs.split([v.numel() for v in self.vs]))
-            norms = torch.stack([torch.linalg.vector_norm(v) for v in vs])
-            vs = [v / (n + tau) for v, n in zip(vs, norms)]
+        sizes, k = [v.numel() for v in self.vs], len(grads)
+        parts = [g.t() @ u.float() for g, u in zip(grads, self.us)]
+        if self.check is not None:
+            parts.append(self.check.local_sum())
+        flat = torch.cat(parts)
+        all_reduce_sum_(flat, self.group)
+        if self.check is not None:
+            self.check.finish(flat[-1:], self.others_norm)
+        gtus = flat[:sum(sizes)].split(sizes)
+        for r in range(iters):
+            norms = torch.stack([torch.linalg.vector_norm(v) for v in gtus])
+            vs = [v / (n + tau) for v, n in zip(gtus, norms)]
             gvs = [g @ v for g, v in zip(grads, vs)]
-            sq = torch.stack([gv.square().sum() for gv in gvs])
-            all_reduce_sum_(sq, self.group)
-            sigma = sq.sqrt()
-            us = [gv / (s + tau) for gv, s in zip(gvs, sigma)]
-        torch._foreach_copy_(self.cands, us)
+            last = r == iters - 1
+            parts = ([] if last else [g.t() @ gv for g, gv in zip(grads, gvs)]) + [
+                torch.stack([gv.square().sum() for gv in gvs])]
+            flat = torch.cat(parts)
+            all_reduce_sum_(flat, self.group)
+            sigma = flat[-k:].sqrt()
+            if not last:
+                gtus = [w / (s + tau) for w, s in zip(flat[:-k].split(sizes), sigma)]
+        torch._foreach_copy_(self.cands, [gv / (s + tau) for gv, s in zip(gvs, sigma)])
         torch._foreach_copy_(self.vs, vs)
         sigmas.copy_(sigma)
 
@@ -133,8 +144,8 @@ class NuSamPlan:
         return self.rho
 
     def perturb(self, raise_nonfinite: bool) -> None:
-        if self.check is not None:
-            self.check.norm(self.others_norm if self.params else self.prior)
+        if self.check is not None and not (self.params and self.group is not None):
+            self.check.norm(self.others_norm if self.params else self.prior)  # (sharded: inside the iteration)
         if self.params:
             self._power(self.sigmas, self.opt.power_iters, self.opt.tau)
             # s_i (nuSAM-Norm's too; all 0 if an entry is not finite: no perturbation), prior = their sum

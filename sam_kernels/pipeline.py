@@ -99,17 +99,29 @@ class NormStage:
         self.partials = (torch.empty(at, dtype=torch.float32, device=device) if at
                          else torch.zeros(1, dtype=torch.float32, device=device))
         self._finalize, self._guard = ops.finalizers(backend)
-        self._total = torch.zeros(1, dtype=torch.float32, device=device) if group is not None else None
+        self._total = torch.zeros(1, dtype=torch.float32, device=device)
 
     def _sums(self) -> torch.Tensor:
         """The partial sums of squares (sharded: their sum over every rank, one scalar)."""
+        if self.group is None:
+            self._local()
+            return self.partials
+        all_reduce_sum_(self.local_sum(), self.group)
+        return self._total
+
+    def _local(self) -> None:
         for run, mode, scalar, at in self.runs:
             run(self.partials, mode, scalar, at)
-        if self.group is None:
-            return self.partials
-        torch.sum(self.partials, 0, keepdim=True, out=self._total)
-        all_reduce_sum_(self._total, self.group)
-        return self._total
+
+    def local_sum(self) -> torch.Tensor:
+        """This rank's sum of squares, one fp32 element (for a caller that all-reduces it together
+        with other values, then calls finish)."""
+        self._local()
+        return torch.sum(self.partials, 0, keepdim=True, out=self._total)
+
+    def finish(self, total: torch.Tensor, out: torch.Tensor) -> None:
+        """out <- sqrt(total), total: the sum of squares over every rank."""
+        self._finalize(total, out)
 
     def norm(self, out: torch.Tensor) -> None:
         self._finalize(self._sums(), out)
