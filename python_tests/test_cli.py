@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -29,8 +30,8 @@ def test_demo_trains_every_optimizer(tmp_path, capsys):
     steps = by["SGD"]["grad_evals"]
     assert by["PSAM"]["grad_evals"] == steps + (steps + 3) // 4  # a second pass every 4th step only
     n_params = sum(p.numel() for p in demo.model_fn(0).parameters())
-    # SAMPa keeps g_y and the two shadow parameter sets next to SGD's momentum buffer
-    assert by["SAMPa"]["opt_bytes"] == 4 * 4 * n_params
+    # SAMPa keeps g_y, and a step's scratch parameter set, next to SGD's momentum buffer
+    assert by["SAMPa"]["opt_bytes"] == 3 * 4 * n_params
     # SGD+momentum keeps one buffer; SAM adds x_old, exactly one more copy of the parameters
     assert by["SGD"]["opt_bytes"] == 4 * n_params and by["SAM"]["opt_bytes"] == 8 * n_params
     # nuSAM keeps vectors, not a copy: far less than SAM's extra copy of the parameters
@@ -118,6 +119,31 @@ def test_memory_cli_quick_records(tmp_path):
         limit = 0.01 if model == "vit_s" else 0.05
         assert 0 < by["nusam"]["perturbation_bytes"] <= limit * by["sam"]["perturbation_bytes"]
         assert by["nusam"]["peak_bytes"] - by["sgd"]["peak_bytes"] <= 2 * limit * params
+
+
+def test_memory_cli_under_fsdp2_reports_every_rank(tmp_path):
+    """`torchrun --nproc_per_node 2 -m sam_kernels.memory --fsdp`: each rank's shards, state and
+    perturbation (SAM: its x_old shard; nuSAM: its rows of u and v), gathered by rank 0."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "memory.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "sam_kernels.memory", "--fsdp",
+           "--quick", "--models", "resnet20", "--optimizers", "sgd,sam,nusam", "--json", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "resnet20 (rank 1 of 2) | sam" in run.stdout
+    records = json.loads(out.read_text())
+    full = sum(p.numel() * 4 for p in MODELS["resnet20"]().parameters())
+    by = {(r["optimizer"], r["rank"]): r for r in records}
+    assert sorted(by) == [(o, r) for o in ("nusam", "sam", "sgd") for r in (0, 1)]
+    assert sum(by["sgd", r]["params_bytes"] for r in (0, 1)) == full
+    for r in (0, 1):
+        mine = by["sam", r]["params_bytes"]
+        assert mine < 0.6 * full and by["sam", r]["perturbation_bytes"] == mine == by["sgd", r]["state_bytes"]
+        assert 0 < by["nusam", r]["perturbation_bytes"] < 0.05 * mine
 
 
 def test_pytest_benchmark_suite_collects_and_runs():

@@ -107,23 +107,31 @@ def sharded_mlp():
     return model
 
 
-def resumed(name, rank, world, ckpt):
+def resumed(name, rank, world, ckpt, dsd=False):
     """Half the steps, a torch.distributed.checkpoint save of model and optimizer on every rank,
-    then a new model and optimizer (init_state(): the template DCP loads into) that load it and
-    take the other half."""
+    then a new model and optimizer that load it and take the other half. The optimizer's
+    state_dict() / load_state_dict() (init_state(): the template DCP loads into), or with dsd
+    torch's get_optimizer_state_dict / set_optimizer_state_dict (which make the template through
+    a step() without closure at lr 0)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     model = sharded_mlp()
     opt = CASES[name](model.parameters())
     train(model, opt, rank, world, steps=range(STEPS // 2))
-    dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=ckpt)
-    del model, opt
+    osd = get_optimizer_state_dict(model, opt) if dsd else opt.state_dict()
+    dcp.save({"model": model.state_dict(), "optim": osd}, checkpoint_id=ckpt)
+    del model, opt, osd
     model = sharded_mlp()
     opt = CASES[name](model.parameters())
-    opt.init_state()
-    state = {"model": model.state_dict(), "optim": opt.state_dict()}
+    if not dsd:
+        opt.init_state()
+    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt) if dsd else opt.state_dict()}
     dcp.load(state, checkpoint_id=ckpt)  # in place: the model's shards, the state's tensors
-    opt.load_state_dict(state["optim"])
+    if dsd:
+        set_optimizer_state_dict(model, opt, state["optim"])
+    else:
+        opt.load_state_dict(state["optim"])
     skipped = train(model, opt, rank, world, steps=range(STEPS // 2, STEPS))
     return [p.full_tensor().detach().clone() for p in model.parameters()], skipped
 
@@ -146,8 +154,9 @@ def _worker(rank, world, init_file, out_dir, names, steps):
                              "skipped": skipped, "all_reduces": counts[1],
                              "perturbation": opt.memory_report()["perturbation"],
                              "scale": getattr(opt, "final_scale", None)}
-        if "asam-adamw" in names and world == 2:
-            results["resumed"] = resumed("asam-adamw", rank, world, os.path.join(out_dir, "ckpt"))
+        if world == 2:  # ASAM through state_dict(); nuSAM's u and GaussSAM's generators through torch's DSD
+            results["resumed"] = {n: resumed(n, rank, world, os.path.join(out_dir, n), dsd=n != "asam-adamw")
+                                  for n in ("asam-adamw", "nusam-adamw", "gausssam-sgd")}
         # what is refused, by name (the mesh and the model are built on every rank: collectives)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -271,11 +280,14 @@ def test_four_ranks_equal_one_process():
     assert ranks[0]["sam-sgd"]["all_reduces"] == [2] * len(steps)
 
 
-def test_dcp_resume_is_bit_exact(two_ranks):
+@pytest.mark.parametrize("name", ["asam-adamw", "nusam-adamw", "gausssam-sgd"])
+def test_dcp_resume_is_bit_exact(two_ranks, name):
     """Saved with torch.distributed.checkpoint after 10 steps on 2 ranks, loaded into a new model and
-    optimizer, 10 more steps (the NaN step among them): the weights of the run without a break."""
+    optimizer, 10 more steps (the NaN step among them): the weights of the run without a break
+    (nuSAM: each rank's rows of u; GaussSAM: each rank's generator, through get_optimizer_state_dict
+    and set_optimizer_state_dict)."""
     for r in two_ranks:
-        params, skipped = r["resumed"]
+        params, skipped = r["resumed"][name]
         assert skipped == 1
-        for p, q in zip(params, r["asam-adamw"]["params"]):
+        for p, q in zip(params, r[name]["params"]):
             assert torch.equal(p, q)

@@ -63,7 +63,7 @@ def snapshot(model, opt):
     sd = copy.deepcopy(opt.state_dict())
     # not compared: the counters, and where GaussSAM's random stream is (it advances on a skipped step)
     skip = ("step", "skipped_steps", "loss_calls", "generator")
-    ours = {k: v for k, v in sd.pop("sam").items() if k not in skip}
+    ours = {k: v for k, v in sd["param_groups"][0].pop("sam").items() if k not in skip}
     return [p.detach().clone() for p in model.parameters()], sd["state"], ours, opt.steps
 
 

@@ -391,7 +391,7 @@ def test_nonfinite_gradient_skips_and_keeps_the_warm_start(which):
     opt = NuSAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)
     train(model, opt, batches(2))
     params = [p.detach().clone() for p in model.parameters()]
-    us = {k: v["u"].clone() for k, v in opt.state.items() if "u" in v}
+    us = {k: v["u"].clone() for k, v in opt.vectors.items() if "u" in v}
     x, y = batches(1)[0]
     opt.zero_grad()
     loss_fn(model, x, y).backward()
@@ -411,7 +411,7 @@ def test_nonfinite_gradient_skips_and_keeps_the_warm_start(which):
         else:
             assert (p - s).abs().max() < 1e-6  # perturbation removed: rounding level
     for k, u in us.items():
-        assert torch.equal(opt.state[k]["u"], u)
+        assert torch.equal(opt.vectors[k]["u"], u)
 
 
 @pytest.mark.parametrize("kwargs,pattern", [

@@ -1,5 +1,6 @@
 """The SAM / ASAM optimizer: trajectories against a line-by-line reference of ALGORITHMS.md and
 against pytorch-optimizer's SAM, the SAM 2-cycle of seed 004, bit-exact restore, failures."""
+import copy
 import io
 import math
 
@@ -272,7 +273,9 @@ def test_nonfinite_gradient_skips_the_step(backend, device, which, bad):
     opt.step(closure)
     assert opt.skipped_steps == 1
     before = torch.load(io.BytesIO(snap[1]))
-    skipped = {**before, "sam": {**before["sam"], "skipped_steps": 1, "step": before["sam"]["step"] + 1}}
+    ours = before["param_groups"][0]["sam"]
+    ours.update(skipped_steps=1, step=ours["step"] + 1)
+    skipped = before
     assert_unchanged(model, opt, (snap[0], _save(skipped)))
     warm(model, opt, device, steps=1)
     assert opt.skipped_steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())
@@ -331,6 +334,43 @@ def test_state_dict_resume_is_bit_exact(backend, device, base):
     assert opt2.param_groups[0]["rho"] == 0.1 and opt2.param_groups is opt2.base_optimizer.param_groups
     train(model2, opt2, batches[5:])
     assert torch.equal(flat(model2), straight)
+
+
+def test_state_dict_layout_and_the_earlier_one():
+    """Ours rides in the first param group (torch's get / set_optimizer_state_dict keep the state
+    and the param groups only); a checkpoint of the earlier layout ("sam" beside them) loads too."""
+    batches = data(steps=6)
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, start_step=1)
+    for x, y in batches[:3]:
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step(lambda: _backward(loss_fn(model, x, y)))
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"} and sd["param_groups"][0]["sam"] == {"skipped_steps": 0, "step": 3}
+    old = copy.deepcopy(sd)
+    old["sam"] = old["param_groups"][0].pop("sam")
+    for layout in (sd, old):
+        again = SAM(mlp().parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, start_step=1)
+        again.load_state_dict(copy.deepcopy(layout))
+        assert again.steps == 3 and "sam" not in again.param_groups[0]
+        assert again.state_dict()["param_groups"][0]["sam"] == sd["param_groups"][0]["sam"]
+
+
+def test_step_without_closure_at_lr_0_makes_the_state():
+    """torch.distributed.checkpoint's _init_optim_state: zero gradients, lr 0, step() without a
+    closure. It makes the base state (init_state) and moves nothing; at any other lr step() without
+    a closure is an error."""
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.AdamW, lr=1e-3)
+    with pytest.raises(ValueError, match="SAM.step needs a closure"):
+        opt.step()
+    before = flat(model)
+    opt.param_groups[0]["lr"] = 0.0
+    assert opt.step() is None
+    assert torch.equal(flat(model), before) and opt.steps == 0
+    assert all(torch.equal(st["exp_avg"], torch.zeros_like(st["exp_avg"])) for st in opt.base_optimizer.state.values())
+    assert len(opt.base_optimizer.state) == len(list(model.parameters()))
 
 
 def test_two_step_api_matches_closure_api():

@@ -21,6 +21,11 @@ BASES = {
 }
 
 
+def ours(sd):
+    """What SAMPa keeps beyond the base optimizer in a state_dict (in its first param group)."""
+    return sd["param_groups"][0]["sam"]
+
+
 def make_model(batchnorm=False, seed=0, device="cpu"):
     torch.manual_seed(seed)
     layers = [nn.Linear(6, 16)] + ([nn.BatchNorm1d(16)] if batchnorm else []) + [nn.Tanh(), nn.Linear(16, 3)]
@@ -413,16 +418,16 @@ def assert_unchanged(model, opt, snap):
     for a, b in zip(buffers(model), bufs):
         assert torch.equal(a, b)
     now = opt.state_dict()
-    assert now["sam"]["skipped_steps"] == sd["sam"]["skipped_steps"]
-    for a, b in zip(now["sam"]["batch"] or (), sd["sam"]["batch"] or ()):  # the kept batch
+    assert ours(now)["skipped_steps"] == ours(sd)["skipped_steps"]
+    for a, b in zip(ours(now)["batch"] or (), ours(sd)["batch"] or ()):  # the kept batch
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     for k, st in sd["state"].items():
         for name, t in st.items():
             assert torch.equal(now["state"][k][name], t)
-    if sd["sam"]["g_y"] is None:
-        assert now["sam"]["g_y"] is None
+    if ours(sd)["g_y"] is None:
+        assert ours(now)["g_y"] is None
     else:
-        for a, b in zip(now["sam"]["g_y"], sd["sam"]["g_y"]):
+        for a, b in zip(ours(now)["g_y"], ours(sd)["g_y"]):
             assert torch.equal(a, b)
 
 
@@ -478,7 +483,7 @@ def test_exception_in_the_x_pass_after_step_0(capturable):
     else:
         assert torch.equal(flat(model), x) and all(torch.equal(a, b) for a, b in zip(buffers(model), bufs))
         now = opt.state_dict()
-        assert now["sam"]["g_y"] is None and now["sam"]["batch"] is None
+        assert ours(now)["g_y"] is None and ours(now)["batch"] is None
         assert all(torch.equal(now["state"][k][n], t) for k, st in sd["state"].items() for n, t in st.items())
     opt.step(batches[1])
     assert len(calls) == (7 if capturable else 8)  # in turn: a bootstrap pass again
@@ -503,7 +508,7 @@ def test_nonfinite_gradient_skips_the_step(bad, which):
     if which == "y":  # the new batch is bad: the y-pass gradient is not finite
         snap = snapshot(model, opt)
         opt.step(poisoned)
-        assert not all(torch.isfinite(g).all() for g in opt.state_dict()["sam"]["g_y"])  # kept, not used
+        assert not all(torch.isfinite(g).all() for g in ours(opt.state_dict())["g_y"])  # kept, not used
     else:  # the kept batch is bad: plant it, the x~-pass gradient is not finite
         opt._batch = poisoned
         snap = snapshot(model, opt)
@@ -517,7 +522,7 @@ def test_nonfinite_gradient_skips_the_step(bad, which):
     for k, st in sd["state"].items():
         for name, t in st.items():
             assert torch.equal(now["state"][k][name], t)
-    assert now["sam"]["batch"][0] is not sd["sam"]["batch"][0]  # B_t <- B_{t+1}
+    assert ours(now)["batch"][0] is not ours(sd)["batch"][0]  # B_t <- B_{t+1}
     opt.step(batches[3])  # "y": the bad batch's x~-pass now; "x~": taken
     assert opt.skipped_steps == (2 if which == "y" else 1)
     before = flat(model)

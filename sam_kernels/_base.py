@@ -512,6 +512,11 @@ class SharpnessAwareOptimizer(Optimizer):
         step is due (sam_step_due), a plain base step with .grad: the closure is not called and
         None is returned."""
         if closure is None:
+            if self.param_groups and all(not torch.is_tensor(g["lr"]) and g["lr"] == 0 for g in self.param_groups):
+                # torch.distributed.checkpoint makes the state to load into this way (_init_optim_state:
+                # zero gradients, lr 0, step()): a step that could not move the weights; make the state
+                self.init_state()
+                return None
             raise ValueError(f"{type(self).__name__}.step needs a closure that recomputes the loss and gradients "
                              "(or use first_step / second_step)")
         if not self.sam_step_due:
@@ -624,17 +629,29 @@ class SharpnessAwareOptimizer(Optimizer):
         self._invalidate()
 
     def state_dict(self) -> dict:
-        """The base optimizer's state_dict (its param_groups hold rho and our options) plus ours."""
+        """The base optimizer's state_dict (its param_groups hold rho and our options), with ours in
+        its first param group under "sam": the step and skipped-step counters and what the class
+        keeps across steps (nuSAM's u, GaussSAM's generator, SAMPa's g_y). A param group, because
+        torch.distributed.checkpoint's get_optimizer_state_dict / set_optimizer_state_dict carry
+        the state and the param groups and nothing else; under FSDP2 what differs between ranks
+        is a sharded DTensor (sam_kernels/distributed.py), so that DCP saves every rank's own."""
         if self._pending is not None:
             raise RuntimeError(f"{type(self).__name__}.state_dict() between first_step() and second_step(): "
                                "the weights are perturbed")
         sd = self.base_optimizer.state_dict()
-        sd["sam"] = {"skipped_steps": self.skipped_steps, "step": self._t, **self._extra_state()}
+        sd["param_groups"][0]["sam"] = {"skipped_steps": self.skipped_steps, "step": self._t, **self._extra_state()}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """A state_dict() of this class (capturable or not), also through get_optimizer_state_dict /
+        set_optimizer_state_dict; a checkpoint of the earlier layout ("sam" beside "state") too."""
         state_dict = dict(state_dict)
-        extra = dict(state_dict.pop("sam", {}))
+        groups = [dict(g) for g in state_dict.get("param_groups", [])]
+        extra = dict(state_dict.pop("sam", None) or (groups[0].get("sam") if groups else None) or {})
+        for g in groups:
+            g.pop("sam", None)
+        if groups:
+            state_dict["param_groups"] = groups
         self.restore()
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict makes new group dicts

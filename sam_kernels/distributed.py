@@ -69,6 +69,24 @@ def row_slice(p) -> slice:
     return slice(offset[0], offset[0] + shape[0])
 
 
+def rows_like(rows: torch.Tensor, p):
+    """A vector over p's rows, of which this rank holds `rows` (nuSAM's u), as a DTensor sharded
+    like p (so that torch.distributed.checkpoint saves every rank's piece); as it is otherwise."""
+    if not is_dtensor(p):
+        return rows
+    return DTensor.from_local(rows, p.device_mesh, [Shard(0)], run_check=False, shape=(p.shape[0],), stride=(1,))
+
+
+def per_rank(t: torch.Tensor, p):
+    """A value of this rank's own (GaussSAM's generator state, flattened) as a (world, n) DTensor,
+    one row per rank of p's mesh, for the same reason; as it is when p is not a DTensor."""
+    if not is_dtensor(p):
+        return t
+    mesh, n = p.device_mesh, t.numel()
+    return DTensor.from_local(t.reshape(1, n).to(mesh.device_type), mesh, [Shard(0)], run_check=False,
+                              shape=(mesh.size(), n), stride=(n, 1))
+
+
 def all_reduce_sum_(t: torch.Tensor, group) -> None:
     """t <- its sum over the ranks of `group` (in place, enqueued: no host read)."""
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=group)

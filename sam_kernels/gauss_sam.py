@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed
 from ._lists import GradsOf
 from .distributed import local
 from .pipeline import NormStage
@@ -36,6 +37,14 @@ class GaussSAM(SAM):
         self.generator = generator
         self.seed = seed if seed is not None else int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self._own: torch.Generator | None = None
+
+    def init_state(self) -> None:
+        """SAM.init_state, and the generator z is drawn from, so that a checkpoint's generator state
+        has a template to load into (torch.distributed.checkpoint)."""
+        super().init_state()
+        params = self._param_list()
+        if params:
+            self._generator(local(params[0]).device)
 
     def _generator(self, device) -> torch.Generator:
         if self.generator is not None:
@@ -80,8 +89,10 @@ class GaussSAM(SAM):
         """The seed and the state of the generator z is drawn from (once it exists)."""
         extra = {**super()._extra_state(), "seed": self.seed}
         gen = self.generator if self.generator is not None else self._own
-        if gen is not None:
-            extra["generator"], extra["generator_device"] = gen.get_state(), str(gen.device)
+        if gen is not None:  # under FSDP2 each rank's own (seed + rank): one row per rank
+            first = next(p for g in self.param_groups for p in g["params"])
+            extra["generator"] = distributed.per_rank(gen.get_state(), first)
+            extra["generator_device"] = str(gen.device)
         return extra
 
     def _load_extra_state(self, extra: dict) -> None:
@@ -94,7 +105,7 @@ class GaussSAM(SAM):
             if gen.device != device:
                 raise ValueError(f"load_state_dict: the generator state is of a {device} generator, "
                                  f"this GaussSAM's generator is on {gen.device}")
-            gen.set_state(extra["generator"])
+            gen.set_state(local(extra["generator"]).reshape(-1).cpu())
 
     def memory_report(self) -> dict:
         """As SAM's, plus `direction`: the z buffer (one copy of the perturbed parameters)."""

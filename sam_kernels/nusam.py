@@ -18,12 +18,14 @@ warm start only when the step is taken (a device-conditional copy): no host read
 """
 from __future__ import annotations
 
+import math
+from collections import defaultdict
+
 import torch
 
-from . import ops
+from . import distributed, ops
 from ._base import SharpnessAwareOptimizer, check_nonneg, split_rho
 from ._lists import GradsOf
-from . import distributed
 from .distributed import Shard, all_reduce_sum_, is_dtensor, local
 from .fused_update import prepare_update
 from .pipeline import NormStage
@@ -58,7 +60,7 @@ class NuSamPlan:
         self.mats = [opt._as_matrix(local(p)) for p in self.params]  # sharded: this rank's rows
         self.grads = GradsOf(self.params, [m.shape for m in self.mats])
         self.group = opt._reduce_group()
-        self.us = [opt.state[p]["u"] for p in self.params]  # the warm starts, replaced when a step is taken
+        self.us = [opt.vectors[p]["u"] for p in self.params]  # the warm starts, replaced when a step is taken
         self.cands = [torch.empty_like(u) for u in self.us]
         self.vs = [opt._buffer(p, "v", m.shape[1]) for p, m in zip(self.params, self.mats)]
         k = len(self.params)
@@ -240,6 +242,9 @@ class NuSAM(SharpnessAwareOptimizer):
         defaults = dict(rho=rho, normalized=bool(normalized))
         # before the groups are checked: _check_group reads conv
         self.power_iters, self.conv, self.tau, self.seed = power_iters, conv, float(tau), seed
+        # per matrix: u (the warm start) and v; not in self.state, which torch's checkpoint helpers
+        # read as "the base state exists" (torch.distributed.checkpoint.state_dict)
+        self.vectors: dict[torch.Tensor, dict] = defaultdict(dict)
         super().__init__(params, base_optimizer, defaults, backend, nonfinite, base_kwargs, start_step, rho_fn,
                          max_grad_norm, capturable)
         gen = torch.Generator().manual_seed(seed)
@@ -255,7 +260,7 @@ class NuSAM(SharpnessAwareOptimizer):
                 u = u / u.norm()
                 if is_dtensor(p):
                     u = u[distributed.row_slice(p)]
-                self.state[p]["u"] = u.to(local(p).device)
+                self.vectors[p]["u"] = u.to(local(p).device)
 
     def _check_group(self, group: dict, where: str) -> None:
         super()._check_group(group, where)
@@ -277,7 +282,7 @@ class NuSAM(SharpnessAwareOptimizer):
 
     @staticmethod
     def _as_matrix(t: torch.Tensor) -> torch.Tensor:
-        return t if t.dim() == 2 else t.view(t.shape[0], -1)
+        return t if t.dim() == 2 else t.view(t.shape[0], math.prod(t.shape[1:]))  # (an empty shard has 0 rows)
 
     def _group_key(self, group: dict) -> tuple:
         return (group["normalized"],)
@@ -289,7 +294,7 @@ class NuSAM(SharpnessAwareOptimizer):
         plan.perturb(self.nonfinite == "raise")
 
     def _buffer(self, p, key, n):
-        st = self.state[p]
+        st = self.vectors[p]
         buf = st.get(key)
         if buf is None or buf.shape != (n,) or buf.device != p.device:
             buf = st[key] = torch.empty(n, dtype=torch.float32, device=p.device)
@@ -300,17 +305,18 @@ class NuSAM(SharpnessAwareOptimizer):
     def memory_report(self) -> dict:
         """Bytes held: `perturbation` (u, v and u's candidate: sum(2n + m) fp32 values) and
         `base_state` (the base optimizer's tensors)."""
-        vec = sum(t.numel() * t.element_size() for st in self.state.values() for k, t in st.items() if k in ("u", "v"))
-        cand = sum(st["u"].numel() * 4 for st in self.state.values() if "u" in st)
+        vec = sum(t.numel() * t.element_size() for st in self.vectors.values() for t in st.values())  # u, v
+        cand = sum(st["u"].numel() * 4 for st in self.vectors.values() if "u" in st)
         return {"perturbation": vec + cand, "base_state": self._base_state_bytes()}
 
     def _extra_state(self) -> dict:
         """The warm-start vectors u_i, in parameter order: a resumed run continues bit for bit."""
         params = [p for g in self.param_groups for p in g["params"]]
-        return {"u": {i: self.state[p]["u"].clone() for i, p in enumerate(params) if "u" in self.state[p]}}
+        return {"u": {i: distributed.rows_like(self.vectors[p]["u"].clone(), p)
+                      for i, p in enumerate(params) if "u" in self.vectors[p]}}
 
     def _load_extra_state(self, extra: dict) -> None:
         params = [p for g in self.param_groups for p in g["params"]]
         for i, u in extra.get("u", {}).items():
             p = params[int(i)]
-            self.state[p]["u"].copy_(u.to(device=p.device, dtype=torch.float32))
+            self.vectors[p]["u"].copy_(local(u).to(device=local(p).device, dtype=torch.float32))
