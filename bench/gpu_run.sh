@@ -11,7 +11,8 @@
 #                 test_capturable.py), then the graphed training-step
 #                 benchmark (python -m sam_kernels.bench --graphed: timm resnet18 CIFAR-size, ViT-S/16 bf16)
 #   fsdp          FSDP2 with world size 1 on CUDA (nccl needs a GPU per rank): examples/fsdp2_sam.py for
-#                 every optimizer class, the kernels on the local shards (seconds)
+#                 every optimizer class, the kernels on the local shards, and the memory profiler's
+#                 per-rank bytes with --fsdp (seconds)
 #   tests         python_tests on the GPU (pytest-xdist workers)
 #   probe         the kernel and step benchmarks only: ViT-B shapes, the flat 134M tensor, and host_152
 #                 (ViT-B's 152 tensors at 256 elements: the host's time per step), both GPU backends
@@ -86,6 +87,10 @@ for stage in "${stages[@]}"; do
         capped 60 python3 -m torch.distributed.run --nnodes 1 --nproc_per_node 1 --master_addr 127.0.0.1 \
           --master_port 29511 examples/fsdp2_sam.py --steps 20 --optimizer $o 2>&1 | tail -3 | tee -a "$OUT/fsdp.log"
       done
+      # each rank's bytes with FSDP2 on CUDA, the peak from the allocator (one rank: one GPU)
+      capped 90 python3 -m torch.distributed.run --nnodes 1 --nproc_per_node 1 --master_addr 127.0.0.1 \
+        --master_port 29512 -m sam_kernels.memory --fsdp --models vit_s,resnet56 --optimizers sgd,sam,nusam,psam \
+        --batch 64 --json "$OUT/memory-fsdp-$dev-$stamp.json" 2>"$OUT/memory-fsdp.err" | tail -12 | tee -a "$OUT/fsdp.log"
       ;;
     tests)
       # 8 workers of 2 threads each: 16 workers with a 16-thread pool each oversubscribe the CPUs
