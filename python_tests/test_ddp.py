@@ -62,6 +62,7 @@ def _train(rank, world, name, msam):
 
 
 def _worker(rank, world, init_file, out_dir, name, msam):
+    torch.set_num_threads(1)  # two processes on two cores: intra-op threads would only contend
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.save(_train(rank, world, name, msam), os.path.join(out_dir, f"rank{rank}.pt"))
