@@ -98,17 +98,20 @@ def test_graphed_example_trains_and_equals_the_eager_loop(name):
 
 
 @pytest.mark.parametrize("optimizer", ["sam", "nusam"])
-def test_fsdp2_torchrun_example(optimizer):
+def test_fsdp2_torchrun_example(optimizer, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(port),
-           os.path.join(ROOT, "examples", "fsdp2_sam.py"), "--steps", "4", "--optimizer", optimizer]
+           os.path.join(ROOT, "examples", "fsdp2_sam.py"), "--steps", "4", "--optimizer", optimizer,
+           *(["--checkpoint", str(tmp_path / "ckpt")] if optimizer == "nusam" else [])]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "ranks agree on the weights: True; skipped steps 0" in out.stdout
+    if optimizer == "nusam":  # get / set_optimizer_state_dict through DCP
+        assert "resumed from the checkpoint, one more step: the same weights: True" in out.stdout
     per_rank = [int(m) for m in re.findall(r"perturbation (\d+) bytes", out.stdout)]
     full = int(re.search(r"bytes of (\d+)", out.stdout).group(1))
     assert len(per_rank) == 2
