@@ -371,6 +371,11 @@ def test_step_without_closure_at_lr_0_makes_the_state():
     assert torch.equal(flat(model), before) and opt.steps == 0
     assert all(torch.equal(st["exp_avg"], torch.zeros_like(st["exp_avg"])) for st in opt.base_optimizer.state.values())
     assert len(opt.base_optimizer.state) == len(list(model.parameters()))
+    generic = SAM(model.parameters(), torch.optim.RMSprop, lr=0.0, momentum=0.9)  # not fused: its own step()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    assert generic.step() is None and torch.equal(flat(model), before)
+    assert all("square_avg" in st for st in generic.base_optimizer.state.values())
 
 
 def test_two_step_api_matches_closure_api():

@@ -515,7 +515,11 @@ class SharpnessAwareOptimizer(Optimizer):
             if self.param_groups and all(not torch.is_tensor(g["lr"]) and g["lr"] == 0 for g in self.param_groups):
                 # torch.distributed.checkpoint makes the state to load into this way (_init_optim_state:
                 # zero gradients, lr 0, step()): a step that could not move the weights; make the state
-                self.init_state()
+                # (a base optimizer we do not fuse makes its own, as torch's helper expects of it)
+                if fused_kind(self.base_optimizer) is None:
+                    self.base_optimizer.step()
+                else:
+                    self.init_state()
                 return None
             raise ValueError(f"{type(self).__name__}.step needs a closure that recomputes the loss and gradients "
                              "(or use first_step / second_step)")
