@@ -238,7 +238,7 @@ class SAMPa(SharpnessAwareOptimizer):
         else:
             xt, y = self._preview_step(self._live["g_y"])
             g_y = self._live.pop("g_y")
-            if self.capturable and g_y is not self._g_y:
+            if self._fixed_grads() and g_y is not self._g_y:
                 self.zero_grad()  # step 0's g_y, accumulated in the model's .grad: read, no longer needed
             del g_y
             (loss_t, g_t, _), (loss_y, g_yn, buffers_y) = self._both_passes(xt, kept, y, batch, scale)
@@ -274,6 +274,11 @@ class SAMPa(SharpnessAwareOptimizer):
             return None, None
         scale = scale.float()
         return (scale, torch.reciprocal(scale.double()).float()), state
+
+    def _fixed_grads(self) -> bool:
+        """Whether the passes' gradients land in fixed buffers, the .grad of the points they are
+        taken at (_accumulate): what a graph holds (capturable), and two streams' one set less."""
+        return self.capturable or self.parallel == "streams"
 
     def _in_turn(self) -> bool:
         """Whether this step runs its passes one after the other on scratch sets
@@ -520,7 +525,7 @@ class SAMPa(SharpnessAwareOptimizer):
                 raise ValueError("loss_fn(model, batch) must return a scalar tensor that depends on the parameters, "
                                  f"got {got}")
             scaled = loss.reshape(()) if scale is None else loss.reshape(()) * scale[0]
-            if self.capturable or self.parallel == "streams":  # the fixed buffers: g_y' lands in g_y's storage
+            if self._fixed_grads():  # g_y' lands in g_y's storage
                 grads = list(_accumulate(scaled, point))
             else:
                 grads = list(torch.autograd.grad(scaled, point, allow_unused=True, materialize_grads=True))
