@@ -349,6 +349,26 @@ def test_memory_above_sgd(capturable):
     assert low - 0.05 * n <= above <= high + 0.05 * n, above / n  # slack: scalars, activations, temporaries
 
 
+def test_streams_bookkeeping_on_cpu(monkeypatch):
+    """parallel="streams" without CUDA, its two streams replaced by the passes in turn: the fixed
+    gradient sets (g_y' in g_y's storage, no gradient left in the model's .grad) and the trajectory
+    of the sequential step. (The streams themselves: test_streams_equal_sequential_on_cuda.)"""
+    batches = make_batches(6)
+    model, ref = make_model(), make_model()
+    opt = SAMPa(model, loss_fn, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.05, momentum=0.9)
+    opt.parallel = "streams"
+    monkeypatch.setattr(SAMPa, "_on_streams", lambda self, xt, kept, y, batch, scale: (
+        self._grad_at(xt, kept, scale), self._grad_at(y, batch, scale)))
+    run_sampa(ref, batches, torch.optim.SGD, dict(lr=0.05, momentum=0.9), rho=0.1, lam=0.2, parallel="sequential")
+    for b in batches:
+        opt.step(b)
+    torch.testing.assert_close(flat(model), flat(ref), **TRAJECTORY)
+    assert all(p.grad is None for p in model.parameters())
+    n = sum(p.numel() * 4 for p in model.parameters())
+    assert opt.memory_report() == {"g_y": n, "shadows": 2 * n, "pass_grads": n, "step_scratch": 0, "base_state": n}
+    assert ours(opt.state_dict())["g_y"][0].data_ptr() == opt._shadows[1][0].grad.data_ptr()
+
+
 # --- GradScaler ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("capturable", [False, True])
