@@ -78,9 +78,14 @@ def split_rho(rho):
     return check_nonneg("rho", rho), None
 
 
-def _check_scaler(grad_scaler) -> None:
+def _check_scaler(grad_scaler, opt=None, unscaled: str | None = None) -> None:
+    """A torch.amp.GradScaler or None; with `unscaled`, the error raised when scaler.unscale_(opt)
+    was called where the step cannot take already unscaled gradients."""
     if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+    if unscaled and grad_scaler is not None and grad_scaler.is_enabled() and (
+            grad_scaler._per_optimizer_states[id(opt)]["stage"] is OptState.UNSCALED):
+        raise RuntimeError(unscaled)
 
 
 def check_grad(p: torch.Tensor, where: str, g: torch.Tensor | None = None):
@@ -431,10 +436,8 @@ class SharpnessAwareOptimizer(Optimizer):
         _check_scaler(grad_scaler)
         if self._plain_pending or self._pending is not None:
             raise RuntimeError(f"{name}.first_step() called twice: call second_step() or restore() in between")
-        if grad_scaler is not None and grad_scaler.is_enabled() and (
-                grad_scaler._per_optimizer_states[id(self)]["stage"] is OptState.UNSCALED):
-            raise RuntimeError(f"{name}.first_step(): scaler.unscale_(optimizer) was called before the first step; "
-                               "call it after the second backward, before second_step()")
+        _check_scaler(grad_scaler, self, f"{name}.first_step(): scaler.unscale_(optimizer) was called before the "
+                                         "first step; call it after the second backward, before second_step()")
         if not self.sam_step_due:
             self._plain_pending = True
             if zero_grad:

@@ -25,7 +25,6 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.amp.grad_scaler import OptState
 from torch.func import functional_call
 
 from . import ops
@@ -228,8 +227,7 @@ class SAMPa(SharpnessAwareOptimizer):
         if self._g_y is None:  # step 0: g_y = grad f(x_0; B_0), and B_0 for both passes
             _, g_y, _ = self._pass_at_x(batch, scale)
             kept = batch
-            self._norm_of("g_y", g_y, self._g_y_norm_buf())
-            self._live["g_y"] = g_y
+            self._norm_of("g_y", g_y, self._g_y_norm_buf())  # (and g_y into self._live)
             del g_y
         else:
             self._live["g_y"] = self._g_y
@@ -264,11 +262,8 @@ class SAMPa(SharpnessAwareOptimizer):
     def _scaler_inputs(self, grad_scaler):
         """((scale, 1 / scale) as fp32 device scalars, the scaler's record of this optimizer) or
         (None, None) without an enabled GradScaler; checked before anything changes."""
-        _check_scaler(grad_scaler)
-        if grad_scaler is not None and grad_scaler.is_enabled() and (
-                grad_scaler._per_optimizer_states[id(self)]["stage"] is OptState.UNSCALED):
-            raise RuntimeError("SAMPa.step: scaler.unscale_(optimizer) was called, but SAMPa computes (and "
-                               "unscales) its gradients inside step(batch, grad_scaler)")
+        _check_scaler(grad_scaler, self, "SAMPa.step: scaler.unscale_(optimizer) was called, but SAMPa computes (and "
+                                         "unscales) its gradients inside step(batch, grad_scaler)")
         scale, _, state = scaler_inputs(self, grad_scaler, self.device)
         if scale is None:
             return None, None
