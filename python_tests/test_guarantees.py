@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
+import warnings
 
 import pytest
 import torch
@@ -156,6 +158,55 @@ def test_copy_sampa_steps_like_the_original():
     for b in batches[2:]:
         opt.step(b)
     assert_same(snapshot(model2, opt2), snapshot(model, opt))
+
+
+@pytest.mark.parametrize("name", ["sampa", "sam"])
+def test_copy_with_an_lr_scheduler_attached_steps_the_copy(name):
+    """An lr scheduler wraps step() on the instance, holding a weak reference to it: a copy that
+    kept the wrapper would step the original, and it cannot be pickled. Copies drop it, as
+    torch's optimizers do."""
+    model = mlp()
+    batch = data()
+    if name == "sampa":
+        opt = SAMPa(model, sampa_loss, torch.optim.SGD, lr=0.1, momentum=0.9)
+    else:
+        opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+
+    def step(m, o):
+        if name == "sampa":
+            return o.step(batch)
+        nn.functional.cross_entropy(m(batch[0]), batch[1]).backward()
+        return o.step(lambda: nn.functional.cross_entropy(m(batch[0]), batch[1]).backward())
+
+    step(model, opt)
+    sched.step()
+    for model2, opt2 in _copies(model, opt):
+        before, before2 = snapshot(model, opt)[0], snapshot(model2, opt2)[0]
+        step(model2, opt2)
+        assert_same(snapshot(model, opt)[0], before)  # the original did not move
+        assert not all(torch.equal(a, p) for a, p in zip(before2, model2.parameters()))
+    pickle.loads(pickle.dumps((model, opt)))
+
+
+def test_scheduler_on_the_base_optimizer_sees_the_steps():
+    """davda54's tip: an lr scheduler attached to opt.base_optimizer. The fused path never calls
+    the base's own step(), but the base is marked stepped, so torch does not warn that
+    lr_scheduler.step() came before optimizer.step()."""
+    model = mlp()
+    opts = [SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9),
+            SAMPa(model, sampa_loss, torch.optim.SGD, lr=0.1, momentum=0.9)]
+    for opt in opts:
+        sched = torch.optim.lr_scheduler.StepLR(opt.base_optimizer, 1, 0.5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(2):
+                if isinstance(opt, SAMPa):
+                    opt.step(data())
+                else:
+                    two_step(model, opt, data())
+                sched.step()
+        assert opt.param_groups[0]["lr"] == 0.025
 
 
 def test_copy_between_the_two_steps_is_refused():

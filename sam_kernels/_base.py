@@ -30,6 +30,10 @@ from .fused_update import StepCounters, fused_kind, prepare_state, prepare_updat
 from .pipeline import SKIPPED, Flags, NormStage, Plans, scaler_inputs, scaler_record
 
 NONFINITE = ("skip", "raise")
+# What torch's lr schedulers put on an optimizer instance: a `step` wrapper holding a weak
+# reference to that instance (a copy keeping it would step the original) and the flag it sets.
+# torch.optim.Optimizer.__getstate__ drops them too.
+_PATCHED = ("step", "_opt_called")
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -478,7 +482,7 @@ class SharpnessAwareOptimizer(Optimizer):
         except BaseException:
             first.undo()  # x_t back unless the update consumed the perturbation already
             raise
-        self._opt_called = True  # what torch's lr schedulers check, as after a plain optimizer.step()
+        self._mark_stepped()
         if zero_grad:
             self.zero_grad()
 
@@ -496,7 +500,7 @@ class SharpnessAwareOptimizer(Optimizer):
         plan = self._plan("base", self._key(), lambda: self._build_update(*self._work(f"{name} base_step"), None))
         self._t += 1
         self._finish(plan, None, grad_scaler, None, f"{name}.base_step")
-        self._opt_called = True
+        self._mark_stepped()
         if zero_grad:
             self.zero_grad()
 
@@ -538,6 +542,13 @@ class SharpnessAwareOptimizer(Optimizer):
             raise
         self.second_step(grad_scaler=grad_scaler)
         return loss
+
+    def _mark_stepped(self) -> None:
+        """What torch's lr schedulers check (`_opt_called`, set by the wrapper they put on step()),
+        on this optimizer and on the base: a scheduler attached to either one sees a step, as after
+        a plain optimizer.step() (the fused path never calls the base's own step())."""
+        self._opt_called = True
+        self.base_optimizer._opt_called = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -593,7 +604,7 @@ class SharpnessAwareOptimizer(Optimizer):
             raise RuntimeError(f"{type(self).__name__} cannot be copied between first_step() and second_step(): "
                                "the weights are perturbed")
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in self._transient() and not k.startswith("_optimizer_")}
+                 if k not in self._transient() and k not in _PATCHED and not k.startswith("_optimizer_")}
         state["_skipped_at_load"] = float(self.skipped_steps)  # the device count, read once
         return state
 

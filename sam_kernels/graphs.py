@@ -193,7 +193,7 @@ class GraphedStep:
         opt._device_scalars(self._device()).load_()
         self.graphs[kind].replay()
         opt._t += 1
-        opt._opt_called = True
+        opt._mark_stepped()
         if self._sampa:
             opt.loss_calls += self._passes_per_step
         self._update_scaler()

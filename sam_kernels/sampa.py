@@ -385,6 +385,7 @@ class SAMPa(SharpnessAwareOptimizer):
             plan.grads = self._mixed_grads(g_t, g_yn, plain)
         self._t += 1
         self._finish(plan, None if plain else self._g_y_norm, None, None, "SAMPa.step")
+        self._mark_stepped()
         if plan.generic:
             self.zero_grad()
         if buffers_y:
