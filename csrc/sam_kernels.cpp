@@ -54,8 +54,46 @@ PyObject* fingerprint(PyObject*, PyObject* arg) {
   return out;
 }
 
+// state_fingerprint(state: dict, params: list[Tensor], keys: tuple[str]) -> bytes: per parameter
+// and key, the data pointer of state[p][key] (0 when absent, 1 for a value without storage): what
+// a step plan binds from the optimizer state (which entries exist, and where), so that its key
+// says when a plan built on other state must not be reused. The lookups never create an entry
+// (state is torch.optim's defaultdict: PyDict_GetItem does not call __missing__).
+PyObject* state_fingerprint(PyObject*, PyObject* args) {
+  PyObject *state, *params, *keys;
+  if (!PyArg_ParseTuple(args, "O!O!O!", &PyDict_Type, &state, &PyList_Type, &params, &PyTuple_Type, &keys)) {
+    return nullptr;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(params), k = PyTuple_GET_SIZE(keys);
+  std::vector<int64_t> out(n * k, 0);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* entry = PyDict_GetItemWithError(state, PyList_GET_ITEM(params, i));  // borrowed
+    if (entry == nullptr) {
+      if (PyErr_Occurred()) return nullptr;
+      continue;
+    }
+    if (!PyDict_Check(entry)) continue;
+    for (Py_ssize_t j = 0; j < k; ++j) {
+      PyObject* value = PyDict_GetItemWithError(entry, PyTuple_GET_ITEM(keys, j));
+      if (value == nullptr) {
+        if (PyErr_Occurred()) return nullptr;
+        continue;
+      }
+      int64_t at = 1;
+      if (THPVariable_Check(value)) {
+        const at::Tensor& t = THPVariable_Unpack(value);
+        if (t.has_storage()) at = reinterpret_cast<int64_t>(t.data_ptr());
+      }
+      out[i * k + j] = at;
+    }
+  }
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(out.data()),
+                                   static_cast<Py_ssize_t>(out.size() * sizeof(int64_t)));
+}
+
 PyMethodDef methods[] = {
     {"fingerprint", fingerprint, METH_O, "(structure, gradient addresses) of a list of parameters"},
+    {"state_fingerprint", state_fingerprint, METH_VARARGS, "addresses of the optimizer state entries of parameters"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

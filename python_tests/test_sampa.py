@@ -160,6 +160,64 @@ def test_generic_path_for_other_base_optimizers():
     torch.testing.assert_close(flat(model), flat(ref), **TRAJECTORY)
 
 
+def fresh_from(model, opt, **kw):
+    """A copy of the model and a new SAMPa built on it from opt.state_dict(): the optimizer a warm
+    one must step exactly like (none of its plans survive)."""
+    model2 = copy.deepcopy(model)
+    opt2 = SAMPa(model2, loss_fn, type(opt.base_optimizer), **kw)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    return model2, opt2
+
+
+@pytest.mark.parametrize("disturb", ["read_state", "raise_in_first_step"])
+def test_reading_the_base_state_does_not_change_the_preview(disturb):
+    """A logger reading opt.base_optimizer.state[p] before training (torch's defaultdict creates an
+    empty entry), or an exception in loss_fn during the first step, must not change the plans:
+    the preview's plan once keyed "momentum buffers exist" on len(state), and the plan built for
+    fresh buffers ignored momentum for the rest of the run."""
+    batches = make_batches(6)
+    runs = []
+    for touched in (False, True):
+        model = make_model()
+        calls = []
+
+        def flaky(m, b):
+            calls.append(1)
+            if touched and disturb == "raise_in_first_step" and len(calls) == 2:
+                raise RuntimeError("hiccup")
+            return loss_fn(m, b)
+
+        opt = SAMPa(model, flaky, torch.optim.SGD, lr=0.1, momentum=0.9)
+        if touched and disturb == "read_state":
+            for p in model.parameters():
+                assert opt.base_optimizer.state[p].get("momentum_buffer") is None
+        for b in batches:
+            try:
+                opt.step(b)
+            except RuntimeError:
+                opt.step(b)
+        runs.append(flat(model))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_lam_changed_between_steps_reaches_the_clipping_guard():
+    """With max_grad_norm the guard takes the norm of the mixed gradient (1 - lam) g~ + lam g_y':
+    a new lam must reach it (it was baked into the guard's plan) as it reaches the update."""
+    batches = make_batches(6)
+    model = make_model()
+    kw = dict(lr=0.1, momentum=0.9, lam=0.2, max_grad_norm=0.5)
+    opt = SAMPa(model, loss_fn, torch.optim.SGD, **kw)
+    for b in batches[:3]:
+        opt.step(b)
+    opt.param_groups[0]["lam"] = 0.7
+    model2, opt2 = fresh_from(model, opt, **kw)
+    for b in batches[3:]:
+        opt.step(b)
+        opt2.step(b)
+        assert torch.equal(opt.grad_norm, opt2.grad_norm)
+    assert torch.equal(flat(model), flat(model2))
+
+
 @pytest.mark.parametrize("backend,device", backend_cases())
 def test_backends_agree(backend, device):
     cls, kw = BASES["adamw"]

@@ -26,7 +26,7 @@ from torch.optim.optimizer import required
 from . import _ext, backends, distributed
 from ._lists import GradsOf
 from .capturable import DeviceScalars, capturing
-from .fused_update import StepCounters, fused_kind, prepare_state, prepare_update, structure
+from .fused_update import STATE_KEYS, StepCounters, fused_kind, prepare_state, prepare_update, structure
 from .pipeline import SKIPPED, Flags, NormStage, Plans, scaler_inputs, scaler_record
 
 NONFINITE = ("skip", "raise")
@@ -280,16 +280,26 @@ class SharpnessAwareOptimizer(Optimizer):
         self._param_list()
         return self._sharded
 
-    def _key(self, *extra):
-        """A plan's key, (structure, gradient addresses): the groups' structure and options, the
-        counters' vector, the parameters' addresses and layout (and `extra`); then where the
-        gradients are. Cheap: one C loop over the parameters (pipeline.Plans)."""
-        kind = fused_kind(self.base_optimizer)
-        groups = tuple((len(g["params"]), self._group_key(g), structure(kind, g) if kind else ())
-                       for g in self.param_groups)
+    def _key(self, *extra, update: bool = False):
+        """A plan's key, (structure, gradient addresses), from what the plan reads when it is built:
+        the optimizer's configuration (backend, capturable), the groups' structure and options
+        that decide launches (_group_key), the parameters' addresses and layout and which of
+        them have a gradient (and `extra`); for an update plan (update=True)
+        also the base optimizer's fused kind and options, Adam's counters vector and the state
+        entries it binds (which exist, and where: a state created or replaced by hand, or read
+        through torch's defaultdict, makes another plan); then where the gradients are. Cheap: C
+        loops over the parameters (pipeline.Plans)."""
         params = self._param_list()
-        params, grads = (_ext if self._sharded is None else distributed).fingerprint(params)
-        return (self._version, kind, groups, self._counters.version, params, *extra), grads
+        fp = _ext if self._sharded is None else distributed
+        params_key, grads = fp.fingerprint(params)
+        groups = tuple((len(g["params"]), self._group_key(g)) for g in self.param_groups)
+        config = (self._version, self.backend, self.capturable)
+        if not update:
+            return (config, groups, params_key, *extra), grads
+        kind = fused_kind(self.base_optimizer)
+        base = tuple(structure(kind, g) for g in self.param_groups) if kind else ()
+        state = fp.state_fingerprint(self.base_optimizer.state, params, STATE_KEYS[kind]) if kind else ()
+        return (config, groups, params_key, kind, base, self._counters.version, state, *extra), grads
 
     def _work(self, where: str):
         """[(group, [params with a gradient])] after checking every gradient, and their device."""
@@ -320,8 +330,12 @@ class SharpnessAwareOptimizer(Optimizer):
     # --- capturable steps (sam_kernels/capturable.py) --------------------------------------------
 
     def _device_scalars(self, device) -> DeviceScalars:
+        """The device scalars of the param groups; made again when the groups or the device changed,
+        which the plans holding views of the old ones did not see: they are dropped."""
         ds = self._scalars
         if ds is None or ds.device != torch.device(device) or not ds.covers(self.param_groups):
+            if ds is not None:
+                self._invalidate()
             ds = self._scalars = DeviceScalars(self.param_groups, self._flags_on(device).device)
             ds.load_()
         return ds
@@ -353,9 +367,10 @@ class SharpnessAwareOptimizer(Optimizer):
             self._scalars.load_()
 
     def _plan(self, kind: str, key, build):
-        """The plan of kind for key; under capture it must be the one warm-up built (a build or a
-        refresh would copy tables from the host into the graph)."""
-        if capturing() and not self._plans.holds(kind, key):
+        """The plan of kind for key() (a function: the key is taken again once a plan is built,
+        which may have created what it binds); under capture it must be the one warm-up built (a
+        build or a refresh would copy tables from the host into the graph)."""
+        if capturing() and not self._plans.holds(kind, key()):
             raise RuntimeError(f"{type(self).__name__}: the {kind!r} step plan changed during CUDA graph capture "
                                "(parameters, gradients, their addresses or the param groups differ from the last "
                                "eager step): run an eager step with the same setup before capturing")
@@ -449,7 +464,7 @@ class SharpnessAwareOptimizer(Optimizer):
             return
         self._apply_rho_schedule()
         self._begin(f"{name}.first_step")
-        plan = self._plan("first", self._key(), lambda: self._build_first(*self._work(f"{name} first_step")))
+        plan = self._plan("first", self._key, lambda: self._build_first(*self._work(f"{name} first_step")))
         self._perturb(plan)
         self._pending = plan
         if zero_grad:
@@ -475,7 +490,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._pending = None
         try:
             self._begin(f"{name}.second_step")
-            plan = self._plan("second", self._key(first),
+            plan = self._plan("second", lambda: self._key(first, update=True),
                                    lambda: self._build_update(*self._work(f"{name} second_step"), first))
             self._t += 1
             self._finish(plan, first.prior, grad_scaler, first, f"{name}.second_step")
@@ -497,7 +512,8 @@ class SharpnessAwareOptimizer(Optimizer):
             raise RuntimeError(f"{name}.base_step() between first_step() and second_step(): the weights are perturbed")
         self._plain_pending = False
         self._begin(f"{name}.base_step")
-        plan = self._plan("base", self._key(), lambda: self._build_update(*self._work(f"{name} base_step"), None))
+        plan = self._plan("base", lambda: self._key(update=True),
+                          lambda: self._build_update(*self._work(f"{name} base_step"), None))
         self._t += 1
         self._finish(plan, None, grad_scaler, None, f"{name}.base_step")
         self._mark_stepped()

@@ -58,6 +58,24 @@ def fingerprint(params: list) -> tuple:
     return _C.fingerprint(params) if _LOADED else _fingerprint_py(params)
 
 
+def _state_fingerprint_py(state, params, keys) -> tuple:
+    """What _C.state_fingerprint computes (without the extension)."""
+    out = []
+    for p in params:
+        entry = state.get(p)  # dict.get: no entry is created
+        for k in keys:
+            v = entry.get(k) if isinstance(entry, dict) else None
+            out.append(0 if v is None else v.data_ptr() if torch.is_tensor(v) and v.has_storage() else 1)
+    return tuple(out)
+
+
+def state_fingerprint(state: dict, params: list, keys: tuple):
+    """Per parameter and key, where state[p][key] is (0: absent): what a step plan binds from the
+    optimizer state, so that its key changes when that state is created, replaced or removed.
+    One C loop with the extension; never creates an entry in torch's defaultdict state."""
+    return _C.state_fingerprint(state, params, keys) if _LOADED else _state_fingerprint_py(state, params, keys)
+
+
 def grad_addresses(params: list) -> torch.Tensor:
     """The gradients' data pointers (0 without one), an int64 CPU tensor."""
     grads = fingerprint(params)[1]

@@ -103,6 +103,17 @@ def fingerprint(params) -> tuple:
     return tuple(structure), tuple(grads)
 
 
+def state_fingerprint(state, params, keys) -> tuple:
+    """_ext.state_fingerprint of the local shards (sharded state is DTensors)."""
+    out = []
+    for p in params:
+        entry = state.get(p)
+        for k in keys:
+            v = entry.get(k) if isinstance(entry, dict) else None
+            out.append(0 if v is None else local(v).data_ptr() if torch.is_tensor(v) else 1)
+    return tuple(out)
+
+
 def nbytes(t: torch.Tensor) -> int:
     """Bytes this rank holds for t (its local shard's)."""
     t = local(t)

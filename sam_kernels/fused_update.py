@@ -39,6 +39,10 @@ def fused_kind(base: torch.optim.Optimizer) -> str | None:
     return kind
 
 
+# The state entries an update of each kind binds (their addresses are part of its plan's key).
+STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")}
+
+
 def structure(kind: str, group: dict) -> tuple:
     """What in a param group decides which lists an update launch holds (part of a plan's key)."""
     return (group["momentum"] != 0,) if kind == "sgd" else (bool(group["amsgrad"]),)

@@ -73,7 +73,8 @@ def scaler_record(state, flags: Flags) -> None:
 class NormStage:
     """A global norm of one pass, from tables built once: `classes` are (tensors, second, mode,
     scalar) whose sums of squares go into one partials buffer (mode 0: of tensors; 1: of (|second|
-    + scalar) tensors, ASAM; 2: of (1 - scalar) tensors + scalar second, SAMPa), then one finalize
+    + scalar) tensors, ASAM; 2: of (1 - scalar) tensors + scalar second, SAMPa; a scalar may be a
+    function, read on every call: SAMPa's lam), then one finalize
     launch writes the norm (norm()) or the step's guard (guard()). Classes whose tensors the
     kernels cannot take as they are (non-contiguous, misaligned for Triton) are staged through
     contiguous copies on every call, and their tables built for them (the same sums as from
@@ -111,7 +112,7 @@ class NormStage:
 
     def _local(self) -> None:
         for run, mode, scalar, at in self.runs:
-            run(self.partials, mode, scalar, at)
+            run(self.partials, mode, scalar() if callable(scalar) else scalar, at)
 
     def local_sum(self) -> torch.Tensor:
         """This rank's sum of squares, one fp32 element (for a caller that all-reduces it together
@@ -160,8 +161,10 @@ class Plans:
         self._plans: dict[str, list] = {}
         self.builds = self.refreshes = 0  # counted for the tests and the benchmarks
 
-    def get(self, kind: str, key: tuple, build):
-        structure, addresses = key
+    def get(self, kind: str, key, build):
+        """The plan of `kind` for key() (a function: taken again after a build, which may create
+        what the plan binds, so that the next step finds the plan it built)."""
+        structure, addresses = key()
         cached = self._plans.get(kind)
         if cached is not None and cached[0] == structure:
             if cached[1] != addresses:
@@ -172,12 +175,13 @@ class Plans:
             return cached[2]
         with collecting() as refreshers:
             plan = build()
+        structure, addresses = key()
         self._plans[kind] = [structure, addresses, plan, refreshers]
         self.builds += 1
         return plan
 
     def holds(self, kind: str, key: tuple) -> bool:
-        """Whether get(kind, key) would neither build nor refresh."""
+        """Whether get(kind, lambda: key, ...) would neither build nor refresh."""
         cached = self._plans.get(kind)
         return cached is not None and cached[0] == key[0] and cached[1] == key[1]
 

@@ -254,7 +254,7 @@ class SAMPa(SharpnessAwareOptimizer):
         """x~ and y from x_t and g_y (one fused pass per group) into the shadow parameter sets."""
         xt, y = self._shadow_sets()
         self._live["g_y"] = g_y
-        self._plan("preview", self._key_of("g_y", extra=(len(self.base_optimizer.state),)),
+        self._plan("preview", self._key_of("g_y", update=True),
                    lambda: self._build_preview([xt[sl] for _, sl in self._group_slices()],
                                                [y[sl] for _, sl in self._group_slices()]))()
         return xt, y
@@ -293,7 +293,7 @@ class SAMPa(SharpnessAwareOptimizer):
         x_t back bit for bit but loses g_y: the next step starts again from step 0."""
         n = len(self._params)
         self._live["x~"], self._live["y"] = self._scratch(), self._scratch()
-        key = self._key_of("g_y", "x~", "y", extra=(len(self.base_optimizer.state),))
+        key = self._key_of("g_y", "x~", "y", update=True)
         preview = self._plan("preview", key, lambda: self._build_preview(self._slots("x~"), self._slots("y")))
         preview()
         self._live.pop("x~")  # x~ is made again below, where no y-pass is alive
@@ -342,18 +342,21 @@ class SAMPa(SharpnessAwareOptimizer):
         self._finish_step(grads, grads, bufs, plain=True)
         return loss.detach()
 
-    def _key_of(self, *names, extra=()):
-        """A plan's key: the structure (and extra), and the addresses of the gradient lists it binds
-        (the live lists self._live[name]: autograd gives new tensors each pass; when only their
-        addresses changed, the plan's tables take them, pipeline.Plans)."""
-        structure, grads = self._key(*names, *extra)
-        try:
-            return structure, (grads, *(tuple(map(torch.Tensor.data_ptr, self._live[n])) for n in names))
-        except RuntimeError:  # a gradient without storage: say which (checked only when it fails)
-            for n in names:
-                for name, p, g in zip(self._names, self._params, self._live[n]):
-                    check_grad(p, f"SAMPa.step: the gradient of '{name[len('model.'):]}'", g)
-            raise
+    def _key_of(self, *names, extra=(), update: bool = False):
+        """A plan's key function: _key (update: with the base state the plan binds), and the
+        addresses of the gradient lists it binds (the live lists self._live[name]: autograd gives
+        new tensors each pass; when only their addresses changed, the plan's tables take them,
+        pipeline.Plans)."""
+        def key():
+            structure, grads = self._key(*names, *extra, update=update)
+            try:
+                return structure, (grads, *(tuple(map(torch.Tensor.data_ptr, self._live[n])) for n in names))
+            except RuntimeError:  # a gradient without storage: say which (checked only when it fails)
+                for n in names:
+                    for name, p, g in zip(self._names, self._params, self._live[n]):
+                        check_grad(p, f"SAMPa.step: the gradient of '{name[len('model.'):]}'", g)
+                raise
+        return key
 
     def _slots(self, name: str) -> list:
         """self._live[name] per param group, read when used (_lists.Slot)."""
@@ -379,8 +382,9 @@ class SAMPa(SharpnessAwareOptimizer):
         if not plain:
             self._norm_of("g_yn", g_yn, self._g_y_norm_buf())  # the next step's ||g_y||, this one's check of g_y'
         self._live["g_t"], self._live["g_yn"] = g_t, g_yn
-        plan = self._plan("plain" if plain else "update", self._key_of("g_t", "g_yn", extra=(plain,)),
-                               lambda: self._build_update_plan(plain))
+        plan = self._plan("plain" if plain else "update",
+                          self._key_of("g_t", "g_yn", extra=(plain, self.max_grad_norm is not None), update=True),
+                          lambda: self._build_update_plan(plain))
         if plan.generic:  # d = (1 - lam) g~ + lam g_y' into .grad, for the base optimizer's own step()
             plan.grads = self._mixed_grads(g_t, g_yn, plain)
         self._t += 1
@@ -403,7 +407,8 @@ class SAMPa(SharpnessAwareOptimizer):
         clip = self.max_grad_norm is not None and not plain
         g_t, g_yn = self._slots("g_t"), self._slots("g_yn")  # per group
         groups = [group for group, _ in self._group_slices()]
-        classes = [(t, y, 2, group["lam"]) for group, t, y in zip(groups, g_t, g_yn)] if clip else \
+        # the mix's weight is read on every call (pipeline.NormStage): lam may change between steps
+        classes = [(t, y, 2, lambda group=group: group["lam"]) for group, t, y in zip(groups, g_t, g_yn)] if clip else \
             [(Slot(self._live, "g_t", 0, len(self._params)), None, 0, 0.0)]
         plan.guard = NormStage(self._backend(device, "global_norm"), device, classes)
         if kind is not None:
