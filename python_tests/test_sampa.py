@@ -151,13 +151,23 @@ def test_batchnorm_statistics_move_with_the_y_pass_only(backend, device):
     assert int(model[1].num_batches_tracked) == len(batches)  # one y-pass per step
 
 
-def test_generic_path_for_other_base_optimizers():
-    """Base optimizers we do not fuse: y previews a plain gradient step, the update is their own step."""
+@pytest.mark.parametrize("base,kw", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=1e-2)),
+                                     (torch.optim.RMSprop, dict(lr=1e-3, momentum=0.5))], ids=["sgd-dampening", "rmsprop"])
+def test_generic_path_for_other_base_optimizers(base, kw):
+    """Base optimizers we do not fuse (SGD with dampening among them): y previews their own step
+    from x_t with g_y (on a copy of their state, which does not move), the update is their own
+    step with d_t; a non-finite gradient skips its steps and training goes on."""
     batches = make_batches(8)
     model, ref = make_model(), make_model()
-    run_sampa(model, batches, torch.optim.RMSprop, dict(lr=1e-3), rho=0.1, lam=0.2)
-    reference_sampa(ref, batches, torch.optim.RMSprop, dict(lr=1e-3), rho=0.1, lam=0.2, plain_preview=True)
+    opt = run_sampa(model, batches, base, kw, rho=0.1, lam=0.2)
+    reference_sampa(ref, batches, base, kw, rho=0.1, lam=0.2)
     torch.testing.assert_close(flat(model), flat(ref), **TRAJECTORY)
+    bad = (batches[0][0].clone().fill_(float("nan")), batches[0][1])
+    opt.step(bad)
+    opt.step(batches[1])  # g_y is the NaN batch's: no preview move, skipped again
+    for b in batches[2:4]:
+        opt.step(b)
+    assert opt.skipped_steps == 2 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def fresh_from(model, opt, **kw):

@@ -13,6 +13,8 @@ as views of one vector per optimizer (StepCounters) that the guard advances when
 """
 from __future__ import annotations
 
+from collections import OrderedDict, defaultdict
+
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
@@ -225,3 +227,39 @@ def prepare_preview(base, kind: str, group: dict, backend: str, device, params, 
             kw["init_bufs"] = static["init_bufs"]
         launch(norm=norm, rho=rho, **kw)
     return run
+
+
+# What a twin of a torch optimizer must not share with it: the lr scheduler's wrapper of step()
+# (instance attributes), and the hooks a user registered on the instance.
+_NOT_SHARED = ("step", "_opt_called", "state", "param_groups")
+
+
+def preview_with_own_step(base, groups, previews, grads, norm) -> None:
+    """SAMPa's preview for a base optimizer we do not fuse (any torch.optim optimizer, SGD with
+    dampening): previews[i] (of param group groups[i], holding x_t) <- the base optimizer's own step from
+    x_t with grads, by a twin of it over the preview tensors with a copy of its state, so that its
+    state does not move (ALGORITHMS.md, SAMPa: y_{t+1} is the base step from x_t). A gradient
+    whose norm is not finite previews a zero gradient, as the fused previews do (the step that
+    used it is skipped; the next one starts from a finite preview). The copy of the state lives
+    for the call."""
+    twin = object.__new__(type(base))
+    twin.__dict__.update({k: v for k, v in base.__dict__.items()
+                          if k not in _NOT_SHARED and not k.startswith("_optimizer_")})
+    for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
+        setattr(twin, name, OrderedDict())
+    twin.param_groups = [{**g, "params": ys} for g, ys in zip(groups, previews)]
+    twin.state = defaultdict(dict)
+    finite = torch.isfinite(norm)
+    held = []
+    for group, ys, gs in zip(groups, previews, grads):
+        for p, y, g in zip(group["params"], ys, gs):
+            if p in base.state:
+                twin.state[y] = {k: v.clone() if torch.is_tensor(v) else v for k, v in base.state[p].items()}
+            held.append((y, y.grad))
+            y.grad = torch.where(finite, g, 0).to(y.dtype)
+    try:
+        with torch.no_grad():
+            type(base).step(twin)
+    finally:
+        for y, g in held:
+            y.grad = g

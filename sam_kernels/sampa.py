@@ -32,7 +32,7 @@ from ._base import SharpnessAwareOptimizer, UpdatePlan, _check_scaler, check_gra
 from ._lists import Slot
 from .capturable import capturing
 from .distributed import is_dtensor
-from .fused_update import fused_kind, prepare_preview, prepare_state, prepare_update
+from .fused_update import fused_kind, prepare_preview, prepare_state, prepare_update, preview_with_own_step
 from .pipeline import NormStage, scaler_inputs, scaler_record
 
 PARALLEL = ("auto", "streams", "sequential", "distributed")
@@ -472,18 +472,21 @@ class SAMPa(SharpnessAwareOptimizer):
         return merged[-1].reshape(()), merged[:len(grads)], merged[len(grads):-1]
 
     def _build_preview(self, xt, y):
-        """x~ and y into the parameter sets xt and y (one list per param group): one fused pass per group."""
+        """x~ and y into the parameter sets xt and y (one list per param group): one fused pass per
+        group; for a base optimizer we do not fuse, x~ from the same pass (its preview half at lr 0
+        leaves y = x_t), then y <- the base optimizer's own step from x_t with g_y, on a copy of its
+        state (fused_update.preview_with_own_step)."""
         kind = fused_kind(self.base_optimizer)
         device, backend = self.device, self._backend(self.device, "sampa_preview_sgd_")
         runs = []
         for (group, sl), g_y, xt_g, y_g in zip(self._group_slices(), self._slots("g_y"), xt, y):
             lists = (group["params"], g_y, xt_g, y_g)
-            if kind is None:  # generic: y previews a plain gradient step with the group's lr
+            if kind is None:
                 run = ops.bind("sampa_preview_sgd_", backend, device,
                                {"params": lists[0], "grads": lists[1], "perturbed": lists[2], "previews": lists[3],
                                 "bufs": None}, {"momentum": 0.0, "init_bufs": False})
                 runs.append(lambda run=run, group=group: run(
-                    norm=self._g_y_norm, rho=group["rho"], lr=group["lr"], momentum=0.0, dampening=0.0,
+                    norm=self._g_y_norm, rho=self._rho(group, device), lr=0.0, momentum=0.0, dampening=0.0,
                     nesterov=False, weight_decay=0.0, maximize=False, init_bufs=False))
             else:
                 run = prepare_preview(self.base_optimizer, kind, group, backend, device, *lists,
@@ -493,6 +496,9 @@ class SAMPa(SharpnessAwareOptimizer):
         def preview():
             for run in runs:
                 run()
+            if kind is None:
+                preview_with_own_step(self.base_optimizer, [g for g, _ in self._group_slices()],
+                                      [list(ys) for ys in y], [list(gs) for gs in self._slots("g_y")], self._g_y_norm)
         return preview
 
     def _group_slices(self):
