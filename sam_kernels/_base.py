@@ -647,18 +647,24 @@ class SharpnessAwareOptimizer(Optimizer):
 
     @torch.no_grad()
     def init_state(self) -> None:
-        """Create now, without stepping, the base optimizer's state that the first step would create
-        (momentum buffers, Adam's moments and step counters, at zero; sharded like the parameters
-        under FSDP2), so that a checkpoint can be loaded into it: torch.distributed.checkpoint loads
-        into the tensors of the state dict it is given (see python_tests/test_fsdp.py). Only for the
-        base optimizers we fuse (SGD, Adam, AdamW); others create their state in their own step."""
+        """Create now, without stepping, the base optimizer's state of every parameter that requires
+        a gradient (momentum buffers, Adam's moments and step counters, at zero; sharded like the
+        parameters under FSDP2): the template torch's own checkpoint helper makes (its
+        _init_optim_state steps with zero gradients on those parameters), into whose tensors
+        torch.distributed.checkpoint loads (python_tests/test_checkpoints.py, test_fsdp.py). A
+        parameter that requires a gradient but never got one (a module unused in the forward)
+        has no state in a checkpoint, as with torch's optimizers: load with DCP's
+        DefaultLoadPlanner(allow_partial_load=True), and its zero state is what a first step
+        would start from. Only for the base optimizers we fuse (SGD, Adam, AdamW); others create
+        their state in their own step."""
         kind = fused_kind(self.base_optimizer)
         if kind is None:
             raise TypeError(f"init_state: {type(self.base_optimizer).__name__} (with these options) is not fused "
                             "here; its own step() creates its state")
         params = self._param_list()
         if params:
-            prepare_state(self.base_optimizer, kind, [(g, list(g["params"])) for g in self.param_groups],
+            prepare_state(self.base_optimizer, kind,
+                          [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups],
                           self._counters, distributed.local(params[0]).device)
         self._invalidate()
 
