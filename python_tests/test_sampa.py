@@ -228,6 +228,34 @@ def test_lam_changed_between_steps_reaches_the_clipping_guard():
     assert torch.equal(flat(model), flat(model2))
 
 
+def test_a_kept_batch_refilled_in_place_is_refused_by_name():
+    """The x~-pass of a step reads the previous step's batch again. A caller that refills its
+    input tensors in place (xb.copy_(next_x), as prefetching loaders do) would change what it
+    reads: refused before anything changes (version counters: no host read of a tensor), and the
+    step goes on with a copy; fresh tensors, or the same unchanged ones, are fine."""
+    batches = make_batches(4)
+    model = make_model()
+    opt = SAMPa(model, loss_fn, torch.optim.SGD, lr=0.1, momentum=0.9)
+    xb, yb = batches[0][0].clone(), batches[0][1].clone()
+    opt.step((xb, yb))
+    opt.step((xb, yb))  # the same tensors, unchanged: the kept batch is what it was
+    x, _, sd = snapshot(model, opt)
+    xb.copy_(batches[1][0])
+    yb.copy_(batches[1][1])
+    with pytest.raises(ValueError, match=r"batch\[0\] of the last step was modified in place"):
+        opt.step((xb, yb))
+    now = opt.state_dict()
+    assert torch.equal(flat(model), x) and opt.steps == 2
+    assert all(torch.equal(a, b) for a, b in zip(ours(now)["g_y"], ours(sd)["g_y"]))
+    ref_model = make_model()
+    ref = SAMPa(ref_model, loss_fn, torch.optim.SGD, lr=0.1, momentum=0.9)
+    for b in (batches[0], batches[0], batches[1]):
+        ref.step(b)
+    opt.keep_batch(tuple(t.clone() for t in batches[0]))  # what the caller should have kept
+    opt.step((xb.clone(), yb.clone()))
+    assert torch.equal(flat(model), flat(ref_model))
+
+
 @pytest.mark.parametrize("backend,device", backend_cases())
 def test_backends_agree(backend, device):
     cls, kw = BASES["adamw"]

@@ -229,11 +229,11 @@ class GraphedStep:
     def _keep_previous_batch(self) -> list | None:
         """SAMPa: static inputs holding the batch of the last step (its x~-pass reads it next),
         filled now from that batch; None before SAMPa's first SAM step (no previous batch yet)."""
-        previous = self.optimizer._batch
+        previous = self.optimizer.kept_batch
         if previous is None:
             return None
         kept = [t.detach().clone() for t in self._leaves(previous)]
-        self.optimizer._batch = pytree.tree_unflatten(kept, self._spec)
+        self.optimizer.keep_batch(pytree.tree_unflatten(kept, self._spec))
         return kept
 
     def _snapshot(self) -> tuple:
@@ -284,7 +284,7 @@ class GraphedStep:
                 self._passes_per_step = opt.loss_calls - calls
                 opt.loss_calls = calls
                 if kept is not None:
-                    opt._batch = pytree.tree_unflatten(kept, self._spec)
+                    opt.keep_batch(pytree.tree_unflatten(kept, self._spec))
         if self.scaler is not None and self.scaler.is_enabled():  # the capture's record of the step
             self.scaler._per_optimizer_states[id(opt)] = self.scaler._per_optimizer_states.default_factory()
         self.graphs[kind] = graph

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils import _pytree as pytree
 
 from . import ops
 from ._base import SharpnessAwareOptimizer, UpdatePlan, _check_scaler, check_grad, split_rho
@@ -36,6 +37,11 @@ from .fused_update import fused_kind, prepare_preview, prepare_state, prepare_up
 from .pipeline import NormStage, scaler_inputs, scaler_record
 
 PARALLEL = ("auto", "streams", "sequential", "distributed")
+
+
+def _versions(batch) -> tuple:
+    """The version counters of the batch's tensors (host integers: bumped by every in-place write)."""
+    return tuple(t._version for t in pytree.tree_leaves(batch) if torch.is_tensor(t)) if batch is not None else ()
 
 
 def check_lam(lam) -> float:
@@ -138,6 +144,7 @@ class SAMPa(SharpnessAwareOptimizer):
         self._g_y: list[torch.Tensor] | None = None
         self._g_y_norm: torch.Tensor | None = None
         self._batch: Any = None
+        self._batch_versions: tuple = ()  # the kept batch's tensors' version counters when it was kept
         self._shadows: tuple[list, list] | None = None
         self._live: dict[str, list] = {}  # the gradient lists of the step in progress (what plans bind)
         self.loss_calls = 0  # loss_fn evaluations on this process (2T + 1 after T sequential steps)
@@ -160,6 +167,7 @@ class SAMPa(SharpnessAwareOptimizer):
         super().__setstate__(state)
         self._streams, self._live, self._shadows = None, {}, None
         self._model_names = {id(p): n for n, p in self.model.named_parameters()}
+        self.keep_batch(self._batch)  # the copy's own tensors
 
     def _check_group(self, group: dict, where: str) -> None:
         super()._check_group(group, where)
@@ -207,7 +215,9 @@ class SAMPa(SharpnessAwareOptimizer):
     @torch.no_grad()
     def step(self, batch=None, grad_scaler=None):
         """One SAMPa step with the new minibatch `batch`; returns the detached loss of the y-pass,
-        f(y_{t+1}; batch). An exception in loss_fn leaves model and optimizer as they were.
+        f(y_{t+1}; batch). An exception in loss_fn leaves model and optimizer as they were, but
+        one in the x~-pass of a step in turn, which loses g_y: the next step is a step 0 again
+        (README.md, SAMPa; _passes_in_turn).
 
         grad_scaler: a torch.amp.GradScaler (fp16): each pass backpropagates the loss times its
         scale and unscales its gradients in place (a device scalar, no host read), and the scaler
@@ -216,6 +226,8 @@ class SAMPa(SharpnessAwareOptimizer):
             raise ValueError("SAMPa.step(batch) needs the new minibatch (SAMPa computes its gradients itself; "
                              "loss_fn(model, batch) gives the loss)")
         scale, scaler_state = self._scaler_inputs(grad_scaler)
+        if self.sam_step_due and self._g_y is not None:
+            self._check_kept_batch()
         if not self.sam_step_due:
             self._begin("SAMPa.step")
             loss = self._plain_step(batch, scale)
@@ -246,7 +258,8 @@ class SAMPa(SharpnessAwareOptimizer):
         scaler_record(scaler_state, self._flags)
         # g_y <- g_y' and B_t <- B_{t+1} always (ALGORITHMS.md); a g_y from a skipped step that is
         # not finite is not used by the next preview (its norm says so on the device)
-        self._g_y, self._batch = list(g_yn), batch
+        self._g_y = list(g_yn)
+        self.keep_batch(batch)
         return loss_y.detach()
 
     @torch.no_grad()
@@ -269,6 +282,34 @@ class SAMPa(SharpnessAwareOptimizer):
             return None, None
         scale = scale.float()
         return (scale, torch.reciprocal(scale.double()).float()), state
+
+    @property
+    def kept_batch(self):
+        """The batch of the last step, which the next step's x~-pass reads again (ALGORITHMS.md:
+        g~ is taken on B_t); None before the first step and after an exception in an x~-pass."""
+        return self._batch
+
+    def keep_batch(self, batch) -> None:
+        """Keep `batch` for the next step's x~-pass, with its tensors' version counters (host
+        integers): a tensor refilled in place before that step is refused by name then
+        (_check_kept_batch). make_graphed_step keeps it in static inputs of its own."""
+        self._batch = batch
+        self._batch_versions = _versions(batch)
+
+    def _check_kept_batch(self) -> None:
+        """Before anything changes: the kept batch as it was when kept. A caller that refills its
+        input tensors in place (xb.copy_(next_x), as prefetching loaders do) would change what the
+        x~-pass reads, silently; no tensor is read on the host (version counters)."""
+        if capturing() or _versions(self._batch) == self._batch_versions:
+            return
+        tensors = [(path, t) for path, t in pytree.tree_flatten_with_path(self._batch)[0] if torch.is_tensor(t)]
+        changed = next((pytree.keystr(path) for (path, t), v in zip(tensors, self._batch_versions) if t._version != v),
+                       "")
+        raise ValueError(
+            f"SAMPa.step: batch{changed} of the last step was modified in place after that "
+            "step, but SAMPa's next x~-pass reads that batch again (ALGORITHMS.md: g~ is taken on B_t). Pass new "
+            "tensors each step (a DataLoader does), or a copy before refilling them: opt.step(tuple(t.clone() for t in "
+            "batch)). Nothing was changed.")
 
     def _fixed_grads(self) -> bool:
         """Whether the passes' gradients land in fixed buffers, the .grad of the points they are
@@ -309,7 +350,7 @@ class SAMPa(SharpnessAwareOptimizer):
         try:
             x_pass = self._grad_at(self._params, kept, scale)
         except BaseException:
-            self._batch = None  # g_y is gone: the next step is a step 0
+            self.keep_batch(None)  # g_y is gone: the next step is a step 0
             raise
         finally:
             self._plan("restore", self._key_of("y"), lambda: ops.bind(
@@ -633,7 +674,7 @@ class SAMPa(SharpnessAwareOptimizer):
         norm = extra.get("g_y_norm")
         self._g_y = g_y
         self._g_y_norm = norm.to(self.device) if norm is not None else None
-        self._batch = extra.get("batch")
+        self.keep_batch(extra.get("batch"))
         self.loss_calls = int(extra.get("loss_calls", 0))
 
     def memory_report(self) -> dict:
