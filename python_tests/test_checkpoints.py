@@ -130,3 +130,80 @@ def test_dcp_partial_load_for_a_module_unused_in_the_forward():
         step(model, opt, s)
         step(model2, opt2, s)
     assert all(torch.equal(a, b) for a, b in zip(weights(model), weights(model2)))
+
+
+def davda54_state_dict(model, rho=0.05, **kw):
+    """The layout of davda54/sam's SAM.state_dict(): its own state (x_old as "old_p", the base's
+    momentum not saved) and groups with rho, adaptive and the base optimizer's options."""
+    params = list(model.parameters())
+    group = {"rho": rho, "adaptive": False, "lr": 0.1, "momentum": 0.9, "dampening": 0, "weight_decay": 0,
+             "nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": None, **kw,
+             "params": list(range(len(params)))}
+    return {"state": {i: {"old_p": p.detach().clone()} for i, p in enumerate(params)}, "param_groups": [group]}
+
+
+def test_pytorch_optimizer_checkpoint_loads_and_steps_like_it():
+    """pytorch_optimizer's SAM saved after two steps, loaded into ours (its groups lack our
+    options: they take our defaults), then both take two more steps: the same weights."""
+    import pytorch_optimizer
+
+    theirs_model, ours_model = mlp(frozen_bias=False), mlp(frozen_bias=False)
+    theirs = pytorch_optimizer.SAM(theirs_model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    for s in range(2):
+        x, y = batch(s)
+        nn.functional.cross_entropy(theirs_model(x), y).backward()
+        theirs.first_step(zero_grad=True)
+        nn.functional.cross_entropy(theirs_model(x), y).backward()
+        theirs.second_step(zero_grad=True)
+    ours_model.load_state_dict(theirs_model.state_dict())
+    ours = SAM(ours_model.parameters(), torch.optim.SGD, rho=0.01, lr=0.5)
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    assert ours.param_groups[0]["adaptive_offset"] == 0.0 and ours.param_groups[0]["rho"] == 0.05
+    for s in range(2, 4):
+        x, y = batch(s)
+        for m, o in ((theirs_model, theirs), (ours_model, ours)):
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.first_step(zero_grad=True)
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.second_step(zero_grad=True)
+    for a, b in zip(weights(theirs_model), weights(ours_model)):
+        torch.testing.assert_close(a, b, rtol=2.5e-7, atol=2.5e-7)
+
+
+def test_davda54_checkpoint_loads_without_its_scratch():
+    model = mlp(frozen_bias=False)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    opt.load_state_dict(davda54_state_dict(model, rho=0.07))
+    assert opt.param_groups[0]["rho"] == 0.07
+    assert all("old_p" not in st for st in opt.base_optimizer.state.values())
+    sam_step(model, opt, batch(0))
+    assert sorted(opt.state_dict()["state"][0]) == ["momentum_buffer"]
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(rho=-1.0), r"param_groups\[0\]\['rho'\] must be a finite number >= 0, got -1.0"),
+    (dict(lr=-0.1), r"param_groups\[0\]: SGD refuses these options: Invalid learning rate: -0.1"),
+    (dict(adaptive_offset=float("nan")), r"param_groups\[0\]\['adaptive_offset'\] must be finite"),
+    ("shape", r"state\[0\]\['momentum_buffer'\] has shape \(3,\), its parameter \(6, 4\)"),
+    ("groups", r"the checkpoint has 2 param groups, this optimizer 1"),
+], ids=["rho", "lr", "offset", "shape", "groups"])
+def test_a_checkpoint_that_cannot_be_used_is_refused_at_load(bad, match):
+    """Refused by load_state_dict, naming what is wrong, with nothing changed (never a KeyError
+    or a crash at the next step)."""
+    model = mlp(frozen_bias=False)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    sam_step(model, opt, batch(0))
+    before = copy.deepcopy(opt.state_dict())
+    sd = davda54_state_dict(model)
+    if bad == "shape":
+        sd["state"][0]["momentum_buffer"] = torch.zeros(3)
+    elif bad == "groups":
+        sd["param_groups"].append(dict(sd["param_groups"][0], params=[]))
+    else:
+        sd["param_groups"][0].update(bad)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][k][n], v) for k, st in before["state"].items() for n, v in st.items())
+    sam_step(model, opt, batch(1))

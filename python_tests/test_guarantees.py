@@ -273,6 +273,10 @@ def test_add_param_group_sampa():
     ({"weight_decay": float("inf")}, r"param_groups\[1\]\['weight_decay'\] must be finite"),
     ({"betas": (0.9, float("nan"))}, r"param_groups\[1\]\['betas'\] must be finite"),
     ({"params": [torch.zeros(2)], "lr": torch.tensor(float("nan"))}, r"param_groups\[1\]\['lr'\]"),
+    # what the base optimizer's own constructor refuses
+    ({"lr": -0.1}, r"param_groups\[1\]: AdamW refuses these options: Invalid learning rate: -0.1"),
+    ({"betas": (0.9, 1.5)}, r"param_groups\[1\]: AdamW refuses these options: Invalid beta parameter at index 1"),
+    ({"eps": -1.0}, r"param_groups\[1\]: AdamW refuses these options: Invalid epsilon value: -1.0"),
 ])
 @pytest.mark.parametrize("name", TWO_STEP)
 def test_add_param_group_validates_before_changing_anything(name, bad, match):

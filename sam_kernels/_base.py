@@ -15,6 +15,7 @@ step() cannot read a device flag): both documented.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -34,6 +35,12 @@ NONFINITE = ("skip", "raise")
 # reference to that instance (a copy keeping it would step the original) and the flag it sets.
 # torch.optim.Optimizer.__getstate__ drops them too.
 _PATCHED = ("step", "_opt_called")
+# Per-parameter scratch that peers' SAM keeps in the state they save (davda54/sam and
+# pytorch_optimizer: x_old as "old_p"; composer and older davda54: the perturbation "e_w"):
+# meaningless between steps, dropped when such a checkpoint is loaded.
+_PEER_SCRATCH = ("old_p", "e_w")
+# The base state tensors our fused updates bind, which must be shaped like their parameter.
+_STATE_TENSORS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -73,6 +80,28 @@ def check_finite_options(group: dict, where: str) -> None:
                 continue
             if not ok:
                 raise ValueError(f"{where}['{key}'] must be finite, got {value!r}")
+
+
+def check_like_constructor(base: Optimizer, group: dict, where: str) -> None:
+    """A param group's options checked as the base optimizer's constructor checks its own (torch's
+    optimizers refuse lr < 0, betas outside [0, 1), ...): a probe instance is built over one
+    scratch tensor with the group's options (those the constructor takes), nothing else."""
+    cls = type(base)
+    try:
+        signature = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
+    names = {n for n, p in signature.items() if n not in ("self", "params")
+             and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    kwargs = {k: v for k, v in group.items() if k in names or (takes_any and k in base.defaults)}
+    like = next((distributed.local(p) for p in group["params"]), None)
+    probe = torch.zeros(1, dtype=like.dtype if like is not None else torch.float32,
+                        device=like.device if like is not None else "cpu", requires_grad=True)
+    try:
+        cls([probe], **kwargs)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{where}: {cls.__name__} refuses these options: {e}") from None
 
 
 def split_rho(rho):
@@ -238,6 +267,10 @@ class SharpnessAwareOptimizer(Optimizer):
     def _extra_state(self) -> dict:
         """What the subclass keeps across steps beyond the base optimizer (tensors allowed)."""
         return {}
+
+    def _check_extra_state(self, extra: dict) -> None:
+        """Raise (ValueError, naming it) if the extra state of a checkpoint does not fit this
+        optimizer; called by load_state_dict before anything changes."""
 
     def _load_extra_state(self, extra: dict) -> None:
         pass
@@ -570,8 +603,8 @@ class SharpnessAwareOptimizer(Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
-        """Add a param group (options default to the constructor's): checked as the constructor
-        checks its groups, before anything is modified."""
+        """Add a param group (options default to the constructor's): checked as our constructor and
+        the base optimizer's constructor check their groups, before anything is modified."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         where = f"param_groups[{len(self.param_groups)}]"
@@ -588,6 +621,7 @@ class SharpnessAwareOptimizer(Optimizer):
             if value is not required:
                 group.setdefault(key, value)
         self._check_group(group, where)
+        check_like_constructor(self.base_optimizer, group, where)
         self.base_optimizer.add_param_group(group)  # appends to the shared list
         self._group_added(self.param_groups[-1])
         self._invalidate()
@@ -684,14 +718,43 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """A state_dict() of this class (capturable or not), also through get_optimizer_state_dict /
-        set_optimizer_state_dict; a checkpoint of the earlier layout ("sam" beside "state") too."""
+        set_optimizer_state_dict; a checkpoint of the earlier layout ("sam" beside "state") too;
+        and the peers' (davda54/sam, pytorch_optimizer's SAM): options a loaded group lacks take
+        this optimizer's defaults, their SAM scratch (x_old) is dropped. A checkpoint that cannot
+        be used (an option our checks or the base optimizer's refuse, a state tensor shaped
+        unlike its parameter, extra state that does not fit) is refused here, by name, before
+        anything changes, never at a later step."""
         state_dict = dict(state_dict)
         groups = [dict(g) for g in state_dict.get("param_groups", [])]
         extra = dict(state_dict.pop("sam", None) or (groups[0].get("sam") if groups else None) or {})
         for g in groups:
             g.pop("sam", None)
-        if groups:
-            state_dict["param_groups"] = groups
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"load_state_dict: the checkpoint has {len(groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)}")
+        ids = {}
+        for i, (g, mine) in enumerate(zip(groups, self.param_groups)):
+            if len(g.get("params", ())) != len(mine["params"]):
+                raise ValueError(f"load_state_dict: param_groups[{i}] has {len(g.get('params', ()))} parameters in "
+                                 f"the checkpoint, {len(mine['params'])} here")
+            for key, value in [*self._own_defaults.items(), *self.base_optimizer.defaults.items()]:
+                if value is not required:
+                    g.setdefault(key, value)
+            where = f"load_state_dict: param_groups[{i}]"
+            self._check_group({**g, "params": mine["params"]}, where)
+            check_like_constructor(self.base_optimizer, {**g, "params": mine["params"]}, where)
+            ids.update(zip(g["params"], mine["params"]))
+        state = {}
+        for k, entry in state_dict.get("state", {}).items():
+            p = ids.get(k)
+            entry = {n: v for n, v in entry.items() if n not in _PEER_SCRATCH}
+            for n, v in entry.items():
+                if p is not None and n in _STATE_TENSORS and torch.is_tensor(v) and v.shape != p.shape:
+                    raise ValueError(f"load_state_dict: state[{k!r}][{n!r}] has shape {tuple(v.shape)}, its parameter "
+                                     f"{tuple(p.shape)}")
+            state[k] = entry
+        self._check_extra_state(extra)
+        state_dict["param_groups"], state_dict["state"] = groups, state
         self.restore()
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict makes new group dicts

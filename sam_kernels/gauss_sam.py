@@ -95,16 +95,20 @@ class GaussSAM(SAM):
             extra["generator_device"] = str(gen.device)
         return extra
 
+    def _check_extra_state(self, extra: dict) -> None:
+        super()._check_extra_state(extra)
+        device = torch.device(extra.get("generator_device", "cpu"))
+        if "generator" in extra and self.generator is not None and self.generator.device != device:
+            raise ValueError(f"load_state_dict: the generator state is of a {device} generator, "
+                             f"this GaussSAM's generator is on {self.generator.device}")
+
     def _load_extra_state(self, extra: dict) -> None:
         super()._load_extra_state(extra)
         self.seed = int(extra.get("seed", self.seed))
         self._own = None
         if "generator" in extra:
-            device = torch.device(extra.get("generator_device", "cpu"))
-            gen = self.generator if self.generator is not None else self._generator(device)
-            if gen.device != device:
-                raise ValueError(f"load_state_dict: the generator state is of a {device} generator, "
-                                 f"this GaussSAM's generator is on {gen.device}")
+            gen = self.generator if self.generator is not None else self._generator(
+                torch.device(extra.get("generator_device", "cpu")))
             gen.set_state(local(extra["generator"]).reshape(-1).cpu())
 
     def memory_report(self) -> dict:

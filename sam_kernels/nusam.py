@@ -315,6 +315,14 @@ class NuSAM(SharpnessAwareOptimizer):
         return {"u": {i: distributed.rows_like(self.vectors[p]["u"].clone(), p)
                       for i, p in enumerate(params) if "u" in self.vectors[p]}}
 
+    def _check_extra_state(self, extra: dict) -> None:
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, u in extra.get("u", {}).items():
+            p = params[int(i)] if 0 <= int(i) < len(params) else None
+            if p is None or "u" not in self.vectors[p] or u.shape != (p.shape[0],):
+                raise ValueError(f"load_state_dict: 'u' of parameter {i} (shape {tuple(u.shape)}) does not match this "
+                                 "NuSAM's matrices")
+
     def _load_extra_state(self, extra: dict) -> None:
         params = [p for g in self.param_groups for p in g["params"]]
         for i, u in extra.get("u", {}).items():

@@ -665,11 +665,15 @@ class SAMPa(SharpnessAwareOptimizer):
     def _extra_state(self) -> dict:
         return {"g_y": self._g_y, "g_y_norm": self._g_y_norm, "batch": self._batch, "loss_calls": self.loss_calls}
 
+    def _check_extra_state(self, extra: dict) -> None:
+        g_y = extra.get("g_y")
+        if g_y is not None and (len(g_y) != len(self._params) or any(g.shape != p.shape
+                                                                     for g, p in zip(g_y, self._params))):
+            raise ValueError("load_state_dict: 'g_y' does not match the parameters of this SAMPa")
+
     def _load_extra_state(self, extra: dict) -> None:
         g_y = extra.get("g_y")
         if g_y is not None:
-            if len(g_y) != len(self._params) or any(g.shape != p.shape for g, p in zip(g_y, self._params)):
-                raise ValueError("load_state_dict: 'g_y' does not match the parameters of this SAMPa")
             g_y = [g.to(p.device, p.dtype) for g, p in zip(g_y, self._params)]
         norm = extra.get("g_y_norm")
         self._g_y = g_y
