@@ -1,7 +1,8 @@
-"""SAM in PyTorch Lightning, with manual optimization (Lightning's automatic optimization calls
-step() once per batch with one backward; SAM needs two).
+"""SAM in PyTorch Lightning, with automatic optimization (the LightningModule returns its loss
+from training_step; Lightning calls SAM.step(closure), which evaluates the closure twice: at x_t
+for the first gradient and at the perturbed point) or with manual optimization.
 
-    python examples/lightning_sam.py --steps 100
+    python examples/lightning_sam.py --steps 100 [--manual] [--precision bf16-mixed]
 """
 import argparse
 
@@ -23,6 +24,25 @@ def dataset(n: int = 2048, seed: int = 0):
 def make_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 4))
+
+
+class LitSAMAutomatic(L.LightningModule):
+    """Nothing SAM-specific but the optimizer: step(closure) follows torch's closure convention."""
+
+    def __init__(self, rho: float = 0.05, lr: float = 0.1):
+        super().__init__()
+        self.model = make_model()
+        self.rho, self.lr = rho, lr
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.loss_fn(self.model(x), y)
+        self.log("train_loss", loss.detach(), prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return SAM(self.parameters(), torch.optim.SGD, rho=self.rho, lr=self.lr, momentum=0.9)
 
 
 class LitSAM(L.LightningModule):
@@ -59,10 +79,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--manual", action="store_true", help="manual optimization (default: automatic)")
+    ap.add_argument("--precision", default="32-true", help="Lightning's precision: 32-true or bf16-mixed")
     args = ap.parse_args(argv)
-    module = LitSAM()
+    module = LitSAM() if args.manual else LitSAMAutomatic()
     trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, enable_progress_bar=False)
+                        enable_model_summary=False, enable_progress_bar=False, precision=args.precision)
     trainer.fit(module, DataLoader(dataset(), batch_size=args.batch, shuffle=False))
     return module
 

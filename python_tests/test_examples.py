@@ -31,20 +31,30 @@ def test_amp_accumulation_loop_resumes_bit_for_bit(tmp_path):
         assert torch.equal(straight[k], resumed[k]), k
 
 
-def test_lightning_manual_optimization_matches_a_plain_loop():
+@pytest.mark.parametrize("mode", ["automatic", "manual", "automatic-bf16"])
+def test_lightning_matches_a_plain_loop(mode):
+    """Automatic optimization (training_step returns the loss; Lightning calls SAM.step(closure))
+    and manual optimization give the weights of the README's two-step loop (bf16 autocast: of
+    that loop under the same autocast)."""
     pytest.importorskip("lightning", reason="installed by `make install`")
     ex = load("lightning_sam")
-    module = ex.main(["--steps", "6", "--batch", "32"])
+    flags = ["--manual"] if mode == "manual" else ["--precision", "bf16-mixed"] if mode.endswith("bf16") else []
+    module = ex.main(["--steps", "6", "--batch", "32", *flags])
 
     from sam_kernels import SAM
     model = ex.make_model()
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
     loader = torch.utils.data.DataLoader(ex.dataset(), batch_size=32, shuffle=False)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.endswith("bf16"))
     for _, (x, y) in zip(range(6), loader):
-        loss_fn(model(x), y).backward()
+        with autocast:
+            loss = loss_fn(model(x), y)
+        loss.backward()
         opt.first_step(zero_grad=True)
-        loss_fn(model(x), y).backward()
+        with autocast:
+            loss = loss_fn(model(x), y)
+        loss.backward()
         opt.second_step(zero_grad=True)
     for a, b in zip(module.model.parameters(), model.parameters()):
         assert torch.equal(a.detach(), b.detach())

@@ -526,17 +526,92 @@ def test_step_order_errors():
     opt.state_dict()
 
 
-def test_no_gradient_in_the_first_pass_is_a_plain_base_step():
+def test_first_step_without_any_gradient_is_refused():
+    """davda54's SAM raises too: the perturbation follows the gradient at x_t, and there is none
+    (it once became a plain base step, silently)."""
     model = mlp()
-    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
-    ref_model = mlp()
-    ref = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    with pytest.raises(RuntimeError, match=r"SAM.first_step\(\): no parameter has a gradient \(.grad is None for "
+                                           r"all 6\): .* call loss.backward\(\) first"):
+        opt.first_step()
+    assert torch.equal(flat(model), flat(mlp())) and opt.steps == 0
     x, y = data(steps=1)[0]
-    opt.step(lambda: _backward(loss_fn(model, x, y)))  # no .grad anywhere before the step
-    loss_fn(ref_model, x, y).backward()
-    ref.step()
-    torch.testing.assert_close(flat(model), flat(ref_model), **TRAJECTORY)
-    assert not torch.equal(flat(model), flat(mlp()))
+    loss_fn(model, x, y).backward()
+    opt.first_step()  # and it goes on
+    opt.second_step()
+
+
+def _reference_steps(model, opt, batches):
+    """The README's two-step loop."""
+    for x, y in batches:
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.first_step(zero_grad=True)
+        loss_fn(model, x, y).backward()
+        opt.second_step()
+
+
+@pytest.mark.parametrize("style", ["lbfgs", "composer", "no-zero-grad"])
+def test_step_closure_follows_torchs_closure_convention(style):
+    """step(closure) with no first gradient given (no .grad, or only what the last step(closure)
+    left) evaluates the closure at x_t for it, then as usual: the two-step loop's weights, two
+    closure calls per step, and the loss at x_t returned, as torch's optimizers return it."""
+    batches = data(steps=4)
+    model, ref_model = mlp(), mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    ref = SAM(ref_model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    calls = []
+    for x, y in batches:
+        def closure():
+            calls.append(1)
+            if style == "lbfgs":
+                opt.zero_grad()
+            loss = loss_fn(model, x, y)
+            loss.backward()
+            return loss
+
+        if style == "composer":  # Composer zeroes before its step, the closure does not
+            opt.zero_grad()
+        at_x = loss_fn(model, x, y).detach()
+        assert torch.equal(opt.step(closure).detach(), at_x)
+    _reference_steps(ref_model, ref, batches)
+    assert torch.equal(flat(model), flat(ref_model))
+    assert len(calls) == 2 * len(batches)
+
+
+def test_step_closure_with_the_first_gradient_given_still_calls_it_once():
+    """davda54's form: loss.backward(), then step(closure); a gradient computed since the last step
+    (new tensors, or the same ones zeroed in place) is the first gradient."""
+    batches = data(steps=4)
+    model, ref_model = mlp(), mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    ref = SAM(ref_model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    calls = []
+    for i, (x, y) in enumerate(batches):
+        opt.zero_grad(set_to_none=i % 2 == 0)
+        loss_fn(model, x, y).backward()
+        opt.step(lambda: calls.append(1) or _backward(loss_fn(model, x, y)))
+    _reference_steps(ref_model, ref, batches)
+    assert torch.equal(flat(model), flat(ref_model)) and len(calls) == len(batches)
+
+
+def test_psam_plain_steps_under_the_closure_convention():
+    """PSAM's plain steps (no SAM step due) take one gradient: the closure is called once."""
+    batches = data(steps=4)
+    model, ref_model = mlp(), mlp()
+    opt = sam_kernels.PSAM(model.parameters(), torch.optim.SGD, period=2, lr=0.1)
+    ref = sam_kernels.PSAM(ref_model.parameters(), torch.optim.SGD, period=2, lr=0.1)
+    calls = []
+    for x, y in batches:
+        opt.step(lambda: calls.append(1) or _backward(loss_fn(model, x, y)))
+    for x, y in batches:
+        ref.zero_grad()
+        loss_fn(ref_model, x, y).backward()
+        if ref.sam_step_due:
+            ref.step(lambda: _backward(loss_fn(ref_model, x, y)))
+        else:
+            ref.base_step()
+    assert torch.equal(flat(model), flat(ref_model)) and len(calls) == 2 + 2 + 1 + 1
 
 
 def test_per_group_rho_and_adaptive():
