@@ -501,3 +501,29 @@ def test_init_state_creates_what_the_first_step_would(base, kw):
         assert torch.equal(p, q)
     with pytest.raises(TypeError, match="init_state: RMSprop"):
         SAM(models[0].parameters(), torch.optim.RMSprop, lr=0.1).init_state()
+
+
+# --- options of other SAM libraries ------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(use_gc=True), r"SAM: use_gc=True is an option of another SAM library, not of SAM or ASGD: gradient "
+                        r"centralization is not implemented"),
+    (dict(perturb_eps=1e-8), r"perturb_eps=1e-08 .* fixed at 1e-12"),
+    (dict(adaptive_eps=0.01), r"adaptive_eps=0.01 .* pass adaptive_offset"),
+    (dict(rho_scheduler=None), r"rho_scheduler=None .* callable step -> rho"),
+], ids=["use_gc", "perturb_eps", "adaptive_eps", "rho_scheduler"])
+def test_peer_options_are_refused_by_name(kw, match):
+    """pytorch_optimizer's optimizers take **kwargs: an option of its SAM (use_gc: gradient
+    centralization) reached the base, which swallowed it, and the run silently differed."""
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    with pytest.raises(TypeError, match=match):
+        SAM(mlp().parameters(), pytorch_optimizer.ASGD, lr=0.1, **kw)
+
+
+def test_peer_options_we_follow_anyway_are_accepted():
+    """What we do anyway (use_gc=False, perturb_eps=1e-12) is accepted and not passed to the base
+    (torch's SGD would refuse the name); a base optimizer's own option of the same name is its own."""
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, use_gc=False, perturb_eps=1e-12)
+    two_step(model, opt, data())
+    assert SAM(model.parameters(), torch.optim.RMSprop, lr=0.1, alpha=0.9).param_groups[0]["alpha"] == 0.9

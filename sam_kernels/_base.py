@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
 from . import _ext, backends, distributed
+from ._constants import NORM_EPS
 from ._lists import GradsOf
 from .capturable import DeviceScalars, capturing
 from .fused_update import STATE_KEYS, StepCounters, fused_kind, prepare_state, prepare_update, structure
@@ -103,6 +104,45 @@ def check_like_constructor(base: Optimizer, group: dict, where: str) -> None:
         cls([probe], **kwargs)
     except (ValueError, TypeError, RuntimeError) as e:
         raise ValueError(f"{where}: {cls.__name__} refuses these options: {e}") from None
+
+
+# Options of the peers' SAM classes (pytorch_optimizer 4.x, davda54/sam, the ASAM authors' code):
+# passed to us, they would reach the base optimizer, whose **kwargs (pytorch_optimizer's
+# optimizers) may swallow them silently. name -> (the value that is what we do anyway, or
+# _NEVER, and what to use instead).
+_NEVER = object()
+_PEER_OPTIONS = {
+    "use_gc": (False, "gradient centralization is not implemented here: center the gradients before first_step(), "
+                      "or leave it out"),
+    "perturb_eps": (NORM_EPS, f"the epsilon of the perturbation's norm is fixed at {NORM_EPS}"),
+    "adaptive_eps": (_NEVER, "ASAM's T = |x| + adaptive_offset here: pass adaptive_offset"),
+    "eta": (_NEVER, "the ASAM authors' eta is adaptive_offset here"),
+    "rho_scheduler": (_NEVER, "pass rho as a callable step -> rho"),
+    "max_norm": (_NEVER, "gradient clipping is max_grad_norm here"),
+    "alpha": (_NEVER, "GSAM's / LookSAM's alpha is not an option of this class"),
+    "k": (_NEVER, "LookSAM's k is not an option of this class (PSAM's period is the nearest)"),
+    "sigma": (_NEVER, "FriendlySAM's sigma is not an option of this class"),
+    "lmbda": (_NEVER, "FriendlySAM's lmbda is not an option of this class"),
+    "gamma": (_NEVER, "WSAM's gamma is not an option of this class"),
+    "decouple": (_NEVER, "WSAM's decouple is not an option of this class"),
+}
+
+
+def check_peer_options(cls_name: str, base_optimizer, base_kwargs: dict) -> dict:
+    """base_kwargs without the options of other SAM libraries: refused by name where we do not do
+    what they ask (use_gc=True), dropped where we do anyway (use_gc=False, perturb_eps=1e-12);
+    unless the base optimizer's own constructor names them (RMSprop's alpha is its own)."""
+    try:
+        own = set(inspect.signature(base_optimizer.__init__).parameters)
+    except (TypeError, ValueError):
+        own = set()
+    for name, value in base_kwargs.items():
+        if name in _PEER_OPTIONS and name not in own:
+            same, instead = _PEER_OPTIONS[name]
+            if same is _NEVER or value != same:
+                raise TypeError(f"{cls_name}: {name}={value!r} is an option of another SAM library, not of "
+                                f"{cls_name} or {getattr(base_optimizer, '__name__', base_optimizer)}: {instead}")
+    return {k: v for k, v in base_kwargs.items() if k not in _PEER_OPTIONS or k in own}
 
 
 def split_rho(rho):
@@ -185,6 +225,8 @@ class SharpnessAwareOptimizer(Optimizer):
             raise TypeError(f"params is a {type(params).__name__} instance: pass the base optimizer as "
                             f"base_optimizer= and params=None, e.g. {type(self).__name__}(base_optimizer=opt, rho=...)")
         backends.check_name(backend)
+        if isinstance(base_optimizer, type):
+            base_kwargs = check_peer_options(type(self).__name__, base_optimizer, base_kwargs)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         max_grad_norm = check_max_norm(max_grad_norm)
