@@ -16,6 +16,7 @@ constexpr double kClipEps = 1e-6;  // torch.nn.utils.clip_grad_norm_'s guard
 
 // Finite (not NaN, not +-inf), written so that host and device code share it (no -ffast-math here).
 SAM_HD bool is_finite(float v) { return (v - v) == 0.f; }
+SAM_HD bool is_finite(double v) { return (v - v) == 0.0; }
 
 struct Guard {
   float found_inf;   // 1 when the step must be skipped, else 0

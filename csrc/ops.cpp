@@ -77,7 +77,10 @@ Tensor sum_squares(const char* op, TensorList tensors, TensorList second, int64_
     chunks.push_back(n);
     total += n;
   }
-  auto partials = at::empty({std::max<int64_t>(total, 1)}, tensors[0].options().dtype(at::kFloat));
+  // fp64 tensors: their sums of squares in fp64 (as torch.nn.utils.clip_grad_norm_ takes a norm)
+  bool f64 = false;
+  for (const auto& t : tensors) f64 = f64 || t.scalar_type() == at::kDouble;
+  auto partials = at::empty({std::max<int64_t>(total, 1)}, tensors[0].options().dtype(f64 ? at::kDouble : at::kFloat));
   if (total == 0) partials.zero_();
   const Runner runner = find_runner("sumsq", type);
   int64_t at_partial = 0;
@@ -114,7 +117,7 @@ void check_grads_(TensorList grads, TensorList grads2, double lam, const Tensor&
   const auto device = grads[0].device();
   check_device_scalar("check_grads_", "flags", flags, device, 4);
   check_scalars("check_grads_", grads, {{"scale", &scale}, {"found_inf", &found_inf}});
-  if (prior.has_value()) check_device_scalar("check_grads_", "prior", prior, device, prior->numel());
+  if (prior.has_value()) check_device_scalar("check_grads_", "prior", prior, device, prior->numel(), true);
   if (steps.has_value()) {
     check_device_scalar("check_grads_", "steps", steps, device, steps->numel());
     if (steps_mask.has_value()) check_device_scalar("check_grads_", "steps_mask", steps_mask, device, steps->numel());
@@ -132,7 +135,7 @@ void check_grads_(TensorList grads, TensorList grads2, double lam, const Tensor&
 void perturb_(TensorList params, TensorList grads, TensorList olds, const Tensor& norm, double rho, bool adaptive,
               double offset) {
   if (params.empty()) return;
-  check_device_scalar("perturb_", "norm", norm, params[0].device());
+  check_device_scalar("perturb_", "norm", norm, params[0].device(), 1, true);
   run_lists("perturb_", "perturb_", type_of(params), {{"params", params}, {"grads", grads}, {"olds", olds}}, {},
             {rho, offset}, {adaptive}, {norm});
 }
@@ -169,7 +172,7 @@ void sampa_preview_sgd_(TensorList params, TensorList grads, TensorList perturbe
                         TensorList bufs, const Tensor& norm, double rho, double lr, double momentum, double dampening,
                         bool nesterov, double weight_decay, bool maximize, bool init_bufs) {
   if (params.empty()) return;
-  check_device_scalar("sampa_preview_sgd_", "norm", norm, params[0].device());
+  check_device_scalar("sampa_preview_sgd_", "norm", norm, params[0].device(), 1, true);
   run_lists("sampa_preview_sgd_", "sampa_preview_sgd_", type_of(params),
             {{"params", params}, {"grads", grads}, {"perturbed", perturbed}, {"previews", previews},
              {"bufs", when(momentum != 0 && !init_bufs, bufs)}},
@@ -181,7 +184,7 @@ void sampa_preview_adam_(TensorList params, TensorList grads, TensorList perturb
                          TensorList state_steps, const Tensor& norm, double rho, double lr, double beta1,
                          double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize) {
   if (params.empty()) return;
-  check_device_scalar("sampa_preview_adam_", "norm", norm, params[0].device());
+  check_device_scalar("sampa_preview_adam_", "norm", norm, params[0].device(), 1, true);
   run_lists("sampa_preview_adam_", "sampa_preview_adam_", type_of(params),
             {{"params", params}, {"grads", grads}, {"perturbed", perturbed}, {"previews", previews},
              {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"state_steps", state_steps, kScalars},

@@ -80,12 +80,15 @@ at::Tensor make_table(
 }
 
 void check_device_scalar(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Device& device,
-                         int64_t numel) {
+                         int64_t numel, bool allow_f64) {
   if (!t.has_value()) return;
+  const bool dtype_ok = t->scalar_type() == at::kFloat || (allow_f64 && t->scalar_type() == at::kDouble);
+  const std::string kind = allow_f64 ? "float32 or float64" : "float32";
   TORCH_CHECK(
-      t->device() == device && t->scalar_type() == at::kFloat && t->numel() == numel && t->is_contiguous(), op, ": ",
-      name, " must be ", numel == 1 ? "one float32 value" : "a contiguous float32 tensor of " + std::to_string(numel) +
-      " values", " on ", device, ", got ", t->scalar_type(), " of ", t->numel(), " values on ", t->device());
+      t->device() == device && dtype_ok && t->numel() == numel && t->is_contiguous(), op, ": ",
+      name, " must be ", numel == 1 ? "one " + kind + " value" : "a contiguous " + kind + " tensor of " +
+      std::to_string(numel) + " values", " on ", device, ", got ", t->scalar_type(), " of ", t->numel(),
+      " values on ", t->device());
 }
 
 namespace {

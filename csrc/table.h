@@ -60,6 +60,17 @@ struct TableView {
   }
 };
 
+// A device scalar argument that is fp32, or fp64 where the norms of fp64 tensors are kept in
+// their precision (sumsq partials, a norm): read where the kernel runs. f64 says which.
+struct ScalarRef {
+  const void* p = nullptr;
+  bool f64 = false;
+  SAM_HD bool present() const { return p != nullptr; }
+  SAM_HD double get(int64_t i = 0) const {
+    return f64 ? static_cast<const double*>(p)[i] : static_cast<double>(static_cast<const float*>(p)[i]);
+  }
+};
+
 // What a runner gets: the table, the dtype of its element lists, and the kernel's arguments.
 struct Launch {
   TableView table;
@@ -81,6 +92,11 @@ struct Launch {
     return args[i]->data_ptr<float>();
   }
   const at::Tensor& tensor(size_t i) const;
+  // args[i] as an fp32 or fp64 scalar (or vector); empty when absent.
+  ScalarRef ref(size_t i) const {
+    if (i >= args.size() || !args[i].has_value()) return {};
+    return {args[i]->data_ptr(), args[i]->scalar_type() == at::kDouble};
+  }
 };
 
 using Runner = void (*)(const Launch&);
@@ -125,8 +141,9 @@ at::Tensor make_table(
     const std::vector<at::TensorList>& lists, const std::vector<int64_t>& index,
     const std::vector<std::vector<int64_t>>& values, const at::Device& device, int64_t* n_chunks);
 
-// An optional device scalar argument must be one fp32 value on `device` (or absent).
+// An optional device scalar argument must be one fp32 value on `device` (or absent); with
+// allow_f64 (a norm, a norm's prior) fp64 too.
 void check_device_scalar(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Device& device,
-                         int64_t numel = 1);
+                         int64_t numel = 1, bool allow_f64 = false);
 
 }  // namespace sam_kernels

@@ -263,7 +263,7 @@ def test_running_stats_helpers_are_idempotent():
     disable_running_stats(model)
     mean = model[1].running_mean.clone()
     loss_fn(model, batches(1)[0])
-    assert torch.equal(model[1].running_mean, mean) and int(model[1].num_batches_tracked) == 1
+    assert torch.equal(model[1].running_mean, mean) and int(model[1].num_batches_tracked) == 0
     enable_running_stats(model)
     enable_running_stats(model)
     assert model[1].momentum == 0.1 and int(model[1].num_batches_tracked) == 0

@@ -7,7 +7,7 @@ import math
 import pytest
 import pytorch_optimizer
 import torch
-from conftest import TOL, TRAJECTORY, backend_cases
+from conftest import FP64, TOL, TRAJECTORY, backend_cases
 
 import sam_kernels
 from sam_kernels import SAM
@@ -128,6 +128,29 @@ def test_max_grad_norm_clips_like_clip_grad_norm(backend, device, base):
     want = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
     opt.second_step()
     assert opt.grad_norm.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+FP64_BACKENDS = [c for c in BACKENDS if c.values[0] != "triton"]  # Triton passes rho and lr as fp32 scalars
+
+
+@pytest.mark.parametrize("backend,device", FP64_BACKENDS)
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_float64_parameters_take_a_float64_norm(backend, device, adaptive):
+    """float64 parameters: the global norm is accumulated and applied in float64, as
+    clip_grad_norm_ takes it (an fp32 norm put the trajectory 3e-8 off davda54's and composer's in
+    float64): the fp64 reference to fp64 rounding."""
+    base_cls, kw = BASES["sgd-momentum-wd"]
+    batches = data(device, dtype=torch.float64, steps=8)
+    model, ref_model = mlp(torch.float64, device), mlp(torch.float64, device)
+    opt = SAM(model.parameters(), base_cls, rho=0.05, adaptive=adaptive, backend=backend, **kw)
+    run_ours(model, opt, batches)
+    run_reference(ref_model, base_cls, kw, batches, rho=0.05, adaptive=adaptive)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), **FP64)
+    x, y = batches[0]
+    opt.zero_grad()
+    loss_fn(model, x, y).backward()
+    assert sam_kernels.ops.global_norm([p.grad for p in model.parameters()], backend=backend).dtype == torch.float64
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -96,7 +96,8 @@ if _LOADED:
     # through the optimizer without executing kernels.
     @torch.library.register_fake("sam_kernels::global_norm")
     def _global_norm_fake(tensors, weights, offset):
-        return tensors[0].new_empty((), dtype=torch.float32)
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        return tensors[0].new_empty((), dtype=dtype)
 
     def _mutating_fake(*args, **kwargs):
         return None

@@ -72,7 +72,7 @@ class GaussSAM(SAM):
         # the first gradient's own check: its norm is the prior of the guard
         plan.check = NormStage(self._backend(device, "global_norm"), device, [(GradsOf(params), None, 0, 0.0)],
                                group=self._reduce_group())
-        plan.check_out = torch.empty((), dtype=torch.float32, device=device)
+        plan.check_out = plan.check.out()
         return lambda ps: [views[id(p)] for p in ps]
 
     def _perturb(self, plan) -> None:

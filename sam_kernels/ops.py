@@ -214,7 +214,8 @@ _ADAM_WRITES = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 
 @torch.no_grad()
 def global_norm(tensors, weights=None, offset: float = 0.0, *, backend: str = "auto") -> torch.Tensor:
-    """0-dim fp32 tensor on the tensors' device: sqrt(sum_i ||T_i t_i||^2), T_i = |w_i| + offset (or 1)."""
+    """0-dim tensor on the tensors' device: sqrt(sum_i ||T_i t_i||^2), T_i = |w_i| + offset (or 1); fp32,
+    or fp64 when a tensor is fp64 (accumulated in that precision, as clip_grad_norm_ does)."""
     tensors = list(tensors)
     if not tensors:
         return torch.zeros((), dtype=torch.float32)

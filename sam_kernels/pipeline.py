@@ -85,6 +85,10 @@ class NormStage:
     def __init__(self, backend: str, device: torch.device, classes, group=None):
         self.runs, at = [], 0
         self.group = group
+        # fp64 tensors: partial sums and norm in fp64 (clip_grad_norm_ takes the norm in the
+        # gradients' precision); fp32 otherwise. The guard's flags stay fp32.
+        self.dtype = torch.float64 if any(t.dtype == torch.float64 for tensors, *_ in classes
+                                          for t in localize(list(tensors))) else torch.float32
         for tensors, second, mode, scalar in classes:
             tensors = localize(tensors) if isinstance(tensors, list) else tensors
             second = localize(second) if isinstance(second, list) else second
@@ -97,10 +101,10 @@ class NormStage:
                 run = _staged_sumsq(backend, device, tensors, second)
             self.runs.append((run, mode, scalar, at))
             at += run.n_partials
-        self.partials = (torch.empty(at, dtype=torch.float32, device=device) if at
-                         else torch.zeros(1, dtype=torch.float32, device=device))
+        self.partials = (torch.empty(at, dtype=self.dtype, device=device) if at
+                         else torch.zeros(1, dtype=self.dtype, device=device))
         self._finalize, self._guard = ops.finalizers(backend)
-        self._total = torch.zeros(1, dtype=torch.float32, device=device)
+        self._total = torch.zeros(1, dtype=self.dtype, device=device)
 
     def _sums(self) -> torch.Tensor:
         """The partial sums of squares (sharded: their sum over every rank, one scalar)."""
@@ -114,8 +118,12 @@ class NormStage:
         for run, mode, scalar, at in self.runs:
             run(self.partials, mode, scalar() if callable(scalar) else scalar, at)
 
+    def out(self) -> torch.Tensor:
+        """A device scalar for norm() to write (the norm's dtype: fp64 for fp64 tensors)."""
+        return torch.empty((), dtype=self.dtype, device=self.partials.device)
+
     def local_sum(self) -> torch.Tensor:
-        """This rank's sum of squares, one fp32 element (for a caller that all-reduces it together
+        """This rank's sum of squares, one element (for a caller that all-reduces it together
         with other values, then calls finish)."""
         self._local()
         return torch.sum(self.partials, 0, keepdim=True, out=self._total)

@@ -32,7 +32,9 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
 
 
 def _norm(tensors) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(tensors)])).float()
+    """The global norm, in fp64 for fp64 tensors (as clip_grad_norm_ takes it), in fp32 otherwise."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(tensors)])).to(dtype)
 
 
 def global_norm(tensors, weights, offset):
@@ -82,7 +84,8 @@ def perturb_(params, grads, olds, norm, rho, adaptive, offset):
 def _add_perturbation(params, grads, norm, rho, adaptive=False, offset=0.0):
     finite = torch.isfinite(norm)
     x = _work(params)
-    step = torch._foreach_mul(_work(grads), torch.where(finite, rho / (norm + EPS), 0.0).to(torch.float32))
+    # fp32 arithmetic for an fp32 norm, fp64 for the fp64 norm of fp64 tensors (as the kernels)
+    step = torch._foreach_mul(_work(grads), torch.where(finite, rho / (norm + EPS), 0.0).to(norm.dtype))
     if adaptive:
         w = torch._foreach_add(torch._foreach_abs(x), offset)
         torch._foreach_mul_(step, torch._foreach_mul(w, w))
@@ -339,7 +342,7 @@ def prepare_sumsq(tensors, second=None):
             ts = torch._foreach_mul(_work(tensors), torch._foreach_add(torch._foreach_abs(_work(second)), scalar))
         else:
             ts = _work(tensors)
-        partials[at] = _norm(ts).double().square().float()
+        partials[at] = _norm(ts).double().square()  # in the partials' dtype
 
     run.n_partials = 1
     return run

@@ -39,7 +39,7 @@ class SamPlan:
         self.norm = NormStage(opt._backend(device, "global_norm"), device,
                               [(directions(xs), xs if adaptive else None, int(adaptive), offset)
                                for (adaptive, offset), xs in classes.items()], group=opt._reduce_group())
-        self.norm_out = torch.empty((), dtype=torch.float32, device=device)
+        self.norm_out = self.norm.out()
         self.prior = self.norm_out
         self._rho = lambda group: opt._rho(group, device)  # a number, or a device scalar (capturable)
         self.perturbs = [(group, ops.bind("perturb_", backend, device,

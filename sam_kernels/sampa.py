@@ -403,9 +403,13 @@ class SAMPa(SharpnessAwareOptimizer):
         """self._live[name] per param group, read when used (_lists.Slot)."""
         return [Slot(self._live, name, sl.start, sl.stop - sl.start) for _, sl in self._group_slices()]
 
+    def _norm_dtype(self) -> torch.dtype:
+        """||g_y||'s dtype: fp64 for fp64 parameters (pipeline.NormStage), else fp32."""
+        return torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
+
     def _g_y_norm_buf(self) -> torch.Tensor:
         if self._g_y_norm is None:
-            self._g_y_norm = torch.empty((), dtype=torch.float32, device=self.device)
+            self._g_y_norm = torch.empty((), dtype=self._norm_dtype(), device=self.device)
         return self._g_y_norm
 
     def _norm_of(self, name: str, grads, out) -> None:
@@ -677,7 +681,7 @@ class SAMPa(SharpnessAwareOptimizer):
             g_y = [g.to(p.device, p.dtype) for g, p in zip(g_y, self._params)]
         norm = extra.get("g_y_norm")
         self._g_y = g_y
-        self._g_y_norm = norm.to(self.device) if norm is not None else None
+        self._g_y_norm = norm.to(self.device, self._norm_dtype()) if norm is not None else None
         self.keep_batch(extra.get("batch"))
         self.loss_calls = int(extra.get("loss_calls", 0))
 

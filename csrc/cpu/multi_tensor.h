@@ -29,6 +29,12 @@ inline float read_scalar(const Launch& l, size_t i, float absent) {
   return p ? *p : absent;
 }
 
+// A scalar argument args[i] of fp32 or fp64 (a norm), read on the host as a double.
+inline double read_value(const Launch& l, size_t i, double absent) {
+  const ScalarRef r = l.ref(i);
+  return r.present() ? r.get() : absent;
+}
+
 // Walks the part [begin, end) of a row-major n x m matrix one row run at a time:
 // f(first element, row, first column, length). Inner loops over a run are contiguous.
 template <typename F>

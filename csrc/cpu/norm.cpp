@@ -1,6 +1,7 @@
 // Norms on the CPU (argument order: ops.cpp):
 //   sumsq           each chunk's sum of squares (of g, of (|w| + offset) g, or of (1 - lam) g + lam g2),
-//                   accumulated in double over float blocks, written as one fp32 partial per chunk
+//                   accumulated in double over opmath blocks, written as one partial per chunk (fp32,
+//                   or fp64 when the partials are: the norms of fp64 tensors keep their precision)
 //   norm_finalize   out = sqrt(sum of the partials), added in chunk order (deterministic whatever
 //                   the number of threads)
 //   guard_finalize  the same norm, then the guard of a step (guard_math.h) into the flags
@@ -14,10 +15,10 @@ namespace {
 
 // kMode: 0 plain, 1 weighted by |w| + offset (ASAM), 2 the mix (1 - lam) g + lam g2 (SAMPa).
 template <typename scalar_t, int kMode>
-double chunk_sumsq(const scalar_t* t, const scalar_t* w, float scalar, int64_t n) {
+double chunk_sumsq(const scalar_t* t, const scalar_t* w, double scalar, int64_t n) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr int64_t kInner = 512;  // float partial sums stay exact enough over 512 terms
-  const opmath_t a = kMode == 2 ? static_cast<opmath_t>(1.0 - static_cast<double>(scalar)) : opmath_t(1);
+  const opmath_t a = kMode == 2 ? static_cast<opmath_t>(1.0 - scalar) : opmath_t(1);
   const opmath_t b = static_cast<opmath_t>(scalar);
   double total = 0.0;
   for (int64_t lo = 0; lo < n; lo += kInner) {
@@ -37,9 +38,12 @@ double chunk_sumsq(const scalar_t* t, const scalar_t* w, float scalar, int64_t n
 
 // lists g [, w | g2]; scalars [offset | lam]; options [mode, first partial]; args [partials]
 void sumsq_runner(const Launch& l) {
-  float* partials = l.f32(0) + l.options.at(1);
+  const ScalarRef out = l.ref(0);
+  float* partials = out.f64 ? nullptr : l.f32(0) + l.options.at(1);
+  double* partials64 = out.f64 ? l.tensor(0).data_ptr<double>() + l.options.at(1) : nullptr;
   const int64_t mode = l.options.at(0);
-  const float scalar = static_cast<float>(l.s(0));
+  // offset | lam: fp32 values, as on the GPU, but for fp64 partials
+  const double scalar = out.f64 ? l.s(0) : static_cast<float>(l.s(0));
   for_each_chunk(l.table, [&](const ChunkRef& c) {
     SAM_DISPATCH_FLOATING(l.dtype, "sumsq", [&] {
       const scalar_t* t = l.table.ptr<const scalar_t>(0, c.tensor) + c.begin;
@@ -47,30 +51,39 @@ void sumsq_runner(const Launch& l) {
       const int64_t n = c.end - c.begin;
       double v = mode == 0 ? chunk_sumsq<scalar_t, 0>(t, w, scalar, n)
                            : mode == 1 ? chunk_sumsq<scalar_t, 1>(t, w, scalar, n) : chunk_sumsq<scalar_t, 2>(t, w, scalar, n);
-      partials[c.index] = static_cast<float>(v);
+      if (partials64 != nullptr) {
+        partials64[c.index] = v;
+      } else {
+        partials[c.index] = static_cast<float>(v);
+      }
     });
   });
 }
 
-double sum_partials(const at::Tensor& partials) {
-  const float* p = partials.const_data_ptr<float>();
+double sum_partials(const Launch& l, size_t i) {
+  const ScalarRef p = l.ref(i);
   double total = 0.0;
-  for (int64_t i = 0; i < partials.numel(); ++i) total += p[i];
+  for (int64_t k = 0; k < l.tensor(i).numel(); ++k) total += p.get(k);
   return total;
 }
 
-// args [partials, out]
+// args [partials, out] (out fp32, or fp64 for fp64 partials)
 void norm_finalize_runner(const Launch& l) {
-  *l.f32(1) = static_cast<float>(std::sqrt(sum_partials(l.tensor(0))));
+  const double norm = std::sqrt(sum_partials(l, 0));
+  if (l.ref(1).f64) {
+    *l.tensor(1).data_ptr<double>() = norm;
+  } else {
+    *l.f32(1) = static_cast<float>(norm);
+  }
 }
 
 // scalars [max_norm]; args [partials, flags, prior, scale, found_inf, steps, steps_mask]
 void guard_finalize_runner(const Launch& l) {
-  const float n = static_cast<float>(std::sqrt(sum_partials(l.tensor(0))));
+  const float n = static_cast<float>(std::sqrt(sum_partials(l, 0)));
   float* flags = l.f32(1);
   bool bad = read_scalar(l, 4, 0.f) != 0.f;
-  if (const float* prior = l.f32(2)) {
-    for (int64_t i = 0; i < l.tensor(2).numel(); ++i) bad = bad || !std::isfinite(prior[i]);
+  if (const ScalarRef prior = l.ref(2); prior.present()) {
+    for (int64_t i = 0; i < l.tensor(2).numel(); ++i) bad = bad || !std::isfinite(prior.get(i));
   }
   const float* scale = l.f32(3);
   const Guard g = guard_math(n, bad, scale ? 1.f / *scale : 1.f, static_cast<float>(l.s(0)));

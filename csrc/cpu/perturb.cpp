@@ -16,8 +16,8 @@ void perturb_chunk(
     scalar_t* __restrict__ x,
     const scalar_t* __restrict__ g,
     scalar_t* __restrict__ old,
-    float scale,
-    float offset,
+    double scale,
+    double offset,
     int64_t n) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t s = static_cast<opmath_t>(scale);
@@ -35,13 +35,21 @@ void perturb_chunk(
   }
 }
 
+// The perturbation's scale rho / (norm + eps) (0 for a non-finite norm): in fp32 like the GPU
+// kernels for an fp32 norm, in fp64 for the fp64 norm of fp64 tensors.
+double perturb_scale(const Launch& l, double rho, bool& finite) {
+  const double nv = read_value(l, 0, 0.0);
+  finite = std::isfinite(nv);
+  if (!finite) return 0.0;
+  if (l.ref(0).f64) return rho / (nv + kNormEps);
+  return static_cast<float>(rho) / (static_cast<float>(nv) + static_cast<float>(kNormEps));
+}
+
 // lists x, g, old; scalars [rho, offset]; options [adaptive]; args [norm]
 void perturb_runner(const Launch& l) {
-  const float nv = read_scalar(l, 0, 0.f);
-  const bool finite = std::isfinite(nv);
-  // fp32 like the GPU kernels: the norm is an fp32 value, and so is the scale
-  const float scale = finite ? static_cast<float>(l.s(0)) / (nv + static_cast<float>(kNormEps)) : 0.f;
-  const float offset = static_cast<float>(l.s(1));
+  bool finite = false;
+  const double scale = perturb_scale(l, l.s(0), finite);
+  const double offset = l.ref(0).f64 ? l.s(1) : static_cast<float>(l.s(1));
   const bool adaptive = l.flag(0);
   for_each_chunk(l.table, [&](const ChunkRef& c) {
     SAM_DISPATCH_FLOATING(l.dtype, "perturb_", [&] {
@@ -56,7 +64,7 @@ void perturb_runner(const Launch& l) {
       if (adaptive) {
         perturb_chunk<scalar_t, true>(x, g, old, scale, offset, n);
       } else {
-        perturb_chunk<scalar_t, false>(x, g, old, scale, 0.f, n);
+        perturb_chunk<scalar_t, false>(x, g, old, scale, 0.0, n);
       }
     });
   });

@@ -17,16 +17,19 @@
 namespace sam_kernels::cpu {
 namespace {
 
-// The perturbation scale as perturb_ computes it (fp32, 0 for a non-finite norm).
-float perturb_scale(const Launch& l, bool& finite) {
-  const float nv = read_scalar(l, 0, 0.f);
+// The perturbation scale as perturb_ computes it (fp32 for an fp32 norm, fp64 for the fp64 norm of
+// fp64 tensors; 0 for a non-finite norm).
+double perturb_scale(const Launch& l, bool& finite) {
+  const double nv = read_value(l, 0, 0.0);
   finite = std::isfinite(nv);
-  return finite ? static_cast<float>(l.s(0)) / (nv + static_cast<float>(kNormEps)) : 0.f;
+  if (!finite) return 0.0;
+  if (l.ref(0).f64) return l.s(0) / (nv + kNormEps);
+  return static_cast<float>(l.s(0)) / (static_cast<float>(nv) + static_cast<float>(kNormEps));
 }
 
 template <typename scalar_t, bool kMomentum, bool kNesterov, bool kInit>
 void preview_sgd_chunk(
-    const scalar_t* x, const scalar_t* g, const scalar_t* buf, scalar_t* xt, scalar_t* y, float scale,
+    const scalar_t* x, const scalar_t* g, const scalar_t* buf, scalar_t* xt, scalar_t* y, double scale,
     const SgdArgs& args, int64_t n) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t s = static_cast<opmath_t>(scale);
@@ -44,7 +47,7 @@ void preview_sgd_chunk(
 template <typename scalar_t, bool kAmsgrad, bool kLerpLow>
 void preview_adam_chunk(
     const scalar_t* x, const scalar_t* g, const scalar_t* m, const scalar_t* v, const scalar_t* vmax, scalar_t* xt,
-    scalar_t* y, float scale, const AdamArgs& args, int64_t n) {
+    scalar_t* y, double scale, const AdamArgs& args, int64_t n) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t s = static_cast<opmath_t>(scale);
 #pragma omp simd
@@ -82,7 +85,7 @@ void for_each_preview_chunk(const Launch& l, bool finite, const Body& body) {
 // lists x, g, xt, y [, buf]; scalars [rho, lr, momentum, dampening, wd]; options [nesterov, maximize, init_bufs]
 void preview_sgd_runner(const Launch& l) {
   bool finite = true;
-  const float scale = perturb_scale(l, finite);
+  const double scale = perturb_scale(l, finite);
   const bool momentum = l.s(2) != 0.0, nesterov = l.flag(0), init = l.flag(2);
   const SgdArgs args = make_sgd_args(l.s(1), l.s(2), l.s(3), l.s(4), l.flag(1));
   for_each_preview_chunk(l, finite, [&](const ChunkRef& c, const auto* x, const auto* g, auto* xt, auto* y, int64_t n) {
@@ -98,7 +101,7 @@ void preview_sgd_runner(const Launch& l) {
 // options [decoupled, amsgrad, maximize]; the preview is of step count + 1
 void preview_adam_runner(const Launch& l) {
   bool finite = true;
-  const float scale = perturb_scale(l, finite);
+  const double scale = perturb_scale(l, finite);
   const AdamHyper hyper{l.s(1), l.s(2), l.s(3), l.s(4), l.s(5), l.flag(0), l.flag(2)};
   const bool amsgrad = l.flag(1), lerp_low = 1.0 - l.s(2) < 0.5;
   for_each_preview_chunk(l, finite, [&](const ChunkRef& c, const auto* x, const auto* g, auto* xt, auto* y, int64_t n) {

@@ -29,6 +29,18 @@ __device__ __forceinline__ float load_or(const float* p, float absent) {
   return p ? *p : absent;
 }
 
+// The perturbation's scale rho / (norm + eps) from a device-resident norm (0 when it is not
+// finite): fp32 arithmetic for an fp32 norm, fp64 for the fp64 norm of fp64 tensors. rho_t: a
+// capturable step's rho, read when the kernel runs.
+__device__ __forceinline__ double norm_scale(ScalarRef norm, double rho, const float* rho_t, bool& finite) {
+  if (rho_t != nullptr) rho = *rho_t;
+  const double nv = norm.get();
+  finite = isfinite(nv);
+  if (!finite) return 0.0;
+  if (norm.f64) return rho / (nv + kNormEps);
+  return static_cast<float>(rho) / (static_cast<float>(nv) + static_cast<float>(kNormEps));
+}
+
 #define SAM_CUDA_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 

@@ -1,6 +1,7 @@
 // Norms on the GPU (argument order: ops.cpp), deterministic:
-//   sumsq           every block writes the fp32 sum of squares of its chunk to a partials buffer
-//                   (of g, of (|w| + offset) g, or of the mix (1 - lam) g + lam g2)
+//   sumsq           every block writes the sum of squares of its chunk to a partials buffer
+//                   (of g, of (|w| + offset) g, or of the mix (1 - lam) g + lam g2): fp32, or fp64
+//                   for the norms of fp64 tensors (their precision, as clip_grad_norm_ takes it)
 //   norm_finalize   one block adds the partials in a fixed order and writes sqrt(total)
 //   guard_finalize  the same, then the guard of a step (guard_math.h) into the flags, and the
 //                   Adam step counters advanced when the step is taken: the decision never
@@ -11,14 +12,14 @@
 namespace sam_kernels::cuda {
 namespace {
 
-template <int kBlock>
-__device__ float block_sum(float v) {
-  __shared__ float warp_sums[kBlock / 32];
+template <int kBlock, typename T>
+__device__ T block_sum(T v) {
+  __shared__ T warp_sums[kBlock / 32];
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) warp_sums[warp] = v;
   __syncthreads();
-  v = threadIdx.x < kBlock / 32 ? warp_sums[threadIdx.x] : 0.f;
+  v = threadIdx.x < kBlock / 32 ? warp_sums[threadIdx.x] : T(0);
   if (warp == 0) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
   }
@@ -26,14 +27,14 @@ __device__ float block_sum(float v) {
 }
 
 // kMode: 0 plain, 1 weighted by |w| + offset (ASAM), 2 the mix (1 - lam) g + lam g2 (SAMPa).
-template <typename scalar_t, int kMode>
+template <typename scalar_t, int kMode, typename partial_t>
 __global__ void __launch_bounds__(kThreads)
-    sumsq_kernel(TableView table, float scalar, float* __restrict__ partials) {
+    sumsq_kernel(TableView table, double scalar, partial_t* __restrict__ partials) {
   using opmath_t = at::opmath_type<scalar_t>;
   const ChunkRef c = table.chunk_ref(blockIdx.x);
   const scalar_t* t = table.ptr<const scalar_t>(0, c.tensor);
   const scalar_t* w = kMode ? table.ptr<const scalar_t>(1, c.tensor) : nullptr;
-  const opmath_t a = kMode == 2 ? static_cast<opmath_t>(1.f - scalar) : opmath_t(1);
+  const opmath_t a = kMode == 2 ? static_cast<opmath_t>(1.0 - scalar) : opmath_t(1);
   const opmath_t b = static_cast<opmath_t>(scalar);
   opmath_t acc = 0;
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
@@ -50,34 +51,38 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < kILP; ++k) acc += v[k] * v[k];
   }
-  const float total = block_sum<kThreads>(static_cast<float>(acc));
+  const partial_t total = block_sum<kThreads>(static_cast<partial_t>(acc));
   if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
 constexpr int kCleanupThreads = 1024;
 
-__device__ float sum_partials(const float* partials, int64_t n) {
-  float acc = 0.f;
+template <typename T>
+__device__ T sum_partials(const T* partials, int64_t n) {
+  T acc = 0;
   for (int64_t i = threadIdx.x; i < n; i += kCleanupThreads) acc += partials[i];
   return block_sum<kCleanupThreads>(acc);
 }
 
+// out has the partials' dtype (an fp64 norm for fp64 tensors)
+template <typename T>
 __global__ void __launch_bounds__(kCleanupThreads)
-    norm_finalize_kernel(const float* __restrict__ partials, int64_t n, float* __restrict__ out) {
-  const float total = sum_partials(partials, n);
-  if (threadIdx.x == 0) *out = sqrtf(total);
+    norm_finalize_kernel(const T* __restrict__ partials, int64_t n, T* __restrict__ out) {
+  const T total = sum_partials(partials, n);
+  if (threadIdx.x == 0) *out = sqrt(total);
 }
 
+template <typename T>
 __global__ void __launch_bounds__(kCleanupThreads) guard_finalize_kernel(
-    const float* __restrict__ partials, int64_t n, float* __restrict__ flags, const float* __restrict__ prior,
+    const T* __restrict__ partials, int64_t n, float* __restrict__ flags, ScalarRef prior,
     int64_t n_prior, const float* __restrict__ scale, const float* __restrict__ found_inf, float max_norm,
     float* __restrict__ steps, const float* __restrict__ mask, int64_t n_steps) {
   __shared__ float taken;
-  const float total = sum_partials(partials, n);
+  const T total = sum_partials(partials, n);
   if (threadIdx.x == 0) {
     bool bad = load_or(found_inf, 0.f) != 0.f;
-    for (int64_t i = 0; i < n_prior; ++i) bad = bad || !is_finite(prior[i]);
-    const Guard g = guard_math(sqrtf(total), bad, scale ? 1.f / *scale : 1.f, max_norm);
+    for (int64_t i = 0; i < n_prior; ++i) bad = bad || !is_finite(prior.get(i));
+    const Guard g = guard_math(static_cast<float>(sqrt(total)), bad, scale ? 1.f / *scale : 1.f, max_norm);
     flags[kFoundInf] = g.found_inf;
     flags[kGradScale] = g.grad_scale;
     flags[kGradNorm] = g.grad_norm;
@@ -89,32 +94,55 @@ __global__ void __launch_bounds__(kCleanupThreads) guard_finalize_kernel(
 }
 
 // lists g [, w | g2]; scalars [offset | lam]; options [mode, first partial]; args [partials]
-void sumsq_runner(const Launch& l) {
-  const float scalar = static_cast<float>(l.s(0));
-  float* partials = l.f32(0) + l.options.at(1);
+template <typename partial_t>
+void launch_sumsq(const Launch& l, double scalar, partial_t* partials) {
   SAM_CUDA_DISPATCH(l.dtype, "sumsq", [&] {
     switch (l.options.at(0)) {
-      case 0: launch_chunks(l, sumsq_kernel<scalar_t, 0>, scalar, partials); break;
-      case 1: launch_chunks(l, sumsq_kernel<scalar_t, 1>, scalar, partials); break;
-      default: launch_chunks(l, sumsq_kernel<scalar_t, 2>, scalar, partials); break;
+      case 0: launch_chunks(l, sumsq_kernel<scalar_t, 0, partial_t>, scalar, partials); break;
+      case 1: launch_chunks(l, sumsq_kernel<scalar_t, 1, partial_t>, scalar, partials); break;
+      default: launch_chunks(l, sumsq_kernel<scalar_t, 2, partial_t>, scalar, partials); break;
     }
   });
 }
 
-// args [partials, out]
+// lists g [, w | g2]; scalars [offset | lam]; options [mode, first partial]; args [partials (fp32 | fp64)]
+void sumsq_runner(const Launch& l) {
+  const int64_t at = l.options.at(1);
+  if (l.ref(0).f64) {
+    launch_sumsq(l, l.s(0), l.tensor(0).data_ptr<double>() + at);
+  } else {
+    launch_sumsq(l, static_cast<float>(l.s(0)), l.f32(0) + at);
+  }
+}
+
+// args [partials, out] (both fp32, or both fp64)
 void norm_finalize_runner(const Launch& l) {
-  norm_finalize_kernel<<<1, kCleanupThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      l.f32(0), l.tensor(0).numel(), l.f32(1));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (l.ref(0).f64) {
+    norm_finalize_kernel<double><<<1, kCleanupThreads, 0, stream>>>(
+        l.tensor(0).data_ptr<double>(), l.tensor(0).numel(), l.tensor(1).data_ptr<double>());
+  } else {
+    norm_finalize_kernel<float><<<1, kCleanupThreads, 0, stream>>>(l.f32(0), l.tensor(0).numel(), l.f32(1));
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // scalars [max_norm]; args [partials, flags, prior, scale, found_inf, steps, steps_mask]
 void guard_finalize_runner(const Launch& l) {
-  const int64_t n_prior = l.f32(2) ? l.tensor(2).numel() : 0;
+  const ScalarRef prior = l.ref(2);
+  const int64_t n_prior = prior.present() ? l.tensor(2).numel() : 0;
   const int64_t n_steps = l.f32(5) ? l.tensor(5).numel() : 0;
-  guard_finalize_kernel<<<1, kCleanupThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      l.f32(0), l.tensor(0).numel(), l.f32(1), l.f32(2), n_prior, l.f32(3), l.f32(4), static_cast<float>(l.s(0)),
-      l.f32(5), l.f32(6), n_steps);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto max_norm = static_cast<float>(l.s(0));
+  if (l.ref(0).f64) {
+    guard_finalize_kernel<double><<<1, kCleanupThreads, 0, stream>>>(
+        l.tensor(0).data_ptr<double>(), l.tensor(0).numel(), l.f32(1), prior, n_prior, l.f32(3), l.f32(4), max_norm,
+        l.f32(5), l.f32(6), n_steps);
+  } else {
+    guard_finalize_kernel<float><<<1, kCleanupThreads, 0, stream>>>(
+        l.f32(0), l.tensor(0).numel(), l.f32(1), prior, n_prior, l.f32(3), l.f32(4), max_norm, l.f32(5), l.f32(6),
+        n_steps);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

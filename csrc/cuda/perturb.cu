@@ -7,16 +7,14 @@ namespace {
 
 template <typename scalar_t, bool kAdaptive>
 __global__ void __launch_bounds__(kThreads)
-    perturb_kernel(TableView table, const float* __restrict__ norm, float rho, float offset, const float* rho_t) {
+    perturb_kernel(TableView table, ScalarRef norm, double rho, double offset, const float* rho_t) {
   using opmath_t = at::opmath_type<scalar_t>;
   const ChunkRef c = table.chunk_ref(blockIdx.x);
   scalar_t* x = table.ptr<scalar_t>(0, c.tensor);
   const scalar_t* g = table.ptr<const scalar_t>(1, c.tensor);
   scalar_t* old = table.ptr<scalar_t>(2, c.tensor);
-  const float nv = *norm;
-  if (rho_t != nullptr) rho = *rho_t;  // capturable: the rho of this replay
-  const bool finite = isfinite(nv);  // a non-finite gradient leaves x as it is
-  const opmath_t s = finite ? static_cast<opmath_t>(rho / (nv + static_cast<float>(kNormEps))) : opmath_t(0);
+  bool finite;  // a non-finite gradient leaves x as it is
+  const opmath_t s = static_cast<opmath_t>(norm_scale(norm, rho, rho_t, finite));
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
     scalar_t xv[kILP];
     scalar_t gv[kILP];
@@ -70,12 +68,13 @@ __global__ void __launch_bounds__(kThreads) restore_kernel(TableView table, cons
 
 // lists x, g, old; scalars [rho, offset]; options [adaptive]; args [norm]; device scalar rho
 void perturb_runner(const Launch& l) {
-  const auto rho = static_cast<float>(l.s(0));
+  const ScalarRef norm = l.ref(0);
+  const double offset = norm.f64 ? l.s(1) : static_cast<float>(l.s(1));
   SAM_CUDA_DISPATCH(l.dtype, "perturb_", [&] {
     if (l.flag(0)) {
-      launch_chunks(l, perturb_kernel<scalar_t, true>, l.f32(0), rho, static_cast<float>(l.s(1)), l.dev_scalar(0));
+      launch_chunks(l, perturb_kernel<scalar_t, true>, norm, l.s(0), offset, l.dev_scalar(0));
     } else {
-      launch_chunks(l, perturb_kernel<scalar_t, false>, l.f32(0), rho, 0.f, l.dev_scalar(0));
+      launch_chunks(l, perturb_kernel<scalar_t, false>, norm, l.s(0), 0.0, l.dev_scalar(0));
     }
   });
 }

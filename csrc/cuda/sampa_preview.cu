@@ -8,17 +8,10 @@
 namespace sam_kernels::cuda {
 namespace {
 
-__device__ __forceinline__ float preview_scale(const float* norm, float rho, const float* rho_t, bool& finite) {
-  const float nv = *norm;
-  if (rho_t != nullptr) rho = *rho_t;  // capturable: the rho and lr of this replay
-  finite = isfinite(nv);
-  return finite ? rho / (nv + static_cast<float>(kNormEps)) : 0.f;
-}
-
 // Lists: x, g, perturbed, previews, [buf].
 template <typename scalar_t, bool kMomentum, bool kNesterov, bool kInit>
 __global__ void __launch_bounds__(kThreads)
-    preview_sgd_kernel(TableView table, const float* __restrict__ norm, float rho, SgdArgs args, const float* rho_t,
+    preview_sgd_kernel(TableView table, ScalarRef norm, double rho, SgdArgs args, const float* rho_t,
                        const float* lr_t) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr bool kReadBuf = kMomentum && !kInit;
@@ -29,7 +22,7 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* y = table.ptr<scalar_t>(3, c.tensor);
   const scalar_t* buf = kReadBuf ? table.ptr<const scalar_t>(4, c.tensor) : nullptr;
   bool finite;
-  const opmath_t s = static_cast<opmath_t>(preview_scale(norm, rho, rho_t, finite));
+  const opmath_t s = static_cast<opmath_t>(norm_scale(norm, rho, rho_t, finite));
   if (lr_t != nullptr) args.lr = *lr_t;
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
     opmath_t xv[kILP], gv[kILP], bv[kILP];
@@ -57,7 +50,7 @@ __global__ void __launch_bounds__(kThreads)
 // Lists: x, g, perturbed, previews, m, v, steps, [vmax]; the preview is of step count + 1.
 template <typename scalar_t, bool kAmsgrad, bool kLerpLow>
 __global__ void __launch_bounds__(kThreads)
-    preview_adam_kernel(TableView table, const float* __restrict__ norm, float rho, AdamHyper hyper,
+    preview_adam_kernel(TableView table, ScalarRef norm, double rho, AdamHyper hyper,
                         const float* rho_t, const float* lr_t) {
   using opmath_t = at::opmath_type<scalar_t>;
   const ChunkRef c = table.chunk_ref(blockIdx.x);
@@ -71,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
   if (lr_t != nullptr) hyper.lr = *lr_t;
   const AdamArgs args = make_adam_args(hyper, *table.ptr<const float>(6, c.tensor) + 1.0);
   bool finite;
-  const opmath_t s = static_cast<opmath_t>(preview_scale(norm, rho, rho_t, finite));
+  const opmath_t s = static_cast<opmath_t>(norm_scale(norm, rho, rho_t, finite));
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
     opmath_t xv[kILP], gv[kILP], mv[kILP], vv[kILP], vmv[kILP];
 #pragma unroll
@@ -103,7 +96,7 @@ void preview_sgd_runner(const Launch& l) {
   const SgdArgs args = make_sgd_args(l.s(1), l.s(2), l.s(3), l.s(4), l.flag(1));
   SAM_CUDA_DISPATCH(l.dtype, "sampa_preview_sgd_", [&] {
     dispatch_sgd_flags(l.s(2) != 0.0, l.flag(0), l.flag(2), [&]<bool kM, bool kN, bool kI>() {
-      launch_chunks(l, preview_sgd_kernel<scalar_t, kM, kN, kI>, l.f32(0), static_cast<float>(l.s(0)), args,
+      launch_chunks(l, preview_sgd_kernel<scalar_t, kM, kN, kI>, l.ref(0), l.s(0), args,
                     l.dev_scalar(0), l.dev_scalar(1));
     });
   });
@@ -115,7 +108,7 @@ void preview_adam_runner(const Launch& l) {
   const AdamHyper hyper{l.s(1), l.s(2), l.s(3), l.s(4), l.s(5), l.flag(0), l.flag(2)};
   SAM_CUDA_DISPATCH(l.dtype, "sampa_preview_adam_", [&] {
     dispatch_adam_flags(l.flag(1), 1.0 - l.s(2) < 0.5, [&]<bool kA, bool kL>() {
-      launch_chunks(l, preview_adam_kernel<scalar_t, kA, kL>, l.f32(0), static_cast<float>(l.s(0)), hyper,
+      launch_chunks(l, preview_adam_kernel<scalar_t, kA, kL>, l.ref(0), l.s(0), hyper,
                     l.dev_scalar(0), l.dev_scalar(1));
     });
   });

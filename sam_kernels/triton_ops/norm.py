@@ -1,6 +1,7 @@
 """Norms, deterministic, and the guard of a step:
-    sumsq           each program writes the fp32 sum of squares of its block to a partials buffer:
-                    of g (MODE 0), of (|w| + offset) g (1, ASAM) or of (1 - lam) g + lam g2 (2, SAMPa)
+    sumsq           each program writes the sum of squares of its block to a partials buffer (fp32,
+                    or fp64 for the norms of fp64 tensors, in fp64 arithmetic): of g (MODE 0), of
+                    (|w| + offset) g (1, ASAM) or of (1 - lam) g + lam g2 (2, SAMPa)
     norm_finalize   one program adds the partials in a fixed order and writes sqrt(total) to a
                     device scalar (the perturbation reads it there: no host synchronization)
     guard_finalize  the same norm, then the guard of check_grads_ (found_inf, the gradient's
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import _constants
-from ._tables import bind, block_of, load_optional, tensor_ptr, tl_dtype
+from ._tables import bind, block_of, compute_dtype, load_optional, tensor_ptr, tl_dtype
 
 CLIP_EPS = tl.constexpr(_constants.CLIP_EPS)
 # the flags (csrc/guard_math.h)
@@ -24,22 +25,22 @@ FOUND_INF, GRAD_SCALE, GRAD_NORM, SKIPPED = (tl.constexpr(i) for i in range(4))
 @triton.jit(do_not_specialize=["part0"])
 def _sumsq_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start, partials, part0, scalar,
-    MODE: tl.constexpr, DTYPE: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
+    MODE: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
-    v = tl.load(tensor_ptr(ptrs, n_tensors, t, 0, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(tensor_ptr(ptrs, n_tensors, t, 0, DTYPE) + offs, mask=mask, other=0.0).to(CT)
     if MODE == 1:
-        w = tl.load(tensor_ptr(ptrs, n_tensors, t, 1, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(tensor_ptr(ptrs, n_tensors, t, 1, DTYPE) + offs, mask=mask, other=0.0).to(CT)
         v = v * (tl.abs(w) + scalar)
     if MODE == 2:
-        g2 = tl.load(tensor_ptr(ptrs, n_tensors, t, 1, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+        g2 = tl.load(tensor_ptr(ptrs, n_tensors, t, 1, DTYPE) + offs, mask=mask, other=0.0).to(CT)
         v = (1.0 - scalar) * v + scalar * g2
     tl.store(partials + part0 + tl.program_id(0), tl.sum(v * v, axis=0))
 
 
 @triton.jit
 def _total(partials, n, BLOCK: tl.constexpr):
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=partials.dtype.element_ty)  # fp64 partials: an fp64 norm
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         acc += tl.load(partials + offs, mask=offs < n, other=0.0)
@@ -88,7 +89,7 @@ def prepare_sumsq(tensors, second=None):
     def run(partials, mode, scalar, at=0):
         for dtype, launch, _ in bound:
             launch.run(_sumsq_kernel, partials, lambda first, at=at: at + first, float(scalar), MODE=int(mode),
-                       DTYPE=tl_dtype(dtype))
+                       DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype))
             at += launch.n_blocks
 
     run.n_partials = sum(launch.n_blocks for _, launch, _ in bound)
@@ -113,20 +114,26 @@ def guard_finalize(partials, flags, prior=None, scale=None, found_inf=None, max_
     )
 
 
-def partials_for(n, device):
+def norm_dtype(tensors) -> torch.dtype:
+    """The dtype of a norm's partial sums and result: fp64 when a tensor is (clip_grad_norm_ takes
+    the norm in the gradients' precision), fp32 otherwise."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def partials_for(n, device, dtype=torch.float32):
     """A partials buffer of n sums (one zero when there is nothing to sum)."""
-    return torch.empty(n, dtype=torch.float32, device=device) if n else torch.zeros(1, device=device)
+    return torch.empty(n, dtype=dtype, device=device) if n else torch.zeros(1, dtype=dtype, device=device)
 
 
 def _partials(tensors, second, mode, scalar):
     run = prepare_sumsq(tensors, second)
-    partials = partials_for(run.n_partials, tensors[0].device)
+    partials = partials_for(run.n_partials, tensors[0].device, norm_dtype(tensors))
     run(partials, mode, scalar)
     return partials
 
 
 def global_norm(tensors, weights, offset):
-    out = torch.empty((), dtype=torch.float32, device=tensors[0].device)  # written by the cleanup: no fill
+    out = torch.empty((), dtype=norm_dtype(tensors), device=tensors[0].device)  # written by the cleanup
     norm_finalize(_partials(tensors, weights or None, 1 if weights else 0, offset), out)
     return out
 
