@@ -576,9 +576,9 @@ def _reference_steps(model, opt, batches):
 
 @pytest.mark.parametrize("style", ["lbfgs", "composer", "no-zero-grad"])
 def test_step_closure_follows_torchs_closure_convention(style):
-    """step(closure) with no first gradient given (no .grad, or only what the last step(closure)
-    left) evaluates the closure at x_t for it, then as usual: the two-step loop's weights, two
-    closure calls per step, and the loss at x_t returned, as torch's optimizers return it."""
+    """step(closure) with no first gradient given (no .grad: each step(closure) leaves none)
+    evaluates the closure at x_t for it, then as usual: the two-step loop's weights, two closure
+    calls per step, and the loss at x_t returned, as torch's optimizers return it."""
     batches = data(steps=4)
     model, ref_model = mlp(), mlp()
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
@@ -603,8 +603,8 @@ def test_step_closure_follows_torchs_closure_convention(style):
 
 
 def test_step_closure_with_the_first_gradient_given_still_calls_it_once():
-    """davda54's form: loss.backward(), then step(closure); a gradient computed since the last step
-    (new tensors, or the same ones zeroed in place) is the first gradient."""
+    """davda54's form: loss.backward(), then step(closure): the gradient in .grad is the first
+    gradient, and the step leaves .grad empty."""
     batches = data(steps=4)
     model, ref_model = mlp(), mlp()
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
@@ -614,6 +614,7 @@ def test_step_closure_with_the_first_gradient_given_still_calls_it_once():
         opt.zero_grad(set_to_none=i % 2 == 0)
         loss_fn(model, x, y).backward()
         opt.step(lambda: calls.append(1) or _backward(loss_fn(model, x, y)))
+        assert all(p.grad is None for p in model.parameters())
     _reference_steps(ref_model, ref, batches)
     assert torch.equal(flat(model), flat(ref_model)) and len(calls) == len(batches)
 

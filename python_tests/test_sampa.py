@@ -626,7 +626,7 @@ def test_nonfinite_gradient_skips_the_step(bad, which):
         opt.step(poisoned)
         assert not all(torch.isfinite(g).all() for g in ours(opt.state_dict())["g_y"])  # kept, not used
     else:  # the kept batch is bad: plant it, the x~-pass gradient is not finite
-        opt._batch = poisoned
+        opt.keep_batch(poisoned)
         snap = snapshot(model, opt)
         opt.step(batches[2])
     assert opt.skipped_steps == 1

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import weakref
 from typing import Callable
 
 import torch
@@ -273,7 +272,6 @@ class SharpnessAwareOptimizer(Optimizer):
         self._version = 0  # bumped when the param groups or the state change under the plans
         self._params_cache = (-1, [])
         self._sharded = None  # the process group of sharded (DTensor) parameters, set by _param_list
-        self._left_grads = None  # what the last step(closure) left in .grad (_first_gradient_given)
         base.register_load_state_dict_post_hook(self._on_base_load)
 
     def _on_base_load(self, _base) -> None:
@@ -620,13 +618,13 @@ class SharpnessAwareOptimizer(Optimizer):
         - the first gradient is in .grad already (davda54/sam's form: loss.backward(), then
           step(closure)): perturb, closure() at the perturbed point, restore, update; returns that
           loss (the closure's only call);
-        - it is not (torch's closure convention, as LBFGS, Lightning's automatic optimization and
-          Composer call step(closure)): no parameter has a gradient, or only the unchanged
-          gradients the previous step(closure) left: closure() at x_t for the first gradient,
+        - no parameter has a gradient (torch's closure convention, as LBFGS, Lightning's automatic
+          optimization and Composer call step(closure)): closure() at x_t for the first gradient,
           then the step above; returns the loss at x_t (the first call), as torch's optimizers do.
 
-        When no SAM step is due (sam_step_due): a plain base step with the first gradient (the
-        first form does not call the closure and returns None)."""
+        Either way the step leaves .grad empty (None), so the next call sees no gradient until one
+        is computed. When no SAM step is due (sam_step_due): a plain base step with the first
+        gradient (the first form does not call the closure and returns None)."""
         if closure is None:
             if self.param_groups and all(not torch.is_tensor(g["lr"]) and g["lr"] == 0 for g in self.param_groups):
                 # torch.distributed.checkpoint makes the state to load into this way (_init_optim_state:
@@ -639,15 +637,13 @@ class SharpnessAwareOptimizer(Optimizer):
                 return None
             raise ValueError(f"{type(self).__name__}.step needs a closure that recomputes the loss and gradients "
                              "(or use first_step / second_step)")
-        given = self._first_gradient_given()
+        given = any(p.grad is not None for p in self._param_list())
         first_loss = None
         if not given:
-            self.zero_grad()  # what the last step left (a closure that does not zero them would add to it)
             with torch.enable_grad():
                 first_loss = closure()
         if not self.sam_step_due:
-            self.base_step(grad_scaler=grad_scaler)
-            self._note_left_gradients()
+            self.base_step(zero_grad=True, grad_scaler=grad_scaler)
             return first_loss
         self.first_step(zero_grad=True, grad_scaler=grad_scaler)
         try:
@@ -656,26 +652,8 @@ class SharpnessAwareOptimizer(Optimizer):
         except BaseException:
             self.restore()
             raise
-        self.second_step(grad_scaler=grad_scaler)
-        self._note_left_gradients()
+        self.second_step(zero_grad=True, grad_scaler=grad_scaler)
         return loss if given else first_loss
-
-    def _first_gradient_given(self) -> bool:
-        """Whether .grad holds a gradient computed since the last step(closure): some parameter has
-        one that is not a gradient that step left, unchanged (same tensor, same version counter:
-        host integers, no read of a tensor)."""
-        left = self._left_grads
-        for i, p in enumerate(self._param_list()):
-            g = p.grad
-            if g is not None and (left is None or i >= len(left) or left[i] is None or left[i][0]() is not g
-                                  or left[i][1] != g._version):
-                return True
-        return False
-
-    def _note_left_gradients(self) -> None:
-        """Remember the gradients step(closure) leaves in .grad (weakly: not kept alive)."""
-        self._left_grads = [None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
-                            for p in self._param_list()]
 
     def _mark_stepped(self) -> None:
         """What torch's lr schedulers check (`_opt_called`, set by the wrapper they put on step()),
@@ -729,7 +707,7 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _transient(self) -> tuple:
         """Attributes rebuilt after a copy: plans (tables of addresses), caches keyed by id()."""
-        return ("_plans", "_params_cache", "_flags", "_counters", "_scalars", "_sharded", "_left_grads")
+        return ("_plans", "_params_cache", "_flags", "_counters", "_scalars", "_sharded")
 
     def __getstate__(self) -> dict:
         """copy.deepcopy, pickle and torch.save: everything but what is rebuilt from it (the plans,
@@ -746,7 +724,7 @@ class SharpnessAwareOptimizer(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)  # torch's hooks, as after Optimizer.__init__
         self._plans, self._params_cache, self._flags, self._counters = Plans(), (-1, []), None, StepCounters()
-        self._scalars, self._sharded, self._left_grads = None, None, None
+        self._scalars, self._sharded = None, None
         self.base_optimizer.register_load_state_dict_post_hook(self._on_base_load)
 
     # --- state -------------------------------------------------------------------------------

@@ -202,30 +202,21 @@ def prepare_update(base, kind: str, group: dict, backend: str, device, params, g
 
 def prepare_preview(base, kind: str, group: dict, backend: str, device, params, grads, perturbed, previews, lr=None):
     """SAMPa: perturbed <- x + rho g / (norm + eps), previews <- the base step from x with g, the state
-    read and never written (Adam state that does not exist yet is created as torch.optim.Adam
-    would on its first step, zeros: a prepared launch holds addresses, so what it reads must
-    outlive it). lr: as for prepare_update. Returns run(norm, rho) (rho a number or a device scalar)."""
-    state = base.state
+    read and never written. State that does not exist yet is created as the update of the same
+    step creates it (zeros: a zero momentum buffer steps as torch's fresh one, m * 0 + d = d, and
+    Adam's zero moments at step 0 are torch's first step), since a prepared launch holds
+    addresses, so what it reads must outlive it. lr: as for prepare_update. Returns run(norm,
+    rho) (rho a number or a device scalar)."""
+    lists = state_lists(base, kind, group, params)
     if kind == "sgd":
-        fresh = group["momentum"] != 0 and any(state[p].get("momentum_buffer") is None for p in params)
-        if fresh and not all(state[p].get("momentum_buffer") is None for p in params):
-            raise RuntimeError("SAMPa: some momentum buffers exist and some do not")  # plans keep them together
-        lists = {"bufs": None if fresh or group["momentum"] == 0 else
-                 [state[p]["momentum_buffer"] for p in params]}
-        static = {"momentum": group["momentum"], "init_bufs": fresh}
-        op = "sampa_preview_sgd_"
+        static, op = {"momentum": group["momentum"], "init_bufs": False}, "sampa_preview_sgd_"
     else:
-        lists = state_lists(base, kind, group, params)
-        static = {"amsgrad": bool(group["amsgrad"])}
-        op = "sampa_preview_adam_"
+        static, op = {"amsgrad": bool(group["amsgrad"])}, "sampa_preview_adam_"
     launch = ops.bind(op, backend, device, {"params": params, "grads": grads, "perturbed": perturbed,
                                             "previews": previews, **lists}, static)
 
     def run(norm, rho):
-        kw = hyper(base, kind, group, lr)
-        if kind == "sgd":
-            kw["init_bufs"] = static["init_bufs"]
-        launch(norm=norm, rho=rho, **kw)
+        launch(norm=norm, rho=rho, **hyper(base, kind, group, lr))
     return run
 
 
