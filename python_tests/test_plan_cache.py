@@ -281,5 +281,5 @@ for _i, _case in enumerate(backend_cases("power_iteration_")):
         globals()[f"test_{_name}_{_backend}_{_device}"] = machine(
             _name, ("sgd", "adamw")[(_i + _j) % 2], _backend, _device, capturable=(_i + _j) % 3 == 0,
             clip=0.05 if (_i + _j // 2) % 2 else None,
-            examples=20 if _fast else 3, steps=12 if _fast else 6)
+            examples=12 if _fast else 2, steps=10 if _fast else 6)
 del _i, _case, _backend, _device, _j, _name, _fast

@@ -157,7 +157,9 @@ def measure(name: str, model_name: str, device, batch_size: int, fsdp: bool = Fa
     else:
         start = params + [p.grad for p in params if p.grad is not None] + list(model.buffers()) + _state_tensors(opt)
         start += [t for b in batches[1:] for t in b]
-        with LiveBytes(start) as tracker:
+        tracker = LiveBytes(start)
+        del start  # the tracker holds no reference: a gradient zero_grad() frees stops counting
+        with tracker:
             for b in batches[1:]:  # PSAM (period 2): one SAM step and one plain step
                 train_step(name, model, opt, b)
         peak = tracker.peak
