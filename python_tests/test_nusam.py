@@ -289,11 +289,12 @@ def exact_svd_nusam(model, base_cls, kw, data, rho):
     return torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
 
 
-# Triton with SGD only: 60 interpreted power iterations per step are slow; its agreement with the
-# other backends under Adam is test_backends_agree's
+# Not Triton through the interpreter (60 interpreted power iterations per step are slow): its
+# power iteration meets the exact top singular pair in test_power_iteration_finds_the_top_singular_pair
+# and its trajectories agree with the other backends' in test_backends_agree
 @pytest.mark.parametrize("backend,device,base", [
     pytest.param(*c.values, base, id=f"{base}-{c.id}") for c in BACKENDS for base in ("sgd", "adamw")
-    if base == "sgd" or c.values[0] != "triton"])
+    if c.values[0] != "triton" or c.values[1] == "cuda"])
 def test_trajectory_matches_exact_svd_reference_with_many_power_iterations(backend, device, base):
     base_cls, kw = ((torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)) if base == "sgd"
                     else (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)))
