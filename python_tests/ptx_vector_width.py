@@ -12,7 +12,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sam_kernels.triton_ops import adam, norm, perturb, power_iteration, rank1, restore, sampa_preview, sgd
+from sam_kernels.ops.triton import adam, norm, perturb, power_iteration, rank1, restore, sampa_preview, sgd
 
 KERNELS = {
     "perturb": perturb._perturb_kernel, "sumsq": norm._sumsq_kernel, "restore": restore._restore_kernel,

@@ -13,7 +13,8 @@ import torch
 from conftest import NUSAM_BACKENDS, TRAJECTORY, backend_cases, pairwise
 from test_no_sync import BASES, OPTIMIZERS, batches, loss_fn, mlp, two_step
 
-from sam_kernels import SAM, SAMPa, _base
+from sam_kernels import SAM, SAMPa
+from sam_kernels.optimizers import base as _base
 
 
 def _run(name, backend, device, base, capturable, steps=6, state=None, start=0):

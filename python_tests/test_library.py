@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import sam_kernels
-from sam_kernels import _ext, backends, ops
+from sam_kernels import backends, ops
+from sam_kernels.ops import extension as _ext
 
 
 def test_ops_are_registered_with_mutation_annotations():

@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_ops import ADAM_CONFIGS, SGD_CONFIGS, _settings, _sizes, clone_all, make
 
-from sam_kernels import ops, reference
+from sam_kernels import ops
+from sam_kernels.ops import reference
 
 # the size / dtype cases of SAMPa's ops: the mixed list in every dtype, one large and one empty
 # list in fp32 (the size logic is test_ops.py's, shared with these kernels)

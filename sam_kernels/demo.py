@@ -15,7 +15,7 @@ import time
 import torch
 
 from . import PSAM, SAM, GaussSAM, NuSAM, SAMPa
-from ._base import SharpnessAwareOptimizer
+from .optimizers.base import SharpnessAwareOptimizer
 
 
 def load_digits(seed: int = 0):

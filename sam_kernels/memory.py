@@ -26,7 +26,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import PSAM, SAM, NuSAM, SAMPa, distributed
+from . import PSAM, SAM, NuSAM, SAMPa
+from .integrations import distributed
 from .bench.models import MODELS, cross_entropy, synthetic_batches
 from .bench.output import progress, pyplot, save_figure, write_text
 from .bench.timing import device_name

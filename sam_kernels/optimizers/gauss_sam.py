@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed
-from ._lists import GradsOf
-from .distributed import local
-from .pipeline import NormStage
+from ..engine.pipeline import NormStage
+from ..integrations import distributed
+from ..integrations.distributed import local
+from ..ops.lists import GradsOf
 from .sam import SAM
 
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import distributed
-from .distributed import is_dtensor, local
+from ..integrations import distributed
+from ..integrations.distributed import is_dtensor, local
 
 
 def dtype_groups(tensors) -> list[tuple[torch.dtype, list[int]]]:
@@ -87,7 +87,7 @@ class GradsOf(Live):
     def addresses(self) -> torch.Tensor:
         if self._sharded:
             return torch.tensor(distributed.fingerprint(self.params)[1], dtype=torch.int64)
-        from . import _ext  # one C loop (a reshaped contiguous gradient has the gradient's address)
+        from . import extension as _ext  # one C loop (a reshaped contiguous gradient has the gradient's address)
 
         return _ext.grad_addresses(self.params)
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _constants
+from .. import constants as _constants
 from ._tables import bind, block_of, compute_dtype, load_optional, tensor_ptr, tl_dtype
 
 CLIP_EPS = tl.constexpr(_constants.CLIP_EPS)

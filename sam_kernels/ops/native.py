@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._lists import Live, dtype_groups, on_refresh, pick
+from .lists import Live, dtype_groups, on_refresh, pick
 
 
 def _ops():

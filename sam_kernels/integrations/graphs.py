@@ -38,9 +38,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ._base import SharpnessAwareOptimizer
+from ..engine.pipeline import scaler_record
+from ..optimizers.base import SharpnessAwareOptimizer
 from .batchnorm import disable_running_stats, enable_running_stats
-from .pipeline import scaler_record
 
 # What a step reads on the host at capture and bakes into the graph: changing it afterwards
 # needs a new graphed step (lr and rho are read on the device: capturable.py).

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed, ops
-from ._base import SharpnessAwareOptimizer, check_nonneg, split_rho
-from ._lists import GradsOf
-from .pipeline import NormStage
+from .. import ops
+from ..engine.pipeline import NormStage
+from ..integrations import distributed
+from ..ops.lists import GradsOf
+from .base import SharpnessAwareOptimizer, check_nonneg, split_rho
 
 
 class SamPlan:

@@ -28,13 +28,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
-from . import ops
-from ._base import SharpnessAwareOptimizer, UpdatePlan, _check_scaler, check_grad, split_rho
-from ._lists import Slot
-from .capturable import capturing
-from .distributed import is_dtensor
-from .fused_update import fused_kind, prepare_preview, prepare_state, prepare_update, preview_with_own_step
-from .pipeline import NormStage, scaler_inputs, scaler_record
+from .. import ops
+from ..engine.capturable import capturing
+from ..engine.fused_update import fused_kind, prepare_preview, prepare_state, prepare_update, preview_with_own_step
+from ..engine.pipeline import NormStage, scaler_inputs, scaler_record
+from ..integrations.distributed import is_dtensor
+from ..ops.lists import Slot
+from .base import SharpnessAwareOptimizer, UpdatePlan, _check_scaler, check_grad, split_rho
 
 PARALLEL = ("auto", "streams", "sequential", "distributed")
 

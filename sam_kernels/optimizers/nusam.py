@@ -23,12 +23,13 @@ from collections import defaultdict
 
 import torch
 
-from . import distributed, ops
-from ._base import SharpnessAwareOptimizer, check_nonneg, split_rho
-from ._lists import GradsOf
-from .distributed import Shard, all_reduce_sum_, is_dtensor, local
-from .fused_update import prepare_update
-from .pipeline import NormStage
+from .. import ops
+from ..engine.fused_update import prepare_update
+from ..engine.pipeline import NormStage
+from ..integrations import distributed
+from ..integrations.distributed import Shard, all_reduce_sum_, is_dtensor, local
+from ..ops.lists import GradsOf
+from .base import SharpnessAwareOptimizer, check_nonneg, split_rho
 
 CONV = ("skip", "reshape")
 

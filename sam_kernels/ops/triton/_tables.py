@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._lists import Live, any_live, dtype_groups, on_refresh, pick  # noqa: F401  (re-exported to the kernels)
+from ..lists import Live, any_live, dtype_groups, on_refresh, pick  # noqa: F401  (re-exported to the kernels)
 from ..backends import triton_interpret
 
 TL_DTYPE = {

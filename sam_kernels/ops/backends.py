@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from . import _ext
+from . import extension as _ext
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ._constants import CLIP_EPS, NORM_EPS as EPS
-from ._lists import Live
+from .constants import CLIP_EPS, NORM_EPS as EPS
+from .lists import Live
 
 _HALF = (torch.float16, torch.bfloat16)
 

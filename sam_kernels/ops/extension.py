@@ -17,7 +17,7 @@ _ERROR: str | None = None
 try:
     if os.environ.get("SAM_KERNELS_DISABLE_EXT", "0") == "1":
         raise ImportError("disabled by SAM_KERNELS_DISABLE_EXT=1")
-    from . import _C  # noqa: F401  (registers the ops)
+    from .. import _C  # noqa: F401  (registers the ops)
 
     _LOADED = True
 except ImportError as exc:  # tested in a subprocess with SAM_KERNELS_DISABLE_EXT=1

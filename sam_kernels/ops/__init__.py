@@ -45,9 +45,9 @@ import operator
 import torch
 
 from . import backends
-from .distributed import localize
+from ..integrations.distributed import localize
 
-_IMPL_MODULES = {"torch": ".reference", "cpu": ".native", "cuda": ".native", "triton": ".triton_ops"}
+_IMPL_MODULES = {"torch": ".reference", "cpu": ".native", "cuda": ".native", "triton": ".triton"}
 # Lists of scalars or small vectors: read-only, any alignment (never staged).
 _UNSTAGED = ("state_steps", "us", "vs")
 

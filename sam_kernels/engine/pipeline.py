@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 from torch.amp.grad_scaler import OptState
 
-from . import ops, reference
-from ._lists import collecting
-from .distributed import all_reduce_sum_, localize
+from .. import ops
+from ..integrations.distributed import all_reduce_sum_, localize
+from ..ops import reference
+from ..ops.lists import collecting
 
 FOUND_INF, GRAD_SCALE, GRAD_NORM, SKIPPED = range(4)  # csrc/guard_math.h
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._constants import NORM_EPS as EPS
+from ..constants import NORM_EPS as EPS
 from ._tables import bind, block_of, compute_dtype, host_or_device, scalar_arg, tensor_ptr, tl_dtype
 
 

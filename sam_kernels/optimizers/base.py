@@ -24,12 +24,13 @@ from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
-from . import _ext, backends, distributed
-from ._constants import NORM_EPS
-from ._lists import GradsOf
-from .capturable import DeviceScalars, capturing
-from .fused_update import STATE_KEYS, StepCounters, fused_kind, prepare_state, prepare_update, structure
-from .pipeline import SKIPPED, Flags, NormStage, Plans, scaler_inputs, scaler_record
+from ..engine.capturable import DeviceScalars, capturing
+from ..engine.fused_update import STATE_KEYS, StepCounters, fused_kind, prepare_state, prepare_update, structure
+from ..engine.pipeline import SKIPPED, Flags, NormStage, Plans, scaler_inputs, scaler_record
+from ..integrations import distributed
+from ..ops import backends, extension as _ext
+from ..ops.constants import NORM_EPS
+from ..ops.lists import GradsOf
 
 NONFINITE = ("skip", "raise")
 # What torch's lr schedulers put on an optimizer instance: a `step` wrapper holding a weak

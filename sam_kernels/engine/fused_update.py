@@ -18,8 +18,8 @@ from collections import OrderedDict, defaultdict
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import ops
-from .distributed import local
+from .. import ops
+from ..integrations.distributed import local
 
 
 def _plain_float(*values) -> bool:

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _constants
-from .._lists import Live, on_refresh
+from .. import constants as _constants
+from ..lists import Live, on_refresh
 from ._tables import _pointer_table, device_tensor, launch_kwargs, tl_dtype
 
 BR_T, BC_T = 32, 128  # G^T u: row tile, column block

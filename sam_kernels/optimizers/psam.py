@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import check_step
+from .base import check_step
 from .sam import SAM
 
 
