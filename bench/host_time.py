@@ -13,35 +13,42 @@ from sam_kernels import SAM, NuSAM
 from sam_kernels.bench.shapes import PARAM_SETS
 
 torch.set_num_threads(1)
-shapes = PARAM_SETS["host_152"]()
+SHAPES = PARAM_SETS["host_152"]()
 
 
 def params():
     g = torch.Generator().manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shapes]
-    for p in ps: p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in SHAPES]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
     return ps
 
 
-def sam_case(cls, base, **kw):
-    ps = params(); opt = cls(ps, base, backend="cpu", **kw)
+def two_pass(cls, base, **kw):
+    opt = cls(params(), base, backend="cpu", **kw)
+
     def step():
-        opt.first_step(); opt.second_step()
+        opt.first_step()
+        opt.second_step()
     return step
 
 
-cases = {
-  "sam_sgd": sam_case(SAM, torch.optim.SGD, lr=1e-9, momentum=0.9),
-  "sam_adamw": sam_case(SAM, torch.optim.AdamW, lr=1e-9),
-  "nusam_sgd": sam_case(NuSAM, torch.optim.SGD, lr=1e-9, momentum=0.9),
+CASES = {
+    "sam_sgd": two_pass(SAM, torch.optim.SGD, lr=1e-9, momentum=0.9),
+    "sam_adamw": two_pass(SAM, torch.optim.AdamW, lr=1e-9),
+    "nusam_sgd": two_pass(NuSAM, torch.optim.SGD, lr=1e-9, momentum=0.9),
 }
-res = {}
-for name, f in cases.items():
-    for _ in range(30): f()
-    best = float("inf")
-    for r in range(9):
-        t = time.perf_counter()
-        for _ in range(100): f()
-        best = min(best, (time.perf_counter() - t) / 100)
-    res[name] = best * 1e3
-print(" ".join(f"{k}={v:.3f}ms" for k, v in res.items()))
+
+if __name__ == "__main__":
+    results = {}
+    for name, step in CASES.items():
+        for _ in range(30):
+            step()
+        best = float("inf")
+        for _ in range(9):
+            t = time.perf_counter()
+            for _ in range(100):
+                step()
+            best = min(best, (time.perf_counter() - t) / 100)
+        results[name] = best * 1e3
+    print(" ".join(f"{k}={v:.3f}ms" for k, v in results.items()))

@@ -1,7 +1,7 @@
 // The list ops of the schema (sam_kernels.cpp), one entry point each for CPU and CUDA tensors:
 // check the arguments, then run the kernel over the lists (table.h). The kernels are runners in
 // cpu/ and cuda/, named like the ops; this table is their argument order (the step plans of
-// sam_kernels/native.py pack the same):
+// sam_kernels/ops/native.py pack the same):
 //
 // kernel              lists (absent optional lists dropped)  values    scalars                              options                          args
 // sumsq               g [, w | g2]                           -        [offset | lam]                       [mode (0 plain, 1 |w|+offset, 2 mix), first partial]  [partials]

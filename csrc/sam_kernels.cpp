@@ -1,6 +1,6 @@
 // Operator schemas for torch.ops.sam_kernels.*, shared by the CPU and CUDA kernels.
 // Mutated lists carry alias annotations (a!) so functionalization and torch.compile
-// know what each op writes. Fake (meta) implementations live in sam_kernels/_ext.py.
+// know what each op writes. Fake (meta) implementations live in sam_kernels/ops/extension.py.
 // The list ops are in ops.cpp (one entry point per op for both devices), the kernels in cpu/
 // and cuda/, the launch helper they share in table.h.
 #include <Python.h>

@@ -5,7 +5,7 @@ on CPU, nccl on GPUs):
                                                     [--checkpoint DIR]
 
 Parameters, gradients and the optimizer state are sharded along dim 0; each rank's fused kernels
-step its own shards, and the gradient norm is one all-reduce of one scalar (sam_kernels/distributed.py),
+step its own shards, and the gradient norm is one all-reduce of one scalar (sam_kernels/integrations/distributed.py),
 so every rank perturbs along the global gradient. The script prints each rank's perturbation
 bytes (1/world of a full copy) and checks that the ranks agree on the full weights at the end.
 With --checkpoint, it saves model and optimizer with torch.distributed.checkpoint through torch's

@@ -1,4 +1,4 @@
-"""The BatchNorm helpers (sam_kernels/batchnorm.py): the second pass leaves every BatchNorm buffer
+"""The BatchNorm helpers (sam_kernels/integrations/batchnorm.py): the second pass leaves every BatchNorm buffer
 bit for bit whatever flows through it (an inf made the reference's momentum-0 update NaN for
 good), num_batches_tracked counts the first pass only, momentum is never changed, and between
 the helpers the model evaluates and saves as it should."""

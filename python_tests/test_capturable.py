@@ -1,4 +1,4 @@
-"""capturable=True (sam_kernels/capturable.py): lr and rho on the device, read by the kernels.
+"""capturable=True (sam_kernels/engine/scalars.py): lr and rho on the device, read by the kernels.
 
 On CPU: capturable steps (the C++ kernels, the Triton kernels through the interpreter, the torch
 reference) follow the same trajectory as eager ones, with an lr scheduler and a rho schedule that
@@ -14,7 +14,7 @@ from conftest import NUSAM_BACKENDS, TRAJECTORY, backend_cases, pairwise
 from test_no_sync import BASES, OPTIMIZERS, batches, loss_fn, mlp, two_step
 
 from sam_kernels import SAM, SAMPa
-from sam_kernels.optimizers import base as _base
+from sam_kernels.engine import engine as _engine
 
 
 def _run(name, backend, device, base, capturable, steps=6, state=None, start=0):
@@ -22,7 +22,7 @@ def _run(name, backend, device, base, capturable, steps=6, state=None, start=0):
     model = mlp(device)
     opt = OPTIMIZERS[name](list(model.parameters()), base_cls, {**kw, "capturable": capturable}, backend)
     if name in ("sam", "psam", "gausssam"):
-        opt._rho_fn = lambda t: 0.05 / (1 + t)  # a rho schedule: a new value every step
+        opt.engine.rho_fn = lambda t: 0.05 / (1 + t)  # a rho schedule: a new value every step
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     if state is not None:
         model.load_state_dict(state[0])
@@ -48,11 +48,11 @@ def test_capturable_steps_follow_the_eager_trajectory(name, backend, device, bas
     rho into the device scalars without reading anything back."""
     eager, opt_e, _ = _run(name, backend, device, base, capturable=False)
     cap, opt_c, _ = _run(name, backend, device, base, capturable=True)
-    assert opt_c._scalars is not None and opt_e._scalars is None
+    assert opt_c.engine.scalars is not None and opt_e.engine.scalars is None
     assert opt_c.skipped_steps == opt_e.skipped_steps == 2
     for p, q in zip(cap.parameters(), eager.parameters()):
         torch.testing.assert_close(p, q, **TRAJECTORY)
-    lr, rho = opt_c._scalars.t[0].tolist()  # those of the last step (the scheduler has halved lr since)
+    lr, rho = opt_c.engine.scalars.t[0].tolist()  # those of the last step (the scheduler has halved lr since)
     assert lr == pytest.approx(2 * opt_c.param_groups[0]["lr"]) and rho == pytest.approx(opt_c.param_groups[0]["rho"])
 
 
@@ -107,7 +107,7 @@ def _warm(capturable, **kw):
 @pytest.fixture
 def fake_capture(monkeypatch):
     def set_capturing(on: bool):
-        monkeypatch.setattr(_base, "capturing", lambda: on)
+        monkeypatch.setattr(_engine, "capturing", lambda: on)
     return set_capturing
 
 
@@ -126,7 +126,7 @@ def test_capture_needs_the_plans_of_a_warm_up(fake_capture):
     fake_capture(True)
     with pytest.raises(RuntimeError, match="step plan changed during CUDA graph capture"):
         step()
-    assert opt._pending is None and opt._plans.builds == 0
+    assert opt._pending is None and opt.engine.plans.builds == 0
 
 
 def test_capture_rejects_raise_mode(fake_capture):
@@ -142,15 +142,15 @@ def test_a_captured_step_reads_lr_from_the_device_scalars(fake_capture):
     replayed with the capture's value); the graphed step writes them before each replay."""
     model, opt, step = _warm(capturable=True)
     step()
-    builds = opt._plans.builds
+    builds = opt.engine.plans.builds
     opt.param_groups[0]["lr"] = 0.5
     fake_capture(True)
     step()  # runs eagerly here (CPU), reading the device scalars as a replay would
-    assert opt._scalars.t[0, 0].item() == pytest.approx(0.05)
-    assert opt._plans.builds == builds  # nothing rebuilt
+    assert opt.engine.scalars.t[0, 0].item() == pytest.approx(0.05)
+    assert opt.engine.plans.builds == builds  # nothing rebuilt
     fake_capture(False)
     step()
-    assert opt._scalars.t[0, 0].item() == pytest.approx(0.5)
+    assert opt.engine.scalars.t[0, 0].item() == pytest.approx(0.5)
 
 
 def test_device_scalars_reject_a_non_finite_lr():
@@ -196,6 +196,6 @@ def test_a_copy_of_a_capturable_optimizer_steps_like_the_original():
         o.first_step(zero_grad=True)
         loss_fn(m, b).backward()
         o.second_step()
-    assert opt2._scalars is not opt._scalars
+    assert opt2.engine.scalars is not opt.engine.scalars
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)

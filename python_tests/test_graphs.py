@@ -1,4 +1,4 @@
-"""make_graphed_step (sam_kernels/graphs.py).
+"""make_graphed_step (sam_kernels/integrations/graphs.py).
 
 On CPU it runs the step eagerly: the same weights, state and counters as the loop the README
 gives, bit for bit, for every optimizer class (with an lr scheduler, a rho schedule, a NaN batch,
@@ -288,5 +288,5 @@ def test_graphed_sampa_on_two_streams_equals_the_sequential_reference(lam, base,
     step = make_graphed_step(mine, amp_loss, opt_m, data[0], warmup=2)
     for b in data:
         step(b)
-    assert step.graphed and opt_m._streams is not None  # the capture forked onto the two streams
+    assert step.graphed and opt_m._on_shadows.streams is not None  # the capture forked onto the two streams
     _same(mine, ref, opt_m, opt_r, exact=False, tol=NUSAM_TRAJECTORY if bf16 else TRAJECTORY)

@@ -297,7 +297,7 @@ def test_add_param_group_validates_sampa():
     for bad in ({"lam": 2.0}, {"lam": float("nan")}, {"rho": float("inf")}, {"lr": float("nan")}):
         with pytest.raises(ValueError, match=r"param_groups\[1\]"):
             opt.add_param_group({"params": list(model[2].parameters()), **bad})
-    assert len(opt.param_groups) == 1 and len(opt._params) == 2
+    assert len(opt.param_groups) == 1 and len(opt.params) == 2
 
 
 # --- 6. sparse gradients ---------------------------------------------------------------------

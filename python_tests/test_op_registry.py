@@ -1,6 +1,6 @@
 """Every public op of the torch.ops.sam_kernels library (csrc/sam_kernels.cpp) against torch's
 own checks: torch.library.opcheck (the schema's mutation annotations, the fake kernel of
-sam_kernels/_ext.py, autograd registration, AOT dispatch) and a torch.compile(fullgraph=True)
+sam_kernels/ops/extension.py, autograd registration, AOT dispatch) and a torch.compile(fullgraph=True)
 trace that must give what the eager op gives. The private _table / _launch are for eager step
 plans only (their table hides what a launch writes) and are not traceable by design."""
 from __future__ import annotations

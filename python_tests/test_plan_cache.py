@@ -1,5 +1,5 @@
 """A cache is a promise: a step plan built once may be reused only while everything it baked in
-is unchanged (sam_kernels/pipeline.py, Plans; the keys of _base._key). The test of that promise:
+is unchanged (sam_kernels/engine/plans.py; the keys of engine.StepEngine.key). The test of that promise:
 at random points of a random sequence of what users do between steps, a fresh optimizer built
 from the warm one's state_dict() on a copy of the model takes the next step, and the two steps
 are the same bit for bit (weights, base state, our extra state), for every class, every backend
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from conftest import backend_cases
 from hypothesis import HealthCheck, settings

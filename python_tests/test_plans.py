@@ -43,18 +43,18 @@ def test_plans_are_built_once_and_refreshed_when_gradients_move(backend, device,
     data = batches(8, device)
     for b in data[:2]:
         step(model, opt, b)
-    built = opt._plans.builds
+    built = opt.engine.plans.builds
     assert built == 2  # the first pass's plan and the second's
     keep = {}
     for b in data[2:5]:  # the same gradient tensors (zero_grad(set_to_none=False)): nothing to do
         step(model, opt, b, fresh_grads=True)
         keep = {id(p.grad) for p in model.parameters()}
-    refreshes = opt._plans.refreshes
+    refreshes = opt.engine.plans.refreshes
     for b in data[5:]:  # gradients set to None and reallocated: a refresh at most, never a rebuild
         grads = [torch.empty_like(p) for p in model.parameters()]  # hold memory: new addresses for sure
         step(model, opt, b)
         del grads
-    assert opt._plans.builds == built and opt._plans.refreshes > refreshes
+    assert opt.engine.plans.builds == built and opt.engine.plans.refreshes > refreshes
     assert keep
 
 
@@ -79,6 +79,6 @@ def test_changes_rebuild_the_plans_and_the_steps_stay_right(backend, device):
             if i == 7:
                 opt.load_state_dict(opt.state_dict())
             step(model, opt, b)
-        runs.append((flat(model), opt._plans.builds))
+        runs.append((flat(model), opt.engine.plans.builds))
     torch.testing.assert_close(runs[0][0], runs[1][0], **TRAJECTORY)
     assert runs[0][1] >= 2 + 4 * 2 - 1  # each change rebuilt (two plans each)

@@ -11,6 +11,7 @@ from conftest import TRAJECTORY, backend_cases
 from torch import nn
 
 from sam_kernels import SAMPa
+from sam_kernels.optimizers.sampa_passes import OnShadows
 
 EPS = 1e-12
 
@@ -151,8 +152,9 @@ def test_batchnorm_statistics_move_with_the_y_pass_only(backend, device):
     assert int(model[1].num_batches_tracked) == len(batches)  # one y-pass per step
 
 
-@pytest.mark.parametrize("base,kw", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=1e-2)),
-                                     (torch.optim.RMSprop, dict(lr=1e-3, momentum=0.5))], ids=["sgd-dampening", "rmsprop"])
+@pytest.mark.parametrize("base,kw", [
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=1e-2)),
+    (torch.optim.RMSprop, dict(lr=1e-3, momentum=0.5))], ids=["sgd-dampening", "rmsprop"])
 def test_generic_path_for_other_base_optimizers(base, kw):
     """Base optimizers we do not fuse (SGD with dampening among them): y previews their own step
     from x_t with g_y (on a copy of their state, which does not move), the update is their own
@@ -437,8 +439,7 @@ def test_memory_above_sgd(capturable):
                       "step_scratch": 0 if capturable else n, "base_state": n}
     assert all(p.grad is None for p in model.parameters())  # step 0's g_y (capturable: in .grad) is not kept
     def held():
-        return ([t for st in opt.base_optimizer.state.values() for t in st.values()] + list(opt._g_y) +
-                [t for s in opt._shadows or () for t in (*s, *(u.grad for u in s))])
+        return [t for st in opt.base_optimizer.state.values() for t in st.values()] + opt.held_tensors()
     above = _peak(model, opt.step, held, batches[2:4]) - sgd_peak
     largest = max(p.numel() * 4 for p in model.parameters())
     low, high = (3 * n, 3 * n + largest) if capturable else (2 * n, 2 * n)
@@ -453,8 +454,7 @@ def test_streams_bookkeeping_on_cpu(monkeypatch):
     model, ref = make_model(), make_model()
     opt = SAMPa(model, loss_fn, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.05, momentum=0.9)
     opt.parallel = "streams"
-    monkeypatch.setattr(SAMPa, "_on_streams", lambda self, xt, kept, y, batch, scale: (
-        self._grad_at(xt, kept, scale), self._grad_at(y, batch, scale)))
+    monkeypatch.setattr(OnShadows, "_on_streams", lambda self, device, grad_at, work: [grad_at(*w) for w in work])
     run_sampa(ref, batches, torch.optim.SGD, dict(lr=0.05, momentum=0.9), rho=0.1, lam=0.2, parallel="sequential")
     for b in batches:
         opt.step(b)
@@ -462,7 +462,8 @@ def test_streams_bookkeeping_on_cpu(monkeypatch):
     assert all(p.grad is None for p in model.parameters())
     n = sum(p.numel() * 4 for p in model.parameters())
     assert opt.memory_report() == {"g_y": n, "shadows": 2 * n, "pass_grads": n, "step_scratch": 0, "base_state": n}
-    assert ours(opt.state_dict())["g_y"][0].data_ptr() == opt._shadows[1][0].grad.data_ptr()
+    y_set = opt._on_shadows.sets[1]  # the fixed shadow set of the y-pass
+    assert ours(opt.state_dict())["g_y"][0].data_ptr() == y_set[0].grad.data_ptr()
 
 
 # --- GradScaler ------------------------------------------------------------------------------
@@ -684,7 +685,7 @@ def test_bad_model_loss_and_batch():
         opt.step(make_batches(1)[0])
     with pytest.raises(ValueError, match="needs the new minibatch"):
         opt.step()
-    with pytest.raises(RuntimeError, match="call step\\(batch\\)"):
+    with pytest.raises(AttributeError, match=r"SAMPa has no first_step\(\): .* call step\(batch\)"):
         opt.first_step()
 
 

@@ -15,7 +15,7 @@ import time
 import torch
 
 from . import PSAM, SAM, GaussSAM, NuSAM, SAMPa
-from .optimizers.base import SharpnessAwareOptimizer
+from .optimizers.two_pass import SharpnessAwareOptimizer
 
 
 def load_digits(seed: int = 0):

@@ -76,8 +76,7 @@ def _state_tensors(opt):
         out += [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
         out += [t for st in getattr(opt, "vectors", {}).values() for t in st.values()]  # nuSAM's u, v
         if isinstance(opt, SAMPa):
-            out += list(opt._g_y or [])
-            out += [t for s in opt._shadows or () for u in s for t in (u, u.grad) if t is not None]
+            out += opt.held_tensors()
     return out
 
 

@@ -172,7 +172,7 @@ void power_iteration_(
             values, {tau}, {iters}, {sigmas});
 }
 
-// rank1_scales_: nuSAM's per-matrix scales from the sigmas (see sam_kernels/ops.py), and prior =
+// rank1_scales_: nuSAM's per-matrix scales from the sigmas (see sam_kernels/ops/__init__.py), and prior =
 // sum of the sigmas (not finite iff one is not: the first gradient's check).
 void rank1_scales_(const at::Tensor& sigmas, const at::Tensor& rho, const at::Tensor& normalized, const at::Tensor& scales,
                    const at::Tensor& prior) {

@@ -196,10 +196,5 @@ def sampa_step_case(params, backend: str, base: str = "sgd"):
     opt = SAMPa(holder, lambda m, b: None, torch.optim.SGD if base == "sgd" else torch.optim.AdamW, rho=0.05,
                 backend=backend, **kw)
     grads = [p.grad for p in params]
-    opt._norm_of("g_y", grads, opt._g_y_norm_buf())
-    opt._finish_step(grads, grads, [])  # the base state exists, as in every step after the first
-
-    def step():
-        opt._preview_step(grads)
-        opt._finish_step(grads, grads, [])
-    return step
+    opt.optimizer_work(grads)  # the base state exists, as in every step after the first
+    return lambda: opt.optimizer_work(grads)

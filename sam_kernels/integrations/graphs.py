@@ -1,5 +1,5 @@
 """make_graphed_step: a whole sharpness-aware training step (zero_grad, both forward-backward
-passes with the BatchNorm policy of sam_kernels/batchnorm.py, the optimizer) captured once as a
+passes with the BatchNorm policy of sam_kernels/integrations/batchnorm.py, the optimizer) captured once as a
 CUDA graph and replayed, so that the host no longer sets the pace of small and mid-size models.
 
     step = sam_kernels.make_graphed_step(model, loss_fn, opt, example_batch)   # opt capturable
@@ -15,7 +15,7 @@ How a call runs (GraphedStep.__call__):
     zero_grad(set_to_none=False));
   - the next call captures the step into a graph (capture records and does not run it) and
     replays it; every later call copies the batch into the graph's static inputs, writes the
-    param groups' lr and rho into the optimizer's device scalars (sam_kernels/capturable.py: an
+    param groups' lr and rho into the optimizer's device scalars (sam_kernels/engine/scalars.py: an
     lr scheduler or a rho schedule takes effect on the next replay) and replays;
   - the host-side bookkeeping of a step (the step counter, the scheduler's `_opt_called`, the
     GradScaler's record of the step's found-inf flag and its update()) is done after each replay.
@@ -38,18 +38,19 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..engine.pipeline import scaler_record
-from ..optimizers.base import SharpnessAwareOptimizer
+from ..engine.flags import forget_scaler_record
+from ..optimizers.base import EngineOptimizer
+from ..optimizers.two_pass import SharpnessAwareOptimizer
 from .batchnorm import disable_running_stats, enable_running_stats
 
 # What a step reads on the host at capture and bakes into the graph: changing it afterwards
-# needs a new graphed step (lr and rho are read on the device: capturable.py).
+# needs a new graphed step (lr and rho are read on the device: engine/scalars.py).
 _FIXED_OPTIONS = ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "amsgrad", "maximize",
                   "adaptive", "adaptive_offset", "normalized", "lam")
 
 
 def make_graphed_step(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-                      optimizer: SharpnessAwareOptimizer, example_batch,
+                      optimizer: EngineOptimizer, example_batch,
                       grad_scaler: torch.amp.GradScaler | None = None, warmup: int = 3,
                       enabled: bool = True) -> "GraphedStep":
     """A training step `step(batch) -> loss` for `optimizer` (SAM, NuSAM, GaussSAM, PSAM, SAMPa),
@@ -80,7 +81,7 @@ class GraphedStep:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
-        if not isinstance(optimizer, SharpnessAwareOptimizer):
+        if not isinstance(optimizer, EngineOptimizer):
             raise TypeError(f"optimizer must be a sam_kernels optimizer, got {type(optimizer).__name__}")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
@@ -96,7 +97,7 @@ class GraphedStep:
         self._warm = {"sam": 0, "base": 0}
         self._static: dict[str, tuple] = {}  # kind -> (static input leaves, static loss)
         self._capture_state = None  # what the graphs were captured with (checked before each replay)
-        self._sampa = type(optimizer).__name__ == "SAMPa"
+        self._sampa = not isinstance(optimizer, SharpnessAwareOptimizer)
         self._passes_per_step = 0
         self.why_eager = self._why_eager(enabled)
         self.graphed = self.why_eager is None
@@ -132,7 +133,7 @@ class GraphedStep:
         """One step; what a graph of `kind` captures. The gradients are zeroed in place: they keep
         their addresses, which the step plans (and a graph) hold."""
         opt = self.optimizer
-        if type(opt).__name__ == "SAMPa":
+        if not isinstance(opt, SharpnessAwareOptimizer):  # SAMPa: its passes are its own
             return opt.step(batch, grad_scaler=self.scaler)
         opt.zero_grad(set_to_none=False)
         if kind == "base":
@@ -188,13 +189,13 @@ class GraphedStep:
         static_in, static_loss = self._static[kind]
         for dst, src in zip(static_in, leaves):
             dst.copy_(src, non_blocking=True)
-        opt = self.optimizer
-        opt._apply_rho_schedule()
-        opt._device_scalars(self._device()).load_()
+        engine = self.optimizer.engine
+        engine.apply_rho_schedule()
+        engine.load_device_scalars(self._device())
         self.graphs[kind].replay()
-        opt._t += 1
-        opt._mark_stepped()
+        engine.record_step()
         if self._sampa:
+            opt = self.optimizer
             opt.loss_calls += self._passes_per_step
         self._update_scaler()
         return static_loss.clone()  # the static output is overwritten by the next replay
@@ -209,7 +210,7 @@ class GraphedStep:
         """What scaler.step(optimizer) records, then update(): backs off after an inf / NaN (the step's
         device flag), without a host read."""
         if self.scaler is not None and self.scaler.is_enabled():
-            scaler_record(self.scaler._per_optimizer_states[id(self.optimizer)], self.optimizer._flags)
+            self.optimizer.engine.record_to_scaler(self.scaler)
             self.scaler.update()
 
     @staticmethod
@@ -239,16 +240,15 @@ class GraphedStep:
     def _snapshot(self) -> tuple:
         opt = self.optimizer
         groups = tuple(tuple((k, g[k]) for k in _FIXED_OPTIONS if k in g) for g in opt.param_groups)
-        params = tuple(id(p) for g in opt.param_groups for p in g["params"])
-        return opt._version, params, groups, opt._scalars
+        return opt.engine.capture_fingerprint(), groups
 
     def _check_unchanged(self) -> None:
-        version, params, groups, scalars = self._capture_state
+        setup, groups = self._capture_state
         now = self._snapshot()
-        if now[0] != version or now[1] != params or now[3] is not scalars:
+        if now[0] != setup:
             raise RuntimeError("the optimizer's parameters or param groups changed after the step was captured "
                                "(add_param_group, load_state_dict): build a new graphed step")
-        for i, (old, new) in enumerate(zip(groups, now[2])):
+        for i, (old, new) in enumerate(zip(groups, now[1])):
             if old != new:
                 changed = [k for (k, a), (_, b) in zip(old, new) if a != b]
                 raise RuntimeError(f"param_groups[{i}] {changed} changed after the step was captured (only lr and "
@@ -260,11 +260,11 @@ class GraphedStep:
         static_in = [torch.empty(shape, dtype=dtype, device=dev) for _, shape, dtype, dev in self._example]
         batch = pytree.tree_unflatten(static_in, self._spec)
         graph = torch.cuda.CUDAGraph()
-        if hasattr(graph, "register_generator_state") and getattr(opt, "_generator", None) is not None:
-            graph.register_generator_state(opt._generator(device))  # GaussSAM's own stream advances per replay
-        t, called, calls = opt._t, getattr(opt, "_opt_called", False), getattr(opt, "loss_calls", 0)
+        if hasattr(graph, "register_generator_state") and hasattr(opt, "generator_on"):
+            graph.register_generator_state(opt.generator_on(device))  # GaussSAM's own stream advances per replay
+        host, calls = opt.engine.host_state(), getattr(opt, "loss_calls", 0)
         kept = self._keep_previous_batch() if self._sampa else None
-        opt._device_scalars(device).load_()
+        opt.engine.load_device_scalars(device)
         torch.cuda.synchronize(device)
         try:
             with torch.cuda.graph(graph):
@@ -273,20 +273,19 @@ class GraphedStep:
                     for dst, src in zip(kept, static_in):
                         dst.copy_(src)
         except Exception as e:
-            opt.restore()
-            opt._plain_pending = False
+            if isinstance(opt, SharpnessAwareOptimizer):
+                opt.restore()
             raise RuntimeError(f"capturing the {kind} step failed; nothing was changed. A step that synchronizes "
                                "(.item(), printing a tensor, a data-dependent shape in loss_fn or the model) cannot "
                                f"be captured: {type(e).__name__}: {e}") from e
         finally:
-            opt._t, opt._opt_called = t, called  # capture recorded the step without taking it
+            opt.engine.reset_host_state(host)  # capture recorded the step without taking it
             if self._sampa:
                 self._passes_per_step = opt.loss_calls - calls
                 opt.loss_calls = calls
                 if kept is not None:
                     opt.keep_batch(pytree.tree_unflatten(kept, self._spec))
-        if self.scaler is not None and self.scaler.is_enabled():  # the capture's record of the step
-            self.scaler._per_optimizer_states[id(opt)] = self.scaler._per_optimizer_states.default_factory()
+        forget_scaler_record(self.scaler, opt)  # the capture's record of the step
         self.graphs[kind] = graph
         self._static[kind] = (static_in, loss)
         if self._capture_state is None:

@@ -34,7 +34,7 @@ SAMPa (the two points of a step from one read of x, and the update with the mixe
 
 prepare(op, backend, device, **lists) binds a primitive to its lists once (the launch tables of
 the kernel backends) and returns a function that launches it with scalars only: what the
-optimizers' step plans call on every step (sam_kernels/pipeline.py).
+optimizers' step plans call on every step (sam_kernels/engine/plans.py).
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def bind(op: str, backend: str, device: torch.device, lists: dict, static: dict 
 
 
 def _local_lists(lists: dict) -> dict:
-    """The local shards of DTensor lists (sam_kernels/distributed.py); live lists take theirs
+    """The local shards of DTensor lists (sam_kernels/integrations/distributed.py); live lists take theirs
     when read (_lists.GradsOf), other values pass as they are."""
     return {k: localize(v) if isinstance(v, list) else v for k, v in lists.items()}
 

@@ -92,17 +92,52 @@ class GradsOf(Live):
         return _ext.grad_addresses(self.params)
 
 
-class Slot(Live):
-    """holder[name][start:start + n], as it is when read (SAMPa's gradients, from autograd.grad)."""
+class Current(Live):
+    """A list of tensors a step sets and clears (SAMPa's gradient sets, its scratch parameter sets):
+    step plans bind it, or parts of it (part()), and read what it holds when they run; between
+    steps it holds nothing, so a plan never keeps a step's tensors alive."""
 
-    def __init__(self, holder: dict, name: str, start: int, n: int):
-        self.holder, self.name, self.start, self.n = holder, name, start, n
+    def __init__(self, name: str):
+        self.name = name
+        self.tensors: list | None = None
+
+    def set(self, tensors) -> "Current":
+        self.tensors = list(tensors)
+        return self
+
+    def clear(self) -> None:
+        self.tensors = None
+
+    @property
+    def held(self) -> bool:
+        return self.tensors is not None
+
+    def __len__(self) -> int:
+        return len(self.tensors) if self.tensors is not None else 0
+
+    def item(self, i: int) -> torch.Tensor:
+        if self.tensors is None:
+            raise RuntimeError(f"sam_kernels: the {self.name} of this step are not set")
+        return self.tensors[i]
+
+    def part(self, start: int, n: int) -> "Live":
+        """tensors[start:start + n], read when used (a param group's part)."""
+        return _Part(self, start, n)
+
+    def addresses_now(self) -> tuple:
+        """The data pointers it holds (a plan's key)."""
+        return tuple(map(torch.Tensor.data_ptr, self.tensors))
+
+
+class _Part(Live):
+    def __init__(self, whole: Current, start: int, n: int):
+        self.whole, self.start, self.n = whole, start, n
 
     def __len__(self) -> int:
         return self.n
 
     def item(self, i: int) -> torch.Tensor:
-        return self.holder[self.name][self.start + i]
+        return self.whole.item(self.start + i)
 
 
 # --- refreshers: what a plan's prepared launches register while the plan is built -------------

@@ -2,18 +2,18 @@
 first_step / second_step / base_step can be captured in a CUDA graph and replayed.
 
 What a step reads that can change between steps is on the device already on every path (the
-found-inf flag, skipped_steps and the gradient multiplier: pipeline.Flags; Adam's step counters:
-fused_update.StepCounters; the GradScaler's scale and found-inf). What is a host number in an eager
+found-inf flag, skipped_steps and the gradient multiplier: engine/flags.py; Adam's step counters:
+engine/counters.py; the GradScaler's scale and found-inf). What is a host number in an eager
 step is made a device scalar here: each param group's lr and rho (DeviceScalars), which the
-kernels read when they run (csrc/table.cpp `device_scalars`, triton_ops/_tables.host_or_device).
+kernels read when they run (csrc/table.cpp `launch_op`, ops/triton/_tables.host_or_device).
 An eager capturable step writes the groups' current values into them first (one non-blocking
 copy); a captured step does not (its copy would replay the values of the capture): the graphed
-step (sam_kernels/graphs.py) writes them before each replay, so an lr scheduler or a rho
-schedule takes effect on the next replay, as in eager mode.
+step (sam_kernels/integrations/graphs.py) writes them before each replay, so an lr scheduler or a
+rho schedule takes effect on the next replay, as in eager mode.
 
 Everything else a step reads is fixed at capture (momentum, betas, eps, weight decay, lam, the
-parameters, gradients and state): capture_check() raises when a plan would have to be rebuilt
-under capture, and graphs.py when an option changed after it.
+parameters, gradients and state): the engine raises when a plan would have to be rebuilt under
+capture (StepEngine.plan), and graphs.py when an option changed after it.
 """
 from __future__ import annotations
 
