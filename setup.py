@@ -13,6 +13,17 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _write_declarations():
+    """csrc/generated/primitives.h from sam_kernels/ops/primitives.py (pure Python: no torch needed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_sam_kernels_codegen",
+                                                  os.path.join(ROOT, "sam_kernels", "ops", "codegen.py"))
+    codegen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(codegen)
+    codegen.write(ROOT)
+
+
 def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
@@ -28,6 +39,7 @@ def _extensions():
         print("sam_kernels: torch is not importable at build time; building without the native extension "
               "(use `pip install --no-build-isolation .` to build it)")
         return [], {}
+    _write_declarations()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]

@@ -1,28 +1,20 @@
-// The list ops of the schema (sam_kernels.cpp), one entry point each for CPU and CUDA tensors:
-// check the arguments, then run the kernel over the lists (table.h). The kernels are runners in
-// cpu/ and cuda/, named like the ops; this table is their argument order (the step plans of
-// sam_kernels/ops/native.py pack the same):
-//
-// kernel              lists (absent optional lists dropped)  values    scalars                              options                          args
-// sumsq               g [, w | g2]                           -        [offset | lam]                       [mode (0 plain, 1 |w|+offset, 2 mix), first partial]  [partials]
-// norm_finalize       -                                      -        []                                   []                               [partials, out]
-// guard_finalize      -                                      -        [max_norm]                           []                               [partials, flags, prior, scale, found_inf, steps, steps_mask]
-// perturb_            x, g, old                              -        [rho, offset]                        [adaptive]                       [norm]
-// restore_            x, old                                 -        []                                   []                               [found_inf]
-// restore_sgd_        x, old, g [, buf]                      -        [lr, momentum, dampening, wd]        [nesterov, maximize, init_bufs]  [grad_scale, found_inf]
-// sampa_update_sgd_   x, g, g2 [, buf]                       -        [lr, momentum, dampening, wd, lam]   [nesterov, maximize, init_bufs]  [grad_scale, found_inf]
-// rank1_restore_sgd_  x, g, u, v [, buf]                     [ncols, i] [lr, momentum, dampening, wd]        [nesterov, maximize, init_bufs]  [grad_scale, found_inf, scales]
-// restore_adam_       x, old, g, m, v, steps [, vmax]        -        [lr, beta1, beta2, eps, wd]          [decoupled, amsgrad, maximize]   [grad_scale, found_inf]
-// sampa_update_adam_  x, g, g2, m, v, steps [, vmax]         -        [lr, beta1, beta2, eps, wd, lam]     [decoupled, amsgrad, maximize]   [grad_scale, found_inf]
-// rank1_restore_adam_ x, g, m, v, steps, u, v [, vmax]       [ncols, i] [lr, beta1, beta2, eps, wd]          [decoupled, amsgrad, maximize]   [grad_scale, found_inf, scales]
-// sampa_preview_sgd_  x, g, xt, y [, buf]                    -        [rho, lr, momentum, dampening, wd]   [nesterov, maximize, init_bufs]  [norm]
-// sampa_preview_adam_ x, g, xt, y, m, v, steps [, vmax]      -        [rho, lr, beta1, beta2, eps, wd]     [decoupled, amsgrad, maximize]   [norm]
-// rank1_update_       M, u, v                                [ncols, i] []                                 []                               [scales]
-// (nuSAM's value columns: the matrix's column count and its index in the op's lists, which picks
-// its entry of `scales`.)
+// The list ops, one entry point each for CPU and CUDA tensors. Every generic primitive (its
+// declaration: sam_kernels/ops/primitives.py, compiled into csrc/generated/primitives.h) goes
+// through one boxed function, list_op: it walks the declaration to take the arguments off the
+// dispatcher's stack, checks them against the declared kinds and presence rules, and runs the
+// primitive's kernel (a runner in cpu/ or cuda/ named like it, reading its arguments by the
+// generated enums) over the lists, one launch per dtype group (table.h). The composite ops
+// (global_norm, check_grads_: sums of squares, then a finalize kernel) keep entries of their own
+// here; power_iteration_ and rank1_scales_ are in cpu/power_iteration.cpp.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
+#include <cstring>
+#include <string>
+
 #include "common.h"
+#include "generated/primitives.h"
 #include "table.h"
 
 namespace sam_kernels {
@@ -31,41 +23,95 @@ namespace {
 using at::Tensor;
 using at::TensorList;
 using OptTensor = std::optional<Tensor>;
-constexpr auto kScalars = ListKind::kScalars;
-constexpr auto kVectors = ListKind::kVectors;
 
 c10::DeviceType type_of(TensorList params) {
   return params.empty() ? c10::DeviceType::CPU : params[0].device().type();
 }
 
-// An absent optional list (momentum off, amsgrad off) is passed empty.
-TensorList when(bool present, TensorList list) {
-  return present ? list : TensorList();
+// --- the generic list op ---------------------------------------------------------------------
+
+const decl::PrimitiveDecl& declaration(const c10::OperatorHandle& op) {
+  const std::string& full = op.schema().name();  // "sam_kernels::<name>"
+  const char* name = full.c_str() + full.find("::") + 2;
+  for (int i = 0; i < decl::kNumPrimitives; ++i) {
+    if (std::strcmp(decl::kPrimitives[i].name, name) == 0) return decl::kPrimitives[i];
+  }
+  TORCH_CHECK(false, "sam_kernels: no declaration of ", full);
 }
 
-// nuSAM's value columns: [column counts, indices].
-std::vector<std::vector<int64_t>> rank1_columns(TensorList mats) {
-  std::vector<std::vector<int64_t>> out(2);
-  for (size_t i = 0; i < mats.size(); ++i) {
-    out[0].push_back(mats[i].dim() == 2 ? mats[i].size(1) : 0);
-    out[1].push_back(static_cast<int64_t>(i));
+// The per-tensor value columns of a declaration, from the first list (nuSAM's matrices).
+std::vector<std::vector<int64_t>> value_columns(const decl::PrimitiveDecl& d, TensorList first) {
+  std::vector<std::vector<int64_t>> out(d.n_values);
+  for (int c = 0; c < d.n_values; ++c) {
+    for (size_t i = 0; i < first.size(); ++i) {
+      const auto& t = first[i];
+      switch (d.values[c]) {
+        case decl::ValueRule::kRows: out[c].push_back(t.dim() == 2 ? t.size(0) : 0); break;
+        case decl::ValueRule::kCols: out[c].push_back(t.dim() == 2 ? t.size(1) : 0); break;
+        default: out[c].push_back(static_cast<int64_t>(i)); break;
+      }
+    }
   }
   return out;
 }
 
-void check_scalars(const char* op, TensorList params, std::initializer_list<std::pair<const char*, const OptTensor*>> ts) {
+void list_op(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const decl::PrimitiveDecl& d = declaration(op);
+  auto in = torch::jit::last(*stack, d.n_params);
+  std::vector<std::vector<Tensor>> lists(d.n_lists);
+  std::vector<double> scalars(d.n_scalars);
+  std::vector<int64_t> options(d.n_options);
+  std::vector<OptTensor> tensors(d.n_tensors);
+  std::vector<double> numbers(d.n_params, 0.0);  // each scalar's and option's value: the presence rules read them
+  for (int i = 0; i < d.n_params; ++i) {
+    const auto& p = d.params[i];
+    const c10::IValue& v = in[i];
+    switch (p.cat) {
+      case decl::Cat::kList: lists[p.index] = v.toTensorVector(); break;
+      case decl::Cat::kTensor: tensors[p.index] = v.toOptional<Tensor>(); break;
+      case decl::Cat::kScalar: numbers[i] = scalars[p.index] = v.toDouble(); break;
+      case decl::Cat::kOption:
+        options[p.index] = v.isBool() ? static_cast<int64_t>(v.toBool()) : v.toInt();
+        numbers[i] = static_cast<double>(options[p.index]);
+        break;
+    }
+  }
+  torch::jit::drop(*stack, d.n_params);
+  const TensorList params = lists[0];
   if (params.empty()) return;
-  for (const auto& [name, t] : ts) check_device_scalar(op, name, *t, params[0].device());
+  const auto type = type_of(params);
+  const auto device = params[0].device();
+  std::vector<NamedList> named;
+  for (int i = 0; i < d.n_params; ++i) {
+    const auto& p = d.params[i];
+    if (p.cat == decl::Cat::kList) {
+      bool present = true;
+      for (int c = 0; c < p.n_conditions; ++c) {
+        present = present && ((numbers[p.conditions[c].param] != 0.0) != p.conditions[c].negate);
+      }
+      named.push_back({p.name, present ? TensorList(lists[p.index]) : TensorList(), p.kind});
+    } else if (p.cat == decl::Cat::kTensor && tensors[p.index].has_value()) {
+      if (p.tensor_kind == decl::TensorKind::kScalar) check_device_scalar(d.name, p.name, tensors[p.index], device);
+      if (p.tensor_kind == decl::TensorKind::kNorm) {
+        check_device_scalar(d.name, p.name, tensors[p.index], device, 1, /*allow_f64=*/true);
+      }
+    }
+  }
+  if (d.checks & decl::kCheckRank1) {
+    check_rank1_args(d.name, type, params, lists[1], lists[2], *tensors[0]);
+  }
+  run_lists(d.name, d.name, type, named, value_columns(d, params), scalars, options,
+            std::vector<std::optional<Tensor>>(tensors.begin(), tensors.end()));
 }
 
 // --- norms ---------------------------------------------------------------------------------
 
 // Sums of squares of every dtype group into one partials buffer, each launch at its own offset.
 Tensor sum_squares(const char* op, TensorList tensors, TensorList second, int64_t mode, double scalar) {
+  using K = decl::sumsq;
   const auto type = type_of(tensors);
-  std::vector<NamedList> lists{{"tensors", tensors}};
-  if (!second.empty()) lists.push_back({mode == 1 ? "weights" : "grads2", second});
-  const auto present = checked_lists(op, type, lists);
+  std::vector<NamedList> lists{{"tensors", tensors}, {mode == 1 ? "weights" : "grads2", second}};
+  const auto checked = checked_lists(op, type, lists);
   const auto device = tensors[0].device();
   const auto groups = dtype_groups(tensors);
   std::vector<Tensor> tables;
@@ -73,7 +119,7 @@ Tensor sum_squares(const char* op, TensorList tensors, TensorList second, int64_
   int64_t total = 0;
   for (const auto& [dtype, index] : groups) {
     int64_t n = 0;
-    tables.push_back(make_table(present, index, {}, device, &n));
+    tables.push_back(make_table(checked, index, {}, device, &n));
     chunks.push_back(n);
     total += n;
   }
@@ -86,12 +132,14 @@ Tensor sum_squares(const char* op, TensorList tensors, TensorList second, int64_
   int64_t at_partial = 0;
   for (size_t g = 0; g < groups.size(); ++g) {
     Launch l;
-    l.table = TableView{tables[g].data_ptr<int64_t>(), static_cast<int64_t>(present.size()),
+    l.table = TableView{tables[g].data_ptr<int64_t>(), static_cast<int64_t>(checked.size()),
                         static_cast<int64_t>(groups[g].second.size()), 0, chunks[g], chunk_size(type)};
     l.dtype = groups[g].first;
     l.device = device;
     l.scalars = {scalar};
-    l.options = {mode, at_partial};
+    l.options.assign(2, 0);
+    l.options[K::mode] = mode;
+    l.options[K::first] = at_partial;
     l.args = {partials};
     runner(l);
     at_partial += chunks[g];
@@ -105,7 +153,7 @@ Tensor global_norm(TensorList tensors, TensorList weights, double offset) {
   auto out = at::empty({}, partials.options());  // written by the finalize kernel
   Launch l;
   l.device = partials.device();
-  l.args = {partials, out};
+  l.args = {partials, out};  // decl::norm_finalize::T
   find_runner("norm_finalize", l.device.type())(l);
   return out;
 }
@@ -116,7 +164,8 @@ void check_grads_(TensorList grads, TensorList grads2, double lam, const Tensor&
   TORCH_CHECK(!grads.empty(), "check_grads_: grads is empty");
   const auto device = grads[0].device();
   check_device_scalar("check_grads_", "flags", flags, device, 4);
-  check_scalars("check_grads_", grads, {{"scale", &scale}, {"found_inf", &found_inf}});
+  check_device_scalar("check_grads_", "scale", scale, device);
+  check_device_scalar("check_grads_", "found_inf", found_inf, device);
   if (prior.has_value()) check_device_scalar("check_grads_", "prior", prior, device, prior->numel(), true);
   if (steps.has_value()) {
     check_device_scalar("check_grads_", "steps", steps, device, steps->numel());
@@ -126,158 +175,30 @@ void check_grads_(TensorList grads, TensorList grads2, double lam, const Tensor&
   Launch l;
   l.device = device;
   l.scalars = {max_norm};
-  l.args = {partials, flags, prior, scale, found_inf, steps, steps_mask};
+  l.args = {partials, flags, prior, scale, found_inf, steps, steps_mask};  // decl::guard_finalize::T
   find_runner("guard_finalize", device.type())(l);
 }
 
-// --- SAM ----------------------------------------------------------------------------------
-
-void perturb_(TensorList params, TensorList grads, TensorList olds, const Tensor& norm, double rho, bool adaptive,
-              double offset) {
-  if (params.empty()) return;
-  check_device_scalar("perturb_", "norm", norm, params[0].device(), 1, true);
-  run_lists("perturb_", "perturb_", type_of(params), {{"params", params}, {"grads", grads}, {"olds", olds}}, {},
-            {rho, offset}, {adaptive}, {norm});
-}
-
-void restore_(TensorList params, TensorList olds, const OptTensor& found_inf) {
-  check_scalars("restore_", params, {{"found_inf", &found_inf}});
-  run_lists("restore_", "restore_", type_of(params), {{"params", params}, {"olds", olds}}, {}, {}, {}, {found_inf});
-}
-
-void restore_sgd_(TensorList params, TensorList olds, TensorList grads, TensorList bufs, double lr, double momentum,
-                  double dampening, bool nesterov, double weight_decay, bool maximize, bool init_bufs,
-                  const OptTensor& grad_scale, const OptTensor& found_inf) {
-  check_scalars("restore_sgd_", params, {{"grad_scale", &grad_scale}, {"found_inf", &found_inf}});
-  run_lists("restore_sgd_", "restore_sgd_", type_of(params),
-            {{"params", params}, {"olds", olds}, {"grads", grads}, {"bufs", when(momentum != 0, bufs)}}, {},
-            {lr, momentum, dampening, weight_decay}, {nesterov, maximize, init_bufs}, {grad_scale, found_inf});
-}
-
-void restore_adam_(TensorList params, TensorList olds, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                   TensorList max_exp_avg_sqs, TensorList state_steps, double lr, double beta1, double beta2,
-                   double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
-                   const OptTensor& grad_scale, const OptTensor& found_inf) {
-  check_scalars("restore_adam_", params, {{"grad_scale", &grad_scale}, {"found_inf", &found_inf}});
-  run_lists("restore_adam_", "restore_adam_", type_of(params),
-            {{"params", params}, {"olds", olds}, {"grads", grads}, {"exp_avgs", exp_avgs},
-             {"exp_avg_sqs", exp_avg_sqs}, {"state_steps", state_steps, kScalars},
-             {"max_exp_avg_sqs", when(amsgrad, max_exp_avg_sqs)}},
-            {}, {lr, beta1, beta2, eps, weight_decay}, {decoupled, amsgrad, maximize}, {grad_scale, found_inf});
-}
-
-// --- SAMPa --------------------------------------------------------------------------------
-
-void sampa_preview_sgd_(TensorList params, TensorList grads, TensorList perturbed, TensorList previews,
-                        TensorList bufs, const Tensor& norm, double rho, double lr, double momentum, double dampening,
-                        bool nesterov, double weight_decay, bool maximize, bool init_bufs) {
-  if (params.empty()) return;
-  check_device_scalar("sampa_preview_sgd_", "norm", norm, params[0].device(), 1, true);
-  run_lists("sampa_preview_sgd_", "sampa_preview_sgd_", type_of(params),
-            {{"params", params}, {"grads", grads}, {"perturbed", perturbed}, {"previews", previews},
-             {"bufs", when(momentum != 0 && !init_bufs, bufs)}},
-            {}, {rho, lr, momentum, dampening, weight_decay}, {nesterov, maximize, init_bufs}, {norm});
-}
-
-void sampa_preview_adam_(TensorList params, TensorList grads, TensorList perturbed, TensorList previews,
-                         TensorList exp_avgs, TensorList exp_avg_sqs, TensorList max_exp_avg_sqs,
-                         TensorList state_steps, const Tensor& norm, double rho, double lr, double beta1,
-                         double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize) {
-  if (params.empty()) return;
-  check_device_scalar("sampa_preview_adam_", "norm", norm, params[0].device(), 1, true);
-  run_lists("sampa_preview_adam_", "sampa_preview_adam_", type_of(params),
-            {{"params", params}, {"grads", grads}, {"perturbed", perturbed}, {"previews", previews},
-             {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"state_steps", state_steps, kScalars},
-             {"max_exp_avg_sqs", when(amsgrad, max_exp_avg_sqs)}},
-            {}, {rho, lr, beta1, beta2, eps, weight_decay}, {decoupled, amsgrad, maximize}, {norm});
-}
-
-void sampa_update_sgd_(TensorList params, TensorList grads, TensorList grads2, TensorList bufs, double lam, double lr,
-                       double momentum, double dampening, bool nesterov, double weight_decay, bool maximize,
-                       bool init_bufs, const OptTensor& grad_scale, const OptTensor& found_inf) {
-  check_scalars("sampa_update_sgd_", params, {{"grad_scale", &grad_scale}, {"found_inf", &found_inf}});
-  run_lists("sampa_update_sgd_", "sampa_update_sgd_", type_of(params),
-            {{"params", params}, {"grads", grads}, {"grads2", grads2}, {"bufs", when(momentum != 0, bufs)}}, {},
-            {lr, momentum, dampening, weight_decay, lam}, {nesterov, maximize, init_bufs}, {grad_scale, found_inf});
-}
-
-void sampa_update_adam_(TensorList params, TensorList grads, TensorList grads2, TensorList exp_avgs,
-                        TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList state_steps, double lam,
-                        double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
-                        bool amsgrad, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
-  check_scalars("sampa_update_adam_", params, {{"grad_scale", &grad_scale}, {"found_inf", &found_inf}});
-  run_lists("sampa_update_adam_", "sampa_update_adam_", type_of(params),
-            {{"params", params}, {"grads", grads}, {"grads2", grads2}, {"exp_avgs", exp_avgs},
-             {"exp_avg_sqs", exp_avg_sqs}, {"state_steps", state_steps, kScalars},
-             {"max_exp_avg_sqs", when(amsgrad, max_exp_avg_sqs)}},
-            {}, {lr, beta1, beta2, eps, weight_decay, lam}, {decoupled, amsgrad, maximize}, {grad_scale, found_inf});
-}
-
-// --- nuSAM --------------------------------------------------------------------------------
-
-void rank1_update_(TensorList mats, TensorList us, TensorList vs, const Tensor& scales) {
-  if (mats.empty()) return;
-  check_rank1_args("rank1_update_", type_of(mats), mats, us, vs, scales);
-  run_lists("rank1_update_", "rank1_update_", type_of(mats),
-            {{"mats", mats}, {"us", us, kVectors}, {"vs", vs, kVectors}}, rank1_columns(mats), {}, {}, {scales});
-}
-
-void rank1_restore_sgd_(TensorList params, TensorList us, TensorList vs, const Tensor& scales, TensorList grads,
-                        TensorList bufs, double lr, double momentum, double dampening, bool nesterov,
-                        double weight_decay, bool maximize, bool init_bufs, const OptTensor& grad_scale,
-                        const OptTensor& found_inf) {
-  if (params.empty()) return;
-  check_rank1_args("rank1_restore_sgd_", type_of(params), params, us, vs, scales);
-  check_scalars("rank1_restore_sgd_", params, {{"grad_scale", &grad_scale}, {"found_inf", &found_inf}});
-  run_lists("rank1_restore_sgd_", "rank1_restore_sgd_", type_of(params),
-            {{"params", params}, {"grads", grads}, {"us", us, kVectors}, {"vs", vs, kVectors},
-             {"bufs", when(momentum != 0, bufs)}},
-            rank1_columns(params), {lr, momentum, dampening, weight_decay}, {nesterov, maximize, init_bufs},
-            {grad_scale, found_inf, scales});
-}
-
-void rank1_restore_adam_(TensorList params, TensorList us, TensorList vs, const Tensor& scales, TensorList grads,
-                         TensorList exp_avgs, TensorList exp_avg_sqs, TensorList max_exp_avg_sqs,
-                         TensorList state_steps, double lr, double beta1, double beta2, double eps,
-                         double weight_decay, bool decoupled, bool amsgrad, bool maximize,
-                         const OptTensor& grad_scale, const OptTensor& found_inf) {
-  if (params.empty()) return;
-  check_rank1_args("rank1_restore_adam_", type_of(params), params, us, vs, scales);
-  check_scalars("rank1_restore_adam_", params, {{"grad_scale", &grad_scale}, {"found_inf", &found_inf}});
-  run_lists("rank1_restore_adam_", "rank1_restore_adam_", type_of(params),
-            {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
-             {"state_steps", state_steps, kScalars}, {"us", us, kVectors}, {"vs", vs, kVectors},
-             {"max_exp_avg_sqs", when(amsgrad, max_exp_avg_sqs)}},
-            rank1_columns(params), {lr, beta1, beta2, eps, weight_decay}, {decoupled, amsgrad, maximize},
-            {grad_scale, found_inf, scales});
+void register_list_ops(torch::Library& m, bool cuda) {
+  for (int i = 0; i < decl::kNumPrimitives; ++i) {
+    const auto& d = decl::kPrimitives[i];
+    if (d.generic && !d.internal && (!cuda || d.cuda)) {
+      m.impl(d.name, torch::CppFunction::makeFromBoxedFunction<&list_op>());
+    }
+  }
+  m.impl("global_norm", &global_norm);
+  m.impl("check_grads_", &check_grads_);
 }
 
 }  // namespace
 }  // namespace sam_kernels
 
-#define SAM_IMPL_SAM_OPS(m)                                               \
-  m.impl("global_norm", &sam_kernels::global_norm);                       \
-  m.impl("check_grads_", &sam_kernels::check_grads_);                     \
-  m.impl("perturb_", &sam_kernels::perturb_);                             \
-  m.impl("restore_", &sam_kernels::restore_);                             \
-  m.impl("restore_sgd_", &sam_kernels::restore_sgd_);                     \
-  m.impl("restore_adam_", &sam_kernels::restore_adam_);                   \
-  m.impl("sampa_preview_sgd_", &sam_kernels::sampa_preview_sgd_);         \
-  m.impl("sampa_preview_adam_", &sam_kernels::sampa_preview_adam_);       \
-  m.impl("sampa_update_sgd_", &sam_kernels::sampa_update_sgd_);           \
-  m.impl("sampa_update_adam_", &sam_kernels::sampa_update_adam_)
-
 TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
-  SAM_IMPL_SAM_OPS(m);
-  // nuSAM's element kernels run on the CPU here and in Triton on the GPU (power_iteration.cpp
-  // registers its own CPU implementation)
-  m.impl("rank1_update_", &sam_kernels::rank1_update_);
-  m.impl("rank1_restore_sgd_", &sam_kernels::rank1_restore_sgd_);
-  m.impl("rank1_restore_adam_", &sam_kernels::rank1_restore_adam_);
+  sam_kernels::register_list_ops(m, /*cuda=*/false);
 }
 
 #ifdef SAM_KERNELS_WITH_CUDA
 TORCH_LIBRARY_IMPL(sam_kernels, CUDA, m) {
-  SAM_IMPL_SAM_OPS(m);
+  sam_kernels::register_list_ops(m, /*cuda=*/true);
 }
 #endif

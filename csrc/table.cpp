@@ -9,6 +9,8 @@
 #include "table.h"
 
 #include <c10/core/DeviceGuard.h>
+
+#include "generated/primitives.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -48,8 +50,8 @@ at::Tensor make_table(
   const int64_t chunk = chunk_size(device.type());
   std::vector<int64_t> host;
   host.reserve((lists.size() + 1 + values.size()) * n + 2 * n);
-  for (const auto& list : lists) {
-    for (int64_t i : index) host.push_back(reinterpret_cast<int64_t>(list[i].data_ptr()));
+  for (const auto& list : lists) {  // an absent optional list keeps its slot: null pointers
+    for (int64_t i : index) host.push_back(list.empty() ? 0 : reinterpret_cast<int64_t>(list[i].data_ptr()));
   }
   const auto& first = lists.front();
   for (int64_t i : index) host.push_back(first[i].numel());
@@ -129,16 +131,19 @@ void check_named(const char* op, const NamedList& nl, at::TensorList params, con
 
 std::vector<at::TensorList> checked_lists(const char* op, c10::DeviceType type, const std::vector<NamedList>& lists) {
   const at::TensorList params = lists.front().list;
-  std::vector<at::TensorList> present;
-  if (params.empty()) return present;
+  std::vector<at::TensorList> out;
+  if (params.empty()) return out;
   const auto device = params[0].device();
   TORCH_CHECK(device.type() == type, op, ": expected ", c10::DeviceTypeName(type), " tensors, got ", device);
   for (const auto& nl : lists) {
-    if (&nl != &lists.front() && nl.list.empty()) continue;  // an absent optional list
+    if (&nl != &lists.front() && nl.list.empty()) {  // an absent optional list: its slot stays (null)
+      out.push_back(at::TensorList());
+      continue;
+    }
     check_named(op, nl, params, device);
-    present.push_back(nl.list);
+    out.push_back(nl.list);
   }
-  return present;
+  return out;
 }
 
 std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> dtype_groups(at::TensorList params) {
@@ -162,7 +167,7 @@ void run_lists(
     std::vector<std::optional<at::Tensor>> args) {
   const at::TensorList params = lists.front().list;
   if (params.empty()) return;
-  const auto present = checked_lists(op, type, lists);
+  const auto checked = checked_lists(op, type, lists);
   for (const auto& column : values) {
     TORCH_CHECK(column.size() == params.size(), op, ": a value column has ", column.size(), " entries");
   }
@@ -172,8 +177,8 @@ void run_lists(
   for (const auto& [dtype, index] : dtype_groups(params)) {
     Launch l;
     int64_t n_chunks = 0;
-    const at::Tensor table = make_table(present, index, values, device, &n_chunks);  // alive until enqueued
-    l.table = TableView{table.data_ptr<int64_t>(), static_cast<int64_t>(present.size()),
+    const at::Tensor table = make_table(checked, index, values, device, &n_chunks);  // alive until enqueued
+    l.table = TableView{table.data_ptr<int64_t>(), static_cast<int64_t>(checked.size()),
                         static_cast<int64_t>(index.size()), static_cast<int64_t>(values.size()), n_chunks,
                         chunk_size(type)};
     l.dtype = dtype;
@@ -187,16 +192,30 @@ void run_lists(
 
 namespace {
 
-std::tuple<at::Tensor, std::vector<int64_t>> table_op(at::TensorList tensors, int64_t n_lists, at::IntArrayRef values) {
-  TORCH_CHECK(n_lists >= 1 && !tensors.empty() && tensors.size() % n_lists == 0,
+// tensors: n_lists lists of n each, an absent optional list as n Nones (its slot stays, null).
+std::tuple<at::Tensor, std::vector<int64_t>> table_op(const c10::List<std::optional<at::Tensor>>& tensors,
+                                                      int64_t n_lists, at::IntArrayRef values) {
+  TORCH_CHECK(n_lists >= 1 && tensors.size() > 0 && tensors.size() % n_lists == 0,
               "_table: ", tensors.size(), " tensors do not make ", n_lists, " lists");
   const int64_t n = static_cast<int64_t>(tensors.size()) / n_lists;
   TORCH_CHECK(static_cast<int64_t>(values.size()) % n == 0, "_table: values must hold whole columns of ", n);
-  const auto device = tensors[0].device();
+  std::vector<std::vector<at::Tensor>> storage(n_lists);
+  for (int64_t l = 0; l < n_lists; ++l) {
+    const bool absent = !tensors.get(l * n).has_value();
+    for (int64_t i = 0; i < n && !absent; ++i) {
+      const std::optional<at::Tensor> t = tensors.get(l * n + i);
+      TORCH_CHECK(t.has_value(), "_table: list ", l, " mixes tensors and Nones");
+      storage[l].push_back(*t);
+    }
+  }
+  TORCH_CHECK(!storage[0].empty(), "_table: the first list cannot be absent");
+  const auto device = storage[0][0].device();
   std::vector<at::TensorList> lists;
-  for (int64_t l = 0; l < n_lists; ++l) lists.push_back(tensors.slice(l * n, n));
-  for (const auto& t : tensors) {
-    TORCH_CHECK(t.device() == device, "_table: tensors on ", device, " and ", t.device());
+  for (const auto& s : storage) {
+    for (const auto& t : s) {
+      TORCH_CHECK(t.device() == device, "_table: tensors on ", device, " and ", t.device());
+    }
+    lists.emplace_back(s);
   }
   std::vector<std::vector<int64_t>> columns;
   for (size_t c = 0; c < values.size() / n; ++c) columns.emplace_back(values.begin() + c * n, values.begin() + (c + 1) * n);
@@ -204,15 +223,17 @@ std::tuple<at::Tensor, std::vector<int64_t>> table_op(at::TensorList tensors, in
   for (int64_t i = 0; i < n; ++i) index[i] = i;
   int64_t n_chunks = 0;
   auto table = make_table(lists, index, columns, device, &n_chunks);
-  return {table, {n_lists, n, static_cast<int64_t>(columns.size()), n_chunks, static_cast<int64_t>(tensors[0].scalar_type()),
-                  chunk_size(device.type())}};
+  return {table, {n_lists, n, static_cast<int64_t>(columns.size()), n_chunks,
+                  static_cast<int64_t>(storage[0][0].scalar_type()), chunk_size(device.type())}};
 }
 
-// The CUDA kernels that read device scalars, and which: a slot no kernel reads must not be ignored.
+// Whether `kernel` reads scalar `slot` on the device (its declaration's device_scalars): a device
+// scalar given for a slot no kernel reads must not be ignored.
 bool reads_device_scalar(const std::string& kernel, size_t slot) {
-  if (kernel == "sampa_preview_sgd_" || kernel == "sampa_preview_adam_") return slot <= 1;  // rho, lr
-  return slot == 0 && (kernel == "perturb_" || kernel == "restore_sgd_" || kernel == "sampa_update_sgd_" ||
-                       kernel == "restore_adam_" || kernel == "sampa_update_adam_");  // rho or lr
+  for (int i = 0; i < decl::kNumPrimitives; ++i) {
+    if (kernel == decl::kPrimitives[i].name) return (decl::kPrimitives[i].device_scalars >> slot) & 1;
+  }
+  return false;
 }
 
 void launch_op(const std::string& kernel, const std::optional<at::Tensor>& table, at::IntArrayRef meta,

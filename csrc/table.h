@@ -123,7 +123,7 @@ struct NamedList {
 };
 
 // Checks `lists` (the first is params; empty lists after it are absent optional lists) and
-// returns the present ones, in order.
+// returns them in order, an absent one as an empty list (its table slot holds null pointers).
 std::vector<at::TensorList> checked_lists(const char* op, c10::DeviceType type, const std::vector<NamedList>& lists);
 
 // Indices of params grouped by dtype, in first-seen order; empty tensors (no work) left out.

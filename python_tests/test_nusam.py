@@ -98,11 +98,11 @@ def test_prepared_power_iteration_starts_from_the_warm_vectors_and_keeps_them(ba
     cands = [poison(torch.empty_like(w)) for w in warm]
     vs = [poison(torch.empty(m.shape[1], device=device)) for m in mats]
     sig = poison(torch.empty(len(mats), device=device))
-    run = ops.prepare("power_iteration_", backend, torch.device(device), mats=mats, us=cands, vs=vs, warm=warm)
+    run = ops.prepare("power_iteration", backend, torch.device(device), mats=mats, us=cands, vs=vs, warm=warm)
     for _ in range(2):
         for m in mats:
             m.normal_()
-        run(sig, 2, 1e-12)
+        run(sigmas=sig, iters=2, tau=1e-12)
         us_ref, vs_ref = [w.clone() for w in warm], [torch.empty_like(v) for v in vs]
         sig_ref = torch.empty_like(sig)
         ops.power_iteration_(mats, us_ref, vs_ref, sig_ref, iters=2, backend="torch")

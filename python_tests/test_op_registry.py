@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import copy
 import pathlib
-import re
 
 import pytest
 import torch
 
 import sam_kernels.ops  # noqa: F401  (loads the library and its fake kernels)
+from sam_kernels.ops import codegen, primitives
+from sam_kernels.ops.primitives import OPERATORS
 
 SHAPES = [(5,), (3, 4)]
 MATS = [(3, 4), (2, 6)]
@@ -82,13 +83,42 @@ PRIVATE = {"_table", "_launch"}
 
 
 def registered_ops() -> set:
-    """The op names the C++ library defines (m.def in csrc/sam_kernels.cpp)."""
-    src = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "sam_kernels.cpp").read_text()
-    return set(re.findall(r'm\.def\(\s*"(\w+)\(', src))
+    """The op names the C++ library defines (csrc/sam_kernels.cpp registers every declaration's schema)."""
+    return {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
+            if name.startswith("sam_kernels::")}
 
 
-def test_every_public_op_is_sampled():
-    assert registered_ops() - PRIVATE == set(SAMPLES)
+def test_every_public_op_is_declared_and_sampled():
+    assert registered_ops() - PRIVATE == {p.name for p in OPERATORS} == set(SAMPLES)
+
+
+@pytest.mark.parametrize("prim", OPERATORS, ids=lambda p: p.name)
+def test_registered_schema_is_the_declaration(prim):
+    """What C++ registered (from csrc/generated/primitives.h) is what primitives.py declares, and
+    the parsed declaration says the same arguments, mutations and defaults as torch's parse of it."""
+    schema = getattr(torch.ops.sam_kernels, prim.name).default._schema
+    assert str(schema) == "sam_kernels::" + prim.schema
+    assert [a.name for a in schema.arguments] == [p.name for p in prim.params]
+    assert [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write] == \
+        list(prim.mutated)
+
+
+def test_generated_header_is_current():
+    """csrc/generated/primitives.h is what ops/codegen.py writes from the declarations (setup.py
+    writes it before every build; a stale committed copy would show here)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert codegen.write(str(root), check=True), "run: python -m sam_kernels.ops.codegen"
+
+
+def test_declarations_are_checked():
+    """A declaration that cannot be what it says is refused where it is written."""
+    with pytest.raises(ValueError, match="cannot read argument"):
+        primitives.parse("bad_(Tensor[] params, complex z) -> ()")
+    with pytest.raises(ValueError, match="presence rule"):
+        primitives.declare("bad_(Tensor(a!)[] params, Tensor[] bufs) -> ()", "", present={"bufs": ("momentum",)})
+    with pytest.raises(ValueError, match="kind"):
+        primitives.declare("bad_(Tensor(a!)[] params, Tensor[] us) -> ()", "", kinds={"us": "matrices"})
+    primitives.REGISTRY.pop("bad_", None)
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))

@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "../common.h"
+#include "../generated/primitives.h"
 #include "../table.h"
 
 namespace sam_kernels::cpu {
@@ -86,15 +87,15 @@ void copy_chunk(scalar_t* x, const old_t* old, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = static_cast<scalar_t>(old[i]);
 }
 
-// The skeleton of a fused update that restores x from list 1 (old) first: per chunk, x <- old if
-// the step is skipped, else body(chunk, x, old, n) with the launch's dtype as scalar_t (the dtypes
-// were checked when the table was built: the dispatch's name never shows).
-template <typename Body>
+// The skeleton of a fused update of declaration P that restores x (P::params) from P::olds first:
+// per chunk, x <- old if the step is skipped, else body(chunk, x, old, n) with the launch's dtype
+// as scalar_t (the dtypes were checked when the table was built: the dispatch's name never shows).
+template <class P, typename Body>
 void for_each_restore_chunk(const Launch& l, bool skip, const Body& body) {
   for_each_chunk(l.table, [&](const ChunkRef& c) {
     SAM_DISPATCH_FLOATING(l.dtype, "fused update", [&] {
-      scalar_t* x = l.table.ptr<scalar_t>(0, c.tensor) + c.begin;
-      const scalar_t* old = l.table.ptr<const scalar_t>(1, c.tensor) + c.begin;
+      scalar_t* x = l.table.ptr<scalar_t>(P::params, c.tensor) + c.begin;
+      const scalar_t* old = l.table.ptr<const scalar_t>(P::olds, c.tensor) + c.begin;
       const int64_t n = c.end - c.begin;
       if (skip) return copy_chunk(x, old, n);
       body(c, x, old, n);
@@ -102,16 +103,16 @@ void for_each_restore_chunk(const Launch& l, bool skip, const Body& body) {
   });
 }
 
-// The skeleton of SAMPa's update from x with the gradients of lists 1 and 2 (g, g2): nothing when
-// the step is skipped, else body(chunk, x, g, g2, n) with the launch's dtype as scalar_t.
-template <typename Body>
+// The skeleton of SAMPa's update (declaration P) from x with the gradients P::grads, P::grads2:
+// nothing when the step is skipped, else body(chunk, x, g, g2, n) with the launch's dtype as scalar_t.
+template <class P, typename Body>
 void for_each_mix_chunk(const Launch& l, bool skip, const Body& body) {
   if (skip) return;
   for_each_chunk(l.table, [&](const ChunkRef& c) {
     SAM_DISPATCH_FLOATING(l.dtype, "fused update", [&] {
-      scalar_t* x = l.table.ptr<scalar_t>(0, c.tensor) + c.begin;
-      const scalar_t* g = l.table.ptr<const scalar_t>(1, c.tensor) + c.begin;
-      const scalar_t* g2 = l.table.ptr<const scalar_t>(2, c.tensor) + c.begin;
+      scalar_t* x = l.table.ptr<scalar_t>(P::params, c.tensor) + c.begin;
+      const scalar_t* g = l.table.ptr<const scalar_t>(P::grads, c.tensor) + c.begin;
+      const scalar_t* g2 = l.table.ptr<const scalar_t>(P::grads2, c.tensor) + c.begin;
       body(c, x, g, g2, c.end - c.begin);
     });
   });

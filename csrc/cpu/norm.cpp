@@ -1,4 +1,4 @@
-// Norms on the CPU (argument order: ops.cpp):
+// Norms on the CPU (the arguments: their declarations, sam_kernels/ops/primitives.py):
 //   sumsq           each chunk's sum of squares (of g, of (|w| + offset) g, or of (1 - lam) g + lam g2),
 //                   accumulated in double over opmath blocks, written as one partial per chunk (fp32,
 //                   or fp64 when the partials are: the norms of fp64 tensors keep their precision)
@@ -36,18 +36,18 @@ double chunk_sumsq(const scalar_t* t, const scalar_t* w, double scalar, int64_t 
   return total;
 }
 
-// lists g [, w | g2]; scalars [offset | lam]; options [mode, first partial]; args [partials]
 void sumsq_runner(const Launch& l) {
-  const ScalarRef out = l.ref(0);
-  float* partials = out.f64 ? nullptr : l.f32(0) + l.options.at(1);
-  double* partials64 = out.f64 ? l.tensor(0).data_ptr<double>() + l.options.at(1) : nullptr;
-  const int64_t mode = l.options.at(0);
+  using P = decl::sumsq;
+  const ScalarRef out = l.ref(P::partials);
+  float* partials = out.f64 ? nullptr : l.f32(P::partials) + l.options.at(P::first);
+  double* partials64 = out.f64 ? l.tensor(P::partials).data_ptr<double>() + l.options.at(P::first) : nullptr;
+  const int64_t mode = l.options.at(P::mode);
   // offset | lam: fp32 values, as on the GPU, but for fp64 partials
-  const double scalar = out.f64 ? l.s(0) : static_cast<float>(l.s(0));
+  const double scalar = out.f64 ? l.s(P::scalar) : static_cast<float>(l.s(P::scalar));
   for_each_chunk(l.table, [&](const ChunkRef& c) {
     SAM_DISPATCH_FLOATING(l.dtype, "sumsq", [&] {
-      const scalar_t* t = l.table.ptr<const scalar_t>(0, c.tensor) + c.begin;
-      const scalar_t* w = mode ? l.table.ptr<const scalar_t>(1, c.tensor) + c.begin : nullptr;
+      const scalar_t* t = l.table.ptr<const scalar_t>(P::tensors, c.tensor) + c.begin;
+      const scalar_t* w = mode ? l.table.ptr<const scalar_t>(P::second, c.tensor) + c.begin : nullptr;
       const int64_t n = c.end - c.begin;
       double v = mode == 0 ? chunk_sumsq<scalar_t, 0>(t, w, scalar, n)
                            : mode == 1 ? chunk_sumsq<scalar_t, 1>(t, w, scalar, n) : chunk_sumsq<scalar_t, 2>(t, w, scalar, n);
@@ -67,33 +67,34 @@ double sum_partials(const Launch& l, size_t i) {
   return total;
 }
 
-// args [partials, out] (out fp32, or fp64 for fp64 partials)
+// out is fp32, or fp64 for fp64 partials
 void norm_finalize_runner(const Launch& l) {
-  const double norm = std::sqrt(sum_partials(l, 0));
-  if (l.ref(1).f64) {
-    *l.tensor(1).data_ptr<double>() = norm;
+  using P = decl::norm_finalize;
+  const double norm = std::sqrt(sum_partials(l, P::partials));
+  if (l.ref(P::out).f64) {
+    *l.tensor(P::out).data_ptr<double>() = norm;
   } else {
-    *l.f32(1) = static_cast<float>(norm);
+    *l.f32(P::out) = static_cast<float>(norm);
   }
 }
 
-// scalars [max_norm]; args [partials, flags, prior, scale, found_inf, steps, steps_mask]
 void guard_finalize_runner(const Launch& l) {
-  const float n = static_cast<float>(std::sqrt(sum_partials(l, 0)));
-  float* flags = l.f32(1);
-  bool bad = read_scalar(l, 4, 0.f) != 0.f;
-  if (const ScalarRef prior = l.ref(2); prior.present()) {
-    for (int64_t i = 0; i < l.tensor(2).numel(); ++i) bad = bad || !std::isfinite(prior.get(i));
+  using P = decl::guard_finalize;
+  const float n = static_cast<float>(std::sqrt(sum_partials(l, P::partials)));
+  float* flags = l.f32(P::flags);
+  bool bad = read_scalar(l, P::found_inf, 0.f) != 0.f;
+  if (const ScalarRef prior = l.ref(P::prior); prior.present()) {
+    for (int64_t i = 0; i < l.tensor(P::prior).numel(); ++i) bad = bad || !std::isfinite(prior.get(i));
   }
-  const float* scale = l.f32(3);
-  const Guard g = guard_math(n, bad, scale ? 1.f / *scale : 1.f, static_cast<float>(l.s(0)));
+  const float* scale = l.f32(P::scale);
+  const Guard g = guard_math(n, bad, scale ? 1.f / *scale : 1.f, static_cast<float>(l.s(P::max_norm)));
   flags[kFoundInf] = g.found_inf;
   flags[kGradScale] = g.grad_scale;
   flags[kGradNorm] = g.grad_norm;
   flags[kSkipped] += g.found_inf;
-  if (float* steps = l.f32(5)) {
-    const float* mask = l.f32(6);
-    for (int64_t i = 0; i < l.tensor(5).numel(); ++i) steps[i] += (1.f - g.found_inf) * (mask ? mask[i] : 1.f);
+  if (float* steps = l.f32(P::steps)) {
+    const float* mask = l.f32(P::steps_mask);
+    for (int64_t i = 0; i < l.tensor(P::steps).numel(); ++i) steps[i] += (1.f - g.found_inf) * (mask ? mask[i] : 1.f);
   }
 }
 

@@ -2,7 +2,7 @@
 // or 1 (SAM). A non-finite norm leaves x untouched, so a bad gradient never reaches the weights.
 // restore_: x <- olds, a bit-exact copy (with found_inf: only when it is 0).
 // Bytes per element: perturb reads x, g and writes olds, x (16 B in fp32); restore 8 B.
-// Argument order: ops.cpp.
+// The arguments, by name: their declarations (sam_kernels/ops/primitives.py).
 #include <cmath>
 #include <cstring>
 
@@ -38,29 +38,30 @@ void perturb_chunk(
 // The perturbation's scale rho / (norm + eps) (0 for a non-finite norm): in fp32 like the GPU
 // kernels for an fp32 norm, in fp64 for the fp64 norm of fp64 tensors.
 double perturb_scale(const Launch& l, double rho, bool& finite) {
-  const double nv = read_value(l, 0, 0.0);
+  using P = decl::perturb_;
+  const double nv = read_value(l, P::norm, 0.0);
   finite = std::isfinite(nv);
   if (!finite) return 0.0;
-  if (l.ref(0).f64) return rho / (nv + kNormEps);
+  if (l.ref(P::norm).f64) return rho / (nv + kNormEps);
   return static_cast<float>(rho) / (static_cast<float>(nv) + static_cast<float>(kNormEps));
 }
 
-// lists x, g, old; scalars [rho, offset]; options [adaptive]; args [norm]
 void perturb_runner(const Launch& l) {
+  using P = decl::perturb_;
   bool finite = false;
-  const double scale = perturb_scale(l, l.s(0), finite);
-  const double offset = l.ref(0).f64 ? l.s(1) : static_cast<float>(l.s(1));
-  const bool adaptive = l.flag(0);
+  const double scale = perturb_scale(l, l.s(P::rho), finite);
+  const double offset = l.ref(P::norm).f64 ? l.s(P::offset) : static_cast<float>(l.s(P::offset));
+  const bool adaptive = l.flag(P::adaptive);
   for_each_chunk(l.table, [&](const ChunkRef& c) {
     SAM_DISPATCH_FLOATING(l.dtype, "perturb_", [&] {
-      scalar_t* x = l.table.ptr<scalar_t>(0, c.tensor) + c.begin;
-      scalar_t* old = l.table.ptr<scalar_t>(2, c.tensor) + c.begin;
+      scalar_t* x = l.table.ptr<scalar_t>(P::params, c.tensor) + c.begin;
+      scalar_t* old = l.table.ptr<scalar_t>(P::olds, c.tensor) + c.begin;
       const int64_t n = c.end - c.begin;
       if (!finite) {
         std::memcpy(old, x, n * sizeof(scalar_t));
         return;
       }
-      const scalar_t* g = l.table.ptr<const scalar_t>(1, c.tensor) + c.begin;
+      const scalar_t* g = l.table.ptr<const scalar_t>(P::grads, c.tensor) + c.begin;
       if (adaptive) {
         perturb_chunk<scalar_t, true>(x, g, old, scale, offset, n);
       } else {
@@ -70,13 +71,13 @@ void perturb_runner(const Launch& l) {
   });
 }
 
-// lists x, old; args [found_inf]
 void restore_runner(const Launch& l) {
-  if (read_scalar(l, 0, 0.f) != 0.f) return;
+  using P = decl::restore_;
+  if (read_scalar(l, P::found_inf, 0.f) != 0.f) return;
   const int64_t bytes = c10::elementSize(l.dtype);
   for_each_chunk(l.table, [&](const ChunkRef& c) {
-    std::memcpy(l.table.ptr<char>(0, c.tensor) + c.begin * bytes, l.table.ptr<const char>(1, c.tensor) + c.begin * bytes,
-                (c.end - c.begin) * bytes);
+    std::memcpy(l.table.ptr<char>(P::params, c.tensor) + c.begin * bytes,
+                l.table.ptr<const char>(P::olds, c.tensor) + c.begin * bytes, (c.end - c.begin) * bytes);
   });
 }
 

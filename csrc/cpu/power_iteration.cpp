@@ -131,19 +131,22 @@ void power_iteration(const std::vector<Mat>& mats, at::ScalarType dtype, float* 
   }
 }
 
-// lists G, u, v, warm; values [rows, cols, index of its sigma]; scalars [tau]; options [iters]; args [sigmas]
+// the kernel of the declaration decl::power_iteration (values: each matrix's rows, columns and the
+// index of its sigma)
 void power_iteration_runner(const Launch& l) {
+  using P = decl::power_iteration;
   const TableView& t = l.table;
   std::vector<Mat> mats;
   for (int64_t i = 0; i < t.n_tensors; ++i) {
-    mats.push_back(Mat{t.ptr<const void>(0, i), t.ptr<const float>(3, i), t.ptr<float>(1, i), t.ptr<float>(2, i),
-                       t.value(0, i), t.value(1, i), t.value(2, i)});
+    mats.push_back(Mat{t.ptr<const void>(P::mats, i), t.ptr<const float>(P::warm, i), t.ptr<float>(P::us, i),
+                       t.ptr<float>(P::vs, i), t.value(P::nrows, i), t.value(P::ncols, i), t.value(P::index, i)});
   }
-  TORCH_CHECK(l.options.at(0) >= 1, "power_iteration_: iters must be >= 1, got ", l.options.at(0));
-  power_iteration(mats, l.dtype, l.f32(0), l.options.at(0), l.s(0));
+  const int64_t iters = l.options.at(P::iters);
+  TORCH_CHECK(iters >= 1, "power_iteration_: iters must be >= 1, got ", iters);
+  power_iteration(mats, l.dtype, l.f32(P::sigmas), iters, l.s(P::tau));
 }
 
-SAM_RUNNER("power_iteration_", c10::DeviceType::CPU, power_iteration_runner);
+SAM_RUNNER("power_iteration", c10::DeviceType::CPU, power_iteration_runner);
 
 }  // namespace
 
@@ -166,7 +169,7 @@ void power_iteration_(
       sigmas[static_cast<int64_t>(i)].zero_();
     }
   }
-  run_lists("power_iteration_", "power_iteration_", at::kCPU,
+  run_lists("power_iteration_", "power_iteration", at::kCPU,
             {{"mats", mats}, {"us", us, ListKind::kVectors}, {"vs", vs, ListKind::kVectors},
              {"warm", us, ListKind::kVectors}},
             values, {tau}, {iters}, {sigmas});

@@ -3,7 +3,8 @@
 //   rank1_restore_sgd_  x = M - s u v^T recomputed, then the step   (nuSAM; 20 B)
 //   sampa_update_sgd_   the step from x with d = (1 - lam) g + lam g2 (SAMPa; 24 B)
 // found_inf != 0 skips the step: x gets its restored value (SAM, nuSAM) or stays (SAMPa), and the
-// momentum buffers are not written. grad_scale multiplies the gradient. Argument order: ops.cpp.
+// momentum buffers are not written. grad_scale multiplies the gradient. The arguments, by name:
+// their declarations (sam_kernels/ops/primitives.py).
 #include "../sgd_math.h"
 #include "multi_tensor.h"
 
@@ -29,45 +30,46 @@ void sgd_chunk(
   }
 }
 
-// The parts every form shares: scalars [lr, momentum, dampening, wd, (lam)], options
-// [nesterov, maximize, init_bufs], args [grad_scale, found_inf, ...].
+// The parts every form P (a declaration: decl::restore_sgd_, ...) shares, read by name.
+template <class P>
 struct SgdLaunch {
   SgdArgs args;
   bool momentum, nesterov, init, skip;
   explicit SgdLaunch(const Launch& l)
-      : args(make_sgd_args(l.s(0), l.s(1), l.s(2), l.s(3), l.flag(1), read_scalar(l, 0, 1.f))),
-        momentum(l.s(1) != 0.0),
-        nesterov(l.flag(0)),
-        init(l.flag(2)),
-        skip(read_scalar(l, 1, 0.f) != 0.f) {}
+      : args(make_sgd_args(l.s(P::lr), l.s(P::momentum), l.s(P::dampening), l.s(P::weight_decay), l.flag(P::maximize),
+                           read_scalar(l, P::grad_scale, 1.f))),
+        momentum(l.s(P::momentum) != 0.0),
+        nesterov(l.flag(P::nesterov)),
+        init(l.flag(P::init_bufs)),
+        skip(read_scalar(l, P::found_inf, 0.f) != 0.f) {}
 };
 
-// lists x, old, g [, buf]
 void restore_sgd_runner(const Launch& l) {
-  const SgdLaunch s(l);
-  for_each_restore_chunk(l, s.skip, [&](const ChunkRef& c, auto* x, const auto* old, int64_t n) {
+  using P = decl::restore_sgd_;
+  const SgdLaunch<P> s(l);
+  for_each_restore_chunk<P>(l, s.skip, [&](const ChunkRef& c, auto* x, const auto* old, int64_t n) {
     using scalar_t = std::remove_pointer_t<decltype(x)>;
-    const scalar_t* g = l.table.ptr<const scalar_t>(2, c.tensor) + c.begin;
-    scalar_t* buf = s.momentum ? l.table.ptr<scalar_t>(3, c.tensor) + c.begin : nullptr;
+    const scalar_t* g = l.table.ptr<const scalar_t>(P::grads, c.tensor) + c.begin;
+    scalar_t* buf = s.momentum ? l.table.ptr<scalar_t>(P::bufs, c.tensor) + c.begin : nullptr;
     dispatch_sgd_flags(s.momentum, s.nesterov, s.init, [&]<bool kM, bool kN, bool kI>() {
       sgd_chunk<scalar_t, kM, kN, kI>(x, old, g, buf, s.args, n);
     });
   });
 }
 
-// lists x, g, u, v [, buf]; values [ncols, index]; args [grad_scale, found_inf, scales]
 void rank1_restore_sgd_runner(const Launch& l) {
-  const SgdLaunch s(l);
-  const float* scales = l.f32(2);
+  using P = decl::rank1_restore_sgd_;
+  const SgdLaunch<P> s(l);
+  const float* scales = l.f32(P::scales);
   for_each_chunk(l.table, [&](const ChunkRef& c) {
     SAM_DISPATCH_FLOATING(l.dtype, "rank1_restore_sgd_", [&] {
-      scalar_t* x = l.table.ptr<scalar_t>(0, c.tensor);
-      const scalar_t* g = l.table.ptr<const scalar_t>(1, c.tensor);
-      scalar_t* buf = s.momentum ? l.table.ptr<scalar_t>(4, c.tensor) : nullptr;
-      const float sc = scales[l.table.value(1, c.tensor)];
+      scalar_t* x = l.table.ptr<scalar_t>(P::params, c.tensor);
+      const scalar_t* g = l.table.ptr<const scalar_t>(P::grads, c.tensor);
+      scalar_t* buf = s.momentum ? l.table.ptr<scalar_t>(P::bufs, c.tensor) : nullptr;
+      const float sc = scales[l.table.value(P::index, c.tensor)];
       for_each_rank1_block<scalar_t>(
-          c, x, l.table.ptr<const float>(2, c.tensor), l.table.ptr<const float>(3, c.tensor), l.table.value(0, c.tensor),
-          sc, [&](int64_t i, const auto* old, int64_t n) {
+          c, x, l.table.ptr<const float>(P::us, c.tensor), l.table.ptr<const float>(P::vs, c.tensor),
+          l.table.value(P::ncols, c.tensor), sc, [&](int64_t i, const auto* old, int64_t n) {
             if (s.skip) return copy_chunk(x + i, old, n);
             dispatch_sgd_flags(s.momentum, s.nesterov, s.init, [&]<bool kM, bool kN, bool kI>() {
               sgd_chunk<scalar_t, kM, kN, kI>(x + i, old, g + i, kM ? buf + i : nullptr, s.args, n);
@@ -77,13 +79,13 @@ void rank1_restore_sgd_runner(const Launch& l) {
   });
 }
 
-// lists x, g, g2 [, buf]; scalars [..., lam]
 void sampa_update_sgd_runner(const Launch& l) {
-  const SgdLaunch s(l);
-  const Mix mix = make_mix(l.s(4));
-  for_each_mix_chunk(l, s.skip, [&](const ChunkRef& c, auto* x, const auto* g, const auto* g2, int64_t n) {
+  using P = decl::sampa_update_sgd_;
+  const SgdLaunch<P> s(l);
+  const Mix mix = make_mix(l.s(P::lam));
+  for_each_mix_chunk<P>(l, s.skip, [&](const ChunkRef& c, auto* x, const auto* g, const auto* g2, int64_t n) {
     using scalar_t = std::remove_pointer_t<decltype(x)>;
-    scalar_t* buf = s.momentum ? l.table.ptr<scalar_t>(3, c.tensor) + c.begin : nullptr;
+    scalar_t* buf = s.momentum ? l.table.ptr<scalar_t>(P::bufs, c.tensor) + c.begin : nullptr;
     dispatch_sgd_flags(s.momentum, s.nesterov, s.init, [&]<bool kM, bool kN, bool kI>() {
       sgd_chunk<scalar_t, kM, kN, kI, scalar_t, true>(x, x, g, buf, s.args, n, g2, mix);
     });

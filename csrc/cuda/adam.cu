@@ -1,15 +1,15 @@
 // restore_adam_ (x <- olds, then one torch.optim.Adam / AdamW step, in one pass; adam_math.h) and
 // sampa_update_adam_ (the same step from x itself with d = (1 - lam) g + lam g2). The bias
 // corrections come from each tensor's step counter on the device; found_inf / grad_scale as in
-// sgd.cu. Argument order: ops.cpp.
+// sgd.cu. The arguments, by name: their declarations (sam_kernels/ops/primitives.py).
 #include "../adam_math.h"
 #include "multi_tensor_apply.cuh"
 
 namespace sam_kernels::cuda {
 namespace {
 
-// Lists: x, old, g, m, v, steps, [vmax] (restore) or x, g, g2, m, v, steps, [vmax] (kMix).
-template <typename scalar_t, bool kAmsgrad, bool kLerpLow, bool kMix>
+// P: decl::restore_adam_ (x <- olds first) or decl::sampa_update_adam_ (kMix: from x, d = mix of grads, grads2).
+template <class P, typename scalar_t, bool kAmsgrad, bool kLerpLow, bool kMix>
 __global__ void __launch_bounds__(kThreads) adam_kernel(
     TableView table, AdamHyper hyper, Mix mix, const float* __restrict__ grad_scale,
     const float* __restrict__ found_inf, const float* __restrict__ lr) {
@@ -17,19 +17,24 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(
   const ChunkRef c = table.chunk_ref(blockIdx.x);
   const bool skip = load_or(found_inf, 0.f) != 0.f;
   if (kMix && skip) return;
-  scalar_t* x = table.ptr<scalar_t>(0, c.tensor);
-  const scalar_t* old = kMix ? x : table.ptr<const scalar_t>(1, c.tensor);
+  scalar_t* x = table.ptr<scalar_t>(P::params, c.tensor);
+  const scalar_t* old = x;
+  const scalar_t* g2 = nullptr;
+  if constexpr (kMix) {
+    g2 = table.ptr<const scalar_t>(P::grads2, c.tensor);
+  } else {
+    old = table.ptr<const scalar_t>(P::olds, c.tensor);
+  }
   if (skip) {  // SAM's restore, no update
     for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kThreads) x[i] = old[i];
     return;
   }
-  const scalar_t* g = table.ptr<const scalar_t>(kMix ? 1 : 2, c.tensor);
-  const scalar_t* g2 = kMix ? table.ptr<const scalar_t>(2, c.tensor) : nullptr;
-  scalar_t* m = table.ptr<scalar_t>(3, c.tensor);
-  scalar_t* v = table.ptr<scalar_t>(4, c.tensor);
-  scalar_t* vmax = kAmsgrad ? table.ptr<scalar_t>(6, c.tensor) : nullptr;
+  const scalar_t* g = table.ptr<const scalar_t>(P::grads, c.tensor);
+  scalar_t* m = table.ptr<scalar_t>(P::exp_avgs, c.tensor);
+  scalar_t* v = table.ptr<scalar_t>(P::exp_avg_sqs, c.tensor);
+  scalar_t* vmax = kAmsgrad ? table.ptr<scalar_t>(P::max_exp_avg_sqs, c.tensor) : nullptr;
   if (lr != nullptr) hyper.lr = *lr;  // capturable: the lr of this replay
-  const AdamArgs args = make_adam_args(hyper, *table.ptr<const float>(5, c.tensor), load_or(grad_scale, 1.f));
+  const AdamArgs args = make_adam_args(hyper, *table.ptr<const float>(P::state_steps, c.tensor), load_or(grad_scale, 1.f));
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
     opmath_t xv[kILP], gv[kILP], mv[kILP], vv[kILP], vmv[kILP];
 #pragma unroll
@@ -58,21 +63,23 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(
   }
 }
 
-// scalars [lr, beta1, beta2, eps, wd, (lam)]; options [decoupled, amsgrad, maximize]; args [grad_scale, found_inf];
-// device scalar lr
-template <bool kMix>
+// lr may be a device scalar (capturable)
+template <class P, bool kMix>
 void adam_runner(const Launch& l) {
-  const AdamHyper hyper{l.s(0), l.s(1), l.s(2), l.s(3), l.s(4), l.flag(0), l.flag(2)};
-  const Mix mix = kMix ? make_mix(l.s(5)) : Mix{};
+  const AdamHyper hyper{l.s(P::lr), l.s(P::beta1), l.s(P::beta2), l.s(P::eps), l.s(P::weight_decay),
+                        l.flag(P::decoupled), l.flag(P::maximize)};
+  Mix mix{};
+  if constexpr (kMix) mix = make_mix(l.s(P::lam));
   SAM_CUDA_DISPATCH(l.dtype, "adam", [&] {
-    dispatch_adam_flags(l.flag(1), 1.0 - l.s(1) < 0.5, [&]<bool kA, bool kL>() {
-      launch_chunks(l, adam_kernel<scalar_t, kA, kL, kMix>, hyper, mix, l.f32(0), l.f32(1), l.dev_scalar(0));
+    dispatch_adam_flags(l.flag(P::amsgrad), 1.0 - l.s(P::beta1) < 0.5, [&]<bool kA, bool kL>() {
+      launch_chunks(l, adam_kernel<P, scalar_t, kA, kL, kMix>, hyper, mix, l.f32(P::grad_scale), l.f32(P::found_inf),
+                    l.dev_scalar(P::lr));
     });
   });
 }
 
-SAM_RUNNER("restore_adam_", c10::DeviceType::CUDA, adam_runner<false>);
-SAM_RUNNER("sampa_update_adam_", c10::DeviceType::CUDA, adam_runner<true>);
+SAM_RUNNER("restore_adam_", c10::DeviceType::CUDA, (adam_runner<decl::restore_adam_, false>));
+SAM_RUNNER("sampa_update_adam_", c10::DeviceType::CUDA, (adam_runner<decl::sampa_update_adam_, true>));
 
 }  // namespace
 }  // namespace sam_kernels::cuda

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../common.h"
+#include "../generated/primitives.h"
 #include "../table.h"
 
 namespace sam_kernels::cuda {

@@ -1,4 +1,4 @@
-// Norms on the GPU (argument order: ops.cpp), deterministic:
+// Norms on the GPU (the arguments, by name: their declarations, sam_kernels/ops/primitives.py), deterministic:
 //   sumsq           every block writes the sum of squares of its chunk to a partials buffer
 //                   (of g, of (|w| + offset) g, or of the mix (1 - lam) g + lam g2): fp32, or fp64
 //                   for the norms of fp64 tensors (their precision, as clip_grad_norm_ takes it)
@@ -32,8 +32,8 @@ __global__ void __launch_bounds__(kThreads)
     sumsq_kernel(TableView table, double scalar, partial_t* __restrict__ partials) {
   using opmath_t = at::opmath_type<scalar_t>;
   const ChunkRef c = table.chunk_ref(blockIdx.x);
-  const scalar_t* t = table.ptr<const scalar_t>(0, c.tensor);
-  const scalar_t* w = kMode ? table.ptr<const scalar_t>(1, c.tensor) : nullptr;
+  const scalar_t* t = table.ptr<const scalar_t>(decl::sumsq::tensors, c.tensor);
+  const scalar_t* w = kMode ? table.ptr<const scalar_t>(decl::sumsq::second, c.tensor) : nullptr;
   const opmath_t a = kMode == 2 ? static_cast<opmath_t>(1.0 - scalar) : opmath_t(1);
   const opmath_t b = static_cast<opmath_t>(scalar);
   opmath_t acc = 0;
@@ -105,43 +105,47 @@ void launch_sumsq(const Launch& l, double scalar, partial_t* partials) {
   });
 }
 
-// lists g [, w | g2]; scalars [offset | lam]; options [mode, first partial]; args [partials (fp32 | fp64)]
+// partials fp32 | fp64 (the norms of fp64 tensors)
 void sumsq_runner(const Launch& l) {
-  const int64_t at = l.options.at(1);
-  if (l.ref(0).f64) {
-    launch_sumsq(l, l.s(0), l.tensor(0).data_ptr<double>() + at);
+  using P = decl::sumsq;
+  const int64_t at = l.options.at(P::first);
+  if (l.ref(P::partials).f64) {
+    launch_sumsq(l, l.s(P::scalar), l.tensor(P::partials).data_ptr<double>() + at);
   } else {
-    launch_sumsq(l, static_cast<float>(l.s(0)), l.f32(0) + at);
+    launch_sumsq(l, static_cast<float>(l.s(P::scalar)), l.f32(P::partials) + at);
   }
 }
 
-// args [partials, out] (both fp32, or both fp64)
+// partials and out both fp32, or both fp64
 void norm_finalize_runner(const Launch& l) {
+  using P = decl::norm_finalize;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  if (l.ref(0).f64) {
+  const int64_t n = l.tensor(P::partials).numel();
+  if (l.ref(P::partials).f64) {
     norm_finalize_kernel<double><<<1, kCleanupThreads, 0, stream>>>(
-        l.tensor(0).data_ptr<double>(), l.tensor(0).numel(), l.tensor(1).data_ptr<double>());
+        l.tensor(P::partials).data_ptr<double>(), n, l.tensor(P::out).data_ptr<double>());
   } else {
-    norm_finalize_kernel<float><<<1, kCleanupThreads, 0, stream>>>(l.f32(0), l.tensor(0).numel(), l.f32(1));
+    norm_finalize_kernel<float><<<1, kCleanupThreads, 0, stream>>>(l.f32(P::partials), n, l.f32(P::out));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// scalars [max_norm]; args [partials, flags, prior, scale, found_inf, steps, steps_mask]
 void guard_finalize_runner(const Launch& l) {
-  const ScalarRef prior = l.ref(2);
-  const int64_t n_prior = prior.present() ? l.tensor(2).numel() : 0;
-  const int64_t n_steps = l.f32(5) ? l.tensor(5).numel() : 0;
+  using P = decl::guard_finalize;
+  const ScalarRef prior = l.ref(P::prior);
+  const int64_t n_prior = prior.present() ? l.tensor(P::prior).numel() : 0;
+  const int64_t n_steps = l.f32(P::steps) ? l.tensor(P::steps).numel() : 0;
+  const int64_t n = l.tensor(P::partials).numel();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto max_norm = static_cast<float>(l.s(0));
-  if (l.ref(0).f64) {
+  const auto max_norm = static_cast<float>(l.s(P::max_norm));
+  if (l.ref(P::partials).f64) {
     guard_finalize_kernel<double><<<1, kCleanupThreads, 0, stream>>>(
-        l.tensor(0).data_ptr<double>(), l.tensor(0).numel(), l.f32(1), prior, n_prior, l.f32(3), l.f32(4), max_norm,
-        l.f32(5), l.f32(6), n_steps);
+        l.tensor(P::partials).data_ptr<double>(), n, l.f32(P::flags), prior, n_prior, l.f32(P::scale),
+        l.f32(P::found_inf), max_norm, l.f32(P::steps), l.f32(P::steps_mask), n_steps);
   } else {
     guard_finalize_kernel<float><<<1, kCleanupThreads, 0, stream>>>(
-        l.f32(0), l.tensor(0).numel(), l.f32(1), prior, n_prior, l.f32(3), l.f32(4), max_norm, l.f32(5), l.f32(6),
-        n_steps);
+        l.f32(P::partials), n, l.f32(P::flags), prior, n_prior, l.f32(P::scale), l.f32(P::found_inf), max_norm,
+        l.f32(P::steps), l.f32(P::steps_mask), n_steps);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -1,5 +1,6 @@
 // perturb_ (olds <- x; x <- x + s * w^2 * g, s read from the device-resident norm, so the host
-// never waits) and restore_ (x <- olds; with found_inf, only when it is 0). Argument order: ops.cpp.
+// never waits) and restore_ (x <- olds; with found_inf, only when it is 0). The arguments, by name:
+// their declarations (sam_kernels/ops/primitives.py).
 #include "multi_tensor_apply.cuh"
 
 namespace sam_kernels::cuda {
@@ -9,10 +10,11 @@ template <typename scalar_t, bool kAdaptive>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(TableView table, ScalarRef norm, double rho, double offset, const float* rho_t) {
   using opmath_t = at::opmath_type<scalar_t>;
+  using P = decl::perturb_;
   const ChunkRef c = table.chunk_ref(blockIdx.x);
-  scalar_t* x = table.ptr<scalar_t>(0, c.tensor);
-  const scalar_t* g = table.ptr<const scalar_t>(1, c.tensor);
-  scalar_t* old = table.ptr<scalar_t>(2, c.tensor);
+  scalar_t* x = table.ptr<scalar_t>(P::params, c.tensor);
+  const scalar_t* g = table.ptr<const scalar_t>(P::grads, c.tensor);
+  scalar_t* old = table.ptr<scalar_t>(P::olds, c.tensor);
   bool finite;  // a non-finite gradient leaves x as it is
   const opmath_t s = static_cast<opmath_t>(norm_scale(norm, rho, rho_t, finite));
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
@@ -47,10 +49,11 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) restore_kernel(TableView table, const float* __restrict__ found_inf) {
+  using P = decl::restore_;
   if (load_or(found_inf, 0.f) != 0.f) return;
   const ChunkRef c = table.chunk_ref(blockIdx.x);
-  scalar_t* x = table.ptr<scalar_t>(0, c.tensor);
-  const scalar_t* old = table.ptr<const scalar_t>(1, c.tensor);
+  scalar_t* x = table.ptr<scalar_t>(P::params, c.tensor);
+  const scalar_t* old = table.ptr<const scalar_t>(P::olds, c.tensor);
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
     scalar_t v[kILP];
 #pragma unroll
@@ -66,23 +69,26 @@ __global__ void __launch_bounds__(kThreads) restore_kernel(TableView table, cons
   }
 }
 
-// lists x, g, old; scalars [rho, offset]; options [adaptive]; args [norm]; device scalar rho
+// rho may be a device scalar (capturable)
 void perturb_runner(const Launch& l) {
-  const ScalarRef norm = l.ref(0);
-  const double offset = norm.f64 ? l.s(1) : static_cast<float>(l.s(1));
+  using P = decl::perturb_;
+  const ScalarRef norm = l.ref(P::norm);
+  const double offset = norm.f64 ? l.s(P::offset) : static_cast<float>(l.s(P::offset));
   SAM_CUDA_DISPATCH(l.dtype, "perturb_", [&] {
-    if (l.flag(0)) {
-      launch_chunks(l, perturb_kernel<scalar_t, true>, norm, l.s(0), offset, l.dev_scalar(0));
+    if (l.flag(P::adaptive)) {
+      launch_chunks(l, perturb_kernel<scalar_t, true>, norm, l.s(P::rho), offset, l.dev_scalar(P::rho));
     } else {
-      launch_chunks(l, perturb_kernel<scalar_t, false>, norm, l.s(0), 0.0, l.dev_scalar(0));
+      launch_chunks(l, perturb_kernel<scalar_t, false>, norm, l.s(P::rho), 0.0, l.dev_scalar(P::rho));
     }
   });
 }
 
-// lists x, old; args [found_inf]. A bit copy: any dtype of 8, 4 or 2 bytes is copied as a float
-// type of that size (SAMPa commits integer buffers as float64 views).
+// A bit copy: any dtype of 8, 4 or 2 bytes is copied as a float type of that size (SAMPa commits
+// integer buffers as float64 views).
 void restore_runner(const Launch& l) {
-  SAM_CUDA_DISPATCH(l.dtype, "restore_", [&] { launch_chunks(l, restore_kernel<scalar_t>, l.f32(0)); });
+  SAM_CUDA_DISPATCH(l.dtype, "restore_", [&] {
+    launch_chunks(l, restore_kernel<scalar_t>, l.f32(decl::restore_::found_inf));
+  });
 }
 
 SAM_RUNNER("perturb_", c10::DeviceType::CUDA, perturb_runner);

@@ -1,15 +1,16 @@
 // restore_sgd_ (x <- olds, then one torch.optim.SGD step, in one pass; sgd_math.h) and
 // sampa_update_sgd_ (the same step from x itself with d = (1 - lam) g + lam g2). found_inf != 0
 // skips the step (restore_sgd_ still puts olds back; no buffer is written); grad_scale
-// multiplies the gradient. Both are read on the device. Argument order: ops.cpp.
+// multiplies the gradient. Both are read on the device. The arguments, by name: their
+// declarations (sam_kernels/ops/primitives.py).
 #include "../sgd_math.h"
 #include "multi_tensor_apply.cuh"
 
 namespace sam_kernels::cuda {
 namespace {
 
-// Lists: x, old, g, [buf] (restore) or x, g, g2, [buf] (kMix).
-template <typename scalar_t, bool kMomentum, bool kNesterov, bool kInit, bool kMix>
+// P: decl::restore_sgd_ (x <- olds first) or decl::sampa_update_sgd_ (kMix: from x, d = mix of grads, grads2).
+template <class P, typename scalar_t, bool kMomentum, bool kNesterov, bool kInit, bool kMix>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(
     TableView table, SgdArgs args, Mix mix, const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
     const float* __restrict__ lr) {
@@ -17,11 +18,16 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(
   const ChunkRef c = table.chunk_ref(blockIdx.x);
   const bool skip = load_or(found_inf, 0.f) != 0.f;
   if (kMix && skip) return;
-  scalar_t* x = table.ptr<scalar_t>(0, c.tensor);
-  const scalar_t* old = kMix ? x : table.ptr<const scalar_t>(1, c.tensor);
-  const scalar_t* g = table.ptr<const scalar_t>(kMix ? 1 : 2, c.tensor);
-  const scalar_t* g2 = kMix ? table.ptr<const scalar_t>(2, c.tensor) : nullptr;
-  scalar_t* buf = kMomentum ? table.ptr<scalar_t>(3, c.tensor) : nullptr;
+  scalar_t* x = table.ptr<scalar_t>(P::params, c.tensor);
+  const scalar_t* old = x;
+  const scalar_t* g2 = nullptr;
+  if constexpr (kMix) {
+    g2 = table.ptr<const scalar_t>(P::grads2, c.tensor);
+  } else {
+    old = table.ptr<const scalar_t>(P::olds, c.tensor);
+  }
+  const scalar_t* g = table.ptr<const scalar_t>(P::grads, c.tensor);
+  scalar_t* buf = kMomentum ? table.ptr<scalar_t>(P::bufs, c.tensor) : nullptr;
   if (skip) {  // SAM's restore, no update
     for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kThreads) x[i] = old[i];
     return;
@@ -52,22 +58,24 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(
   }
 }
 
-// scalars [lr, momentum, dampening, wd, (lam)]; options [nesterov, maximize, init_bufs]; args [grad_scale, found_inf];
-// device scalar lr
-template <bool kMix>
+// lr may be a device scalar (capturable)
+template <class P, bool kMix>
 void sgd_runner(const Launch& l) {
-  const bool momentum = l.s(1) != 0.0;
-  const SgdArgs args = make_sgd_args(l.s(0), l.s(1), l.s(2), l.s(3), l.flag(1));
-  const Mix mix = kMix ? make_mix(l.s(4)) : Mix{};
+  const bool momentum = l.s(P::momentum) != 0.0;
+  const SgdArgs args = make_sgd_args(l.s(P::lr), l.s(P::momentum), l.s(P::dampening), l.s(P::weight_decay),
+                                     l.flag(P::maximize));
+  Mix mix{};
+  if constexpr (kMix) mix = make_mix(l.s(P::lam));
   SAM_CUDA_DISPATCH(l.dtype, "sgd", [&] {
-    dispatch_sgd_flags(momentum, l.flag(0), l.flag(2), [&]<bool kM, bool kN, bool kI>() {
-      launch_chunks(l, sgd_kernel<scalar_t, kM, kN, kI, kMix>, args, mix, l.f32(0), l.f32(1), l.dev_scalar(0));
+    dispatch_sgd_flags(momentum, l.flag(P::nesterov), l.flag(P::init_bufs), [&]<bool kM, bool kN, bool kI>() {
+      launch_chunks(l, sgd_kernel<P, scalar_t, kM, kN, kI, kMix>, args, mix, l.f32(P::grad_scale),
+                    l.f32(P::found_inf), l.dev_scalar(P::lr));
     });
   });
 }
 
-SAM_RUNNER("restore_sgd_", c10::DeviceType::CUDA, sgd_runner<false>);
-SAM_RUNNER("sampa_update_sgd_", c10::DeviceType::CUDA, sgd_runner<true>);
+SAM_RUNNER("restore_sgd_", c10::DeviceType::CUDA, (sgd_runner<decl::restore_sgd_, false>));
+SAM_RUNNER("sampa_update_sgd_", c10::DeviceType::CUDA, (sgd_runner<decl::sampa_update_sgd_, true>));
 
 }  // namespace
 }  // namespace sam_kernels::cuda

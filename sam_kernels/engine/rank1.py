@@ -150,7 +150,7 @@ class Rank1Pass:
             staged = not ops.stageable({"mats": self.grads}, aligned=self.backend == "triton")
             # the power iteration from the warm starts into the candidates (a skipped step keeps the warm start)
             self._power = (self._sharded_power if self.group is not None else
-                           ops.prepare("power_iteration_", self.backend, device, mats=self.grads, us=self.cands,
+                           ops.prepare("power_iteration", self.backend, device, mats=self.grads, us=self.cands,
                                        vs=self.vs, warm=self.us) if not staged else self._staged_power)
             self._scales = ops.prepare("rank1_scales_", engine.backend_for(device, "rank1_scales_"), device)
             self._commit = ops.bind("restore_", self.backend, device, {"params": self.us, "olds": self.cands})
@@ -215,7 +215,7 @@ class Rank1Pass:
         if self.check is not None and not (self.params and self.group is not None):
             self.check.norm(self.others_norm if self.params else self.prior)  # (sharded: inside the iteration)
         if self.params:
-            self._power(self.sigmas, self.strategy.power_iters, self.strategy.tau)
+            self._power(sigmas=self.sigmas, iters=self.strategy.power_iters, tau=self.strategy.tau)
             # s_i (nuSAM-Norm's too; all 0 if an entry is not finite: no perturbation), prior = their sum
             self._scales(self.sigmas_all, self._rhos(), self.normed, self.scales_all, self.prior)
         if raise_nonfinite and not bool(torch.isfinite(self.prior)):  # raise mode: a synchronization

@@ -45,6 +45,7 @@ import operator
 import torch
 
 from . import backends
+from .primitives import REGISTRY
 from ..integrations.distributed import localize
 
 _IMPL_MODULES = {"torch": ".reference", "cpu": ".native", "cuda": ".native", "triton": ".triton"}
@@ -127,8 +128,10 @@ class _Staged:
         return False
 
 
-def _run(op: str, backend: str, lists: dict, written: tuple[str, ...], scalars: dict, impl: str | None = None):
-    """Primitive `op` (implemented by the backend's function `impl`, default `op`) on `lists`."""
+def _run(op: str, backend: str, lists: dict, scalars: dict, impl: str | None = None):
+    """Primitive `op` (implemented by the backend's function `impl`, default `op`) on `lists`; the
+    lists it writes (staged ones are copied back) from its declaration (primitives.py)."""
+    written = tuple(p.name for p in REGISTRY[impl or op].lists if p.written)
     params = next(iter(lists.values()))
     _check_lists(op, params, lists)
     if not params:
@@ -144,14 +147,16 @@ def _run(op: str, backend: str, lists: dict, written: tuple[str, ...], scalars: 
 
 def prepare(op: str, backend: str, device: torch.device, **lists):
     """`op` bound to `lists` on `backend` (resolved for `device`): returns run(**scalars), with the
-    launch tables built now and reused by every call. The element lists must be contiguous (and
-    aligned for Triton: the step plans check stageable() and otherwise call the list op). For
-    the norms, op is "sumsq" (lists tensors, second) and run(partials, mode, scalar, at) writes
-    run.n_partials sums of squares; norm_finalize / guard_finalize (finalizers(backend)) end them."""
-    impl = _impl(backend)
-    if hasattr(impl, "prepare_" + op):
-        return getattr(impl, "prepare_" + op)(**_local_lists(lists))
-    raise ValueError(f"prepare: no prepared form of {op!r} on backend {backend!r}")
+    launch tables built now and reused by every call. `lists` may hold static values too (momentum,
+    amsgrad, init_bufs: which optional lists the binding holds; a plan's key says them). The element
+    lists must be contiguous (and aligned for Triton: the step plans check stageable() and otherwise
+    call the list op). For the norms, op is "sumsq" (lists tensors, second) and run(partials, mode,
+    scalar, at) writes run.n_partials sums of squares; norm_finalize / guard_finalize
+    (finalizers(backend)) end them. nuSAM's power iterations from warm starts: op "power_iteration"
+    (lists mats, us, vs, warm)."""
+    if op not in REGISTRY:
+        raise ValueError(f"prepare: no primitive {op!r}")
+    return _impl(backend).prepare(op, **_local_lists(lists))
 
 
 def bind(op: str, backend: str, device: torch.device, lists: dict, static: dict | None = None):
@@ -209,9 +214,6 @@ def _guard_args(op, params, grad_scale, found_inf) -> dict:
     return {"grad_scale": _scalar(grad_scale, device, "grad_scale"), "found_inf": found_inf}
 
 
-_ADAM_WRITES = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
-
-
 @torch.no_grad()
 def global_norm(tensors, weights=None, offset: float = 0.0, *, backend: str = "auto") -> torch.Tensor:
     """0-dim tensor on the tensors' device: sqrt(sum_i ||T_i t_i||^2), T_i = |w_i| + offset (or 1); fp32,
@@ -220,7 +222,7 @@ def global_norm(tensors, weights=None, offset: float = 0.0, *, backend: str = "a
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
     weights = list(weights) if weights is not None else None
-    return _run("global_norm", backend, {"tensors": tensors, "weights": weights}, (), {"offset": float(offset)})
+    return _run("global_norm", backend, {"tensors": tensors, "weights": weights}, {"offset": float(offset)})
 
 
 @torch.no_grad()
@@ -235,7 +237,7 @@ def check_grads_(grads, flags, *, grads2=None, lam: float = 0.0, prior=None, sca
     grads = list(grads)
     grads2 = list(grads2) if grads2 is not None else None
     max_norm = float("inf") if max_norm is None else float(max_norm)
-    _run("check_grads_", backend, {"grads": grads, "grads2": grads2}, (),
+    _run("check_grads_", backend, {"grads": grads, "grads2": grads2},
          {"lam": float(lam), "flags": flags, "prior": prior, "scale": scale, "found_inf": found_inf,
           "max_norm": max_norm, "steps": steps, "steps_mask": steps_mask})
 
@@ -244,14 +246,14 @@ def check_grads_(grads, flags, *, grads2=None, lam: float = 0.0, prior=None, sca
 def perturb_(params, grads, olds, norm, rho: float, *, adaptive: bool = False, offset: float = 0.0,
              backend: str = "auto") -> None:
     """olds <- params; params <- params + rho * T^2 grads / (norm + eps); params untouched if norm is not finite."""
-    _run("perturb_", backend, {"params": list(params), "grads": list(grads), "olds": list(olds)}, ("params", "olds"),
+    _run("perturb_", backend, {"params": list(params), "grads": list(grads), "olds": list(olds)},
          {"norm": norm, "rho": float(rho), "adaptive": bool(adaptive), "offset": float(offset)})
 
 
 @torch.no_grad()
 def restore_(params, olds, found_inf=None, *, backend: str = "auto") -> None:
     """params <- olds, bit for bit; with found_inf (a device scalar), only when found_inf == 0."""
-    _run("restore_", backend, {"params": list(params), "olds": list(olds)}, ("params",), {"found_inf": found_inf})
+    _run("restore_", backend, {"params": list(params), "olds": list(olds)}, {"found_inf": found_inf})
 
 
 @torch.no_grad()
@@ -265,7 +267,7 @@ def restore_sgd_(params, olds, grads, bufs=None, *, lr: float, momentum: float =
     _run("restore_sgd_", backend,
          {"params": params, "olds": list(olds), "grads": list(grads),
           "bufs": list(bufs) if momentum != 0 else None},
-         ("params", "bufs"), {**scalars, **_guard_args("restore_sgd_", params, grad_scale, found_inf)})
+         {**scalars, **_guard_args("restore_sgd_", params, grad_scale, found_inf)})
 
 
 @torch.no_grad()
@@ -282,7 +284,7 @@ def restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=No
     _run("restore_adam_", backend,
          {"params": params, "olds": list(olds), "grads": list(grads),
           **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, state_steps)},
-         ("params", *_ADAM_WRITES), {**scalars, **_guard_args("restore_adam_", params, grad_scale, found_inf)})
+         {**scalars, **_guard_args("restore_adam_", params, grad_scale, found_inf)})
 
 
 # --- SAMPa -----------------------------------------------------------------------------------
@@ -293,12 +295,12 @@ def _lam(op: str, lam) -> float:
     return float(lam)
 
 
-def _update_with_one_gradient(op, impl, backend, params, grads, grads2, lam, state, written, scalars) -> None:
+def _update_with_one_gradient(op, impl, backend, params, grads, grads2, lam, state, scalars) -> None:
     """SAMPa's update at lam = 0 / 1: the plain fused step `impl` with the one gradient it uses,
     bit for bit, without reading the other."""
     _check_lists(op, params, {"grads": grads, "grads2": grads2})
     _run(op, backend, {"params": list(params), "olds": list(params), "grads": list(grads2 if lam else grads), **state},
-         written, scalars, impl=impl)
+         scalars, impl=impl)
 
 
 @torch.no_grad()
@@ -314,7 +316,7 @@ def sampa_preview_sgd_(params, grads, perturbed, previews, bufs=None, *, norm: t
     _run("sampa_preview_sgd_", backend,
          {"params": list(params), "grads": list(grads), "perturbed": list(perturbed), "previews": list(previews),
           "bufs": list(bufs) if momentum != 0 and bufs is not None else None},
-         ("perturbed", "previews"), {"norm": norm, "rho": float(rho), **scalars})
+         {"norm": norm, "rho": float(rho), **scalars})
 
 
 @torch.no_grad()
@@ -330,7 +332,7 @@ def sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, exp_avg_sq
     _run("sampa_preview_adam_", backend,
          {"params": list(params), "grads": list(grads), "perturbed": list(perturbed), "previews": list(previews),
           **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, state_steps)},
-         ("perturbed", "previews"), {"norm": norm, "rho": float(rho), **scalars})
+         {"norm": norm, "rho": float(rho), **scalars})
 
 
 @torch.no_grad()
@@ -346,11 +348,11 @@ def sampa_update_sgd_(params, grads, grads2, bufs=None, *, lam: float, lr: float
     lam = _lam("sampa_update_sgd_", lam)
     if lam in (0.0, 1.0):
         return _update_with_one_gradient("sampa_update_sgd_", "restore_sgd_", backend, params, grads, grads2, lam,
-                                         {"bufs": list(bufs) if momentum != 0 else None}, ("params", "bufs"), scalars)
+                                         {"bufs": list(bufs) if momentum != 0 else None}, scalars)
     _run("sampa_update_sgd_", backend,
          {"params": params, "grads": list(grads), "grads2": list(grads2),
           "bufs": list(bufs) if momentum != 0 else None},
-         ("params", "bufs"), {"lam": lam, **scalars})
+         {"lam": lam, **scalars})
 
 
 @torch.no_grad()
@@ -367,9 +369,9 @@ def sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg
     state = _adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, state_steps)
     if lam in (0.0, 1.0):
         return _update_with_one_gradient("sampa_update_adam_", "restore_adam_", backend, params, grads, grads2, lam,
-                                         state, ("params", *_ADAM_WRITES), scalars)
+                                         state, scalars)
     _run("sampa_update_adam_", backend, {"params": params, "grads": list(grads), "grads2": list(grads2), **state},
-         ("params", *_ADAM_WRITES), {"lam": lam, **scalars})
+         {"lam": lam, **scalars})
 
 
 # --- nuSAM -----------------------------------------------------------------------------------
@@ -399,7 +401,7 @@ def power_iteration_(mats, us, vs, sigmas, iters: int = 1, tau: float = 1e-12, *
     if int(iters) < 1:
         raise ValueError(f"power_iteration_: iters must be >= 1, got {iters}")
     mats, us, vs = _rank1_lists("power_iteration_", mats, us, vs)
-    _run("power_iteration_", backend, {"mats": mats, "us": us, "vs": vs}, ("us", "vs"),
+    _run("power_iteration_", backend, {"mats": mats, "us": us, "vs": vs},
          {"sigmas": sigmas, "iters": int(iters), "tau": float(tau)})
 
 
@@ -418,7 +420,7 @@ def rank1_scales_(sigmas, rho, normalized, scales, prior, *, backend: str = "aut
 def rank1_update_(mats, us, vs, scales, *, backend: str = "auto") -> None:
     """M_i <- M_i + scales[i] * u_i v_i^T (a zero scale leaves M_i untouched)."""
     mats, us, vs = _rank1_lists("rank1_update_", mats, us, vs)
-    _run("rank1_update_", backend, {"mats": mats, "us": us, "vs": vs}, ("mats",), {"scales": scales})
+    _run("rank1_update_", backend, {"mats": mats, "us": us, "vs": vs}, {"scales": scales})
 
 
 @torch.no_grad()
@@ -434,7 +436,6 @@ def rank1_restore_sgd_(params, us, vs, scales, grads, bufs=None, *, lr: float, m
     _run("rank1_restore_sgd_", backend,
          {"params": params, "us": us, "vs": vs, "grads": list(grads),
           "bufs": list(bufs) if momentum != 0 else None},
-         ("params", "bufs"),
          {"scales": scales, **scalars, **_guard_args("rank1_restore_sgd_", params, grad_scale, found_inf)})
 
 
@@ -451,5 +452,4 @@ def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, ma
     _run("rank1_restore_adam_", backend,
          {"params": params, "us": us, "vs": vs, "grads": list(grads),
           **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, state_steps)},
-         ("params", *_ADAM_WRITES),
          {"scales": scales, **scalars, **_guard_args("rank1_restore_adam_", params, grad_scale, found_inf)})

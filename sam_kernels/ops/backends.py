@@ -18,6 +18,7 @@ import os
 import torch
 
 from . import extension as _ext
+from .primitives import REGISTRY
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 
@@ -35,8 +36,8 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Primitives without a CUDA C++ kernel (Triton is their GPU path).
-NO_CUDA_KERNEL = ("power_iteration_", "rank1_scales_", "rank1_update_", "rank1_restore_sgd_", "rank1_restore_adam_")
+# Primitives without a CUDA C++ kernel (Triton is their GPU path): their declarations say so.
+NO_CUDA_KERNEL = tuple(name for name, prim in REGISTRY.items() if not prim.cuda)
 
 
 def why_unavailable(backend: str, device: torch.device, op: str | None = None) -> str | None:

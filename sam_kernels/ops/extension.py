@@ -102,9 +102,9 @@ if _LOADED:
     def _mutating_fake(*args, **kwargs):
         return None
 
-    for _op in ("check_grads_", "perturb_", "restore_", "restore_sgd_", "restore_adam_", "power_iteration_",
-                "rank1_scales_",
-                "rank1_update_", "rank1_restore_sgd_", "rank1_restore_adam_", "sampa_preview_sgd_",
-                "sampa_preview_adam_", "sampa_update_sgd_", "sampa_update_adam_"):
-        torch.library.register_fake(f"sam_kernels::{_op}")(_mutating_fake)
+    from .primitives import OPERATORS
+
+    for _prim in OPERATORS:  # every operator that returns nothing (it writes its arguments in place)
+        if _prim.returns == "()":
+            torch.library.register_fake(f"sam_kernels::{_prim.name}")(_mutating_fake)
     # _table and _launch (the step plans' private ops) are eager-only: they hide what they write

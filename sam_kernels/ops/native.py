@@ -1,133 +1,117 @@
 """The "cpu" and "cuda" backends: the extension's ops, torch.ops.sam_kernels.*; the dispatcher
 picks the CPU or CUDA kernel from the tensors' device.
 
-Two ways in: the list ops (public, traceable: a table is built on every call), and for the
-optimizers' step plans `prepare_<op>(lists...)`, which builds the tables once with
-torch.ops.sam_kernels._table and returns a function that launches with scalars only
-(torch.ops.sam_kernels._launch): no list of tensors crosses into C++ per step. The argument
-order of each kernel is the table at the top of csrc/ops.cpp.
+Nothing here is written per primitive: the packing of the arguments comes from each primitive's
+declaration (ops/primitives.py), which the C++ side reads too (csrc/generated/primitives.h).
+Two ways in:
+  - the list ops (public, traceable: a table is built on every call): `native.<name>(**arguments)`
+    calls torch.ops.sam_kernels.<name> with the arguments in the declared order;
+  - for the optimizers' step plans, prepare(name, **lists, **static), which builds the tables once
+    with torch.ops.sam_kernels._table and returns run(**scalars) that launches with scalars only
+    (torch.ops.sam_kernels._launch): no list of tensors crosses into C++ per step.
 """
 from __future__ import annotations
 
 import torch
 
 from .lists import Live, dtype_groups, on_refresh, pick
+from .primitives import REGISTRY, Primitive
 
 
 def _ops():
     return torch.ops.sam_kernels
 
 
-# --- the list ops ----------------------------------------------------------------------------
-
-def global_norm(tensors, weights, offset):
-    return _ops().global_norm(tensors, weights or [], float(offset))
-
-
-def check_grads_(grads, grads2, lam, flags, prior, scale, found_inf, max_norm, steps, steps_mask):
-    _ops().check_grads_(grads, grads2 or [], float(lam), flags, prior, scale, found_inf, float(max_norm), steps,
-                        steps_mask)
-
-
-def perturb_(params, grads, olds, norm, rho, adaptive, offset):
-    _ops().perturb_(params, grads, olds, norm, float(rho), bool(adaptive), float(offset))
+def _pack(param, value):
+    """One argument as the schema takes it (an absent list is an empty one)."""
+    category = param.category
+    if category == "list":
+        return [] if value is None else value
+    if category == "scalar":
+        return float(value)
+    if category == "option":
+        return bool(value) if param.type == "bool" else int(value)
+    return value
 
 
-def restore_(params, olds, found_inf=None):
-    _ops().restore_(params, olds, found_inf)
+def _list_op(prim: Primitive):
+    params = prim.params
+
+    def run(*args, **arguments):
+        arguments.update(zip((p.name for p in params), args))
+        return getattr(_ops(), prim.name)(*[_pack(p, arguments.get(p.name)) for p in params])
+
+    run.__name__ = run.__qualname__ = prim.name
+    run.__doc__ = prim.doc
+    return run
 
 
-def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
-                 grad_scale=None, found_inf=None):
-    _ops().restore_sgd_(params, olds, grads, bufs or [], float(lr), float(momentum), float(dampening), bool(nesterov),
-                        float(weight_decay), bool(maximize), bool(init_bufs), grad_scale, found_inf)
-
-
-def restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
-                  weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None):
-    _ops().restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], state_steps, float(lr),
-                         float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad),
-                         bool(maximize), grad_scale, found_inf)
-
-
-def power_iteration_(mats, us, vs, sigmas, iters, tau):
-    _ops().power_iteration_(mats, us, vs, sigmas, int(iters), float(tau))
-
-
-def rank1_update_(mats, us, vs, scales):
-    _ops().rank1_update_(mats, us, vs, scales)
-
-
-def rank1_scales_(sigmas, rho, normalized, scales, prior):
-    _ops().rank1_scales_(sigmas, rho, normalized, scales, prior)
-
-
-def rank1_restore_sgd_(params, us, vs, scales, grads, bufs, lr, momentum, dampening, nesterov, weight_decay,
-                       maximize, init_bufs, grad_scale=None, found_inf=None):
-    _ops().rank1_restore_sgd_(params, us, vs, scales, grads, bufs or [], float(lr), float(momentum), float(dampening),
-                              bool(nesterov), float(weight_decay), bool(maximize), bool(init_bufs), grad_scale,
-                              found_inf)
-
-
-def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
-                        beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None):
-    _ops().rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [],
-                               state_steps, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-                               bool(decoupled), bool(amsgrad), bool(maximize), grad_scale, found_inf)
-
-
-def sampa_preview_sgd_(params, grads, perturbed, previews, bufs, norm, rho, lr, momentum, dampening, nesterov,
-                       weight_decay, maximize, init_bufs):
-    _ops().sampa_preview_sgd_(params, grads, perturbed, previews, bufs or [], norm, float(rho), float(lr),
-                              float(momentum), float(dampening), bool(nesterov), float(weight_decay), bool(maximize),
-                              bool(init_bufs))
-
-
-def sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, norm,
-                        rho, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize):
-    _ops().sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [],
-                               state_steps, norm, float(rho), float(lr), float(beta1), float(beta2), float(eps),
-                               float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize))
-
-
-def sampa_update_sgd_(params, grads, grads2, bufs, lam, lr, momentum, dampening, nesterov, weight_decay, maximize,
-                      init_bufs, grad_scale=None, found_inf=None):
-    _ops().sampa_update_sgd_(params, grads, grads2, bufs or [], float(lam), float(lr), float(momentum),
-                             float(dampening), bool(nesterov), float(weight_decay), bool(maximize), bool(init_bufs),
-                             grad_scale, found_inf)
-
-
-def sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lam, lr, beta1,
-                       beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None):
-    _ops().sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], state_steps,
-                              float(lam), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-                              bool(decoupled), bool(amsgrad), bool(maximize), grad_scale, found_inf)
+def __getattr__(name: str):
+    """native.<primitive>: its list op (module attributes are looked up here only when missing)."""
+    prim = REGISTRY.get(name)
+    if prim is None or prim.internal:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    fn = globals()[name] = _list_op(prim)
+    return fn
 
 
 # --- prepared launches: tables built once, launches with scalars only -------------------------
 
-class _Bound:
-    """Kernel `kernel` bound to `lists` (absent optional lists None): one table per dtype group."""
+class Bound:
+    """Primitive `prim`'s kernel bound to its lists (one table per dtype group), called with its
+    scalars, options and device tensors by name. `static` holds the values the caller fixes for
+    the binding's lifetime (momentum, amsgrad, init_bufs: a step plan's key holds them): a list
+    whose presence rule they fail is left out (its table slot null), and a call whose values would
+    need it is refused, so that a kernel never reads a null list."""
 
-    def __init__(self, kernel: str, lists, values=()):
-        present = [lst for lst in lists if lst is not None]
-        self.kernel = kernel
+    def __init__(self, prim: Primitive, lists: dict, static: dict):
+        self.prim = prim
+        self.absent_checked = []  # optional lists left out: a call must not need them
+        given = []
+        for p in prim.lists:
+            lst = lists.get(p.name)
+            wanted = prim.is_present(p.name, {**static}, unknown=lst is not None)
+            if lst is not None and wanted:
+                given.append(lst)
+                continue
+            if p.name not in prim.present:
+                raise ValueError(f"{prim.name}: list {p.name!r} is required")
+            given.append(None)
+            self.absent_checked.append(p.name)
+        self.scalar_names = prim.scalars
+        self.option_names = prim.options
+        self.option_types = tuple(bool if p.type == "bool" else int for p in prim.of("option"))
+        self.tensor_names = prim.tensors
         self.parts = []  # (table, meta) per dtype group
-        for _, index in dtype_groups(present[0]):
-            lists = [pick(lst, index) for lst in present]
-            vals = [v for column in values for v in pick(column, index)]
-            table, meta = _ops()._table([t for lst in lists for t in lst], len(present), vals)
+        first = given[0]
+        values = [_value_column(rule, first) for rule in prim.values]
+        for _, index in dtype_groups(first):
+            picked = [pick(lst, index) if lst is not None else None for lst in given]
+            flat = [t for lst in picked for t in (lst if lst is not None else [None] * len(index))]
+            table, meta = _ops()._table(flat, len(picked), [v for column in values for v in pick(column, index)])
             self.parts.append((table, meta))
-            for i, lst in enumerate(lists):  # a step plan's gradients: their new addresses into the table
+            for i, lst in enumerate(picked):  # a step plan's gradients: their new addresses into the table
                 if isinstance(lst, Live):
                     on_refresh(lambda table=table, at=i * len(index), lst=lst: _patch(table, at, lst))
         self.n_chunks = sum(meta[3] for _, meta in self.parts)
 
-    def __call__(self, scalars, options, args):
-        launch = _ops()._launch
-        scalars, device_scalars = _device_scalars(scalars)
+    def __call__(self, **kw):
+        for name in self.absent_checked:
+            if self.prim.is_present(name, kw):
+                raise ValueError(f"{self.prim.name}: the values of this call need {name!r}, which was bound absent")
+        scalars, device_scalars = _device_scalars([kw[n] for n in self.scalar_names])
+        options = [t(kw[n]) for t, n in zip(self.option_types, self.option_names)]
+        tensors = [kw.get(n) for n in self.tensor_names]
+        launch, kernel = _ops()._launch, self.prim.name
         for table, meta in self.parts:
-            launch(self.kernel, table, meta, scalars, options, args, device_scalars)
+            launch(kernel, table, meta, scalars, options, tensors, device_scalars)
+
+
+def _value_column(rule: str, first) -> list:
+    """A per-tensor integer column of a table (primitives.py `values`), from the first list."""
+    if rule == "index":
+        return list(range(len(first)))
+    return [t.shape[0 if rule == "nrows" else 1] if t.dim() == 2 else 0 for t in first]
 
 
 def _device_scalars(values):
@@ -147,18 +131,26 @@ def _patch(table: torch.Tensor, at: int, tensors) -> None:
     table[at:at + len(tensors)].copy_(ptrs, non_blocking=True)
 
 
-def _rank1_values(mats):
-    return [[m.shape[1] for m in mats], list(range(len(mats)))]
+def prepare(name: str, **arguments):
+    """Primitive `name` bound to the lists among `arguments` (the others are static values: see
+    Bound); a primitive with no list (rank1_scales_) is its list op."""
+    prim = REGISTRY[name]
+    if name == "sumsq":
+        return _prepare_sumsq(**arguments)
+    if not prim.lists:
+        return __getattr__(name)
+    lists = {p.name: arguments.pop(p.name, None) for p in prim.lists}
+    return Bound(prim, lists, arguments)
 
 
-def prepare_sumsq(tensors, second=None):
-    """run(partials, mode, scalar, at): one partial per chunk of every dtype group into partials[at:]."""
-    bound = _Bound("sumsq", [tensors, second])
-    launch = _ops()._launch
+def _prepare_sumsq(tensors, second=None):
+    """run(partials, mode, scalar, at): one partial per chunk of every dtype group into partials[at:]
+    (each group's launch writes from its own offset: the option `first`)."""
+    bound = Bound(REGISTRY["sumsq"], {"tensors": tensors, "second": second}, {"mode": second is not None})
 
     def run(partials, mode, scalar, at=0):
         for table, meta in bound.parts:
-            launch("sumsq", table, meta, [float(scalar)], [int(mode), at], [partials], [])
+            _ops()._launch("sumsq", table, meta, [float(scalar)], [int(mode), at], [partials], [])
             at += meta[3]
 
     run.n_partials = bound.n_chunks
@@ -175,101 +167,3 @@ def guard_finalize(partials, flags, prior=None, scale=None, found_inf=None, max_
     """The guard of check_grads_ from the sums of squares in partials."""
     _ops()._launch("guard_finalize", None, [], [float(max_norm)], [],
                    [partials, flags, prior, scale, found_inf, steps, steps_mask], [])
-
-
-def prepare_perturb_(params, grads, olds):
-    bound = _Bound("perturb_", [params, grads, olds])
-    return lambda norm, rho, adaptive, offset: bound([rho, offset], [bool(adaptive)], [norm])
-
-
-def prepare_restore_(params, olds):
-    bound = _Bound("restore_", [params, olds])
-    return lambda found_inf=None: bound([], [], [found_inf])
-
-
-def _sgd_run(bound, lam=None):
-    def run(lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs, grad_scale=None, found_inf=None,
-            scales=None, lam=lam):
-        scalars = [lr, momentum, dampening, weight_decay]
-        bound(scalars + ([lam] if lam is not None else []), [bool(nesterov), bool(maximize), bool(init_bufs)],
-              [grad_scale, found_inf] + ([scales] if scales is not None else []))
-    return run
-
-
-def prepare_restore_sgd_(params, olds, grads, bufs, momentum):
-    return _sgd_run(_Bound("restore_sgd_", [params, olds, grads, bufs if momentum != 0 else None]))
-
-
-def prepare_rank1_restore_sgd_(params, us, vs, grads, bufs, momentum):
-    run = _sgd_run(_Bound("rank1_restore_sgd_", [params, grads, us, vs, bufs if momentum != 0 else None],
-                          _rank1_values(params)))
-    return lambda scales, **kw: run(scales=scales, **kw)
-
-
-def prepare_sampa_update_sgd_(params, grads, grads2, bufs, momentum):
-    run = _sgd_run(_Bound("sampa_update_sgd_", [params, grads, grads2, bufs if momentum != 0 else None]), lam=0.0)
-    return lambda lam, **kw: run(lam=lam, **kw)
-
-
-def _adam_run(bound, lam=None):
-    def run(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None,
-            scales=None, lam=lam):
-        scalars = [lr, beta1, beta2, eps, weight_decay]
-        bound(scalars + ([lam] if lam is not None else []), [bool(decoupled), bool(amsgrad), bool(maximize)],
-              [grad_scale, found_inf] + ([scales] if scales is not None else []))
-    return run
-
-
-def prepare_restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad):
-    return _adam_run(_Bound("restore_adam_", [params, olds, grads, exp_avgs, exp_avg_sqs, state_steps,
-                                              max_exp_avg_sqs if amsgrad else None]))
-
-
-def prepare_rank1_restore_adam_(params, us, vs, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad):
-    run = _adam_run(_Bound("rank1_restore_adam_", [params, grads, exp_avgs, exp_avg_sqs, state_steps, us, vs,
-                                                   max_exp_avg_sqs if amsgrad else None], _rank1_values(params)))
-    return lambda scales, **kw: run(scales=scales, **kw)
-
-
-def prepare_sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad):
-    run = _adam_run(_Bound("sampa_update_adam_", [params, grads, grads2, exp_avgs, exp_avg_sqs, state_steps,
-                                                  max_exp_avg_sqs if amsgrad else None]), lam=0.0)
-    return lambda lam, **kw: run(lam=lam, **kw)
-
-
-def prepare_sampa_preview_sgd_(params, grads, perturbed, previews, bufs, momentum, init_bufs):
-    bound = _Bound("sampa_preview_sgd_", [params, grads, perturbed, previews,
-                                          bufs if momentum != 0 and not init_bufs else None])
-
-    def run(norm, rho, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs):
-        bound([rho, lr, momentum, dampening, weight_decay],
-              [bool(nesterov), bool(maximize), bool(init_bufs)], [norm])
-    return run
-
-
-def prepare_sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                state_steps, amsgrad):
-    bound = _Bound("sampa_preview_adam_", [params, grads, perturbed, previews, exp_avgs, exp_avg_sqs, state_steps,
-                                           max_exp_avg_sqs if amsgrad else None])
-
-    def run(norm, rho, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize):
-        bound([rho, lr, beta1, beta2, eps, weight_decay],
-              [bool(decoupled), bool(amsgrad), bool(maximize)], [norm])
-    return run
-
-
-def prepare_power_iteration_(mats, us, vs, warm=None):
-    """run(sigmas, iters, tau) from the warm start `warm` (default: us) into us, vs (CPU kernel:
-    csrc/cpu/power_iteration.cpp; matrices with no element are not touched)."""
-    bound = _Bound("power_iteration_", [mats, us, vs, warm if warm is not None else us],
-                   [[m.shape[0] for m in mats], [m.shape[1] for m in mats], list(range(len(mats)))])
-    return lambda sigmas, iters, tau: bound([float(tau)], [int(iters)], [sigmas])
-
-
-def prepare_rank1_scales_():
-    return _ops().rank1_scales_
-
-
-def prepare_rank1_update_(mats, us, vs):
-    bound = _Bound("rank1_update_", [mats, us, vs], _rank1_values(mats))
-    return lambda scales: bound([], [], [scales])

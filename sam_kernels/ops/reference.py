@@ -11,6 +11,7 @@ import torch
 
 from .constants import CLIP_EPS, NORM_EPS as EPS
 from .lists import Live
+from .primitives import REGISTRY
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -357,61 +358,19 @@ def guard_finalize(partials, flags, prior=None, scale=None, found_inf=None, max_
     _guard(partials.double().sum().sqrt().float(), flags, prior, scale, found_inf, max_norm, steps, steps_mask)
 
 
-def _bind(fn, **lists):
-    fn = torch.no_grad()(fn)  # in-place on leaf parameters, as the list ops (ops.py) run it
+def prepare(name: str, **arguments):
+    """Primitive `name` bound to the lists among `arguments` (static values are ignored: this
+    backend reads every list when it runs); the forms of their own below for the norms' sums of
+    squares, the power iterations from warm starts and rank1_scales_."""
+    special = globals().get("prepare_" + name)
+    if special is not None:
+        return special(**arguments)
+    fn = torch.no_grad()(globals()[name])  # in-place on leaf parameters, as the list ops (ops/__init__.py) run it
+    lists = {p.name: arguments.get(p.name) for p in REGISTRY[name].lists}
     return lambda **kw: fn(**{k: list(v) if isinstance(v, Live) else v for k, v in lists.items()}, **kw)  # read now
 
 
-def prepare_perturb_(params, grads, olds):
-    return _bind(perturb_, params=params, grads=grads, olds=olds)
-
-
-def prepare_restore_(params, olds):
-    return _bind(restore_, params=params, olds=olds)
-
-
-def prepare_restore_sgd_(params, olds, grads, bufs, momentum):
-    return _bind(restore_sgd_, params=params, olds=olds, grads=grads, bufs=bufs)
-
-
-def prepare_rank1_restore_sgd_(params, us, vs, grads, bufs, momentum):
-    return _bind(rank1_restore_sgd_, params=params, us=us, vs=vs, grads=grads, bufs=bufs)
-
-
-def prepare_sampa_update_sgd_(params, grads, grads2, bufs, momentum):
-    return _bind(sampa_update_sgd_, params=params, grads=grads, grads2=grads2, bufs=bufs)
-
-
-def prepare_restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad):
-    return _bind(restore_adam_, params=params, olds=olds, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                 max_exp_avg_sqs=max_exp_avg_sqs, state_steps=state_steps)
-
-
-def prepare_rank1_restore_adam_(params, us, vs, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad):
-    return _bind(rank1_restore_adam_, params=params, us=us, vs=vs, grads=grads, exp_avgs=exp_avgs,
-                 exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs, state_steps=state_steps)
-
-
-def prepare_sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad):
-    return _bind(sampa_update_adam_, params=params, grads=grads, grads2=grads2, exp_avgs=exp_avgs,
-                 exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs, state_steps=state_steps)
-
-
-def prepare_sampa_preview_sgd_(params, grads, perturbed, previews, bufs, momentum, init_bufs):
-    return _bind(sampa_preview_sgd_, params=params, grads=grads, perturbed=perturbed, previews=previews, bufs=bufs)
-
-
-def prepare_sampa_preview_adam_(params, grads, perturbed, previews, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                state_steps, amsgrad):
-    return _bind(sampa_preview_adam_, params=params, grads=grads, perturbed=perturbed, previews=previews,
-                 exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs, state_steps=state_steps)
-
-
-def prepare_rank1_update_(mats, us, vs):
-    return _bind(rank1_update_, mats=mats, us=us, vs=vs)
-
-
-def prepare_power_iteration_(mats, us, vs, warm=None):
+def prepare_power_iteration(mats, us, vs, warm=None):
     """run(sigmas, iters, tau) from the warm start `warm` (default: us) into us, vs."""
     def run(sigmas, iters, tau):
         if warm is not None:

@@ -237,7 +237,7 @@ class _Group:
                                         self.part_r, sigmas, self.sigma_index, tau, BLOCK=SEG_BLOCK, SEG=SEG_BLOCK)
 
 
-def prepare_power_iteration_(mats, us, vs, warm=None):
+def prepare_power_iteration(mats, us, vs, warm=None):
     """run(sigmas, iters, tau): the power iteration of every matrix, warm-started from `warm`
     (default: us itself), u into us, v into vs, sigma_i into sigmas[i]."""
     warm = us if warm is None else warm
@@ -265,7 +265,7 @@ def prepare_power_iteration_(mats, us, vs, warm=None):
 
 
 def power_iteration_(mats, us, vs, sigmas, iters, tau):
-    prepare_power_iteration_(mats, us, vs)(sigmas, iters, tau)
+    prepare_power_iteration(mats, us, vs)(sigmas, iters, tau)
 
 
 def rank1_scales_(sigmas, rho, normalized, scales, prior):
