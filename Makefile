@@ -6,7 +6,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sam_kernels-installed
-DEPS := triton ninja numpy pytest pytest-benchmark hypothesis scikit-learn tqdm pytorch_optimizer lightning matplotlib
+TEST_WORKERS ?= auto  # pytest-xdist workers (one per core); python_tests/conftest.py splits the threads
+DEPS := triton ninja numpy pytest pytest-xdist pytest-benchmark hypothesis scikit-learn tqdm pytorch_optimizer lightning matplotlib
 SOURCES := setup.py sam_kernels/ops/primitives.py sam_kernels/ops/codegen.py $(wildcard csrc/*.cpp csrc/*.h csrc/generated/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: install test demo bench cuda-check clean
@@ -24,7 +25,7 @@ $(STAMP): $(BIN)/python $(SOURCES)
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest python_tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest python_tests -q -p no:cacheprovider -n $(TEST_WORKERS)
 
 demo: install
 	$(BIN)/python -m sam_kernels.demo --json demo_out/demo.json

@@ -106,10 +106,12 @@ for stage in "${stages[@]}"; do
     bench)
       capped 330 python3 -m sam_kernels.bench --json "$OUT/bench-$dev-$stamp.json" \
         --markdown "$OUT/bench-$dev-$stamp.md" --plot "$OUT/bench-$dev-$stamp.png" 2>"$OUT/bench.err" | tail -80
+      python3 bench/check_results.py "$OUT/bench-$dev-$stamp.json"
       ;;
     memory)
       capped 150 python3 -m sam_kernels.memory --json "$OUT/memory-$dev-$stamp.json" \
         --plot "$OUT/memory-$dev-$stamp.png" 2>"$OUT/memory.err" | tail -30
+      python3 bench/check_results.py "$OUT/memory-$dev-$stamp.json"
       ;;
     pytest-bench)
       capped 120 python3 -m pytest bench --benchmark-only -q -p no:cacheprovider \

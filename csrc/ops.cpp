@@ -158,7 +158,7 @@ Tensor global_norm(TensorList tensors, TensorList weights, double offset) {
   return out;
 }
 
-void check_grads_(TensorList grads, TensorList grads2, double lam, const Tensor& flags, const OptTensor& prior,
+void check_grads_(TensorList grads, TensorList grads2, double lam, const Tensor& flags, const OptTensor& first_norm,
                   const OptTensor& scale, const OptTensor& found_inf, double max_norm, const OptTensor& steps,
                   const OptTensor& steps_mask) {
   TORCH_CHECK(!grads.empty(), "check_grads_: grads is empty");
@@ -166,7 +166,7 @@ void check_grads_(TensorList grads, TensorList grads2, double lam, const Tensor&
   check_device_scalar("check_grads_", "flags", flags, device, 4);
   check_device_scalar("check_grads_", "scale", scale, device);
   check_device_scalar("check_grads_", "found_inf", found_inf, device);
-  if (prior.has_value()) check_device_scalar("check_grads_", "prior", prior, device, prior->numel(), true);
+  if (first_norm.has_value()) check_device_scalar("check_grads_", "first_norm", first_norm, device, first_norm->numel(), true);
   if (steps.has_value()) {
     check_device_scalar("check_grads_", "steps", steps, device, steps->numel());
     if (steps_mask.has_value()) check_device_scalar("check_grads_", "steps_mask", steps_mask, device, steps->numel());
@@ -175,7 +175,7 @@ void check_grads_(TensorList grads, TensorList grads2, double lam, const Tensor&
   Launch l;
   l.device = device;
   l.scalars = {max_norm};
-  l.args = {partials, flags, prior, scale, found_inf, steps, steps_mask};  // decl::guard_finalize::T
+  l.args = {partials, flags, first_norm, scale, found_inf, steps, steps_mask};  // decl::guard_finalize::T
   find_runner("guard_finalize", device.type())(l);
 }
 

@@ -142,7 +142,7 @@ at::Tensor make_table(
     const std::vector<std::vector<int64_t>>& values, const at::Device& device, int64_t* n_chunks);
 
 // An optional device scalar argument must be one fp32 value on `device` (or absent); with
-// allow_f64 (a norm, a norm's prior) fp64 too.
+// allow_f64 (a norm, a norm's first_norm) fp64 too.
 void check_device_scalar(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Device& device,
                          int64_t numel = 1, bool allow_f64 = false);
 

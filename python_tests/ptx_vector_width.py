@@ -26,7 +26,7 @@ SCALAR_KERNELS = {
     "gemv_t": power_iteration._gemv_t_kernel, "gemv": power_iteration._gemv_kernel,
     "finish": power_iteration._finish_kernel, "scales": power_iteration._scales_kernel,
 }
-INTS = ("n_tensors", "part0", "n", "n_prior", "n_steps", "k")
+INTS = ("n_tensors", "part0", "n", "n_first_norm", "n_steps", "k")
 FP32 = ("rho", "offset", "scalar", "lr", "momentum", "one_minus_dampening", "weight_decay", "lam", "beta1_weight",
         "beta2", "one_minus_beta2", "eps", "decay_factor", "max_norm", "tau")
 CONSTS = {"CT": tl.float32, "BLOCK": 4096, "EPS": 1e-12, "U_LIST": 6, "MOMENTUM": True, "HAS_FOUND": True,

@@ -10,8 +10,9 @@ import copy
 
 import pytest
 import torch
-from conftest import NUSAM_BACKENDS, TRAJECTORY, backend_cases, pairwise
-from test_no_sync import BASES, OPTIMIZERS, batches, loss_fn, mlp, two_step
+from conftest import TRAJECTORY, backend_cases, pairwise
+from optim_db import BASES, BY_NAME, FUSED_BASES, TWO_PASS, make
+from test_no_sync import batches, loss_fn, mlp, two_step
 
 from sam_kernels import SAM, SAMPa
 from sam_kernels.engine import engine as _engine
@@ -20,7 +21,7 @@ from sam_kernels.engine import engine as _engine
 def _run(name, backend, device, base, capturable, steps=6, state=None, start=0):
     base_cls, kw = BASES[base]
     model = mlp(device)
-    opt = OPTIMIZERS[name](list(model.parameters()), base_cls, {**kw, "capturable": capturable}, backend)
+    opt = make(name, list(model.parameters()), base_cls, capturable=capturable, backend=backend, **kw)
     if name in ("sam", "psam", "gausssam"):
         opt.engine.rho_fn = lambda t: 0.05 / (1 + t)  # a rho schedule: a new value every step
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
@@ -34,12 +35,11 @@ def _run(name, backend, device, base, capturable, steps=6, state=None, start=0):
     return model, opt, sched
 
 
-_NUSAM_OK = {tuple(c.values) for c in NUSAM_BACKENDS}
 # every optimizer on every backend, each with both base optimizers somewhere (pairwise, not the product)
 TRAJECTORY_CASES = pairwise(
-    {"name": [(n, n) for n in OPTIMIZERS], "backend,device": [(c.id, tuple(c.values)) for c in backend_cases()],
-     "base": [(b, b) for b in BASES]},
-    valid=lambda c: not c["name"].startswith("nusam") or c["backend,device"] in _NUSAM_OK)
+    {"name": [(n, n) for n in TWO_PASS], "backend,device": [(c.id, tuple(c.values)) for c in backend_cases()],
+     "base": [(b, b) for b in FUSED_BASES]},
+    valid=lambda c: c["backend,device"] in {tuple(b.values) for b in BY_NAME[c["name"]].backends})
 
 
 @pytest.mark.parametrize("name,backend,device,base", TRAJECTORY_CASES)
@@ -52,7 +52,7 @@ def test_capturable_steps_follow_the_eager_trajectory(name, backend, device, bas
     assert opt_c.skipped_steps == opt_e.skipped_steps == 2
     for p, q in zip(cap.parameters(), eager.parameters()):
         torch.testing.assert_close(p, q, **TRAJECTORY)
-    lr, rho = opt_c.engine.scalars.t[0].tolist()  # those of the last step (the scheduler has halved lr since)
+    lr, rho = opt_c.engine.scalars.values[0].tolist()  # those of the last step (the scheduler has halved lr since)
     assert lr == pytest.approx(2 * opt_c.param_groups[0]["lr"]) and rho == pytest.approx(opt_c.param_groups[0]["rho"])
 
 
@@ -146,11 +146,11 @@ def test_a_captured_step_reads_lr_from_the_device_scalars(fake_capture):
     opt.param_groups[0]["lr"] = 0.5
     fake_capture(True)
     step()  # runs eagerly here (CPU), reading the device scalars as a replay would
-    assert opt.engine.scalars.t[0, 0].item() == pytest.approx(0.05)
+    assert opt.engine.scalars.values[0, 0].item() == pytest.approx(0.05)
     assert opt.engine.plans.builds == builds  # nothing rebuilt
     fake_capture(False)
     step()
-    assert opt.engine.scalars.t[0, 0].item() == pytest.approx(0.5)
+    assert opt.engine.scalars.values[0, 0].item() == pytest.approx(0.5)
 
 
 def test_device_scalars_reject_a_non_finite_lr():
@@ -169,16 +169,16 @@ def test_lr_as_a_number_or_a_device_scalar(backend, device, lr):
     interpreter kept it as an fp64 scalar)."""
     from sam_kernels import ops
     g = torch.Generator().manual_seed(0)
-    olds = [torch.randn(n, generator=g).to(device, torch.bfloat16) for n in (1, 33)]
-    grads = [torch.randn(t.shape, generator=g).to(device, torch.bfloat16) for t in olds]
+    x_old = [torch.randn(n, generator=g).to(device, torch.bfloat16) for n in (1, 33)]
+    grads = [torch.randn(t.shape, generator=g).to(device, torch.bfloat16) for t in x_old]
     outs = []
     for value in (lr, torch.tensor(lr, dtype=torch.float32, device=device)):
-        x, bufs = [torch.full_like(t, float("nan")) for t in olds], [torch.zeros_like(t) for t in olds]
-        run = ops.prepare("restore_sgd_", backend, torch.device(device), params=x, olds=olds, grads=grads, bufs=bufs,
+        x, bufs = [torch.full_like(t, float("nan")) for t in x_old], [torch.zeros_like(t) for t in x_old]
+        run = ops.prepare("restore_sgd_", backend, torch.device(device), params=x, x_old=x_old, grads=grads, bufs=bufs,
                           momentum=0.5)  # a step plan's launch: what takes a device scalar
         run(lr=value, momentum=0.5, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False, init_bufs=False)
         outs.append(x)
-    for a, b, old in zip(*outs, olds):
+    for a, b, old in zip(*outs, x_old):
         assert torch.equal(a, b)
         if lr < 1e-100:
             assert torch.equal(a, old)

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import PEER_STEPS
 from torch import nn
 
 from sam_kernels import SAM, GaussSAM, NuSAM
@@ -167,7 +168,7 @@ def test_pytorch_optimizer_checkpoint_loads_and_steps_like_it():
             nn.functional.cross_entropy(m(x), y).backward()
             o.second_step(zero_grad=True)
     for a, b in zip(weights(theirs_model), weights(ours_model)):
-        torch.testing.assert_close(a, b, rtol=2.5e-7, atol=2.5e-7)
+        torch.testing.assert_close(a, b, **PEER_STEPS)
 
 
 def test_davda54_checkpoint_loads_without_its_scratch():

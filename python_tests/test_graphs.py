@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import NUSAM_TRAJECTORY, TRAJECTORY
+from conftest import EXACT, NUSAM_TRAJECTORY, TRAJECTORY
 from torch import nn
 
 from sam_kernels import PSAM, SAM, GaussSAM, NuSAM, SAMPa, disable_running_stats, enable_running_stats, \
@@ -90,7 +90,7 @@ def graphed_loop(model, opt, data, sched, scaler=None, warmup=2):
 def _same(model_a, model_b, opt_a, opt_b, exact=True, tol=TRAJECTORY):
     for (n, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         if exact:  # (a NaN batch makes BatchNorm's running statistics NaN, in both)
-            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=n)
+            torch.testing.assert_close(a, b, **EXACT, equal_nan=True, msg=n)
         else:
             torch.testing.assert_close(a, b, **tol, equal_nan=True, msg=n)
     assert opt_a.steps == opt_b.steps and opt_a.skipped_steps == opt_b.skipped_steps

@@ -1,8 +1,7 @@
-"""The guarantees of README.md at their edges, for every optimizer class (issue 13's defects, each
-with the test that failed before its fix): duplicate parameters, copies (deepcopy, pickle,
-torch.save), add_param_group, sparse gradients, non-finite values in any gradient of either pass,
-non-finite hyperparameters, GaussSAM's random stream in state_dict, a base optimizer instance
-given as params."""
+"""The guarantees of README.md at their edges, for every optimizer class of optim_db.py: duplicate
+parameters, copies (deepcopy, pickle, torch.save), add_param_group, sparse gradients, non-finite
+values in any gradient of either pass, non-finite hyperparameters, GaussSAM's random stream in
+state_dict, a base optimizer instance given as params."""
 from __future__ import annotations
 
 import copy
@@ -13,21 +12,12 @@ import warnings
 import pytest
 import torch
 from conftest import ROUNDING, backend_cases
+from optim_db import BASES, FUSED_BASES, TWO_PASS, make
 from torch import nn
 
-from sam_kernels import PSAM, SAM, GaussSAM, NuSAM, SAMPa
+from sam_kernels import SAM, GaussSAM, SAMPa
 
 BACKENDS = backend_cases("power_iteration_")  # the backends every class runs on here
-TWO_STEP = {
-    "sam": lambda ps, base, **kw: SAM(ps, base, **{"rho": 0.05, **kw}),
-    "asam": lambda ps, base, **kw: SAM(ps, base, adaptive=True, **{"rho": 0.5, **kw}),
-    "nusam": lambda ps, base, **kw: NuSAM(ps, base, **{"rho": 0.1, **kw}),
-    "nusam_norm": lambda ps, base, **kw: NuSAM(ps, base, normalized=True, **{"rho": 0.1, **kw}),
-    "gausssam": lambda ps, base, **kw: GaussSAM(ps, base, **{"rho": 0.05, **kw}),
-    "psam": lambda ps, base, **kw: PSAM(ps, base, period=2, **{"rho": 0.05, **kw}),
-}
-BASES = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
-         "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2))}
 
 
 def mlp(seed=0):
@@ -89,16 +79,16 @@ def assert_same(a, b):
 
 # --- 1. duplicate parameters ---------------------------------------------------------------
 
-@pytest.mark.parametrize("name", TWO_STEP)
+@pytest.mark.parametrize("name", TWO_PASS)
 def test_duplicate_parameters_rejected(name):
     model = mlp()
     w = model[0].weight
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] \(shape \(7, 5\)\) is "
                                          r"param_groups\[0\]\['params'\]\[0\] again"):
-        TWO_STEP[name]([w, w], torch.optim.SGD, lr=0.1)
+        make(name, [w, w], torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] .* is param_groups\[0\]"):
-        TWO_STEP[name]([{"params": [w]}, {"params": [w]}], torch.optim.SGD, lr=0.1)
-    opt = TWO_STEP[name]([w], torch.optim.SGD, lr=0.1)
+        make(name, [{"params": [w]}, {"params": [w]}], torch.optim.SGD, lr=0.1)
+    opt = make(name, [w], torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="listed once"):
         opt.add_param_group({"params": [model[2].weight, w]})
     assert len(opt.param_groups) == len(opt.base_optimizer.param_groups) == 1
@@ -123,12 +113,12 @@ def _copies(model, opt):
     yield torch.load(buf, weights_only=False)
 
 
-@pytest.mark.parametrize("base", BASES)
-@pytest.mark.parametrize("name", TWO_STEP)
+@pytest.mark.parametrize("base", FUSED_BASES)
+@pytest.mark.parametrize("name", TWO_PASS)
 def test_copy_steps_like_the_original(name, base):
     cls, kw = BASES[base]
     model = mlp()
-    opt = TWO_STEP[name](model.parameters(), cls, backend="cpu", **kw)
+    opt = make(name, model.parameters(), cls, backend="cpu", **kw)
     batches = [data(s) for s in range(4)]
     two_step(model, opt, batches[0])
     two_step(model, opt, batches[1], poison=("second", 3, float("nan")))  # a skipped step is carried over
@@ -221,10 +211,10 @@ def test_copy_between_the_two_steps_is_refused():
 # --- 3-5. add_param_group ------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
-@pytest.mark.parametrize("name", TWO_STEP)
+@pytest.mark.parametrize("name", TWO_PASS)
 def test_add_param_group_steps_and_round_trips(name, backend, device):
     model = mlp().to(device)
-    opt = TWO_STEP[name](model[0].parameters(), torch.optim.AdamW, lr=1e-2, backend=backend)
+    opt = make(name, model[0].parameters(), torch.optim.AdamW, lr=1e-2, backend=backend)
     batch = tuple(t.to(device) for t in data())
     two_step(model, opt, batch)
     opt.add_param_group({"params": list(model[2].parameters()), "lr": 5e-2, "rho": 0.2})
@@ -236,7 +226,7 @@ def test_add_param_group_steps_and_round_trips(name, backend, device):
     assert all(not torch.equal(a, p) for a, p in zip(late, model[2].parameters()))
     # the state dict round trip: a fresh optimizer with the same groups steps like this one
     model2 = copy.deepcopy(model)
-    opt2 = TWO_STEP[name](model2[0].parameters(), torch.optim.AdamW, lr=1e-2, backend=backend)
+    opt2 = make(name, model2[0].parameters(), torch.optim.AdamW, lr=1e-2, backend=backend)
     opt2.add_param_group({"params": list(model2[2].parameters()), "lr": 5e-2, "rho": 0.2})
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # as from a file: torch aliases a live one
     two_step(model, opt, batch)
@@ -278,10 +268,10 @@ def test_add_param_group_sampa():
     ({"betas": (0.9, 1.5)}, r"param_groups\[1\]: AdamW refuses these options: Invalid beta parameter at index 1"),
     ({"eps": -1.0}, r"param_groups\[1\]: AdamW refuses these options: Invalid epsilon value: -1.0"),
 ])
-@pytest.mark.parametrize("name", TWO_STEP)
+@pytest.mark.parametrize("name", TWO_PASS)
 def test_add_param_group_validates_before_changing_anything(name, bad, match):
     model = mlp()
-    opt = TWO_STEP[name](model[0].parameters(), torch.optim.AdamW, lr=1e-2)
+    opt = make(name, model[0].parameters(), torch.optim.AdamW, lr=1e-2)
     groups = [dict(g) for g in opt.param_groups]
     with pytest.raises(ValueError, match=match):
         opt.add_param_group({"params": list(model[2].parameters()), **bad})
@@ -311,11 +301,11 @@ def test_sampa_sparse_gradient_is_named():
     assert_same(before, [p.detach() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("name", TWO_STEP)
+@pytest.mark.parametrize("name", TWO_PASS)
 def test_sparse_gradient_is_named(name):
     emb = nn.Embedding(10, 3, sparse=True)
     lin = nn.Linear(3, 2)
-    opt = TWO_STEP[name]([{"params": list(lin.parameters())}, {"params": [emb.weight]}], torch.optim.SGD, lr=0.1)
+    opt = make(name, [{"params": list(lin.parameters())}, {"params": [emb.weight]}], torch.optim.SGD, lr=0.1)
     lin(emb(torch.tensor([1, 2]))).sum().backward()
     before = [p.detach().clone() for p in (*lin.parameters(), emb.weight)]
     with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\]: sparse gradients"):
@@ -329,10 +319,10 @@ def test_sparse_gradient_is_named(name):
 @pytest.mark.parametrize("where", [("first", 0), ("first", 3), ("second", 1), ("second", 2)],
                          ids=["first-weight", "first-bias", "second-bias", "second-weight"])
 @pytest.mark.parametrize("backend, device", BACKENDS)
-@pytest.mark.parametrize("name", TWO_STEP)
+@pytest.mark.parametrize("name", TWO_PASS)
 def test_nonfinite_anywhere_skips_bit_for_bit(name, backend, device, where, value):
     model = mlp()
-    opt = TWO_STEP[name](model.parameters(), torch.optim.AdamW, lr=1e-2, backend=backend)
+    opt = make(name, model.parameters(), torch.optim.AdamW, lr=1e-2, backend=backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     two_step(model, opt, data(0))  # state exists
     if name == "psam":
@@ -393,12 +383,12 @@ def test_nonfinite_anywhere_sampa(where, param):
     (dict(momentum=float("nan")), "momentum"), (dict(weight_decay=float("inf")), "weight_decay"),
     (dict(dampening=float("nan")), "dampening"), (dict(max_grad_norm=float("inf")), "max_grad_norm"),
 ])
-@pytest.mark.parametrize("name", TWO_STEP)
+@pytest.mark.parametrize("name", TWO_PASS)
 def test_nonfinite_hyperparameters_rejected(name, kw, match):
     model = mlp()
     kw = {"lr": 0.1, **kw}
     with pytest.raises(ValueError, match=match):
-        TWO_STEP[name](model.parameters(), torch.optim.SGD, **kw)
+        make(name, model.parameters(), torch.optim.SGD, **kw)
 
 
 @pytest.mark.parametrize("kw, match", [(dict(betas=(0.9, float("nan"))), "beta"), (dict(eps=float("nan")), "eps")])
@@ -450,10 +440,10 @@ def test_gausssam_seed_from_global_rng():
 
 # --- 10. step(closure) returns the loss -------------------------------------------------------
 
-@pytest.mark.parametrize("name", TWO_STEP)
+@pytest.mark.parametrize("name", TWO_PASS)
 def test_step_closure_returns_the_loss(name):
     model = mlp()
-    opt = TWO_STEP[name](model.parameters(), torch.optim.SGD, lr=0.1)
+    opt = make(name, model.parameters(), torch.optim.SGD, lr=0.1)
     x, y = data()
     losses = []
 
@@ -469,13 +459,13 @@ def test_step_closure_returns_the_loss(name):
 
 # --- 11. a base optimizer instance where params go ----------------------------------------------
 
-@pytest.mark.parametrize("name", TWO_STEP)
+@pytest.mark.parametrize("name", TWO_PASS)
 def test_base_optimizer_instance_as_params(name):
     model = mlp()
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match=r"pass the base optimizer as base_optimizer= and params=None"):
-        TWO_STEP[name](base, torch.optim.SGD)
-    opt = TWO_STEP[name](None, base)  # the way that works
+        make(name, base, torch.optim.SGD)
+    opt = make(name, None, base)  # the way that works
     two_step(model, opt, data())
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, KERNEL_BACKENDS, assert_close, backend_cases, pairwise, poison, step_counts
+from conftest import DTYPES, EXACT, KERNEL_BACKENDS, assert_close, backend_cases, pairwise, poison, step_counts
 
 from sam_kernels import backends, ops
 
@@ -17,11 +17,12 @@ def make(sizes, dtype, device, scale=1.0):
     return [(torch.randn(n) * scale).to(device=device, dtype=dtype) for n in sizes]
 
 
-def expected_flags(grads, grads2=None, lam=0.0, prior_bad=False, found=None, scale=None, max_norm=None, skipped=0.0):
+def expected_flags(grads, grads2=None, lam=0.0, first_norm_bad=False, found=None, scale=None, max_norm=None,
+                   skipped=0.0):
     d = [g.double() for g in grads] if grads2 is None else [(1 - lam) * g.double() + lam * h.double()
                                                            for g, h in zip(grads, grads2)]
     n = math.sqrt(sum(float((t ** 2).sum()) for t in d)) if d else 0.0
-    bad = prior_bad or (found is not None and found != 0) or not math.isfinite(n)
+    bad = first_norm_bad or (found is not None and found != 0) or not math.isfinite(n)
     inv = 1.0 / scale if scale is not None else 1.0
     norm = n * inv
     mul = inv * min(1.0, max_norm / (norm + 1e-6)) if max_norm is not None else inv
@@ -36,9 +37,9 @@ CASES = [
     dict(scale=2.0 ** 7, max_norm=0.5),
     dict(nan=True),
     dict(inf=True, scale=2.0 ** 7),
-    dict(prior=float("nan")),
-    dict(prior=float("inf")),
-    dict(prior=1.5),
+    dict(first_norm=float("nan")),
+    dict(first_norm=float("inf")),
+    dict(first_norm=1.5),
     dict(found=0.0),
     dict(found=1.0),
     dict(found=-2.0),  # any non-zero value skips: found_inf is a sum over devices in GradScaler
@@ -60,16 +61,16 @@ def test_check_grads_flags(backend, device, case, dtype):
         grads[3][0] = float("inf")
     if case.get("nan2"):
         grads2[0][3] = float("nan")
-    prior = torch.tensor([1.0, case["prior"]], device=device) if "prior" in case else None
+    first_norm = torch.tensor([1.0, case["first_norm"]], device=device) if "first_norm" in case else None
     found = torch.tensor(case["found"], device=device) if "found" in case else None
     scale = torch.tensor(case["scale"], device=device) if "scale" in case else None
     flags = torch.tensor([float("nan"), float("nan"), float("nan"), 3.0], device=device)  # poisoned but the count
     steps = torch.tensor([4.0, 9.0, 1.0], device=device)
     mask = torch.tensor([1.0, 0.0, 1.0], device=device)
-    ops.check_grads_(grads, flags, grads2=grads2, lam=case.get("mix", 0.0), prior=prior, scale=scale,
+    ops.check_grads_(grads, flags, grads2=grads2, lam=case.get("mix", 0.0), first_norm=first_norm, scale=scale,
                      found_inf=found, max_norm=case.get("max_norm"), steps=steps, steps_mask=mask, backend=backend)
     want = expected_flags([g.cpu() for g in grads], [g.cpu() for g in grads2] if grads2 else None,
-                          case.get("mix", 0.0), prior is not None and not math.isfinite(case["prior"]),
+                          case.get("mix", 0.0), first_norm is not None and not math.isfinite(case["first_norm"]),
                           case.get("found"), case.get("scale"), case.get("max_norm"), skipped=3.0)
     got = flags.cpu().tolist()
     assert got[0] == want[0] and got[3] == want[3]
@@ -93,21 +94,21 @@ def _state(sizes, dtype, device):
             "v": [t.abs() for t in make(sizes, dtype, device, 0.01)]}
 
 
-def _run(op, backend, device, x, olds, g, g2, st, sizes, found_inf, grad_scale):
+def _run(op, backend, device, x, x_old, g, g2, st, sizes, found_inf, grad_scale):
     steps = step_counts(len(sizes), 2, device)
     adam = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, decoupled=True, state_steps=steps)
     sgd = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
     guard = dict(found_inf=found_inf, grad_scale=grad_scale, backend=backend)
     if op == "restore_sgd":
-        ops.restore_sgd_(x, olds, g, st["bufs"], **sgd, **guard)
+        ops.restore_sgd_(x, x_old, g, st["bufs"], **sgd, **guard)
     elif op == "restore_adam":
-        ops.restore_adam_(x, olds, g, st["m"], st["v"], **adam, **guard)
+        ops.restore_adam_(x, x_old, g, st["m"], st["v"], **adam, **guard)
     elif op == "sampa_update_sgd":
         ops.sampa_update_sgd_(x, g, g2, st["bufs"], lam=0.3, **sgd, **guard)
     elif op == "sampa_update_adam":
         ops.sampa_update_adam_(x, g, g2, st["m"], st["v"], lam=0.3, **adam, **guard)
     elif op == "restore":
-        ops.restore_(x, olds, found_inf, backend=backend)
+        ops.restore_(x, x_old, found_inf, backend=backend)
     else:  # nuSAM: n x 1 matrices, x_old = M - s u v^T
         mats = [t.reshape(-1, 1) for t in x]
         us = [torch.linspace(-1, 1, n, device=device) for n in sizes]
@@ -131,13 +132,13 @@ UPDATES = ["restore", "restore_sgd", "restore_adam", "sampa_update_sgd", "sampa_
     "found": [("1", 1.0), ("-3", -3.0), ("nan", float("nan")), ("0", 0.0)],
     "dtype": [("fp32", torch.float32), ("bf16", torch.bfloat16)]}))
 def test_updates_obey_found_inf(backend, device, op, found, dtype):
-    """found_inf != 0 (NaN included: it is not 0): SAM's x <- olds, nuSAM's x <- M - s u v^T,
+    """found_inf != 0 (NaN included: it is not 0): SAM's x <- x_old, nuSAM's x <- M - s u v^T,
     SAMPa's and restore_'s nothing, and no state written, while the gradient holds NaN. found_inf
     == 0: the same as without a flag (the torch reference, the same grad_scale)."""
     if op.startswith("rank1") and backends.why_unavailable(backend, torch.device(device), "rank1_update_"):
         pytest.skip("no CUDA C++ rank-1 kernels (Triton is nuSAM's GPU path)")
     sizes = [5, 4100, 33]
-    x, olds = make(sizes, dtype, device), make(sizes, dtype, device)
+    x, x_old = make(sizes, dtype, device), make(sizes, dtype, device)
     g, g2 = make(sizes, dtype, device), make(sizes, dtype, device)
     st = _state(sizes, dtype, device)
     flag = torch.tensor(found, device=device)
@@ -147,16 +148,16 @@ def test_updates_obey_found_inf(backend, device, op, found, dtype):
         x0, st0 = [t.clone() for t in x], {k: [t.clone() for t in v] for k, v in st.items()}
         ref_x = [t.clone() for t in x]
         if op in ("restore_sgd", "restore_adam"):
-            ref_x = [t.clone() for t in olds]
+            ref_x = [t.clone() for t in x_old]
         elif op.startswith("rank1"):
             ref_x = [t.clone() for t in x]
             ops.rank1_update_([t.reshape(-1, 1) for t in ref_x],
                               [torch.linspace(-1, 1, n, device=device) for n in sizes],
                               [torch.ones(1, device=device) for _ in sizes], torch.full((3,), -0.25, device=device),
                               backend="torch")
-        _run(op, backend, device, x, olds, g, g2, st, sizes, flag, scale)
+        _run(op, backend, device, x, x_old, g, g2, st, sizes, flag, scale)
         for a, b in zip(x, ref_x):
-            assert_close(a, b) if op.startswith("rank1") else torch.testing.assert_close(a, b, rtol=0, atol=0)
+            assert_close(a, b) if op.startswith("rank1") else torch.testing.assert_close(a, b, **EXACT)
         for k in st:
             for a, b in zip(st[k], st0[k]):
                 assert torch.equal(a, b), f"{op}: state '{k}' written by a skipped step"
@@ -165,8 +166,8 @@ def test_updates_obey_found_inf(backend, device, op, found, dtype):
                 assert torch.equal(a, b)
     else:
         xr, str_ = [t.clone() for t in x], {k: [t.clone() for t in v] for k, v in st.items()}
-        _run(op, backend, device, x, olds, g, g2, st, sizes, flag, scale)
-        _run(op, "torch", device, xr, olds, g, g2, str_, sizes, None, scale)
+        _run(op, backend, device, x, x_old, g, g2, st, sizes, flag, scale)
+        _run(op, "torch", device, xr, x_old, g, g2, str_, sizes, None, scale)
         for a, b in zip(x + sum(st.values(), []), xr + sum(str_.values(), [])):
             assert_close(a, b)
 
@@ -191,14 +192,14 @@ def test_adam_bias_corrections_come_from_each_tensors_counter(backend, device, d
     """Tensors of one launch at different step counts (a parameter that joined later): each gets
     its own bias corrections, read on the device."""
     sizes = [9, 4100, 31]
-    olds, g = make(sizes, dtype, device), make(sizes, dtype, device)
+    x_old, g = make(sizes, dtype, device), make(sizes, dtype, device)
     m0, v0 = make(sizes, dtype, device, 0.1), [t.abs() for t in make(sizes, dtype, device, 0.01)]
     steps = [torch.tensor(s, device=device) for s in (1.0, 7.0, 1000.0)]
     outs = {}
     for b in (backend, "torch"):
-        x = [poison(torch.empty_like(t)) for t in olds]
+        x = [poison(torch.empty_like(t)) for t in x_old]
         m, v = [t.clone() for t in m0], [t.clone() for t in v0]
-        ops.restore_adam_(x, olds, g, m, v, state_steps=steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+        ops.restore_adam_(x, x_old, g, m, v, state_steps=steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
                           backend=b)
         outs[b] = x + m + v
     for a, r in zip(outs[backend], outs["torch"]):

@@ -16,9 +16,20 @@ from sam_kernels.ops import extension as _ext
 def test_ops_are_registered_with_mutation_annotations():
     assert _ext.loaded(), f"native extension failed to load: {_ext.load_error()}"
     schema = str(torch.ops.sam_kernels.perturb_.default._schema)
-    assert "Tensor(a!)[] params" in schema and "Tensor(b!)[] olds" in schema
+    assert "Tensor(a!)[] params" in schema and "Tensor(b!)[] x_old" in schema
     assert "Tensor(a!)[] params" in str(torch.ops.sam_kernels.restore_sgd_.default._schema)
     assert _ext.has_kernel("restore_adam_", "CPU")
+
+
+def test_the_triton_kernels_run_here():
+    """Every backend test is parametrized over backends.available(): were Triton missing (or the
+    interpreter not set on a machine without a GPU, conftest.py), its cases would silently vanish
+    and the GPU path would go untested. So: it is available, and a kernel of it runs and is right."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert "triton" in backends.available(device), backends.why_unavailable("triton", torch.device(device))
+    xs = [torch.full((5,), 3.0, device=device), torch.full((2, 3), 4.0, device=device)]
+    norm = ops.global_norm(xs, backend="triton")
+    torch.testing.assert_close(norm.cpu(), torch.tensor(float((5 * 9 + 6 * 16) ** 0.5)))
 
 
 def test_auto_backend_per_device():
@@ -69,19 +80,19 @@ def test_without_the_extension_the_package_still_works():
 def test_torch_compile_traces_through_the_ops_without_graph_breaks():
     params = [torch.randn(10), torch.randn(3, 4)]
     grads = [torch.randn_like(p) for p in params]
-    olds = [torch.empty_like(p) for p in params]
+    x_old = [torch.empty_like(p) for p in params]
     bufs = [torch.zeros_like(p) for p in params]
 
-    def sam_update(params, grads, olds, bufs):
+    def sam_update(params, grads, x_old, bufs):
         norm = torch.ops.sam_kernels.global_norm(grads, [], 0.0)
-        torch.ops.sam_kernels.perturb_(params, grads, olds, norm, 0.05, False, 0.0)
-        torch.ops.sam_kernels.restore_sgd_(params, olds, grads, bufs, 0.1, 0.9, 0.0, False, 0.0, False, False)
+        torch.ops.sam_kernels.perturb_(params, grads, x_old, norm, 0.05, False, 0.0)
+        torch.ops.sam_kernels.restore_sgd_(params, x_old, grads, bufs, 0.1, 0.9, 0.0, False, 0.0, False, False)
         return norm
 
     eager = [p.clone() for p in params], [b.clone() for b in bufs]
     n_eager = sam_update(eager[0], grads, [torch.empty_like(p) for p in params], eager[1])
     compiled = torch.compile(sam_update, backend="aot_eager", fullgraph=True)
-    n_comp = compiled(params, grads, olds, bufs)
+    n_comp = compiled(params, grads, x_old, bufs)
     assert torch.equal(n_eager, n_comp)
     for a, b in zip(params + bufs, eager[0] + eager[1]):
         assert torch.equal(a, b)

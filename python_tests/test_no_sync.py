@@ -10,11 +10,12 @@ import contextlib
 
 import pytest
 import torch
-from conftest import NUSAM_BACKENDS, backend_cases
+from conftest import backend_cases
+from optim_db import BASES, FUSED_BASES, class_backend_cases, make
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from sam_kernels import PSAM, SAM, GaussSAM, NuSAM, SAMPa
+from sam_kernels import SAM, SAMPa
 
 _FORBIDDEN = {torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero, torch.ops.aten.equal}
 
@@ -55,24 +56,6 @@ def batches(n, device):
 
 def loss_fn(model, batch):
     return nn.functional.cross_entropy(model(batch[0]), batch[1])
-
-
-BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
-         "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2))}
-OPTIMIZERS = {
-    "sam": lambda ps, b, kw, backend: SAM(ps, b, rho=0.05, backend=backend, **kw),
-    "asam": lambda ps, b, kw, backend: SAM(ps, b, rho=0.5, adaptive=True, backend=backend, **kw),
-    "nusam": lambda ps, b, kw, backend: NuSAM(ps, b, rho=0.1, backend=backend, **kw),
-    "nusam-norm": lambda ps, b, kw, backend: NuSAM(ps, b, rho=0.1, normalized=True, backend=backend, **kw),
-    "gausssam": lambda ps, b, kw, backend: GaussSAM(ps, b, rho=0.05, backend=backend,
-                                                    generator=torch.Generator(ps[0].device).manual_seed(0), **kw),
-    "psam": lambda ps, b, kw, backend: PSAM(ps, b, rho=0.05, period=2, backend=backend, **kw),
-}
-
-
-def cases():
-    return [pytest.param(name, *c.values, id=f"{name}-{c.id}") for name in OPTIMIZERS
-            for c in (NUSAM_BACKENDS if name.startswith("nusam") else backend_cases())]
 
 
 def two_step(model, opt, batch, scaler=None, poison=None, unscale=False, closure=False):
@@ -116,12 +99,12 @@ def test_the_mode_catches_host_reads():
                 read()
 
 
-@pytest.mark.parametrize("name,backend,device", cases())
-@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("name,backend,device", class_backend_cases())
+@pytest.mark.parametrize("base", FUSED_BASES)
 def test_steps_never_read_the_device(name, backend, device, base):
     base_cls, kw = BASES[base]
     model = mlp(device)
-    opt = OPTIMIZERS[name](list(model.parameters()), base_cls, kw, backend)
+    opt = make(name, list(model.parameters()), base_cls, backend=backend, **kw)
     data = batches(6, device)
     for i, b in enumerate(data):  # the first steps build the plans and the state inside the mode
         two_step(model, opt, b, poison={2: "first", 4: "second"}.get(i), closure=i == 3)
@@ -136,11 +119,11 @@ def test_steps_never_read_the_device(name, backend, device, base):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name,backend,device", cases())
+@pytest.mark.parametrize("name,backend,device", class_backend_cases())
 def test_grad_scaler_and_clipping_never_read_the_device(name, backend, device):
     base_cls, kw = BASES["sgd"]
     model = mlp(device)
-    opt = OPTIMIZERS[name](list(model.parameters()), base_cls, {**kw, "max_grad_norm": 0.5}, backend)
+    opt = make(name, list(model.parameters()), base_cls, backend=backend, max_grad_norm=0.5, **kw)
     scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=2.0 ** 8)
     for i, b in enumerate(batches(6, device)):
         two_step(model, opt, b, scaler, poison="second" if i == 2 else None, unscale=i >= 4)
@@ -149,7 +132,7 @@ def test_grad_scaler_and_clipping_never_read_the_device(name, backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
-@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("base", FUSED_BASES)
 @pytest.mark.parametrize("lam", [0.2, 0.0])
 def test_sampa_steps_never_read_the_device(backend, device, base, lam):
     """(lam 0.2: with clipping and a GradScaler, whose update() backs off after the NaN batch)"""

@@ -115,7 +115,7 @@ def test_prepared_power_iteration_starts_from_the_warm_vectors_and_keeps_them(ba
 @pytest.mark.parametrize("case", ["plain", "normalized", "mixed", "nan", "inf", "empty"])
 def test_rank1_scales(backend, device, case):
     """s_i = rho_i, or rho_i sigma_i / sqrt(sum of the normalized sigma_j^2) (nuSAM-Norm), all 0 when a
-    sigma is not finite; prior = sum of the sigmas. Against float64 values computed here."""
+    sigma is not finite; first_norm = sum of the sigmas. Against float64 values computed here."""
     k = 0 if case == "empty" else 7
     sigmas = torch.rand(k, dtype=torch.float64) * 3
     if case == "nan":
@@ -128,12 +128,15 @@ def test_rank1_scales(backend, device, case):
     want = torch.where(normed != 0, rho * sigmas / (c + 1e-12), rho)
     if not torch.isfinite(sigmas).all():
         want = torch.zeros_like(want)
-    scales, prior = poison(torch.empty(k, device=device)), poison(torch.empty(1, device=device))
+    scales, first_norm = poison(torch.empty(k, device=device)), poison(torch.empty(1, device=device))
     ops.rank1_scales_(sigmas.float().to(device), rho.float().to(device), normed.float().to(device), scales,
-                      prior[0], backend=backend)
+                      first_norm[0], backend=backend)
     torch.testing.assert_close(scales.cpu().double(), want, rtol=NORM_RTOL, atol=0)
     total = float(sigmas.sum())
-    assert (prior.item() == pytest.approx(total, rel=1e-5)) if math.isfinite(total) else not math.isfinite(prior.item())
+    if math.isfinite(total):
+        assert first_norm.item() == pytest.approx(total, rel=1e-5)
+    else:
+        assert not math.isfinite(first_norm.item())
 
 
 @pytest.mark.parametrize("backend,device", NUSAM_KERNEL_BACKENDS)

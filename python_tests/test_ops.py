@@ -71,11 +71,11 @@ def test_perturb(backend, device, sizes, dtype, adaptive):
     x = make(sizes, dtype, device)
     g = make(sizes, dtype, device)
     norm = ops.global_norm(g, x if adaptive else None, 0.1, backend="torch").to(device)
-    x_ref, olds, olds_ref = clone_all(x), [poison(torch.empty_like(t)) for t in x], [torch.empty_like(t) for t in x]
+    x_ref, x_old, olds_ref = clone_all(x), [poison(torch.empty_like(t)) for t in x], [torch.empty_like(t) for t in x]
     x0 = clone_all(x)
-    ops.perturb_(x, g, olds, norm, 0.05, adaptive=adaptive, offset=0.1, backend=backend)
+    ops.perturb_(x, g, x_old, norm, 0.05, adaptive=adaptive, offset=0.1, backend=backend)
     ops.perturb_(x_ref, g, olds_ref, norm, 0.05, adaptive=adaptive, offset=0.1, backend="torch")
-    for a, b, o, o0 in zip(x, x_ref, olds, x0):
+    for a, b, o, o0 in zip(x, x_ref, x_old, x0):
         assert_close(a, b)
         assert torch.equal(o, o0), "x_old must be a bit-exact copy of x"
 
@@ -83,10 +83,10 @@ def test_perturb(backend, device, sizes, dtype, adaptive):
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 @pytest.mark.parametrize("sizes,dtype", list(size_cases()))
 def test_restore_is_bit_exact(backend, device, sizes, dtype):
-    olds = make(sizes, dtype, device)
-    x = [poison(torch.empty_like(t)) for t in olds]
-    ops.restore_(x, olds, backend=backend)
-    for a, b in zip(x, olds):
+    x_old = make(sizes, dtype, device)
+    x = [poison(torch.empty_like(t)) for t in x_old]
+    ops.restore_(x, x_old, backend=backend)
+    for a, b in zip(x, x_old):
         assert torch.equal(a, b)
 
 
@@ -107,13 +107,13 @@ SGD_DIM = [(f"{name}-{'init' if init else 'buf'}", (cfg, init))
 @pytest.mark.parametrize("sizes,dtype,cfg,init_bufs", pairwise(
     {"sizes": SIZE_DIM, "dtype": DTYPE_DIM, "cfg,init_bufs": SGD_DIM}, _not_large_fp64))
 def test_restore_sgd(backend, device, sizes, dtype, cfg, init_bufs):
-    olds, g, bufs = make(sizes, dtype, device), make(sizes, dtype, device), make(sizes, dtype, device)
-    x, x_ref = [poison(torch.empty_like(t)) for t in olds], [torch.empty_like(t) for t in olds]
+    x_old, g, bufs = make(sizes, dtype, device), make(sizes, dtype, device), make(sizes, dtype, device)
+    x, x_ref = [poison(torch.empty_like(t)) for t in x_old], [torch.empty_like(t) for t in x_old]
     if init_bufs:
         bufs = [poison(b) for b in bufs]
     bufs_ref = clone_all(bufs)
-    ops.restore_sgd_(x, olds, g, bufs, lr=0.1, init_bufs=init_bufs, backend=backend, **cfg)
-    ops.restore_sgd_(x_ref, olds, g, bufs_ref, lr=0.1, init_bufs=init_bufs, backend="torch", **cfg)
+    ops.restore_sgd_(x, x_old, g, bufs, lr=0.1, init_bufs=init_bufs, backend=backend, **cfg)
+    ops.restore_sgd_(x_ref, x_old, g, bufs_ref, lr=0.1, init_bufs=init_bufs, backend="torch", **cfg)
     for a, b in zip(x, x_ref):
         assert_close(a, b)
     if cfg["momentum"]:
@@ -137,15 +137,15 @@ ADAM_DIM = list(zip(["adam", "adam-l2", "adamw", "adamw-amsgrad-max"], ADAM_CONF
     {"sizes": SIZE_DIM, "dtype": DTYPE_DIM, "cfg": ADAM_DIM, "beta1": [("b1-0.9", 0.9), ("b1-0.3", 0.3)]},
     _not_large_fp64))
 def test_restore_adam(backend, device, sizes, dtype, cfg, beta1):
-    olds, g = make(sizes, dtype, device), make(sizes, dtype, device)
+    x_old, g = make(sizes, dtype, device), make(sizes, dtype, device)
     m = make(sizes, dtype, device, 0.1)
     v = [t.abs() for t in make(sizes, dtype, device, 0.01)]
     vmax = [t.abs() for t in make(sizes, dtype, device, 0.01)]
-    x, x_ref = [poison(torch.empty_like(t)) for t in olds], [torch.empty_like(t) for t in olds]
+    x, x_ref = [poison(torch.empty_like(t)) for t in x_old], [torch.empty_like(t) for t in x_old]
     state_ref = [clone_all(m), clone_all(v), clone_all(vmax)]
     kw = dict(lr=1e-3, beta1=beta1, beta2=0.999, eps=1e-8, state_steps=step_counts(len(sizes), 3, device), **cfg)
-    ops.restore_adam_(x, olds, g, m, v, vmax, backend=backend, **kw)
-    ops.restore_adam_(x_ref, olds, g, *state_ref, backend="torch", **kw)
+    ops.restore_adam_(x, x_old, g, m, v, vmax, backend=backend, **kw)
+    ops.restore_adam_(x_ref, x_old, g, *state_ref, backend="torch", **kw)
     for got, want in zip([x, m, v] + ([vmax] if cfg["amsgrad"] else []), [x_ref] + state_ref):
         for a, b in zip(got, want):
             assert_close(a, b)
@@ -158,20 +158,20 @@ def test_non_contiguous_tensors_are_staged(backend, device):
     assert not any(t.is_contiguous() for t in x)
     g = [torch.randn_like(t).t().contiguous().t() if i == 0 else torch.randn_like(t) for i, t in enumerate(x)]
     x_ref = [t.clone() for t in x]
-    olds = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in x]
-    olds_ref = [torch.empty_like(t) for t in olds]
+    x_old = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in x]
+    olds_ref = [torch.empty_like(t) for t in x_old]
     norm = ops.global_norm(g, backend=backend)
     torch.testing.assert_close(norm.cpu(), ops.global_norm(g, backend="torch").cpu(), rtol=NORM_RTOL, atol=0)
-    ops.perturb_(x, g, olds, norm, 0.1, backend=backend)
+    ops.perturb_(x, g, x_old, norm, 0.1, backend=backend)
     ops.perturb_(x_ref, g, olds_ref, norm, 0.1, backend="torch")
     for a, b in zip(x, x_ref):
         assert_close(a, b)
-    ops.restore_(x, olds, backend=backend)
-    for a, o in zip(x, olds):
+    ops.restore_(x, x_old, backend=backend)
+    for a, o in zip(x, x_old):
         assert torch.equal(a, o)
     bufs = [torch.randn_like(t) for t in x]
     bufs_ref = [b.clone() for b in bufs]
-    ops.restore_sgd_(x, olds, g, bufs, lr=0.1, momentum=0.9, backend=backend)
+    ops.restore_sgd_(x, x_old, g, bufs, lr=0.1, momentum=0.9, backend=backend)
     ops.restore_sgd_(x_ref, olds_ref, g, bufs_ref, lr=0.1, momentum=0.9, backend="torch")
     for a, b in zip(x + bufs, x_ref + bufs_ref):
         assert_close(a, b)
@@ -187,21 +187,21 @@ def test_views_at_unaligned_offsets(backend, device, dtype):
     def views(buf):
         return [buf[1:4100], buf[4101:4101 + 8193], buf[12297:12300]]  # 4 B / 2 B past 16-byte boundaries
 
-    bufs = [make([12_301], dtype, device)[0] for _ in range(4)]  # x, g, olds, momentum
-    x, g, olds, mom = (views(b) for b in bufs)
+    bufs = [make([12_301], dtype, device)[0] for _ in range(4)]  # x, g, x_old, momentum
+    x, g, x_old, mom = (views(b) for b in bufs)
     assert all(t.is_contiguous() for t in x) and any(t.data_ptr() % 16 for t in x)
     edges = [b[[0, 4100, 12300]].clone() for b in bufs]
     x_ref, mom_ref = [t.clone() for t in x], [t.clone() for t in mom]
     olds_ref = [torch.empty_like(t) for t in x]
-    for t in olds:
+    for t in x_old:
         poison(t)
     norm = ops.global_norm(g, backend=backend)
     torch.testing.assert_close(norm.cpu(), ops.global_norm(g, backend="torch").cpu(), rtol=NORM_RTOL, atol=0)
-    ops.perturb_(x, g, olds, norm, 0.1, backend=backend)
+    ops.perturb_(x, g, x_old, norm, 0.1, backend=backend)
     ops.perturb_(x_ref, g, olds_ref, norm, 0.1, backend="torch")
-    ops.restore_sgd_(x, olds, g, mom, lr=0.1, momentum=0.9, backend=backend)
+    ops.restore_sgd_(x, x_old, g, mom, lr=0.1, momentum=0.9, backend=backend)
     ops.restore_sgd_(x_ref, olds_ref, g, mom_ref, lr=0.1, momentum=0.9, backend="torch")
-    for a, b in zip(x + olds + mom, x_ref + olds_ref + mom_ref):
+    for a, b in zip(x + x_old + mom, x_ref + olds_ref + mom_ref):
         assert_close(a, b)
     for b, e in zip(bufs, edges):  # the elements between the views are untouched
         assert torch.equal(b[[0, 4100, 12300]], e)
@@ -214,9 +214,9 @@ def test_mixed_dtypes_in_one_call(backend, device):
     g = [torch.randn_like(t) for t in x]
     norm = ops.global_norm(g, backend=backend)
     torch.testing.assert_close(norm.cpu(), ops.global_norm(g, backend="torch").cpu(), rtol=NORM_RTOL, atol=0)
-    olds = [torch.empty_like(t) for t in x]
+    x_old = [torch.empty_like(t) for t in x]
     x_ref, olds_ref = [t.clone() for t in x], [torch.empty_like(t) for t in x]
-    ops.perturb_(x, g, olds, norm, 0.5, backend=backend)
+    ops.perturb_(x, g, x_old, norm, 0.5, backend=backend)
     ops.perturb_(x_ref, g, olds_ref, norm, 0.5, backend="torch")
     for a, b in zip(x, x_ref):
         assert_close(a, b)
@@ -231,9 +231,9 @@ def test_perturb_with_nonfinite_norm_leaves_x_untouched(backend, device, bad):
     norm = ops.global_norm(g, backend=backend)
     assert not torch.isfinite(norm)
     x0 = [t.clone() for t in x]
-    olds = [poison(torch.empty_like(t)) for t in x]
-    ops.perturb_(x, g, olds, norm, 0.1, backend=backend)
-    for a, b, o in zip(x, x0, olds):
+    x_old = [poison(torch.empty_like(t)) for t in x]
+    ops.perturb_(x, g, x_old, norm, 0.1, backend=backend)
+    for a, b, o in zip(x, x0, x_old):
         assert torch.equal(a, b) and torch.equal(o, b)
 
 
@@ -243,8 +243,8 @@ def test_many_tensors_one_call(backend, device):
     x, g = make(sizes, torch.float32, device), make(sizes, torch.float32, device)
     torch.testing.assert_close(ops.global_norm(g, backend=backend).cpu(), ops.global_norm(g, backend="torch").cpu(),
                                rtol=NORM_RTOL, atol=0)
-    olds, x_ref = [poison(torch.empty_like(t)) for t in x], [t.clone() for t in x]
-    ops.perturb_(x, g, olds, torch.tensor(3.0, device=device), 0.2, backend=backend)
+    x_old, x_ref = [poison(torch.empty_like(t)) for t in x], [t.clone() for t in x]
+    ops.perturb_(x, g, x_old, torch.tensor(3.0, device=device), 0.2, backend=backend)
     ops.perturb_(x_ref, g, [torch.empty_like(t) for t in x], torch.tensor(3.0, device=device), 0.2, backend="torch")
     for a, b in zip(x, x_ref):
         assert_close(a, b)
@@ -258,8 +258,28 @@ def test_norm_is_deterministic(backend, device):
         assert torch.equal(ops.global_norm(g, backend=backend), first)
 
 
+def test_cpu_kernels_do_not_depend_on_the_thread_count():
+    """The C++ kernels split work into fixed chunks over at::parallel_for (csrc/cpu/multi_tensor.h):
+    the results are the same bit for bit on 1 and 4 threads. (Tests run one thread per worker
+    under pytest-xdist, conftest.py: this is where the threads race if they can.)"""
+    sizes = [262_147, 5, 65_537, 0, 40_000]
+    x_old, g, bufs = (make(sizes, torch.float32, "cpu") for _ in range(3))
+    results, before = [], torch.get_num_threads()
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            x, b = [poison(torch.empty_like(t)) for t in x_old], clone_all(bufs)
+            norm = ops.global_norm(g, backend="cpu")
+            ops.restore_sgd_(x, x_old, g, b, lr=0.1, momentum=0.9, weight_decay=1e-2, backend="cpu")
+            results.append([norm, *x, *b])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_lists_of_different_lengths_are_rejected():
-    with pytest.raises(ValueError, match="'olds' has 1 tensors, params has 2"):
+    with pytest.raises(ValueError, match="'x_old' has 1 tensors, params has 2"):
         ops.restore_([torch.zeros(2), torch.zeros(2)], [torch.zeros(2)])
 
 
@@ -288,12 +308,12 @@ def test_property_perturb_then_restore(backend, device, sizes, scale, rho, adapt
     ref = ops.global_norm(g, x if adaptive else None, backend="torch")
     torch.testing.assert_close(norm.cpu(), ref.cpu(), rtol=NORM_RTOL, atol=1e-30)
     x_ref = [t.clone() for t in x]
-    olds = [poison(torch.empty_like(t)) for t in x]
-    ops.perturb_(x, g, olds, norm, rho, adaptive=adaptive, backend=backend)
+    x_old = [poison(torch.empty_like(t)) for t in x]
+    ops.perturb_(x, g, x_old, norm, rho, adaptive=adaptive, backend=backend)
     ops.perturb_(x_ref, g, [torch.empty_like(t) for t in x], norm, rho, adaptive=adaptive, backend="torch")
     for a, b in zip(x, x_ref):
         assert_close(a, b)
-    ops.restore_(x, olds, backend=backend)
+    ops.restore_(x, x_old, backend=backend)
     for a, b in zip(x, x0):
         assert torch.equal(a, b)
 
@@ -303,11 +323,11 @@ def test_property_perturb_then_restore(backend, device, sizes, scale, rho, adapt
 @given(sizes=_sizes, lr=st.floats(0, 1), momentum=st.floats(0, 0.99), wd=st.floats(0, 0.1),
        nesterov=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_property_restore_sgd(backend, device, sizes, lr, momentum, wd, nesterov, dtype):
-    olds, g, bufs = make(sizes, dtype, device), make(sizes, dtype, device), make(sizes, dtype, device)
-    x, x_ref, bufs_ref = [torch.empty_like(t) for t in olds], [torch.empty_like(t) for t in olds], clone_all(bufs)
+    x_old, g, bufs = make(sizes, dtype, device), make(sizes, dtype, device), make(sizes, dtype, device)
+    x, x_ref, bufs_ref = [torch.empty_like(t) for t in x_old], [torch.empty_like(t) for t in x_old], clone_all(bufs)
     kw = dict(lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov and momentum > 0)
-    ops.restore_sgd_(x, olds, g, bufs, backend=backend, **kw)
-    ops.restore_sgd_(x_ref, olds, g, bufs_ref, backend="torch", **kw)
+    ops.restore_sgd_(x, x_old, g, bufs, backend=backend, **kw)
+    ops.restore_sgd_(x_ref, x_old, g, bufs_ref, backend="torch", **kw)
     for a, b in zip(x + bufs, x_ref + bufs_ref):
         assert_close(a, b)
 
@@ -318,14 +338,14 @@ def test_property_restore_sgd(backend, device, sizes, lr, momentum, wd, nesterov
        wd=st.floats(0, 0.1), decoupled=st.booleans(), amsgrad=st.booleans(), step=st.integers(1, 1000))
 def test_property_restore_adam(backend, device, sizes, lr, beta1, beta2, wd, decoupled, amsgrad, step):
     dtype = torch.float32
-    olds, g, m = make(sizes, dtype, device), make(sizes, dtype, device), make(sizes, dtype, device, 0.1)
+    x_old, g, m = make(sizes, dtype, device), make(sizes, dtype, device), make(sizes, dtype, device, 0.1)
     v, vmax = [t.abs() for t in make(sizes, dtype, device, 0.1)], [t.abs() for t in make(sizes, dtype, device, 0.1)]
     refs = [clone_all(m), clone_all(v), clone_all(vmax)]
-    x, x_ref = [torch.empty_like(t) for t in olds], [torch.empty_like(t) for t in olds]
+    x, x_ref = [torch.empty_like(t) for t in x_old], [torch.empty_like(t) for t in x_old]
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=1e-8, weight_decay=wd, decoupled=decoupled, amsgrad=amsgrad,
               state_steps=step_counts(len(sizes), step, device))
-    ops.restore_adam_(x, olds, g, m, v, vmax, backend=backend, **kw)
-    ops.restore_adam_(x_ref, olds, g, *refs, backend="torch", **kw)
+    ops.restore_adam_(x, x_old, g, m, v, vmax, backend=backend, **kw)
+    ops.restore_adam_(x_ref, x_old, g, *refs, backend="torch", **kw)
     for a, b in zip(x + m + v, x_ref + refs[0] + refs[1]):
         assert_close(a, b)
 
@@ -336,7 +356,7 @@ def test_fused_updates_unscale_by_grad_scale(backend, device, dtype):
     """grad_scale (GradScaler's 1 / scale) multiplies the gradient inside the fused SGD / Adam
     updates, nuSAM's rank-1 ones included: the same as the torch reference with grads * grad_scale."""
     sizes = [7, 4097, 300]
-    olds, g = make(sizes, dtype, device), make(sizes, dtype, device, 2.0 ** 10)
+    x_old, g = make(sizes, dtype, device), make(sizes, dtype, device, 2.0 ** 10)
     bufs, m = make(sizes, dtype, device), make(sizes, dtype, device, 0.1)
     v = [t.abs() for t in make(sizes, dtype, device, 0.01)]
     scale = torch.tensor(2.0 ** -10, device=device)
@@ -348,14 +368,14 @@ def test_fused_updates_unscale_by_grad_scale(backend, device, dtype):
     scales = torch.full((len(sizes),), 0.01, device=device)
     outs = {}
     for b in (backend, "torch"):
-        x, bb, mm, vv = [torch.empty_like(t) for t in olds], clone_all(bufs), clone_all(m), clone_all(v)
-        ops.restore_sgd_(x, olds, g, bb, backend=b, **sgd_kw)
-        x2 = [torch.empty_like(t) for t in olds]
-        ops.restore_adam_(x2, olds, g, mm, vv, backend=b, **adam_kw)
+        x, bb, mm, vv = [torch.empty_like(t) for t in x_old], clone_all(bufs), clone_all(m), clone_all(v)
+        ops.restore_sgd_(x, x_old, g, bb, backend=b, **sgd_kw)
+        x2 = [torch.empty_like(t) for t in x_old]
+        ops.restore_adam_(x2, x_old, g, mm, vv, backend=b, **adam_kw)
         outs[b] = x + bb + x2 + mm + vv
         # the 'cuda' backend has no rank-1 kernels (Triton's are tested on the same device)
         if backends.why_unavailable(backend, torch.device(device), "rank1_restore_sgd_") is None:
-            mats, mbufs = [t.reshape(-1, 1) for t in clone_all(olds)], [t.reshape(-1, 1) for t in clone_all(bufs)]
+            mats, mbufs = [t.reshape(-1, 1) for t in clone_all(x_old)], [t.reshape(-1, 1) for t in clone_all(bufs)]
             ops.rank1_restore_sgd_(mats, us, vs, scales, [t.reshape(-1, 1) for t in g], mbufs, backend=b,
                                    **sgd_kw)
             outs[b] += mats + mbufs

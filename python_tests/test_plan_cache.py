@@ -21,33 +21,8 @@ from conftest import backend_cases
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+from optim_db import BASE_OPTIONS, BASES, BY_NAME, make
 from torch import nn
-
-from sam_kernels import PSAM, SAM, GaussSAM, NuSAM, SAMPa
-
-RHO = 0.05
-BASES = {
-    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
-    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
-}
-TWO_STEP = {
-    "sam": lambda groups, base, kw: SAM(groups, base, rho=RHO, **kw),
-    "asam": lambda groups, base, kw: SAM(groups, base, rho=0.5, adaptive=True, **kw),
-    "nusam": lambda groups, base, kw: NuSAM(groups, base, rho=RHO, **kw),
-    "nusam_norm": lambda groups, base, kw: NuSAM(groups, base, rho=RHO, normalized=True, **kw),
-    "gausssam": lambda groups, base, kw: GaussSAM(groups, base, rho=RHO, seed=3, **kw),
-    "psam": lambda groups, base, kw: PSAM(groups, base, rho=RHO, period=2, **kw),
-}
-# options a user may change between steps, by what they apply to: (key, values)
-OPTIONS = {
-    "any": [("lr", (0.1, 0.02)), ("rho", (RHO, 0.2, 0.0)), ("weight_decay", (0.0, 1e-3))],
-    "sgd": [("momentum", (0.9, 0.0, 0.5)), ("dampening", (0.0, 0.1)), ("nesterov", (False, True))],
-    "adamw": [("betas", ((0.9, 0.999), (0.8, 0.99))), ("eps", (1e-8, 1e-6)), ("amsgrad", (False, True))],
-    "sam": [], "psam": [], "gausssam": [],
-    "asam": [("adaptive", (True, False)), ("adaptive_offset", (0.0, 0.01))],
-    "nusam": [("normalized", (False, True))], "nusam_norm": [("normalized", (True, False))],
-    "sampa": [("lam", (0.2, 0.7, 0.0, 1.0))],
-}
 
 
 class Raised(Exception):
@@ -128,8 +103,8 @@ class WarmEqualsFresh(RuleBasedStateMachine):
         param_groups = [{"params": [named[n] for n in names], **opts} for names, opts in zip(groups, options)]
         common = dict(backend=self.backend, max_grad_norm=clip, capturable=self.capturable)
         if self.name == "sampa":
-            return SAMPa(model, self.loss, base_cls(param_groups, **kw), rho=RHO, lam=0.2, **common)
-        return TWO_STEP[self.name](param_groups, base_cls, {**kw, **common})
+            return make("sampa", model, base_cls(param_groups, **kw), loss_fn=self.loss, **common)
+        return make(self.name, param_groups, base_cls, **kw, **common)
 
     def _fresh(self):
         """A copy of the model (its gradients too) and an optimizer built anew on it from the warm
@@ -225,8 +200,8 @@ class WarmEqualsFresh(RuleBasedStateMachine):
     @rule(data=st.data(), api=APIS)
     def change_an_option(self, data, api):
         group = data.draw(st.sampled_from(self.opt.param_groups))
-        common = st.sampled_from(OPTIONS["any"] + OPTIONS[self.base])
-        own = OPTIONS[self.name]  # what a class keys its plans on: half the draws
+        common = st.sampled_from(BASE_OPTIONS["any"] + BASE_OPTIONS[self.base])
+        own = BY_NAME[self.name].options  # what a class keys its plans on: half the draws
         key, values = data.draw(st.one_of(common, st.sampled_from(own)) if own else common)
         value = data.draw(st.sampled_from(values))
         nesterov_ok = {"nesterov": lambda: not value or (group["momentum"] != 0 and group["dampening"] == 0),
@@ -272,10 +247,9 @@ def machine(name, base, backend, device, capturable=False, clip=None, examples=4
 
 # every class on every backend that runs here; the base optimizer, capturable and clipping alternate
 # (the kernels' own tests cover their combinations: these sequences test what the plans bake in)
-CLASS_NAMES = [*TWO_STEP, "sampa"]
 for _i, _case in enumerate(backend_cases("power_iteration_")):
     _backend, _device = _case.values
-    for _j, _name in enumerate(CLASS_NAMES):
+    for _j, _name in enumerate(BY_NAME):
         _fast = _backend != "triton"  # the interpreter runs each launch in Python
         globals()[f"test_{_name}_{_backend}_{_device}"] = machine(
             _name, ("sgd", "adamw")[(_i + _j) % 2], _backend, _device, capturable=(_i + _j) % 3 == 0,

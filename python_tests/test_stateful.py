@@ -17,24 +17,20 @@ from conftest import ROUNDING, TOL
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from optim_db import BASES, make
 
-from sam_kernels import PSAM, SAM, GaussSAM, NuSAM, SAMPa
+from sam_kernels import SAMPa
 
 SHAPES = [(5, 4), (5,), (3, 5), (3,)]  # two layers; the last two join with add_param_group
 RHO = 0.07
-BASES = {
-    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)),
-    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
-    "adam-amsgrad": (torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
-}
-CLASSES = {
-    "sam": lambda ps, base, kw: SAM(ps, base, rho=RHO, **kw),
-    "asam": lambda ps, base, kw: SAM(ps, base, rho=RHO, adaptive=True, **kw),
-    "nusam": lambda ps, base, kw: NuSAM(ps, base, rho=RHO, **kw),
-    "nusam_norm": lambda ps, base, kw: NuSAM(ps, base, rho=RHO, normalized=True, **kw),
-    "gausssam": lambda ps, base, kw: GaussSAM(ps, base, rho=RHO, seed=3, **kw),
-    "psam": lambda ps, base, kw: PSAM(ps, base, rho=RHO, period=3, **kw),
-}
+PERIOD = 3  # PSAM: a SAM step every third step
+
+
+def build(name, params, base_cls, kw):
+    """The class of optim_db.py at radius RHO (the oracles below check it)."""
+    return make(name, params, base_cls, rho=RHO, **({"period": PERIOD} if name == "psam" else {}), **kw)
+
+
 TOLERANCE = TOL[torch.float32]
 
 
@@ -84,7 +80,7 @@ class TwoStepMachine(RuleBasedStateMachine):
         self.params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.5) for s in SHAPES]
         self.live = 2  # parameters 0 .. live-1 are optimized; the rest join with add_param_group
         base_cls, kw = BASES[self.base]
-        self.opt = CLASSES[self.name](self.params[:2], base_cls,
+        self.opt = build(self.name, self.params[:2], base_cls,
                                       dict(kw, backend=self.backend, max_grad_norm=self.clip))
         # the oracle: torch.optim itself on shadow parameters
         self.ref = [torch.nn.Parameter(p.detach().clone()) for p in self.params]
@@ -211,7 +207,7 @@ class TwoStepMachine(RuleBasedStateMachine):
         sd = copy.deepcopy(self.opt.state_dict())
         base_cls, kw = BASES[self.base]
         groups = [{"params": g["params"]} for g in self.opt.param_groups]
-        opt = CLASSES[self.name](groups, base_cls, dict(kw, backend=self.backend, max_grad_norm=self.clip))
+        opt = build(self.name, groups, base_cls, dict(kw, backend=self.backend, max_grad_norm=self.clip))
         opt.load_state_dict(sd)
         assert opt.steps == self.opt.steps and opt.skipped_steps == self.opt.skipped_steps
         self.opt = opt
@@ -252,12 +248,12 @@ def machine(name, base, backend, clip=None):
 
 # one machine per class, base optimizers and backends spread over them (the kernels' own tests
 # cover every combination; these sequences test the optimizer around them)
-test_sam_sgd_cpu = machine("sam", "sgd", "cpu")
+test_sam_sgd_nesterov_cpu = machine("sam", "sgd-nesterov", "cpu")
 test_sam_adamw_torch = machine("sam", "adamw", "torch", clip=0.5)
 test_asam_adam_amsgrad_cpu = machine("asam", "adam-amsgrad", "cpu")
 test_nusam_adamw_cpu = machine("nusam", "adamw", "cpu")
-test_nusam_norm_sgd_torch = machine("nusam_norm", "sgd", "torch")
-test_gausssam_sgd_cpu = machine("gausssam", "sgd", "cpu", clip=1.0)
+test_nusam_norm_sgd_nesterov_torch = machine("nusam_norm", "sgd-nesterov", "torch")
+test_gausssam_sgd_nesterov_cpu = machine("gausssam", "sgd-nesterov", "cpu", clip=1.0)
 test_psam_adamw_cpu = machine("psam", "adamw", "cpu")
 test_sam_adamw_triton = machine("sam", "adamw", "triton")
 

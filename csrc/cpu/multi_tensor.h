@@ -87,7 +87,7 @@ void copy_chunk(scalar_t* x, const old_t* old, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = static_cast<scalar_t>(old[i]);
 }
 
-// The skeleton of a fused update of declaration P that restores x (P::params) from P::olds first:
+// The skeleton of a fused update of declaration P that restores x (P::params) from P::x_old first:
 // per chunk, x <- old if the step is skipped, else body(chunk, x, old, n) with the launch's dtype
 // as scalar_t (the dtypes were checked when the table was built: the dispatch's name never shows).
 template <class P, typename Body>
@@ -95,7 +95,7 @@ void for_each_restore_chunk(const Launch& l, bool skip, const Body& body) {
   for_each_chunk(l.table, [&](const ChunkRef& c) {
     SAM_DISPATCH_FLOATING(l.dtype, "fused update", [&] {
       scalar_t* x = l.table.ptr<scalar_t>(P::params, c.tensor) + c.begin;
-      const scalar_t* old = l.table.ptr<const scalar_t>(P::olds, c.tensor) + c.begin;
+      const scalar_t* old = l.table.ptr<const scalar_t>(P::x_old, c.tensor) + c.begin;
       const int64_t n = c.end - c.begin;
       if (skip) return copy_chunk(x, old, n);
       body(c, x, old, n);

@@ -83,8 +83,8 @@ void guard_finalize_runner(const Launch& l) {
   const float n = static_cast<float>(std::sqrt(sum_partials(l, P::partials)));
   float* flags = l.f32(P::flags);
   bool bad = read_scalar(l, P::found_inf, 0.f) != 0.f;
-  if (const ScalarRef prior = l.ref(P::prior); prior.present()) {
-    for (int64_t i = 0; i < l.tensor(P::prior).numel(); ++i) bad = bad || !std::isfinite(prior.get(i));
+  if (const ScalarRef first_norm = l.ref(P::first_norm); first_norm.present()) {
+    for (int64_t i = 0; i < l.tensor(P::first_norm).numel(); ++i) bad = bad || !std::isfinite(first_norm.get(i));
   }
   const float* scale = l.f32(P::scale);
   const Guard g = guard_math(n, bad, scale ? 1.f / *scale : 1.f, static_cast<float>(l.s(P::max_norm)));

@@ -1,7 +1,7 @@
-// perturb_: olds <- x; x <- x + s * w^2 * g with s = rho / (norm + eps), w = |x| + offset (ASAM)
+// perturb_: x_old <- x; x <- x + s * w^2 * g with s = rho / (norm + eps), w = |x| + offset (ASAM)
 // or 1 (SAM). A non-finite norm leaves x untouched, so a bad gradient never reaches the weights.
-// restore_: x <- olds, a bit-exact copy (with found_inf: only when it is 0).
-// Bytes per element: perturb reads x, g and writes olds, x (16 B in fp32); restore 8 B.
+// restore_: x <- x_old, a bit-exact copy (with found_inf: only when it is 0).
+// Bytes per element: perturb reads x, g and writes x_old, x (16 B in fp32); restore 8 B.
 // The arguments, by name: their declarations (sam_kernels/ops/primitives.py).
 #include <cmath>
 #include <cstring>
@@ -55,7 +55,7 @@ void perturb_runner(const Launch& l) {
   for_each_chunk(l.table, [&](const ChunkRef& c) {
     SAM_DISPATCH_FLOATING(l.dtype, "perturb_", [&] {
       scalar_t* x = l.table.ptr<scalar_t>(P::params, c.tensor) + c.begin;
-      scalar_t* old = l.table.ptr<scalar_t>(P::olds, c.tensor) + c.begin;
+      scalar_t* old = l.table.ptr<scalar_t>(P::x_old, c.tensor) + c.begin;
       const int64_t n = c.end - c.begin;
       if (!finite) {
         std::memcpy(old, x, n * sizeof(scalar_t));
@@ -77,7 +77,7 @@ void restore_runner(const Launch& l) {
   const int64_t bytes = c10::elementSize(l.dtype);
   for_each_chunk(l.table, [&](const ChunkRef& c) {
     std::memcpy(l.table.ptr<char>(P::params, c.tensor) + c.begin * bytes,
-                l.table.ptr<const char>(P::olds, c.tensor) + c.begin * bytes, (c.end - c.begin) * bytes);
+                l.table.ptr<const char>(P::x_old, c.tensor) + c.begin * bytes, (c.end - c.begin) * bytes);
   });
 }
 

@@ -175,17 +175,17 @@ void power_iteration_(
             values, {tau}, {iters}, {sigmas});
 }
 
-// rank1_scales_: nuSAM's per-matrix scales from the sigmas (see sam_kernels/ops/__init__.py), and prior =
+// rank1_scales_: nuSAM's per-matrix scales from the sigmas (see sam_kernels/ops/__init__.py), and first_norm =
 // sum of the sigmas (not finite iff one is not: the first gradient's check).
 void rank1_scales_(const at::Tensor& sigmas, const at::Tensor& rho, const at::Tensor& normalized, const at::Tensor& scales,
-                   const at::Tensor& prior) {
+                   const at::Tensor& first_norm) {
   const int64_t k = sigmas.numel();
   for (const auto* t : {&sigmas, &rho, &normalized, &scales}) {
     TORCH_CHECK(t->is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == k,
                 "rank1_scales_: sigmas, rho, normalized, scales must be contiguous float32 vectors of ", k, " values");
   }
-  TORCH_CHECK(prior.is_cpu() && prior.scalar_type() == at::kFloat && prior.numel() == 1,
-              "rank1_scales_: prior must be one float32 value");
+  TORCH_CHECK(first_norm.is_cpu() && first_norm.scalar_type() == at::kFloat && first_norm.numel() == 1,
+              "rank1_scales_: first_norm must be one float32 value");
   const float* s = sigmas.const_data_ptr<float>();
   const float* r = rho.const_data_ptr<float>();
   const float* nm = normalized.const_data_ptr<float>();
@@ -199,7 +199,7 @@ void rank1_scales_(const at::Tensor& sigmas, const at::Tensor& rho, const at::Te
   }
   const float c = static_cast<float>(std::sqrt(sq));
   for (int64_t i = 0; i < k; ++i) out[i] = finite ? (nm[i] != 0.f ? r[i] * s[i] / (c + 1e-12f) : r[i]) : 0.f;
-  *prior.data_ptr<float>() = static_cast<float>(total);
+  *first_norm.data_ptr<float>() = static_cast<float>(total);
 }
 
 }  // namespace sam_kernels::cpu

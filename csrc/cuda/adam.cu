@@ -1,4 +1,4 @@
-// restore_adam_ (x <- olds, then one torch.optim.Adam / AdamW step, in one pass; adam_math.h) and
+// restore_adam_ (x <- x_old, then one torch.optim.Adam / AdamW step, in one pass; adam_math.h) and
 // sampa_update_adam_ (the same step from x itself with d = (1 - lam) g + lam g2). The bias
 // corrections come from each tensor's step counter on the device; found_inf / grad_scale as in
 // sgd.cu. The arguments, by name: their declarations (sam_kernels/ops/primitives.py).
@@ -8,7 +8,7 @@
 namespace sam_kernels::cuda {
 namespace {
 
-// P: decl::restore_adam_ (x <- olds first) or decl::sampa_update_adam_ (kMix: from x, d = mix of grads, grads2).
+// P: decl::restore_adam_ (x <- x_old first) or decl::sampa_update_adam_ (kMix: from x, d = mix of grads, grads2).
 template <class P, typename scalar_t, bool kAmsgrad, bool kLerpLow, bool kMix>
 __global__ void __launch_bounds__(kThreads) adam_kernel(
     TableView table, AdamHyper hyper, Mix mix, const float* __restrict__ grad_scale,
@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(
   if constexpr (kMix) {
     g2 = table.ptr<const scalar_t>(P::grads2, c.tensor);
   } else {
-    old = table.ptr<const scalar_t>(P::olds, c.tensor);
+    old = table.ptr<const scalar_t>(P::x_old, c.tensor);
   }
   if (skip) {  // SAM's restore, no update
     for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kThreads) x[i] = old[i];

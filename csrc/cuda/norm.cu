@@ -74,14 +74,14 @@ __global__ void __launch_bounds__(kCleanupThreads)
 
 template <typename T>
 __global__ void __launch_bounds__(kCleanupThreads) guard_finalize_kernel(
-    const T* __restrict__ partials, int64_t n, float* __restrict__ flags, ScalarRef prior,
-    int64_t n_prior, const float* __restrict__ scale, const float* __restrict__ found_inf, float max_norm,
+    const T* __restrict__ partials, int64_t n, float* __restrict__ flags, ScalarRef first_norm,
+    int64_t n_first_norm, const float* __restrict__ scale, const float* __restrict__ found_inf, float max_norm,
     float* __restrict__ steps, const float* __restrict__ mask, int64_t n_steps) {
   __shared__ float taken;
   const T total = sum_partials(partials, n);
   if (threadIdx.x == 0) {
     bool bad = load_or(found_inf, 0.f) != 0.f;
-    for (int64_t i = 0; i < n_prior; ++i) bad = bad || !is_finite(prior.get(i));
+    for (int64_t i = 0; i < n_first_norm; ++i) bad = bad || !is_finite(first_norm.get(i));
     const Guard g = guard_math(static_cast<float>(sqrt(total)), bad, scale ? 1.f / *scale : 1.f, max_norm);
     flags[kFoundInf] = g.found_inf;
     flags[kGradScale] = g.grad_scale;
@@ -132,19 +132,19 @@ void norm_finalize_runner(const Launch& l) {
 
 void guard_finalize_runner(const Launch& l) {
   using P = decl::guard_finalize;
-  const ScalarRef prior = l.ref(P::prior);
-  const int64_t n_prior = prior.present() ? l.tensor(P::prior).numel() : 0;
+  const ScalarRef first_norm = l.ref(P::first_norm);
+  const int64_t n_first_norm = first_norm.present() ? l.tensor(P::first_norm).numel() : 0;
   const int64_t n_steps = l.f32(P::steps) ? l.tensor(P::steps).numel() : 0;
   const int64_t n = l.tensor(P::partials).numel();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto max_norm = static_cast<float>(l.s(P::max_norm));
   if (l.ref(P::partials).f64) {
     guard_finalize_kernel<double><<<1, kCleanupThreads, 0, stream>>>(
-        l.tensor(P::partials).data_ptr<double>(), n, l.f32(P::flags), prior, n_prior, l.f32(P::scale),
+        l.tensor(P::partials).data_ptr<double>(), n, l.f32(P::flags), first_norm, n_first_norm, l.f32(P::scale),
         l.f32(P::found_inf), max_norm, l.f32(P::steps), l.f32(P::steps_mask), n_steps);
   } else {
     guard_finalize_kernel<float><<<1, kCleanupThreads, 0, stream>>>(
-        l.f32(P::partials), n, l.f32(P::flags), prior, n_prior, l.f32(P::scale), l.f32(P::found_inf), max_norm,
+        l.f32(P::partials), n, l.f32(P::flags), first_norm, n_first_norm, l.f32(P::scale), l.f32(P::found_inf), max_norm,
         l.f32(P::steps), l.f32(P::steps_mask), n_steps);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();

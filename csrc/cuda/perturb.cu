@@ -1,5 +1,5 @@
-// perturb_ (olds <- x; x <- x + s * w^2 * g, s read from the device-resident norm, so the host
-// never waits) and restore_ (x <- olds; with found_inf, only when it is 0). The arguments, by name:
+// perturb_ (x_old <- x; x <- x + s * w^2 * g, s read from the device-resident norm, so the host
+// never waits) and restore_ (x <- x_old; with found_inf, only when it is 0). The arguments, by name:
 // their declarations (sam_kernels/ops/primitives.py).
 #include "multi_tensor_apply.cuh"
 
@@ -14,7 +14,7 @@ __global__ void __launch_bounds__(kThreads)
   const ChunkRef c = table.chunk_ref(blockIdx.x);
   scalar_t* x = table.ptr<scalar_t>(P::params, c.tensor);
   const scalar_t* g = table.ptr<const scalar_t>(P::grads, c.tensor);
-  scalar_t* old = table.ptr<scalar_t>(P::olds, c.tensor);
+  scalar_t* old = table.ptr<scalar_t>(P::x_old, c.tensor);
   bool finite;  // a non-finite gradient leaves x as it is
   const opmath_t s = static_cast<opmath_t>(norm_scale(norm, rho, rho_t, finite));
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads) restore_kernel(TableView table, cons
   if (load_or(found_inf, 0.f) != 0.f) return;
   const ChunkRef c = table.chunk_ref(blockIdx.x);
   scalar_t* x = table.ptr<scalar_t>(P::params, c.tensor);
-  const scalar_t* old = table.ptr<const scalar_t>(P::olds, c.tensor);
+  const scalar_t* old = table.ptr<const scalar_t>(P::x_old, c.tensor);
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
     scalar_t v[kILP];
 #pragma unroll

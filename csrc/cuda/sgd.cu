@@ -1,6 +1,6 @@
-// restore_sgd_ (x <- olds, then one torch.optim.SGD step, in one pass; sgd_math.h) and
+// restore_sgd_ (x <- x_old, then one torch.optim.SGD step, in one pass; sgd_math.h) and
 // sampa_update_sgd_ (the same step from x itself with d = (1 - lam) g + lam g2). found_inf != 0
-// skips the step (restore_sgd_ still puts olds back; no buffer is written); grad_scale
+// skips the step (restore_sgd_ still puts x_old back; no buffer is written); grad_scale
 // multiplies the gradient. Both are read on the device. The arguments, by name: their
 // declarations (sam_kernels/ops/primitives.py).
 #include "../sgd_math.h"
@@ -9,7 +9,7 @@
 namespace sam_kernels::cuda {
 namespace {
 
-// P: decl::restore_sgd_ (x <- olds first) or decl::sampa_update_sgd_ (kMix: from x, d = mix of grads, grads2).
+// P: decl::restore_sgd_ (x <- x_old first) or decl::sampa_update_sgd_ (kMix: from x, d = mix of grads, grads2).
 template <class P, typename scalar_t, bool kMomentum, bool kNesterov, bool kInit, bool kMix>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(
     TableView table, SgdArgs args, Mix mix, const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(
   if constexpr (kMix) {
     g2 = table.ptr<const scalar_t>(P::grads2, c.tensor);
   } else {
-    old = table.ptr<const scalar_t>(P::olds, c.tensor);
+    old = table.ptr<const scalar_t>(P::x_old, c.tensor);
   }
   const scalar_t* g = table.ptr<const scalar_t>(P::grads, c.tensor);
   scalar_t* buf = kMomentum ? table.ptr<scalar_t>(P::bufs, c.tensor) : nullptr;

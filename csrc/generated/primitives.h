@@ -20,7 +20,7 @@ struct check_grads_ {
   enum L : int { grads = 0, grads2 = 1 };
   enum S : int { lam = 0, max_norm = 1 };
   enum O : int {};
-  enum T : int { flags = 0, prior = 1, scale = 2, found_inf = 3, steps = 4, steps_mask = 5 };
+  enum T : int { flags = 0, first_norm = 1, scale = 2, found_inf = 3, steps = 4, steps_mask = 5 };
   enum V : int {};
 };
 struct sumsq {
@@ -41,32 +41,32 @@ struct guard_finalize {
   enum L : int {};
   enum S : int { max_norm = 0 };
   enum O : int {};
-  enum T : int { partials = 0, flags = 1, prior = 2, scale = 3, found_inf = 4, steps = 5, steps_mask = 6 };
+  enum T : int { partials = 0, flags = 1, first_norm = 2, scale = 3, found_inf = 4, steps = 5, steps_mask = 6 };
   enum V : int {};
 };
 struct perturb_ {
-  enum L : int { params = 0, grads = 1, olds = 2 };
+  enum L : int { params = 0, grads = 1, x_old = 2 };
   enum S : int { rho = 0, offset = 1 };
   enum O : int { adaptive = 0 };
   enum T : int { norm = 0 };
   enum V : int {};
 };
 struct restore_ {
-  enum L : int { params = 0, olds = 1 };
+  enum L : int { params = 0, x_old = 1 };
   enum S : int {};
   enum O : int {};
   enum T : int { found_inf = 0 };
   enum V : int {};
 };
 struct restore_sgd_ {
-  enum L : int { params = 0, olds = 1, grads = 2, bufs = 3 };
+  enum L : int { params = 0, x_old = 1, grads = 2, bufs = 3 };
   enum S : int { lr = 0, momentum = 1, dampening = 2, weight_decay = 3 };
   enum O : int { nesterov = 0, maximize = 1, init_bufs = 2 };
   enum T : int { grad_scale = 0, found_inf = 1 };
   enum V : int {};
 };
 struct restore_adam_ {
-  enum L : int { params = 0, olds = 1, grads = 2, exp_avgs = 3, exp_avg_sqs = 4, max_exp_avg_sqs = 5, state_steps = 6 };
+  enum L : int { params = 0, x_old = 1, grads = 2, exp_avgs = 3, exp_avg_sqs = 4, max_exp_avg_sqs = 5, state_steps = 6 };
   enum S : int { lr = 0, beta1 = 1, beta2 = 2, eps = 3, weight_decay = 4 };
   enum O : int { decoupled = 0, amsgrad = 1, maximize = 2 };
   enum T : int { grad_scale = 0, found_inf = 1 };
@@ -118,7 +118,7 @@ struct rank1_scales_ {
   enum L : int {};
   enum S : int {};
   enum O : int {};
-  enum T : int { sigmas = 0, rho = 1, normalized = 2, scales = 3, prior = 4 };
+  enum T : int { sigmas = 0, rho = 1, normalized = 2, scales = 3, first_norm = 4 };
   enum V : int {};
 };
 struct rank1_update_ {
@@ -154,7 +154,7 @@ inline constexpr ParamDecl k_check_grads__params[] = {
     {"grads2", Cat::kList, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
     {"lam", Cat::kScalar, 0, ListKind::kElements, TensorKind::kAny, false, 0, {}},
     {"flags", Cat::kTensor, 0, ListKind::kElements, TensorKind::kAny, true, 0, {}},
-    {"prior", Cat::kTensor, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"first_norm", Cat::kTensor, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
     {"scale", Cat::kTensor, 2, ListKind::kElements, TensorKind::kScalar, false, 0, {}},
     {"found_inf", Cat::kTensor, 3, ListKind::kElements, TensorKind::kScalar, false, 0, {}},
     {"max_norm", Cat::kScalar, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
@@ -179,7 +179,7 @@ inline constexpr ValueRule k_norm_finalize_values[] = {ValueRule::kNone};
 inline constexpr ParamDecl k_guard_finalize_params[] = {
     {"partials", Cat::kTensor, 0, ListKind::kElements, TensorKind::kAny, false, 0, {}},
     {"flags", Cat::kTensor, 1, ListKind::kElements, TensorKind::kAny, true, 0, {}},
-    {"prior", Cat::kTensor, 2, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"first_norm", Cat::kTensor, 2, ListKind::kElements, TensorKind::kAny, false, 0, {}},
     {"scale", Cat::kTensor, 3, ListKind::kElements, TensorKind::kScalar, false, 0, {}},
     {"found_inf", Cat::kTensor, 4, ListKind::kElements, TensorKind::kScalar, false, 0, {}},
     {"max_norm", Cat::kScalar, 0, ListKind::kElements, TensorKind::kAny, false, 0, {}},
@@ -190,7 +190,7 @@ inline constexpr ValueRule k_guard_finalize_values[] = {ValueRule::kNone};
 inline constexpr ParamDecl k_perturb__params[] = {
     {"params", Cat::kList, 0, ListKind::kElements, TensorKind::kAny, true, 0, {}},
     {"grads", Cat::kList, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
-    {"olds", Cat::kList, 2, ListKind::kElements, TensorKind::kAny, true, 0, {}},
+    {"x_old", Cat::kList, 2, ListKind::kElements, TensorKind::kAny, true, 0, {}},
     {"norm", Cat::kTensor, 0, ListKind::kElements, TensorKind::kNorm, false, 0, {}},
     {"rho", Cat::kScalar, 0, ListKind::kElements, TensorKind::kAny, false, 0, {}},
     {"adaptive", Cat::kOption, 0, ListKind::kElements, TensorKind::kAny, false, 0, {}},
@@ -199,13 +199,13 @@ inline constexpr ParamDecl k_perturb__params[] = {
 inline constexpr ValueRule k_perturb__values[] = {ValueRule::kNone};
 inline constexpr ParamDecl k_restore__params[] = {
     {"params", Cat::kList, 0, ListKind::kElements, TensorKind::kAny, true, 0, {}},
-    {"olds", Cat::kList, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"x_old", Cat::kList, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
     {"found_inf", Cat::kTensor, 0, ListKind::kElements, TensorKind::kScalar, false, 0, {}},
 };
 inline constexpr ValueRule k_restore__values[] = {ValueRule::kNone};
 inline constexpr ParamDecl k_restore_sgd__params[] = {
     {"params", Cat::kList, 0, ListKind::kElements, TensorKind::kAny, true, 0, {}},
-    {"olds", Cat::kList, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"x_old", Cat::kList, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
     {"grads", Cat::kList, 2, ListKind::kElements, TensorKind::kAny, false, 0, {}},
     {"bufs", Cat::kList, 3, ListKind::kElements, TensorKind::kAny, true, 1, {{5, false}}},
     {"lr", Cat::kScalar, 0, ListKind::kElements, TensorKind::kAny, false, 0, {}},
@@ -221,7 +221,7 @@ inline constexpr ParamDecl k_restore_sgd__params[] = {
 inline constexpr ValueRule k_restore_sgd__values[] = {ValueRule::kNone};
 inline constexpr ParamDecl k_restore_adam__params[] = {
     {"params", Cat::kList, 0, ListKind::kElements, TensorKind::kAny, true, 0, {}},
-    {"olds", Cat::kList, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"x_old", Cat::kList, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
     {"grads", Cat::kList, 2, ListKind::kElements, TensorKind::kAny, false, 0, {}},
     {"exp_avgs", Cat::kList, 3, ListKind::kElements, TensorKind::kAny, true, 0, {}},
     {"exp_avg_sqs", Cat::kList, 4, ListKind::kElements, TensorKind::kAny, true, 0, {}},
@@ -339,7 +339,7 @@ inline constexpr ParamDecl k_rank1_scales__params[] = {
     {"rho", Cat::kTensor, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
     {"normalized", Cat::kTensor, 2, ListKind::kElements, TensorKind::kAny, false, 0, {}},
     {"scales", Cat::kTensor, 3, ListKind::kElements, TensorKind::kAny, true, 0, {}},
-    {"prior", Cat::kTensor, 4, ListKind::kElements, TensorKind::kAny, true, 0, {}},
+    {"first_norm", Cat::kTensor, 4, ListKind::kElements, TensorKind::kAny, true, 0, {}},
 };
 inline constexpr ValueRule k_rank1_scales__values[] = {ValueRule::kNone};
 inline constexpr ParamDecl k_rank1_update__params[] = {
@@ -392,21 +392,21 @@ inline constexpr ValueRule k_rank1_restore_adam__values[] = {ValueRule::kCols, V
 
 inline constexpr PrimitiveDecl kPrimitives[] = {
     {"global_norm", "global_norm(Tensor[] tensors, Tensor[] weights, float offset) -> Tensor", false, false, true, 3, k_global_norm_params, 2, 1, 0, 0, 0, k_global_norm_values, 0, 0},
-    {"check_grads_", "check_grads_(Tensor[] grads, Tensor[] grads2, float lam, Tensor(a!) flags, Tensor? prior, Tensor? scale, Tensor? found_inf, float max_norm, Tensor(b!)? steps, Tensor? steps_mask) -> ()", false, false, true, 10, k_check_grads__params, 2, 2, 0, 6, 0, k_check_grads__values, 0, 0},
+    {"check_grads_", "check_grads_(Tensor[] grads, Tensor[] grads2, float lam, Tensor(a!) flags, Tensor? first_norm, Tensor? scale, Tensor? found_inf, float max_norm, Tensor(b!)? steps, Tensor? steps_mask) -> ()", false, false, true, 10, k_check_grads__params, 2, 2, 0, 6, 0, k_check_grads__values, 0, 0},
     {"sumsq", "sumsq(Tensor[] tensors, Tensor[] second, float scalar, int mode, int first, Tensor(a!) partials) -> ()", true, true, true, 6, k_sumsq_params, 2, 1, 2, 1, 0, k_sumsq_values, 0, 0},
     {"norm_finalize", "norm_finalize(Tensor partials, Tensor(a!) out) -> ()", true, true, true, 2, k_norm_finalize_params, 0, 0, 0, 2, 0, k_norm_finalize_values, 0, 0},
-    {"guard_finalize", "guard_finalize(Tensor partials, Tensor(a!) flags, Tensor? prior, Tensor? scale, Tensor? found_inf, float max_norm, Tensor(b!)? steps, Tensor? steps_mask) -> ()", true, true, true, 8, k_guard_finalize_params, 0, 1, 0, 7, 0, k_guard_finalize_values, 0, 0},
-    {"perturb_", "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] olds, Tensor norm, float rho, bool adaptive, float offset) -> ()", true, false, true, 7, k_perturb__params, 3, 2, 1, 1, 0, k_perturb__values, 1, 0},
-    {"restore_", "restore_(Tensor(a!)[] params, Tensor[] olds, Tensor? found_inf=None) -> ()", true, false, true, 3, k_restore__params, 2, 0, 0, 1, 0, k_restore__values, 0, 0},
-    {"restore_sgd_", "restore_sgd_(Tensor(a!)[] params, Tensor[] olds, Tensor[] grads, Tensor(b!)[] bufs, float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool init_bufs, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, true, 13, k_restore_sgd__params, 4, 4, 3, 2, 0, k_restore_sgd__values, 1, 0},
-    {"restore_adam_", "restore_adam_(Tensor(a!)[] params, Tensor[] olds, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, true, 17, k_restore_adam__params, 7, 5, 3, 2, 0, k_restore_adam__values, 1, 0},
+    {"guard_finalize", "guard_finalize(Tensor partials, Tensor(a!) flags, Tensor? first_norm, Tensor? scale, Tensor? found_inf, float max_norm, Tensor(b!)? steps, Tensor? steps_mask) -> ()", true, true, true, 8, k_guard_finalize_params, 0, 1, 0, 7, 0, k_guard_finalize_values, 0, 0},
+    {"perturb_", "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] x_old, Tensor norm, float rho, bool adaptive, float offset) -> ()", true, false, true, 7, k_perturb__params, 3, 2, 1, 1, 0, k_perturb__values, 1, 0},
+    {"restore_", "restore_(Tensor(a!)[] params, Tensor[] x_old, Tensor? found_inf=None) -> ()", true, false, true, 3, k_restore__params, 2, 0, 0, 1, 0, k_restore__values, 0, 0},
+    {"restore_sgd_", "restore_sgd_(Tensor(a!)[] params, Tensor[] x_old, Tensor[] grads, Tensor(b!)[] bufs, float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool init_bufs, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, true, 13, k_restore_sgd__params, 4, 4, 3, 2, 0, k_restore_sgd__values, 1, 0},
+    {"restore_adam_", "restore_adam_(Tensor(a!)[] params, Tensor[] x_old, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, true, 17, k_restore_adam__params, 7, 5, 3, 2, 0, k_restore_adam__values, 1, 0},
     {"sampa_preview_sgd_", "sampa_preview_sgd_(Tensor[] params, Tensor[] grads, Tensor(a!)[] perturbed, Tensor(b!)[] previews, Tensor[] bufs, Tensor norm, float rho, float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool init_bufs) -> ()", true, false, true, 14, k_sampa_preview_sgd__params, 5, 5, 3, 1, 0, k_sampa_preview_sgd__values, 3, 0},
     {"sampa_preview_adam_", "sampa_preview_adam_(Tensor[] params, Tensor[] grads, Tensor(a!)[] perturbed, Tensor(b!)[] previews, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, Tensor[] state_steps, Tensor norm, float rho, float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize) -> ()", true, false, true, 18, k_sampa_preview_adam__params, 8, 6, 3, 1, 0, k_sampa_preview_adam__values, 3, 0},
     {"sampa_update_sgd_", "sampa_update_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor[] grads2, Tensor(b!)[] bufs, float lam, float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool init_bufs, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, true, 14, k_sampa_update_sgd__params, 4, 5, 3, 2, 0, k_sampa_update_sgd__values, 2, 0},
     {"sampa_update_adam_", "sampa_update_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor[] grads2, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, float lam, float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, true, 18, k_sampa_update_adam__params, 7, 6, 3, 2, 0, k_sampa_update_adam__values, 2, 0},
     {"power_iteration_", "power_iteration_(Tensor[] mats, Tensor(a!)[] us, Tensor(b!)[] vs, Tensor(c!) sigmas, int iters, float tau) -> ()", false, false, false, 6, k_power_iteration__params, 3, 1, 1, 1, 0, k_power_iteration__values, 0, 0},
     {"power_iteration", "power_iteration(Tensor[] mats, Tensor(a!)[] us, Tensor(b!)[] vs, Tensor[] warm, int iters, float tau, Tensor(c!) sigmas) -> ()", true, true, false, 7, k_power_iteration_params, 4, 1, 1, 1, 3, k_power_iteration_values, 0, 0},
-    {"rank1_scales_", "rank1_scales_(Tensor sigmas, Tensor rho, Tensor normalized, Tensor(a!) scales, Tensor(b!) prior) -> ()", false, false, false, 5, k_rank1_scales__params, 0, 0, 0, 5, 0, k_rank1_scales__values, 0, 0},
+    {"rank1_scales_", "rank1_scales_(Tensor sigmas, Tensor rho, Tensor normalized, Tensor(a!) scales, Tensor(b!) first_norm) -> ()", false, false, false, 5, k_rank1_scales__params, 0, 0, 0, 5, 0, k_rank1_scales__values, 0, 0},
     {"rank1_update_", "rank1_update_(Tensor(a!)[] mats, Tensor[] us, Tensor[] vs, Tensor scales) -> ()", true, false, false, 4, k_rank1_update__params, 3, 0, 0, 1, 2, k_rank1_update__values, 0, kCheckRank1},
     {"rank1_restore_sgd_", "rank1_restore_sgd_(Tensor(a!)[] params, Tensor[] us, Tensor[] vs, Tensor scales, Tensor[] grads, Tensor(b!)[] bufs, float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool init_bufs, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, false, 15, k_rank1_restore_sgd__params, 5, 4, 3, 3, 2, k_rank1_restore_sgd__values, 0, kCheckRank1},
     {"rank1_restore_adam_", "rank1_restore_adam_(Tensor(a!)[] params, Tensor[] us, Tensor[] vs, Tensor scales, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, false, 19, k_rank1_restore_adam__params, 8, 5, 3, 3, 2, k_rank1_restore_adam__values, 0, kCheckRank1},

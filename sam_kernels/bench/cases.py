@@ -43,28 +43,28 @@ def primitive_case(op: str, params, backend: str):
     """A zero-argument callable running primitive `op` once over `params`."""
     xs = [p.data for p in params]
     gs = [p.grad for p in params]
-    olds = [torch.empty_like(x) for x in xs]
+    x_old = [torch.empty_like(x) for x in xs]
     norm = torch.ones((), device=xs[0].device)
     if op == "grad_norm":
         return lambda: ops.global_norm(gs, backend=backend)
     if op == "perturb":
-        return lambda: ops.perturb_(xs, gs, olds, norm, 1e-9, backend=backend)
+        return lambda: ops.perturb_(xs, gs, x_old, norm, 1e-9, backend=backend)
     if op == "restore":
-        for o, x in zip(olds, xs):
+        for o, x in zip(x_old, xs):
             o.copy_(x)
-        return lambda: ops.restore_(xs, olds, backend=backend)
+        return lambda: ops.restore_(xs, x_old, backend=backend)
     if op == "restore_sgd":
-        for o, x in zip(olds, xs):
+        for o, x in zip(x_old, xs):
             o.copy_(x)
         bufs = [torch.zeros_like(x) for x in xs]
-        return lambda: ops.restore_sgd_(xs, olds, gs, bufs, lr=1e-9, momentum=0.9, backend=backend)
+        return lambda: ops.restore_sgd_(xs, x_old, gs, bufs, lr=1e-9, momentum=0.9, backend=backend)
     if op == "restore_adamw":
-        for o, x in zip(olds, xs):
+        for o, x in zip(x_old, xs):
             o.copy_(x)
         m = [torch.zeros_like(x) for x in xs]
         v = [torch.zeros_like(x) for x in xs]
         steps = [torch.full((), 10.0, device=x.device) for x in xs]
-        return lambda: ops.restore_adam_(xs, olds, gs, m, v, state_steps=steps, lr=1e-9, beta1=0.9, beta2=0.999,
+        return lambda: ops.restore_adam_(xs, x_old, gs, m, v, state_steps=steps, lr=1e-9, beta1=0.9, beta2=0.999,
                                          eps=1e-8, weight_decay=0.01, decoupled=True, backend=backend)
     raise ValueError(op)
 
@@ -86,17 +86,17 @@ def loop_sam_case(params, base: str = "sgd"):
     """SAM as the popular per-parameter implementations write it (one tensor at a time)."""
     base_opt = (torch.optim.SGD(params, lr=1e-9, momentum=0.9, foreach=False) if base == "sgd"
                 else torch.optim.AdamW(params, lr=1e-9, weight_decay=0.01, foreach=False))
-    rho, olds = 0.05, {}
+    rho, x_old = 0.05, {}
 
     @torch.no_grad()
     def step():
         norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in params]), p=2)
         scale = rho / (norm + 1e-12)
         for p in params:
-            olds[p] = p.clone()
+            x_old[p] = p.clone()
             p.add_(p.grad * scale)
         for p in params:
-            p.data = olds[p]
+            p.data = x_old[p]
         base_opt.step()
     return step
 
@@ -108,15 +108,15 @@ def foreach_sam_case(params, base: str = "sgd"):
     base_opt = (torch.optim.SGD(params, lr=1e-9, momentum=0.9, fused=True) if base == "sgd"
                 else torch.optim.AdamW(params, lr=1e-9, weight_decay=0.01, fused=True))
     xs = [p.data for p in params]
-    olds = [torch.empty_like(x) for x in xs]
+    x_old = [torch.empty_like(x) for x in xs]
 
     @torch.no_grad()
     def step():
         gs = [p.grad for p in params]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)))
-        torch._foreach_copy_(olds, xs)
+        torch._foreach_copy_(x_old, xs)
         torch._foreach_add_(xs, torch._foreach_mul(gs, 0.05 / (norm + 1e-12)))
-        torch._foreach_copy_(xs, olds)
+        torch._foreach_copy_(xs, x_old)
         base_opt.step()
     return step
 
@@ -128,22 +128,22 @@ def compiled_sam_case(params, base: str = "sgd"):
     base_opt = (torch.optim.SGD(params, lr=1e-9, momentum=0.9, foreach=True) if base == "sgd"
                 else torch.optim.AdamW(params, lr=1e-9, weight_decay=0.01, foreach=True))
     xs = [p.data for p in params]
-    olds = [torch.empty_like(x) for x in xs]
+    x_old = [torch.empty_like(x) for x in xs]
 
     @torch.compile
-    def perturb(xs, gs, olds):
+    def perturb(xs, gs, x_old):
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)))
-        torch._foreach_copy_(olds, xs)
+        torch._foreach_copy_(x_old, xs)
         torch._foreach_add_(xs, torch._foreach_mul(gs, 0.05 / (norm + 1e-12)))
 
     @torch.compile
-    def restore(xs, olds):
-        torch._foreach_copy_(xs, olds)
+    def restore(xs, x_old):
+        torch._foreach_copy_(xs, x_old)
 
     @torch.no_grad()
     def step():
-        perturb(xs, [p.grad for p in params], olds)
-        restore(xs, olds)
+        perturb(xs, [p.grad for p in params], x_old)
+        restore(xs, x_old)
         base_opt.step()
     return step
 

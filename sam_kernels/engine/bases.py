@@ -1,4 +1,4 @@
-"""The base optimizer, as the last pass of a step sees it: one adapter per kind of base.
+"""The base optimizer, as the last pass of a step sees it: one adapter per family of base.
 
     FusedSGD    torch.optim.SGD with options our kernels implement: its step fused into the pass
                 that restores x_t (SAM's x_old, nuSAM's M - s u v^T, or x itself) and reads the
@@ -33,8 +33,8 @@ from .counters import StepCounters
 
 @dataclass
 class Restore:
-    """x <- olds (SAM's copies; the parameters themselves for a plain step), then the step."""
-    olds: list
+    """x <- x_old (SAM's copies; the parameters themselves for a plain step), then the step."""
+    x_old: list
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _plain_float(*values) -> bool:
 
 class FusedSGD:
     """torch.optim.SGD fused into our passes."""
-    kind = "sgd"
+    family = "sgd"
     state_keys = ("momentum_buffer",)  # what an update binds (engine.key: their addresses)
     primitives = {Restore: "restore_sgd_", Rank1: "rank1_restore_sgd_", Mix: "sampa_update_sgd_"}
     preview_primitive = "sampa_preview_sgd_"
@@ -99,7 +99,7 @@ class FusedSGD:
 
 class FusedAdam:
     """torch.optim.Adam / AdamW fused into our passes."""
-    kind = "adam"
+    family = "adam"
     state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
     primitives = {Restore: "restore_adam_", Rank1: "rank1_restore_adam_", Mix: "sampa_update_adam_"}
     preview_primitive = "sampa_preview_adam_"
@@ -167,10 +167,10 @@ def fused(base: torch.optim.Optimizer):
     return cls(base)
 
 
-def fused_kind(base: torch.optim.Optimizer) -> str | None:
+def fused_family(base: torch.optim.Optimizer) -> str | None:
     """'sgd' or 'adam' when `base` is fused (fused()), else None."""
     adapter = fused(base)
-    return adapter.kind if adapter is not None else None
+    return adapter.family if adapter is not None else None
 
 
 def prepare_state(adapter, work, counters: StepCounters, device) -> None:
@@ -179,7 +179,7 @@ def prepare_state(adapter, work, counters: StepCounters, device) -> None:
     would hold views of the old one."""
     for group, ps in work:
         adapter.create_state(group, ps)
-    if adapter.kind == "adam":
+    if adapter.family == "adam":
         counters.bind(adapter.base.state, [p for _, ps in work for p in ps], device)
 
 
@@ -192,11 +192,11 @@ def prepare_update(adapter, group: dict, backend: str, device, params, grads, co
     keys = source.keys if isinstance(source, Rank1) and source.keys is not None else params
     views = None if keys is params else [p.shape for p in params]
     adapter.create_state(group, keys)
-    if adapter.kind == "adam":
+    if adapter.family == "adam":
         counters.bind(adapter.base.state, keys, device)
     lists = adapter.state_lists(group, keys, views)
     if isinstance(source, Restore):
-        lists = {"params": params, "olds": source.olds, "grads": grads, **lists}
+        lists = {"params": params, "x_old": source.x_old, "grads": grads, **lists}
     elif isinstance(source, Rank1):
         lists = {"params": params, "us": source.us, "vs": source.vs, "grads": grads, **lists}
     else:
@@ -223,7 +223,7 @@ def prepare_preview(adapter, group: dict, backend: str, device, params, grads, p
     adapter.create_state(group, params)
     lists = adapter.state_lists(group, params)
     static = adapter.static(group)
-    if adapter.kind == "sgd":
+    if adapter.family == "sgd":
         static["init_bufs"] = False
     launch = ops.bind(adapter.preview_primitive, backend, device, {
         "params": params, "grads": grads, "perturbed": perturbed, "previews": previews, **lists}, static)

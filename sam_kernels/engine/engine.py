@@ -142,7 +142,7 @@ class StepEngine:
         """A plan's key, (structure, gradient addresses), from what the plan reads when it is built:
         the configuration (backend, capturable), the groups' options that decide launches
         (group_key), the parameters' addresses and layout and which of them have a gradient (and
-        `extra`); for an update plan (update=True) also the base optimizer's fused kind and the
+        `extra`); for an update plan (update=True) also the base optimizer's fused family and the
         options that decide its lists, Adam's counters vector and the state entries it binds
         (which exist, and where: a state created or replaced by hand, or read through torch's
         defaultdict, makes another plan); then where the gradients are. Cheap: C loops over the
@@ -159,21 +159,21 @@ class StepEngine:
             return (config, groups, params_key, None, self.counters.version, *extra), grads
         structure = tuple(adapter.structure(g) for g in self.optimizer.param_groups)
         state = fp.state_fingerprint(self.base.state, params, adapter.state_keys)
-        return (config, groups, params_key, adapter.kind, structure, self.counters.version, state, *extra), grads
+        return (config, groups, params_key, adapter.family, structure, self.counters.version, state, *extra), grads
 
-    def plan(self, kind: str, key, build):
-        """The plan of `kind` for key() (a function: taken again once a plan is built, which may have
+    def plan(self, pass_name: str, key, build):
+        """The plan of `pass_name` for key() (a function: taken again once a plan is built, which may have
         created what it binds); under CUDA graph capture it must be the one warm-up built (a build
         or a refresh would copy tables from the host into the graph)."""
-        if capturing() and not self.plans.holds(kind, key()):
-            raise RuntimeError(f"{type(self.optimizer).__name__}: the {kind!r} step plan changed during CUDA graph "
-                               "capture (parameters, gradients, their addresses or the param groups differ from the "
-                               "last eager step): run an eager step with the same setup before capturing")
-        return self.plans.get(kind, key, build)
+        if capturing() and not self.plans.holds(pass_name, key()):
+            raise RuntimeError(f"{type(self.optimizer).__name__}: the {pass_name!r} step plan changed during CUDA "
+                               "graph capture (parameters, gradients, their addresses or the param groups differ "
+                               "from the last eager step): run an eager step with the same setup before capturing")
+        return self.plans.get(pass_name, key, build)
 
-    def cached(self, kind: str):
-        """The plan of `kind` now cached, or None (what memory reports read)."""
-        return self.plans.plan(kind)
+    def cached(self, pass_name: str):
+        """The plan of `pass_name` now cached, or None (what memory reports read)."""
+        return self.plans.plan(pass_name)
 
     def work(self, where: str, need_grad: bool = False):
         """[(group, [params with a gradient])] after checking every gradient, and their device;
@@ -206,9 +206,9 @@ class StepEngine:
 
     def flags_on(self, device) -> Flags:
         if self.flags is None or self.flags.device != torch.device(device):
-            skipped = self.flags.t[SKIPPED].to(device) if self.flags is not None else self._skipped_at_load
+            skipped = self.flags.values[SKIPPED].to(device) if self.flags is not None else self._skipped_at_load
             self.flags = Flags(device)
-            self.flags.t[SKIPPED] = skipped
+            self.flags.values[SKIPPED] = skipped
         return self.flags
 
     @property
@@ -216,11 +216,11 @@ class StepEngine:
         """Steps skipped because a gradient held NaN or inf (reading this waits for the device)."""
         if self.flags is None:
             return int(self._skipped_at_load)
-        return int(self.flags.t[SKIPPED].item())
+        return int(self.flags.values[SKIPPED].item())
 
     def set_skipped(self, skipped: float) -> None:
         if self.flags is not None:
-            self.flags.t[SKIPPED] = skipped
+            self.flags.values[SKIPPED] = skipped
         self._skipped_at_load = skipped
 
     @property
@@ -267,7 +267,7 @@ class StepEngine:
         elif self.capturable and self.scalars is not None:
             self.scalars.load_()
 
-    def finish(self, plan, prior, grad_scaler, first, name: str) -> None:
+    def finish(self, plan, first_norm, grad_scaler, first, name: str) -> None:
         """The guard, then the update of an update plan (engine/updates.py): the one place the
         non-finite policy is written. first: the step's first pass (its perturbation is taken out by
         the update, or undone on the generic path), or None."""
@@ -276,7 +276,7 @@ class StepEngine:
         if found_inf is not None and plan.guard.group is not None:  # scaler.unscale_ checked this rank's shards
             found_inf = found_inf.clone()
             distributed.all_reduce_sum_(found_inf, plan.guard.group)
-        plan.guard.guard(flags, prior=prior, scale=scale, found_inf=found_inf, max_norm=self.max_grad_norm,
+        plan.guard.guard(flags, first_norm=first_norm, scale=scale, found_inf=found_inf, max_norm=self.max_grad_norm,
                          steps=plan.steps, steps_mask=plan.steps_mask)
         scaler_record(state, flags)
         if self.nonfinite == "raise" and bool(flags.found_inf):  # raise mode must know: a synchronization

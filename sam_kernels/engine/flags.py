@@ -19,12 +19,12 @@ class Flags:
     """An optimizer's device flags (see the module docstring)."""
 
     def __init__(self, device: torch.device):
-        self.t = torch.zeros(4, dtype=torch.float32, device=device)
-        self.found_inf = self.t[FOUND_INF]  # 0-dim views: what the kernels and the GradScaler get
-        self.grad_scale = self.t[GRAD_SCALE]
-        self.grad_norm = self.t[GRAD_NORM]
-        self.skipped = self.t[SKIPPED]
-        self.device = self.t.device
+        self.values = torch.zeros(4, dtype=torch.float32, device=device)
+        self.found_inf = self.values[FOUND_INF]  # 0-dim views: what the kernels and the GradScaler get
+        self.grad_scale = self.values[GRAD_SCALE]
+        self.grad_norm = self.values[GRAD_NORM]
+        self.skipped = self.values[SKIPPED]
+        self.device = self.values.device
 
 
 def check_scaler(grad_scaler, opt=None, unscaled: str | None = None) -> None:

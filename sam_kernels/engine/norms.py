@@ -78,10 +78,10 @@ class NormStage:
     def norm(self, out: torch.Tensor) -> None:
         self._finalize(self._sums(), out)
 
-    def guard(self, flags: Flags, prior=None, scale=None, found_inf=None, max_norm=None, steps=None,
+    def guard(self, flags: Flags, first_norm=None, scale=None, found_inf=None, max_norm=None, steps=None,
               steps_mask=None) -> None:
-        self._guard(self._sums(), flags.t, prior, scale, found_inf, float("inf") if max_norm is None else max_norm,
-                    steps, steps_mask)
+        self._guard(self._sums(), flags.values, first_norm, scale, found_inf,
+                    float("inf") if max_norm is None else max_norm, steps, steps_mask)
 
 
 def _staged_sumsq(backend, device, tensors, second):

@@ -54,7 +54,7 @@ class GradientDirection:
 class CopyPass:
     """The first pass of SAM / ASAM / GaussSAM over [(group, params with a gradient)]: the global
     norm of the directions into a device scalar (a non-finite one leaves the weights where they
-    are and, for the gradient, is the first gradient's check, `prior`), then x_old <- x,
+    are and, for the gradient, is the first gradient's check, `first_norm`), then x_old <- x,
     x <- x + e per group."""
 
     def __init__(self, engine, work, device, copies: Copies, direction):
@@ -62,7 +62,7 @@ class CopyPass:
         self.active = False  # perturbed and not yet restored or updated
         self.direction = direction
         backend = engine.backend_for(device, "perturb_")
-        self.olds = {id(p): copies.of(p) for p in self.params}
+        self.x_old = {id(p): copies.of(p) for p in self.params}
         directions = direction.prepare(engine, self, work, device)
         classes: dict[tuple, list] = {}
         for group, ps in work:
@@ -73,21 +73,21 @@ class CopyPass:
                               [(directions(xs), xs if adaptive else None, int(adaptive), offset)
                                for (adaptive, offset), xs in classes.items()], group=engine.reduce_group())
         self.norm_out = self.norm.out()
-        self.prior = getattr(self, "prior", self.norm_out)  # a direction may have set its own check
+        self.first_norm = getattr(self, "first_norm", self.norm_out)  # a direction may have set its own check
         self._rho = lambda group: engine.rho(group, device)  # a number, or a device scalar (capturable)
         self.perturbs = [(group, ops.bind("perturb_", backend, device,
                                           {"params": ps, "grads": directions(ps),
-                                           "olds": [self.olds[id(p)] for p in ps]}))
+                                           "x_old": [self.x_old[id(p)] for p in ps]}))
                          for group, ps in work if ps]
         self._restore = ops.bind("restore_", backend, device,
-                                 {"params": self.params, "olds": [self.olds[id(p)] for p in self.params]}) \
+                                 {"params": self.params, "x_old": [self.x_old[id(p)] for p in self.params]}) \
             if self.params else None
         self._backend, self._device = backend, device
 
     def perturb(self, raise_nonfinite: bool) -> None:
         self.direction.before(self, raise_nonfinite)
         self.norm.norm(self.norm_out)
-        if raise_nonfinite and self.prior is self.norm_out and not bool(torch.isfinite(self.norm_out)):
+        if raise_nonfinite and self.first_norm is self.norm_out and not bool(torch.isfinite(self.norm_out)):
             raise FloatingPointError(f"first_step: the gradient norm is {self.norm_out.item()} (NaN or inf in "
                                      ".grad)")  # raise mode must know: a synchronization
         for group, run in self.perturbs:
@@ -96,14 +96,14 @@ class CopyPass:
 
     def sources(self, group, ps):
         """Each parameter restores from its copy (a parameter not perturbed: from itself)."""
-        return [(Restore(olds=[self.olds.get(id(p), p) for p in ps]), ps, GradsOf(ps), None)]
+        return [(Restore(x_old=[self.x_old.get(id(p), p) for p in ps]), ps, GradsOf(ps), None)]
 
     def restore_left(self, params):
         """x_t back for perturbed parameters without a second gradient (run(flags))."""
         if not params:
             return None
         run = ops.bind("restore_", self._backend, self._device,
-                       {"params": params, "olds": [self.olds[id(p)] for p in params]})
+                       {"params": params, "x_old": [self.x_old[id(p)] for p in params]})
         return lambda flags: run()
 
     def commit(self):
@@ -136,7 +136,7 @@ class GaussianDirection:
     parameters, allocated once per plan; each parameter's part 16-byte aligned), in parameter
     order, from `generator` or an own generator on the parameters' device seeded with `seed`
     (sharded parameters: each rank draws its shards' z from seed + its rank in their mesh). The
-    first gradient is checked on its own (its norm is the guard's prior)."""
+    first gradient is checked on its own (its norm is the guard's first_norm)."""
 
     def __init__(self, generator, seed: int):
         self.generator = generator
@@ -176,14 +176,14 @@ class GaussianDirection:
         group = engine.reduce_group()
         first.check = NormStage(engine.backend_for(device, "global_norm"), device, [(GradsOf(params), None, 0, 0.0)],
                                 group=group)
-        first.prior = first.check.out()
+        first.first_norm = first.check.out()
         first.generator = self.generator_on(device, group)
         return lambda ps: [views[id(p)] for p in ps]
 
     def before(self, first: CopyPass, raise_nonfinite: bool) -> None:
-        first.check.norm(first.prior)
-        if raise_nonfinite and not bool(torch.isfinite(first.prior)):  # raise mode: a synchronization
-            raise FloatingPointError(f"GaussSAM.first_step: the gradient norm is {first.prior.item()}")
+        first.check.norm(first.first_norm)
+        if raise_nonfinite and not bool(torch.isfinite(first.first_norm)):  # raise mode: a synchronization
+            raise FloatingPointError(f"GaussSAM.first_step: the gradient norm is {first.first_norm.item()}")
         for z in first.z:
             z.normal_(generator=first.generator)
 

@@ -112,7 +112,7 @@ class Rank1Pass:
     over the matrix gradients (from candidates of the warm starts), the scales, the rank-1
     perturbation in place. The norm of the other first gradients (biases, norms) is one more entry
     of the sigma vector (rho 0, not normalized), so a non-finite value in any first gradient zeroes
-    every scale: nothing is perturbed and a skipped step leaves the weights bit for bit. `prior`
+    every scale: nothing is perturbed and a skipped step leaves the weights bit for bit. `first_norm`
     (the sum of that vector) is the first gradient's check."""
 
     def __init__(self, engine, strategy: Rank1Perturbation, work, device):
@@ -142,7 +142,7 @@ class Rank1Pass:
         self.groups = [g for _, g in chosen]
         self.normed = _device_vector([float(g["normalized"]) for g in self.groups] + [0.0], device)
         self._rho_key, self.rho = None, None
-        self.prior = torch.zeros((), dtype=torch.float32, device=device)
+        self.first_norm = torch.zeros((), dtype=torch.float32, device=device)
         self.check = (NormStage(engine.backend_for(device, "global_norm"), device, [(GradsOf(others), None, 0, 0.0)],
                                 group=self.group) if others else None)
         self.backend = engine.backend_for(device, "rank1_update_") if k else None
@@ -153,7 +153,7 @@ class Rank1Pass:
                            ops.prepare("power_iteration", self.backend, device, mats=self.grads, us=self.cands,
                                        vs=self.vs, warm=self.us) if not staged else self._staged_power)
             self._scales = ops.prepare("rank1_scales_", engine.backend_for(device, "rank1_scales_"), device)
-            self._commit = ops.bind("restore_", self.backend, device, {"params": self.us, "olds": self.cands})
+            self._commit = ops.bind("restore_", self.backend, device, {"params": self.us, "x_old": self.cands})
             self._rank1 = ops.bind("rank1_update_", self.backend, device,
                                    {"mats": self.mats, "us": self.cands, "vs": self.vs})
 
@@ -213,12 +213,12 @@ class Rank1Pass:
 
     def perturb(self, raise_nonfinite: bool) -> None:
         if self.check is not None and not (self.params and self.group is not None):
-            self.check.norm(self.others_norm if self.params else self.prior)  # (sharded: inside the iteration)
+            self.check.norm(self.others_norm if self.params else self.first_norm)  # (sharded: inside the iteration)
         if self.params:
             self._power(sigmas=self.sigmas, iters=self.strategy.power_iters, tau=self.strategy.tau)
-            # s_i (nuSAM-Norm's too; all 0 if an entry is not finite: no perturbation), prior = their sum
-            self._scales(self.sigmas_all, self._rhos(), self.normed, self.scales_all, self.prior)
-        if raise_nonfinite and not bool(torch.isfinite(self.prior)):  # raise mode: a synchronization
+            # s_i (nuSAM-Norm's too; all 0 if an entry is not finite: no perturbation), first_norm = their sum
+            self._scales(self.sigmas_all, self._rhos(), self.normed, self.scales_all, self.first_norm)
+        if raise_nonfinite and not bool(torch.isfinite(self.first_norm)):  # raise mode: a synchronization
             raise FloatingPointError("NuSAM.first_step: NaN or inf in a gradient")
         if self.params:
             self._rank1(scales=self.scales)
@@ -238,7 +238,7 @@ class Rank1Pass:
         out = []
         plain = [p for p in ps if id(p) not in self.index]
         if plain:
-            out.append((Restore(olds=plain), plain, GradsOf(plain), None))
+            out.append((Restore(x_old=plain), plain, GradsOf(plain), None))
         mats_ps = [p for p in ps if id(p) in self.index]
         if mats_ps:
             idx = [self.index[id(p)] for p in mats_ps]

@@ -34,22 +34,22 @@ class DeviceScalars:
     whose address the step plans (and a graph) keep."""
 
     def __init__(self, groups: list, device: torch.device):
-        self.t = torch.zeros(len(groups), len(COLUMNS), dtype=torch.float32, device=device)
+        self.values = torch.zeros(len(groups), len(COLUMNS), dtype=torch.float32, device=device)
         self._rows = {id(g): i for i, g in enumerate(groups)}
         self._groups = list(groups)
-        self.device = self.t.device
+        self.device = self.values.device
 
     def covers(self, groups: list) -> bool:
         return len(groups) == len(self._groups) and all(a is b for a, b in zip(groups, self._groups))
 
     def lr(self, group: dict) -> torch.Tensor:
-        return self.t[self._rows[id(group)], 0]
+        return self.values[self._rows[id(group)], 0]
 
     def rho(self, group: dict) -> torch.Tensor:
-        return self.t[self._rows[id(group)], 1]
+        return self.values[self._rows[id(group)], 1]
 
     def rho_column(self) -> torch.Tensor:
-        return self.t[:, 1]
+        return self.values[:, 1]
 
     def row(self, group: dict) -> int:
         return self._rows[id(group)]
@@ -70,6 +70,6 @@ class DeviceScalars:
         device (from pinned memory on CUDA; the copy is ordered after the steps already queued)."""
         src = torch.tensor(self.host_values(), dtype=torch.float32)
         if self.device.type == "cpu":
-            self.t.copy_(src)
+            self.values.copy_(src)
         else:
-            self.t.copy_(src.pin_memory(), non_blocking=True)
+            self.values.copy_(src.pin_memory(), non_blocking=True)

@@ -86,11 +86,11 @@ def build_update(engine, work, device, sources, guard_classes, restores=(), comm
             else:
                 plan.updates.append(lambda flags, run=run: run(flags.grad_scale, flags.found_inf))
         moving += ps
-    if adapter.kind == "adam" and moving:
+    if adapter.family == "adam" and moving:
         plan.steps, plan.steps_mask = engine.counters.vec, engine.counters.mask(moving)
     return plan
 
 
 def plain_sources(grads_of):
     """A step from x itself with each parameter's gradient (base_step; SAMPa's endpoints)."""
-    return lambda group, ps: [(Restore(olds=ps), ps, grads_of(ps), None)]
+    return lambda group, ps: [(Restore(x_old=ps), ps, grads_of(ps), None)]

@@ -11,18 +11,19 @@ the Adam step counters).
     global_norm(tensors, weights=None, offset=0.)  ||T t|| over all tensors, T = |w| + offset or 1
     check_grads_(grads, flags, ...)                the guard of a step: is it taken, by what is the
                                                    gradient multiplied (unscale, clip), its norm
-    perturb_(params, grads, olds, norm, rho, ...)   olds <- x; x <- x + rho T^2 g / (norm + eps)
-    restore_(params, olds, found_inf=None)          x <- olds (bit for bit; with found_inf, if it is 0)
-    restore_sgd_(params, olds, grads, bufs, ...)    x <- olds, then one fused torch.optim.SGD step
-    restore_adam_(params, olds, grads, m, v, ...)   x <- olds, then one fused Adam / AdamW step
+    perturb_(params, grads, x_old, norm, rho, ...) x_old <- x; x <- x + rho T^2 g / (norm + eps)
+    restore_(params, x_old, found_inf=None)        x <- x_old (bit for bit; with found_inf, if it is 0)
+    restore_sgd_(params, x_old, grads, bufs, ...)  x <- x_old, then one fused torch.optim.SGD step
+    restore_adam_(params, x_old, grads, m, v, ...) x <- x_old, then one fused Adam / AdamW step
 The fused updates take grad_scale (a multiplier of the gradient: GradScaler's 1 / scale times a
-clipping coefficient) and found_inf (!= 0: the step is skipped, x <- olds and no state is
+clipping coefficient) and found_inf (!= 0: the step is skipped, x <- x_old and no state is
 written), both fp32 device scalars; Adam's take state_steps, one fp32 device scalar per tensor
 with its step count for this update (the bias corrections are computed from it on the device).
 
 nuSAM (rank-1 perturbations of weight matrices; us / vs fp32 vectors, scales an fp32 device vector):
     power_iteration_(mats, us, vs, sigmas, iters, tau)   warm-started top singular pairs of every matrix
-    rank1_scales_(sigmas, rho, normalized, scales, prior) the scales of the rank-1 terms (nuSAM-Norm too)
+    rank1_scales_(sigmas, rho, normalized, scales, first_norm)
+                                                         the scales of the rank-1 terms (nuSAM-Norm too)
     rank1_update_(mats, us, vs, scales)                  M_i <- M_i + s_i u_i v_i^T
     rank1_restore_sgd_ / rank1_restore_adam_             M <- M - s u v^T, then the fused base step
 
@@ -226,11 +227,11 @@ def global_norm(tensors, weights=None, offset: float = 0.0, *, backend: str = "a
 
 
 @torch.no_grad()
-def check_grads_(grads, flags, *, grads2=None, lam: float = 0.0, prior=None, scale=None, found_inf=None,
+def check_grads_(grads, flags, *, grads2=None, lam: float = 0.0, first_norm=None, scale=None, found_inf=None,
                  max_norm=None, steps=None, steps_mask=None, backend: str = "auto") -> None:
     """The guard of a step, on the device. n = ||grads|| (of (1 - lam) grads + lam grads2 with grads2);
     flags (fp32[4]) <- [found_inf, grad_scale, grad_norm, flags[3] + found_inf]:
-    found_inf = 1 if n, any element of prior (the first pass's norms) is not finite or found_inf
+    found_inf = 1 if n, any element of first_norm (the first pass's norms) is not finite or found_inf
     (a GradScaler's own check) != 0, else 0; grad_scale = inv * min(1, max_norm / (n inv + 1e-6))
     with inv = 1 / scale (GradScaler's scale; 1 without); grad_norm = n inv. steps (fp32, Adam's
     step counters) += (1 - found_inf) * steps_mask: they move only when the step is taken."""
@@ -238,51 +239,51 @@ def check_grads_(grads, flags, *, grads2=None, lam: float = 0.0, prior=None, sca
     grads2 = list(grads2) if grads2 is not None else None
     max_norm = float("inf") if max_norm is None else float(max_norm)
     _run("check_grads_", backend, {"grads": grads, "grads2": grads2},
-         {"lam": float(lam), "flags": flags, "prior": prior, "scale": scale, "found_inf": found_inf,
+         {"lam": float(lam), "flags": flags, "first_norm": first_norm, "scale": scale, "found_inf": found_inf,
           "max_norm": max_norm, "steps": steps, "steps_mask": steps_mask})
 
 
 @torch.no_grad()
-def perturb_(params, grads, olds, norm, rho: float, *, adaptive: bool = False, offset: float = 0.0,
+def perturb_(params, grads, x_old, norm, rho: float, *, adaptive: bool = False, offset: float = 0.0,
              backend: str = "auto") -> None:
-    """olds <- params; params <- params + rho * T^2 grads / (norm + eps); params untouched if norm is not finite."""
-    _run("perturb_", backend, {"params": list(params), "grads": list(grads), "olds": list(olds)},
+    """x_old <- params; params <- params + rho * T^2 grads / (norm + eps); params untouched if norm is not finite."""
+    _run("perturb_", backend, {"params": list(params), "grads": list(grads), "x_old": list(x_old)},
          {"norm": norm, "rho": float(rho), "adaptive": bool(adaptive), "offset": float(offset)})
 
 
 @torch.no_grad()
-def restore_(params, olds, found_inf=None, *, backend: str = "auto") -> None:
-    """params <- olds, bit for bit; with found_inf (a device scalar), only when found_inf == 0."""
-    _run("restore_", backend, {"params": list(params), "olds": list(olds)}, {"found_inf": found_inf})
+def restore_(params, x_old, found_inf=None, *, backend: str = "auto") -> None:
+    """params <- x_old, bit for bit; with found_inf (a device scalar), only when found_inf == 0."""
+    _run("restore_", backend, {"params": list(params), "x_old": list(x_old)}, {"found_inf": found_inf})
 
 
 @torch.no_grad()
-def restore_sgd_(params, olds, grads, bufs=None, *, lr: float, momentum: float = 0.0, dampening: float = 0.0,
+def restore_sgd_(params, x_old, grads, bufs=None, *, lr: float, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, maximize: bool = False, init_bufs: bool = False,
                  grad_scale=None, found_inf=None, backend: str = "auto") -> None:
-    """params <- olds, then one torch.optim.SGD step with grads * grad_scale; bufs: momentum buffers,
-    updated in place. found_inf != 0: params <- olds only."""
+    """params <- x_old, then one torch.optim.SGD step with grads * grad_scale; bufs: momentum buffers,
+    updated in place. found_inf != 0: params <- x_old only."""
     params = list(params)
     scalars = _sgd_scalars("restore_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs)
     _run("restore_sgd_", backend,
-         {"params": params, "olds": list(olds), "grads": list(grads),
+         {"params": params, "x_old": list(x_old), "grads": list(grads),
           "bufs": list(bufs) if momentum != 0 else None},
          {**scalars, **_guard_args("restore_sgd_", params, grad_scale, found_inf)})
 
 
 @torch.no_grad()
-def restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, state_steps, lr: float,
+def restore_adam_(params, x_old, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, state_steps, lr: float,
                   beta1: float, beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False,
                   amsgrad: bool = False, maximize: bool = False, grad_scale=None, found_inf=None,
                   backend: str = "auto") -> None:
-    """params <- olds, then one torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step with
+    """params <- x_old, then one torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step with
     grads * grad_scale; state_steps: each tensor's step count for this update (fp32 device scalars).
-    found_inf != 0: params <- olds only."""
+    found_inf != 0: params <- x_old only."""
     params = list(params)
     scalars = _adam_scalars("restore_adam_", max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
                             amsgrad, maximize)
     _run("restore_adam_", backend,
-         {"params": params, "olds": list(olds), "grads": list(grads),
+         {"params": params, "x_old": list(x_old), "grads": list(grads),
           **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, state_steps)},
          {**scalars, **_guard_args("restore_adam_", params, grad_scale, found_inf)})
 
@@ -299,7 +300,7 @@ def _update_with_one_gradient(op, impl, backend, params, grads, grads2, lam, sta
     """SAMPa's update at lam = 0 / 1: the plain fused step `impl` with the one gradient it uses,
     bit for bit, without reading the other."""
     _check_lists(op, params, {"grads": grads, "grads2": grads2})
-    _run(op, backend, {"params": list(params), "olds": list(params), "grads": list(grads2 if lam else grads), **state},
+    _run(op, backend, {"params": list(params), "x_old": list(params), "grads": list(grads2 if lam else grads), **state},
          scalars, impl=impl)
 
 
@@ -406,14 +407,14 @@ def power_iteration_(mats, us, vs, sigmas, iters: int = 1, tau: float = 1e-12, *
 
 
 @torch.no_grad()
-def rank1_scales_(sigmas, rho, normalized, scales, prior, *, backend: str = "auto") -> None:
+def rank1_scales_(sigmas, rho, normalized, scales, first_norm, *, backend: str = "auto") -> None:
     """nuSAM's per-matrix scales (fp32 device vectors of k): scales_i = 0 for every i if a sigma is
     not finite (no perturbation at all), else rho_i sigma_i / (sqrt(sum_j sigma_j^2 over the
     matrices with normalized_j != 0) + 1e-12) where normalized_i != 0 (nuSAM-Norm), rho_i
-    elsewhere; prior (one value) <- sum of the sigmas (not finite iff one is not)."""
+    elsewhere; first_norm (one value) <- sum of the sigmas (not finite iff one is not)."""
     device = sigmas.device
     name = backends.resolve(backend, device, "rank1_scales_")
-    _impl(name).rank1_scales_(sigmas, rho, normalized, scales, prior)
+    _impl(name).rank1_scales_(sigmas, rho, normalized, scales, first_norm)
 
 
 @torch.no_grad()

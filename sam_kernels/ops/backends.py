@@ -7,7 +7,7 @@ extension's C++ CPU kernels, default on CPU tensors), "torch" (pure-torch refere
 everywhere), "auto" (the best available for the device and primitive). Why CUDA C++ first: the
 kernels of both stream alike (within 3 points of copy on the H100), and a step is host-bound on
 real models: a prepared C++ launch (torch.ops.sam_kernels._launch) costs the host a dispatcher
-call, a Triton launch its Python launcher (bench/NOTES.md, issue 12).
+call, a Triton launch its Python launcher (bench/NOTES.md, "a sync-free, host-light step").
 """
 from __future__ import annotations
 

@@ -162,8 +162,8 @@ def norm_finalize(partials, out):
     _ops()._launch("norm_finalize", None, [], [], [], [partials, out], [])
 
 
-def guard_finalize(partials, flags, prior=None, scale=None, found_inf=None, max_norm=float("inf"), steps=None,
+def guard_finalize(partials, flags, first_norm=None, scale=None, found_inf=None, max_norm=float("inf"), steps=None,
                    steps_mask=None):
     """The guard of check_grads_ from the sums of squares in partials."""
     _ops()._launch("guard_finalize", None, [], [float(max_norm)], [],
-                   [partials, flags, prior, scale, found_inf, steps, steps_mask], [])
+                   [partials, flags, first_norm, scale, found_inf, steps, steps_mask], [])

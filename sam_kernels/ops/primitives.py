@@ -159,14 +159,14 @@ GLOBAL_NORM = declare(
     "sqrt(sum_i ||w_i * t_i||^2) with w_i = |weights_i| + offset (or 1 when weights is empty); fp32, "
     "fp64 for fp64 tensors.", entry="custom")
 CHECK_GRADS = declare(
-    "check_grads_(Tensor[] grads, Tensor[] grads2, float lam, Tensor(a!) flags, Tensor? prior, Tensor? scale, "
+    "check_grads_(Tensor[] grads, Tensor[] grads2, float lam, Tensor(a!) flags, Tensor? first_norm, Tensor? scale, "
     "Tensor? found_inf, float max_norm, Tensor(b!)? steps, Tensor? steps_mask) -> ()",
     "The guard of a step. n = ||grads|| (of (1 - lam) grads + lam grads2 when grads2 is given); flags "
-    "(fp32[4]) <- [found_inf, grad_scale, grad_norm, skipped + found_inf] with found_inf = n, prior (any "
+    "(fp32[4]) <- [found_inf, grad_scale, grad_norm, skipped + found_inf] with found_inf = n, first_norm (any "
     "element) not finite or found_inf != 0, grad_scale = inv * min(1, max_norm / (n inv + 1e-6)) with inv = "
     "1 / scale (1 without one), grad_norm = n inv; steps += (1 - found_inf) * steps_mask (Adam's step "
     "counters, advanced only when the step is taken).", entry="custom",
-    kinds={"flags": "any", "prior": "any", "steps": "any", "steps_mask": "any"})
+    kinds={"flags": "any", "first_norm": "any", "steps": "any", "steps_mask": "any"})
 SUMSQ = declare(
     "sumsq(Tensor[] tensors, Tensor[] second, float scalar, int mode, int first, Tensor(a!) partials) -> ()",
     "Each chunk's sum of squares into partials[first + chunk] (fp32; fp64 partials for fp64 norms): of "
@@ -176,31 +176,31 @@ NORM_FINALIZE = declare(
     "norm_finalize(Tensor partials, Tensor(a!) out) -> ()",
     "out <- sqrt(sum(partials)), added in a fixed order.", internal=True, kinds={"partials": "any", "out": "any"})
 GUARD_FINALIZE = declare(
-    "guard_finalize(Tensor partials, Tensor(a!) flags, Tensor? prior, Tensor? scale, Tensor? found_inf, "
+    "guard_finalize(Tensor partials, Tensor(a!) flags, Tensor? first_norm, Tensor? scale, Tensor? found_inf, "
     "float max_norm, Tensor(b!)? steps, Tensor? steps_mask) -> ()",
     "check_grads_'s guard from the sums of squares in partials.", internal=True,
-    kinds={"partials": "any", "flags": "any", "prior": "any", "steps": "any", "steps_mask": "any"})
+    kinds={"partials": "any", "flags": "any", "first_norm": "any", "steps": "any", "steps_mask": "any"})
 
 # --- SAM ---------------------------------------------------------------------------------
 
 PERTURB = declare(
-    "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] olds, Tensor norm, float rho, bool adaptive, "
+    "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] x_old, Tensor norm, float rho, bool adaptive, "
     "float offset) -> ()",
-    "olds <- params; params <- params + s * w^2 * grads, s = rho / (norm + 1e-12) (w = |params| + offset "
+    "x_old <- params; params <- params + s * w^2 * grads, s = rho / (norm + 1e-12) (w = |params| + offset "
     "for ASAM, else 1), and params untouched when norm is not finite.", kinds={"norm": "norm"},
     device_scalars=("rho",))
 RESTORE = declare(
-    "restore_(Tensor(a!)[] params, Tensor[] olds, Tensor? found_inf=None) -> ()",
-    "params <- olds, bit for bit; with found_inf, only when found_inf == 0 (a conditional commit).")
+    "restore_(Tensor(a!)[] params, Tensor[] x_old, Tensor? found_inf=None) -> ()",
+    "params <- x_old, bit for bit; with found_inf, only when found_inf == 0 (a conditional commit).")
 RESTORE_SGD = declare(
-    f"restore_sgd_(Tensor(a!)[] params, Tensor[] olds, Tensor[] grads, Tensor(b!)[] bufs, {_SGD}, {_GUARD}) -> ()",
-    "params <- olds, then one torch.optim.SGD step with grads * grad_scale; bufs: the momentum buffers. "
-    "found_inf != 0: params <- olds only.", present=_SGD_PRESENT, device_scalars=("lr",))
+    f"restore_sgd_(Tensor(a!)[] params, Tensor[] x_old, Tensor[] grads, Tensor(b!)[] bufs, {_SGD}, {_GUARD}) -> ()",
+    "params <- x_old, then one torch.optim.SGD step with grads * grad_scale; bufs: the momentum buffers. "
+    "found_inf != 0: params <- x_old only.", present=_SGD_PRESENT, device_scalars=("lr",))
 RESTORE_ADAM = declare(
-    f"restore_adam_(Tensor(a!)[] params, Tensor[] olds, Tensor[] grads, {_ADAM_STATE}, {_ADAM}, {_GUARD}) -> ()",
-    "params <- olds, then one torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step with grads * "
+    f"restore_adam_(Tensor(a!)[] params, Tensor[] x_old, Tensor[] grads, {_ADAM_STATE}, {_ADAM}, {_GUARD}) -> ()",
+    "params <- x_old, then one torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step with grads * "
     "grad_scale; state_steps: each tensor's step count for this update (fp32 device scalars). found_inf != 0: "
-    "params <- olds only.", kinds=_ADAM_KINDS, present=_ADAM_PRESENT, device_scalars=("lr",))
+    "params <- x_old only.", kinds=_ADAM_KINDS, present=_ADAM_PRESENT, device_scalars=("lr",))
 
 # --- SAMPa -------------------------------------------------------------------------------
 
@@ -242,11 +242,11 @@ POWER_ITERATION_KERNEL = declare(
     internal=True, kinds={**_RANK1_KINDS, "warm": "vectors", "sigmas": "any"}, values=("nrows", "ncols", "index"),
     cuda=False)
 RANK1_SCALES = declare(
-    "rank1_scales_(Tensor sigmas, Tensor rho, Tensor normalized, Tensor(a!) scales, Tensor(b!) prior) -> ()",
+    "rank1_scales_(Tensor sigmas, Tensor rho, Tensor normalized, Tensor(a!) scales, Tensor(b!) first_norm) -> ()",
     "nuSAM's scales (fp32 vectors of k): scales_i = every sigma finite ? (normalized_i != 0 ? rho_i sigma_i / "
-    "(sqrt(sum of the normalized sigma_j^2) + 1e-12) : rho_i) : 0; prior = sum of the sigmas (not finite iff "
+    "(sqrt(sum of the normalized sigma_j^2) + 1e-12) : rho_i) : 0; first_norm = sum of the sigmas (not finite iff "
     "one is not).", entry="custom", cuda=False,
-    kinds={"sigmas": "any", "rho": "any", "normalized": "any", "scales": "any", "prior": "any"})
+    kinds={"sigmas": "any", "rho": "any", "normalized": "any", "scales": "any", "first_norm": "any"})
 RANK1_UPDATE = declare(
     "rank1_update_(Tensor(a!)[] mats, Tensor[] us, Tensor[] vs, Tensor scales) -> ()",
     "M_i <- M_i + scales[i] * u_i v_i^T (scales: fp32 on the device; 0 leaves M_i untouched).",

@@ -53,18 +53,18 @@ def _mix(grads, grads2, lam):
     return d
 
 
-def check_grads_(grads, grads2, lam, flags, prior, scale, found_inf, max_norm, steps, steps_mask):
+def check_grads_(grads, grads2, lam, flags, first_norm, scale, found_inf, max_norm, steps, steps_mask):
     """The guard of a step (csrc/guard_math.h): flags <- [found_inf, grad_scale, grad_norm, skipped + found_inf];
     steps += (1 - found_inf) * steps_mask."""
-    _guard(_norm(_mix(grads, grads2, lam) if grads2 else _work(grads)), flags, prior, scale, found_inf, max_norm,
+    _guard(_norm(_mix(grads, grads2, lam) if grads2 else _work(grads)), flags, first_norm, scale, found_inf, max_norm,
            steps, steps_mask)
 
 
-def _guard(n, flags, prior, scale, found_inf, max_norm, steps, steps_mask):
+def _guard(n, flags, first_norm, scale, found_inf, max_norm, steps, steps_mask):
     """check_grads_ from the gradient's norm n (fp32 device scalar)."""
     bad = ~torch.isfinite(n)
-    if prior is not None:
-        bad = bad | ~_finite(prior)
+    if first_norm is not None:
+        bad = bad | ~_finite(first_norm)
     if found_inf is not None:
         bad = bad | (found_inf != 0)
     inv = 1.0 / scale if scale is not None else torch.ones((), device=n.device)
@@ -76,9 +76,9 @@ def _guard(n, flags, prior, scale, found_inf, max_norm, steps, steps_mask):
         steps.add_((1 - found) * (steps_mask if steps_mask is not None else 1.0))
 
 
-def perturb_(params, grads, olds, norm, rho, adaptive, offset):
-    """olds <- x;  x <- x + s * T^2 * g,  s = rho / (||T g|| + eps); x untouched if the norm is not finite."""
-    torch._foreach_copy_(olds, params)
+def perturb_(params, grads, x_old, norm, rho, adaptive, offset):
+    """x_old <- x;  x <- x + s * T^2 * g,  s = rho / (||T g|| + eps); x untouched if the norm is not finite."""
+    torch._foreach_copy_(x_old, params)
     _add_perturbation(params, grads, norm, rho, adaptive, offset)
 
 
@@ -94,13 +94,13 @@ def _add_perturbation(params, grads, norm, rho, adaptive=False, offset=0.0):
     _commit(params, [torch.where(finite, n, xi) for n, xi in zip(new, x)])
 
 
-def restore_(params, olds, found_inf=None):
+def restore_(params, x_old, found_inf=None):
     """x <- x_old, bit for bit (with found_inf: only when it is 0)."""
     if found_inf is None:
-        torch._foreach_copy_(params, olds)
+        torch._foreach_copy_(params, x_old)
         return
     keep = found_inf != 0
-    for p, o in zip(params, olds):
+    for p, o in zip(params, x_old):
         torch.where(keep, p, o, out=p)
 
 
@@ -120,12 +120,12 @@ def _guarded(found_inf, fallbacks, update):
         torch.where(skip, v.to(t.dtype), t, out=t)  # in place: no second copy
 
 
-def _start(params, olds):
-    """The update's working copy of x_old: params themselves with olds copied in, or for bf16 /
-    fp16 params fp32 copies of olds (so nuSAM's recomputed M - s u v^T enters the step unrounded,
+def _start(params, x_old):
+    """The update's working copy of x_old: params themselves with x_old copied in, or for bf16 /
+    fp16 params fp32 copies of x_old (so nuSAM's recomputed M - s u v^T enters the step unrounded,
     as in the kernels)."""
     out = []
-    for p, o in zip(params, olds):
+    for p, o in zip(params, x_old):
         if p.dtype in _HALF:
             out.append(o.to(torch.float32, copy=True))
         else:
@@ -141,8 +141,8 @@ def _grads(grads, maximize, grad_scale):
     return torch._foreach_neg(d) if maximize else d
 
 
-def _sgd(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs, grad_scale):
-    x = _start(params, olds)
+def _sgd(params, x_old, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs, grad_scale):
+    x = _start(params, x_old)
     d = _grads(grads, maximize, grad_scale)
     if weight_decay != 0:
         d = torch._foreach_add(d, x, alpha=weight_decay)
@@ -162,13 +162,13 @@ def _sgd(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_de
     _commit(params, x)
 
 
-def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
+def restore_sgd_(params, x_old, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
                  grad_scale=None, found_inf=None):
     """x <- x_old, then torch.optim.SGD's step with gradient g (times grad_scale); skipped (x <- x_old
     only) where found_inf != 0."""
     state = list(bufs) if momentum != 0 else []
-    _guarded(found_inf, list(zip(params, olds)) + [(b, b) for b in state],
-             lambda: _sgd(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize,
+    _guarded(found_inf, list(zip(params, x_old)) + [(b, b) for b in state],
+             lambda: _sgd(params, x_old, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize,
                           init_bufs, grad_scale))
 
 
@@ -178,9 +178,9 @@ def _bias_corrections(state_steps, beta1, beta2):
     return 1 - beta1 ** steps, torch.sqrt(1 - beta2 ** steps)
 
 
-def _adam(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+def _adam(params, x_old, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
           weight_decay, decoupled, amsgrad, maximize, grad_scale, step_offset=0):
-    x = _start(params, olds)
+    x = _start(params, x_old)
     d = _grads(grads, maximize, grad_scale)
     if weight_decay != 0:
         if decoupled:
@@ -206,13 +206,13 @@ def _adam(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
     _commit(params, x)
 
 
-def restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+def restore_adam_(params, x_old, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                   weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None):
     """x <- x_old, then torch.optim.Adam / AdamW's step with gradient g (times grad_scale), the bias
     corrections from each tensor's step count; skipped (x <- x_old only) where found_inf != 0."""
     state = list(exp_avgs) + list(exp_avg_sqs) + (list(max_exp_avg_sqs) if amsgrad else [])
-    _guarded(found_inf, list(zip(params, olds)) + [(t, t) for t in state],
-             lambda: _adam(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
+    _guarded(found_inf, list(zip(params, x_old)) + [(t, t) for t in state],
+             lambda: _adam(params, x_old, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
                            eps, weight_decay, decoupled, amsgrad, maximize, grad_scale))
 
 
@@ -286,14 +286,14 @@ def power_iteration_(mats, us, vs, sigmas, iters, tau):
         sigmas[i] = sigma
 
 
-def rank1_scales_(sigmas, rho, normalized, scales, prior):
+def rank1_scales_(sigmas, rho, normalized, scales, first_norm):
     """nuSAM's scales: every sigma finite ? (normalized ? rho sigma / (sqrt(sum of the normalized
-    sigma^2) + 1e-12) : rho) : 0; prior = sum of the sigmas (not finite iff one is not)."""
+    sigma^2) + 1e-12) : rho) : 0; first_norm = sum of the sigmas (not finite iff one is not)."""
     normed = normalized != 0
     c = torch.linalg.vector_norm(torch.where(normed, sigmas, 0.0))
     scale = torch.where(normed, rho * sigmas / (c + EPS), rho)
     scales.copy_(torch.where(torch.isfinite(sigmas).all(), scale, torch.zeros_like(scale)))
-    prior.copy_(sigmas.sum().reshape(prior.shape))
+    first_norm.copy_(sigmas.sum().reshape(first_norm.shape))
 
 
 def _rank1_term(m, u, v, s):
@@ -308,7 +308,7 @@ def rank1_update_(mats, us, vs, scales):
         m.copy_(torch.where(s != 0, _work([m])[0] + _rank1_term(m, u, v, s), m))
 
 
-def _rank1_olds(mats, us, vs, scales):
+def _rank1_x_old(mats, us, vs, scales):
     """x = M - s u v^T for every matrix (the weights nuSAM restores, recomputed, not stored)."""
     return [torch.where(scales[i] != 0, x - _rank1_term(m, u, v, scales[i]), x)
             for i, (m, u, v, x) in enumerate(zip(mats, us, vs, _work(mats)))]
@@ -317,8 +317,8 @@ def _rank1_olds(mats, us, vs, scales):
 def rank1_restore_sgd_(params, us, vs, scales, grads, bufs, lr, momentum, dampening, nesterov, weight_decay,
                        maximize, init_bufs, grad_scale=None, found_inf=None):
     """M <- M - s u v^T, then torch.optim.SGD's step with gradient g (the removal only where found_inf != 0)."""
-    olds = _rank1_olds(params, us, vs, scales)
-    restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
+    x_old = _rank1_x_old(params, us, vs, scales)
+    restore_sgd_(params, x_old, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
                  grad_scale, found_inf)
 
 
@@ -326,8 +326,8 @@ def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, ma
                         beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None):
     """M <- M - s u v^T, then torch.optim.Adam / AdamW's step with gradient g (the removal only where
     found_inf != 0)."""
-    olds = _rank1_olds(params, us, vs, scales)
-    restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+    x_old = _rank1_x_old(params, us, vs, scales)
+    restore_adam_(params, x_old, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                   weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf)
 
 
@@ -353,9 +353,9 @@ def norm_finalize(partials, out):
     out.copy_(partials.double().sum().sqrt())
 
 
-def guard_finalize(partials, flags, prior=None, scale=None, found_inf=None, max_norm=float("inf"), steps=None,
+def guard_finalize(partials, flags, first_norm=None, scale=None, found_inf=None, max_norm=float("inf"), steps=None,
                    steps_mask=None):
-    _guard(partials.double().sum().sqrt().float(), flags, prior, scale, found_inf, max_norm, steps, steps_mask)
+    _guard(partials.double().sum().sqrt().float(), flags, first_norm, scale, found_inf, max_norm, steps, steps_mask)
 
 
 def prepare(name: str, **arguments):

@@ -17,7 +17,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
-from ..engine.bases import fused, fused_kind, prepare_state
+from ..engine.bases import fused, fused_family, prepare_state
 from ..engine.engine import NONFINITE, Schedule, StepEngine
 from ..integrations import distributed
 from ..ops import backends
@@ -250,7 +250,7 @@ class EngineOptimizer(Optimizer):
         lr 0 (_init_optim_state: zero gradients, lr 0, step()): a step that could not move the
         weights; make the state (a base optimizer we do not fuse makes its own, as torch's helper
         expects of it)."""
-        if fused_kind(self.base_optimizer) is None:
+        if fused_family(self.base_optimizer) is None:
             self.base_optimizer.step()
         else:
             self.init_state()

@@ -1,7 +1,7 @@
 """GaussSAM, the random-direction baseline of the nuSAM paper (ALGORITHMS.md, "GaussSAM"):
 e = rho z / ||z|| with z ~ N(0, I), ignoring the gradient. Everything else is SAM's (x_old
 kept, fused restore + update, the same failure handling); the first gradient is still checked
-(its norm is the first pass's `prior`): a NaN in it skips the step like in SAM."""
+(its norm is the first pass's `first_norm`): a NaN in it skips the step like in SAM."""
 from __future__ import annotations
 
 import torch

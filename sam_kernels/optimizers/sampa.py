@@ -372,15 +372,15 @@ class SAMPa(EngineOptimizer):
         """The model's parameters <- x_t from y's storage, bit for bit."""
         self.engine.plan("restore", self._key(y), lambda: ops.bind(
             "restore_", self.engine.backend_for(self.device, "restore_"), self.device,
-            {"params": self.params, "olds": y.part(0, len(self.params))}))()
+            {"params": self.params, "x_old": y.part(0, len(self.params))}))()
 
     def _build_perturb(self, ys):
         """x_t into y's storage and the model's parameters to x~ = x_t + rho g_y / (||g_y|| + eps), per
         group (ops.perturb_: the x~ of the fused preview; no move where ||g_y|| is not finite)."""
         backend = self.engine.backend_for(self.device, "perturb_")
         runs = [(group, ops.bind("perturb_", backend, self.device,
-                                 {"params": group["params"], "grads": g_y, "olds": olds}))
-                for (group, _), g_y, olds in zip(self._group_slices(), self._parts(self.g_y), ys)]
+                                 {"params": group["params"], "grads": g_y, "x_old": x_old}))
+                for (group, _), g_y, x_old in zip(self._group_slices(), self._parts(self.g_y), ys)]
 
         def perturb():
             for group, run in runs:
@@ -419,7 +419,7 @@ class SAMPa(EngineOptimizer):
         return preview
 
     def _build_update(self, plain: bool):
-        """The guard over g~ (with ||g_y'|| as its prior; with max_grad_norm, over the mixed gradient,
+        """The guard over g~ (with ||g_y'|| as its first_norm; with max_grad_norm, over the mixed gradient,
         which is what gets clipped) and one fused update per group: at an endpoint of the mix the
         plain step with the one gradient it uses (engine/updates.py: endpoint)."""
         g_t, g_yn = self._parts(self.g_t), self._parts(self.g_yn)
@@ -435,7 +435,7 @@ class SAMPa(EngineOptimizer):
             t, y = parts[id(group)]
             w = endpoint(group, plain)
             if w is not None:  # the plain fused step with the one gradient used: bit for bit, the other unread
-                return [(Restore(olds=ps), ps, y if w else t, None)]
+                return [(Restore(x_old=ps), ps, y if w else t, None)]
             return [(Mix(grads2=y), ps, t, None)]
 
         work = [(g, g["params"]) for g, _ in self._group_slices()]

@@ -23,7 +23,7 @@ from .base import EngineOptimizer
 
 class SharpnessAwareOptimizer(EngineOptimizer):
     """Subclasses give a perturbation strategy (self.perturbation: build(engine, work, device) ->
-    a first pass with perturb / sources / restore_left / commit / undo / prior / params)."""
+    a first pass with perturb / sources / restore_left / commit / undo / first_norm / params)."""
 
     perturbation = None  # set by the subclass before EngineOptimizer.__init__ checks the groups
 
@@ -82,7 +82,7 @@ class SharpnessAwareOptimizer(EngineOptimizer):
             plan = engine.plan("second", lambda: engine.key(first, update=True),
                                lambda: self._build_second(first, *engine.work(f"{name}.second_step()")))
             engine.record_step()
-            engine.finish(plan, first.prior, grad_scaler, first, f"{name}.second_step")
+            engine.finish(plan, first.first_norm, grad_scaler, first, f"{name}.second_step")
         except BaseException:
             first.undo()  # x_t back unless the update consumed the perturbation already
             raise

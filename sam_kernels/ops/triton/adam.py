@@ -1,10 +1,10 @@
-"""restore_adam_: x <- olds, then one torch.optim.Adam / AdamW step, fused in one pass:
+"""restore_adam_: x <- x_old, then one torch.optim.Adam / AdamW step, fused in one pass:
     d = (maximize ? -g : g) * grad_scale;  AdamW: x *= 1 - lr * wd,  Adam: d += wd * x
     m = lerp(m, d, 1 - beta1);  v = beta2 * v + (1 - beta2) * d^2;  vmax = max(vmax, v) (amsgrad)
     x -= (lr / bc1) * m / (sqrt(v or vmax) / sqrt(bc2) + eps),   bc = 1 - beta^step
-Floor: read olds, g, m, v; write x, m, v (28 B per fp32 element, +8 B with amsgrad).
+Floor: read x_old, g, m, v; write x, m, v (28 B per fp32 element, +8 B with amsgrad).
 Each tensor's step count is read on the device (the counters live there: the host never reads
-them); found_inf != 0 skips the step: x <- olds, the moments untouched.
+them); found_inf != 0 skips the step: x <- x_old, the moments untouched.
 
 The same kernel is nuSAM's rank1_restore_adam_ (RANK1) and SAMPa's sampa_update_adam_ (MIX),
 as for SGD in sgd.py."""
@@ -120,11 +120,11 @@ def adam_scalars(lr, beta1, beta2, eps, weight_decay):
             float(decay)), lr_t
 
 
-def _prepare(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad, rank1=None,
+def _prepare(params, x_old, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad, rank1=None,
              grads2=None):
     launches = []
     for dtype, index in dtype_groups(params):
-        lists = [pick(params, index), pick(olds, index), pick(grads, index), pick(exp_avgs, index),
+        lists = [pick(params, index), pick(x_old, index), pick(grads, index), pick(exp_avgs, index),
                  pick(exp_avg_sqs, index), pick(state_steps, index)]
         if amsgrad:
             lists.append(pick(max_exp_avg_sqs, index))
@@ -150,8 +150,8 @@ def _prepare(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
     return run
 
 
-def prepare_restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad):
-    return _prepare(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad)
+def prepare_restore_adam_(params, x_old, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad):
+    return _prepare(params, x_old, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad)
 
 
 def prepare_rank1_restore_adam_(params, us, vs, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad):
@@ -165,9 +165,9 @@ def prepare_sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max
     return lambda lam, **kw: run(lam=lam, **kw)
 
 
-def restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+def restore_adam_(params, x_old, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                   weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None):
-    prepare_restore_adam_(params, olds, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad)(
+    prepare_restore_adam_(params, x_old, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad)(
         lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf)
 
 

@@ -54,14 +54,14 @@ def _finalize_kernel(partials, n, out, BLOCK: tl.constexpr):
 
 @triton.jit
 def _guard_kernel(
-    partials, n, flags, prior, n_prior, scale, found_inf, max_norm, steps, steps_mask, n_steps,
+    partials, n, flags, first_norm, n_first_norm, scale, found_inf, max_norm, steps, steps_mask, n_steps,
     HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     raw = tl.sqrt(_total(partials, n, BLOCK))  # the norm as the gradient is in memory (scaled)
     bad = tl.where(tl.abs(raw) < float("inf"), 0, 1)
-    for start in range(0, n_prior, BLOCK):  # the first pass's norm(s): any non-finite one
+    for start in range(0, n_first_norm, BLOCK):  # the first pass's norm(s): any non-finite one
         offs = start + tl.arange(0, BLOCK)
-        p = tl.load(prior + offs, mask=offs < n_prior, other=0.0)
+        p = tl.load(first_norm + offs, mask=offs < n_first_norm, other=0.0)
         bad += tl.sum(tl.where(tl.abs(p) < float("inf"), 0, 1), axis=0)
     found = tl.where((bad > 0) | (load_optional(found_inf, HAS_FOUND, 0.0) != 0), 1.0, 0.0)
     inv = 1.0 / load_optional(scale, HAS_SCALE, 1.0)
@@ -101,12 +101,12 @@ def norm_finalize(partials, out):
     _finalize_kernel[(1,)](partials, partials.numel(), out, BLOCK=1024)
 
 
-def guard_finalize(partials, flags, prior=None, scale=None, found_inf=None, max_norm=float("inf"), steps=None,
+def guard_finalize(partials, flags, first_norm=None, scale=None, found_inf=None, max_norm=float("inf"), steps=None,
                    steps_mask=None):
     """The guard of check_grads_ from the sums of squares in partials."""
     _guard_kernel[(1,)](
         partials, partials.numel(), flags,
-        prior if prior is not None else flags, prior.numel() if prior is not None else 0,
+        first_norm if first_norm is not None else flags, first_norm.numel() if first_norm is not None else 0,
         scale if scale is not None else flags, found_inf if found_inf is not None else flags, float(max_norm),
         steps if steps is not None else flags, steps_mask if steps_mask is not None else flags,
         steps.numel() if steps is not None else 0, HAS_SCALE=scale is not None, HAS_FOUND=found_inf is not None,
@@ -138,6 +138,6 @@ def global_norm(tensors, weights, offset):
     return out
 
 
-def check_grads_(grads, grads2, lam, flags, prior, scale, found_inf, max_norm, steps, steps_mask):
-    guard_finalize(_partials(grads, grads2 or None, 2 if grads2 else 0, lam), flags, prior, scale, found_inf,
+def check_grads_(grads, grads2, lam, flags, first_norm, scale, found_inf, max_norm, steps, steps_mask):
+    guard_finalize(_partials(grads, grads2 or None, 2 if grads2 else 0, lam), flags, first_norm, scale, found_inf,
                    max_norm, steps, steps_mask)

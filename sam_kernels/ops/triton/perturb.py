@@ -1,6 +1,6 @@
-"""perturb_: olds <- x;  x <- x + s * T^2 * g  with  s = rho / (||T g|| + eps)  read from the
+"""perturb_: x_old <- x;  x <- x + s * T^2 * g  with  s = rho / (||T g|| + eps)  read from the
 device-resident norm (no host synchronization). T = |x| + offset for ASAM, 1 for SAM.
-A non-finite norm leaves x untouched. Floor: read x, g; write olds, x (16 B per fp32 element)."""
+A non-finite norm leaves x untouched. Floor: read x, g; write x_old, x (16 B per fp32 element)."""
 from __future__ import annotations
 
 import triton
@@ -36,8 +36,8 @@ def _perturb_kernel(
     tl.store(x_ptr + offs, tl.where(finite, xf + step, xf).to(DTYPE), mask=mask)
 
 
-def prepare_perturb_(params, grads, olds):
-    bound = bind(params, grads, olds)
+def prepare_perturb_(params, grads, x_old):
+    bound = bind(params, grads, x_old)
 
     def run(norm, rho, adaptive, offset):
         rho, rho_t = scalar_arg(rho)
@@ -47,5 +47,5 @@ def prepare_perturb_(params, grads, olds):
     return run
 
 
-def perturb_(params, grads, olds, norm, rho, adaptive, offset):
-    prepare_perturb_(params, grads, olds)(norm, rho, adaptive, offset)
+def perturb_(params, grads, x_old, norm, rho, adaptive, offset):
+    prepare_perturb_(params, grads, x_old)(norm, rho, adaptive, offset)

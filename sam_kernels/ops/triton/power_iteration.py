@@ -131,9 +131,9 @@ def _finish_kernel(u_ptrs, v_ptrs, ns, ms, it_t, it_s, it_dim, pt_start, pt_coun
 
 
 @triton.jit
-def _scales_kernel(sigmas, rhos, normalized, scales, prior, k, BLOCK: tl.constexpr):
+def _scales_kernel(sigmas, rhos, normalized, scales, first_norm, k, BLOCK: tl.constexpr):
     """One program: scales_i = all sigmas finite ? (normalized_i ? rho_i sigma_i / (c + eps) : rho_i) : 0,
-    c = sqrt(sum of the normalized sigma_j^2); prior = sum of the sigmas (not finite iff one is not)."""
+    c = sqrt(sum of the normalized sigma_j^2); first_norm = sum of the sigmas (not finite iff one is not)."""
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     sq = tl.zeros([BLOCK], dtype=tl.float32)
     total = tl.zeros([BLOCK], dtype=tl.float32)
@@ -147,7 +147,7 @@ def _scales_kernel(sigmas, rhos, normalized, scales, prior, k, BLOCK: tl.constex
         total += s
     finite = tl.sum(bad, axis=0) == 0
     c = tl.sqrt(tl.sum(sq, axis=0))
-    tl.store(prior, tl.sum(total, axis=0))
+    tl.store(first_norm, tl.sum(total, axis=0))
     for i in range(0, k, BLOCK):
         offs = i + tl.arange(0, BLOCK)
         mask = offs < k
@@ -268,8 +268,8 @@ def power_iteration_(mats, us, vs, sigmas, iters, tau):
     prepare_power_iteration(mats, us, vs)(sigmas, iters, tau)
 
 
-def rank1_scales_(sigmas, rho, normalized, scales, prior):
-    _scales_kernel[(1,)](sigmas, rho, normalized, scales, prior, sigmas.numel(), BLOCK=128)
+def rank1_scales_(sigmas, rho, normalized, scales, first_norm):
+    _scales_kernel[(1,)](sigmas, rho, normalized, scales, first_norm, sigmas.numel(), BLOCK=128)
 
 
 def prepare_rank1_scales_():

@@ -1,5 +1,5 @@
-"""restore_: x <- olds, a bit-exact copy; with found_inf, only when it is 0 (SAMPa commits the
-y-pass buffers this way, integer ones as float views). Floor: read olds, write x (8 B per fp32
+"""restore_: x <- x_old, a bit-exact copy; with found_inf, only when it is 0 (SAMPa commits the
+y-pass buffers this way, integer ones as float views). Floor: read x_old, write x (8 B per fp32
 element)."""
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def _restore_kernel(ptrs, n_tensors, numels, blk_tensor, blk_start, found_inf,
         tl.store(x_ptr + offs, v, mask=mask)
 
 
-def prepare_restore_(params, olds):
-    bound = bind(params, olds)
+def prepare_restore_(params, x_old):
+    bound = bind(params, x_old)
 
     def run(found_inf=None):
         for dtype, launch, _ in bound:
@@ -33,5 +33,5 @@ def prepare_restore_(params, olds):
     return run
 
 
-def restore_(params, olds, found_inf=None):
-    prepare_restore_(params, olds)(found_inf)
+def restore_(params, x_old, found_inf=None):
+    prepare_restore_(params, x_old)(found_inf)

@@ -1,11 +1,11 @@
-"""restore_sgd_: x <- olds, then one torch.optim.SGD step, fused in one pass:
+"""restore_sgd_: x <- x_old, then one torch.optim.SGD step, fused in one pass:
     d = (maximize ? -g : g) * grad_scale + wd * x;  buf = init ? d : momentum * buf + (1 - dampening) * d
     x = x - lr * (nesterov ? d + momentum * buf : buf)
-Floor with momentum: read olds, g, buf; write x, buf (20 B per fp32 element).
-found_inf != 0 (read on the device) skips the step: x <- olds, the buffers untouched.
+Floor with momentum: read x_old, g, buf; write x, buf (20 B per fp32 element).
+found_inf != 0 (read on the device) skips the step: x <- x_old, the buffers untouched.
 
 The same kernel is nuSAM's rank1_restore_sgd_ (x_old = M - s u v^T recomputed: RANK1) and
-SAMPa's sampa_update_sgd_ (olds = params, d from (1 - lam) g + lam g2: MIX; 24 B; a skipped
+SAMPa's sampa_update_sgd_ (x_old = params, d from (1 - lam) g + lam g2: MIX; 24 B; a skipped
 step writes nothing)."""
 from __future__ import annotations
 
@@ -66,12 +66,12 @@ def _restore_sgd_kernel(
         tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
 
 
-def _prepare(params, olds, grads, bufs, momentum, rank1=None, grads2=None):
+def _prepare(params, x_old, grads, bufs, momentum, rank1=None, grads2=None):
     """The launches of one fused SGD update over these lists (rank1 = (us, vs): nuSAM; grads2: SAMPa)."""
     has_momentum = momentum != 0
     launches = []
     for dtype, index in dtype_groups(params):
-        lists = [pick(params, index), pick(olds, index), pick(grads, index)]
+        lists = [pick(params, index), pick(x_old, index), pick(grads, index)]
         if has_momentum:
             lists.append(pick(bufs, index))
         extra = len(lists)  # first list after the fixed ones: u, v (RANK1) or g2 (MIX)
@@ -96,8 +96,8 @@ def _prepare(params, olds, grads, bufs, momentum, rank1=None, grads2=None):
     return run
 
 
-def prepare_restore_sgd_(params, olds, grads, bufs, momentum):
-    return _prepare(params, olds, grads, bufs, momentum)
+def prepare_restore_sgd_(params, x_old, grads, bufs, momentum):
+    return _prepare(params, x_old, grads, bufs, momentum)
 
 
 def prepare_rank1_restore_sgd_(params, us, vs, grads, bufs, momentum):
@@ -110,9 +110,9 @@ def prepare_sampa_update_sgd_(params, grads, grads2, bufs, momentum):
     return lambda lam, **kw: run(lam=lam, **kw)
 
 
-def restore_sgd_(params, olds, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
+def restore_sgd_(params, x_old, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs,
                  grad_scale=None, found_inf=None):
-    prepare_restore_sgd_(params, olds, grads, bufs, momentum)(
+    prepare_restore_sgd_(params, x_old, grads, bufs, momentum)(
         lr, momentum, dampening, nesterov, weight_decay, maximize, init_bufs, grad_scale, found_inf)
 
 

@@ -1,0 +1,73 @@
+"""The optimizer table that drives the shared guarantee tests (the pattern of torch's
+torch/testing/_internal/common_optimizers.py): every class of sam_kernels/optimizers/ with the
+options it is built with here, the options a user may change between steps, and the backends it
+runs on; the base optimizers beside them. A new optimizer gets an entry here and is then checked by
+test_guarantees.py, test_plan_cache.py, test_no_sync.py and test_stateful.py."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from conftest import NUSAM_BACKENDS, backend_cases
+
+from sam_kernels import PSAM, SAM, GaussSAM, NuSAM, SAMPa
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    name: str
+    cls: type
+    defaults: dict  # constructor options besides the base optimizer's (a test's keywords override them)
+    options: tuple = ()  # (key, values) of its own a user may change between steps (what its plans key on)
+    two_pass: bool = True  # first_step / second_step (SAMPa: step(closure) only, built over a model and a loss)
+    backends: list = field(default_factory=backend_cases)  # the (backend, device) cases it runs on here
+
+    def make(self, params, base, **kw):
+        """The optimizer over params (for SAMPa: a model; then loss_fn= is required) and base."""
+        if self.two_pass:
+            return self.cls(params, base, **{**self.defaults, **kw})
+        loss_fn = kw.pop("loss_fn")
+        return self.cls(params, loss_fn, base, **{**self.defaults, **kw})
+
+
+OPTIM_DB = [
+    OptimizerInfo("sam", SAM, dict(rho=0.05)),
+    OptimizerInfo("asam", SAM, dict(rho=0.5, adaptive=True),
+                  options=(("adaptive", (True, False)), ("adaptive_offset", (0.0, 0.01)))),
+    OptimizerInfo("nusam", NuSAM, dict(rho=0.1), options=(("normalized", (False, True)),), backends=NUSAM_BACKENDS),
+    OptimizerInfo("nusam_norm", NuSAM, dict(rho=0.1, normalized=True), options=(("normalized", (True, False)),),
+                  backends=NUSAM_BACKENDS),
+    OptimizerInfo("gausssam", GaussSAM, dict(rho=0.05, seed=3)),
+    OptimizerInfo("psam", PSAM, dict(rho=0.05, period=2)),
+    OptimizerInfo("sampa", SAMPa, dict(rho=0.05, lam=0.2), options=(("lam", (0.2, 0.7, 0.0, 1.0)),), two_pass=False),
+]
+BY_NAME = {info.name: info for info in OPTIM_DB}
+TWO_PASS = [info.name for info in OPTIM_DB if info.two_pass]
+
+# The base optimizers: (class, options). Tests pick the ones they need by name.
+BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+    "sgd-nesterov": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+    "adam-amsgrad": (torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+}
+FUSED_BASES = ("sgd", "adamw")  # one of each fused update (engine/bases.py)
+
+# Options of the base optimizers a user may change between steps, by what they apply to.
+BASE_OPTIONS = {
+    "any": (("lr", (0.1, 0.02)), ("rho", (0.05, 0.2, 0.0)), ("weight_decay", (0.0, 1e-3))),
+    "sgd": (("momentum", (0.9, 0.0, 0.5)), ("dampening", (0.0, 0.1)), ("nesterov", (False, True))),
+    "adamw": (("betas", ((0.9, 0.999), (0.8, 0.99))), ("eps", (1e-8, 1e-6)), ("amsgrad", (False, True))),
+}
+
+
+def make(name, params, base, **kw):
+    """BY_NAME[name].make(params, base, **kw)."""
+    return BY_NAME[name].make(params, base, **kw)
+
+
+def class_backend_cases(names=TWO_PASS):
+    """pytest params (name, backend, device) of every class in `names` on every backend it runs on."""
+    import pytest
+
+    return [pytest.param(name, *c.values, id=f"{name}-{c.id}") for name in names for c in BY_NAME[name].backends]
