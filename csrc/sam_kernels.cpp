@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
+#include <unordered_map>
 #include <vector>
 
 #include "generated/primitives.h"
@@ -60,7 +61,9 @@ PyObject* fingerprint(PyObject*, PyObject* arg) {
 // and key, the data pointer of state[p][key] (0 when absent, 1 for a value without storage): what
 // a step plan binds from the optimizer state (which entries exist, and where), so that its key
 // says when a plan built on other state must not be reused. The lookups never create an entry
-// (state is torch.optim's defaultdict: PyDict_GetItem does not call __missing__).
+// (state is torch.optim's defaultdict: nothing here calls __missing__). The parameters are found
+// by identity, as a dict keyed by tensors finds them (Tensor.__hash__ is id()), from one pass over
+// the state: a dict lookup would call Tensor.__hash__, a Python method, once per parameter.
 PyObject* state_fingerprint(PyObject*, PyObject* args) {
   PyObject *state, *params, *keys;
   if (!PyArg_ParseTuple(args, "O!O!O!", &PyDict_Type, &state, &PyList_Type, &params, &PyTuple_Type, &keys)) {
@@ -68,13 +71,25 @@ PyObject* state_fingerprint(PyObject*, PyObject* args) {
   }
   const Py_ssize_t n = PyList_GET_SIZE(params), k = PyTuple_GET_SIZE(keys);
   std::vector<int64_t> out(n * k, 0);
+  // The state's entries in its order (borrowed: state holds them). Usually that is the parameters'
+  // order (the base step creates them in it): then entry i is parameter i's, else a map finds it.
+  std::vector<std::pair<PyObject*, PyObject*>> items;
+  items.reserve(static_cast<size_t>(PyDict_GET_SIZE(state)));
+  Py_ssize_t pos = 0;
+  PyObject *key, *value;
+  while (PyDict_Next(state, &pos, &key, &value)) items.emplace_back(key, value);
+  std::unordered_map<PyObject*, PyObject*> by_key;  // built only when the orders differ
   for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* entry = PyDict_GetItemWithError(state, PyList_GET_ITEM(params, i));  // borrowed
-    if (entry == nullptr) {
-      if (PyErr_Occurred()) return nullptr;
-      continue;
+    PyObject* p = PyList_GET_ITEM(params, i);
+    PyObject* entry = nullptr;
+    if (static_cast<size_t>(i) < items.size() && items[i].first == p) {
+      entry = items[i].second;
+    } else {
+      if (by_key.empty()) by_key.insert(items.begin(), items.end());
+      const auto found = by_key.find(p);
+      if (found != by_key.end()) entry = found->second;
     }
-    if (!PyDict_Check(entry)) continue;
+    if (entry == nullptr || !PyDict_Check(entry)) continue;
     for (Py_ssize_t j = 0; j < k; ++j) {
       PyObject* value = PyDict_GetItemWithError(entry, PyTuple_GET_ITEM(keys, j));
       if (value == nullptr) {
