@@ -30,15 +30,17 @@ class OptimizerInfo:
         return self.cls(params, loss_fn, base, **{**self.defaults, **kw})
 
 
+SUBSET = ("perturb", (True, False))  # subset perturbation (optimizers/subsets.py): a group perturbed or not
 OPTIM_DB = [
-    OptimizerInfo("sam", SAM, dict(rho=0.05)),
+    OptimizerInfo("sam", SAM, dict(rho=0.05), options=(SUBSET,)),
     OptimizerInfo("asam", SAM, dict(rho=0.5, adaptive=True),
-                  options=(("adaptive", (True, False)), ("adaptive_offset", (0.0, 0.01)))),
-    OptimizerInfo("nusam", NuSAM, dict(rho=0.1), options=(("normalized", (False, True)),), backends=NUSAM_BACKENDS),
+                  options=(("adaptive", (True, False)), ("adaptive_offset", (0.0, 0.01)), SUBSET)),
+    OptimizerInfo("nusam", NuSAM, dict(rho=0.1), options=(("normalized", (False, True)), SUBSET),
+                  backends=NUSAM_BACKENDS),
     OptimizerInfo("nusam_norm", NuSAM, dict(rho=0.1, normalized=True), options=(("normalized", (True, False)),),
                   backends=NUSAM_BACKENDS),
-    OptimizerInfo("gausssam", GaussSAM, dict(rho=0.05, seed=3)),
-    OptimizerInfo("psam", PSAM, dict(rho=0.05, period=2)),
+    OptimizerInfo("gausssam", GaussSAM, dict(rho=0.05, seed=3), options=(SUBSET,)),
+    OptimizerInfo("psam", PSAM, dict(rho=0.05, period=2), options=(SUBSET,)),
     OptimizerInfo("sampa", SAMPa, dict(rho=0.05, lam=0.2), options=(("lam", (0.2, 0.7, 0.0, 1.0)),), two_pass=False),
 ]
 BY_NAME = {info.name: info for info in OPTIM_DB}

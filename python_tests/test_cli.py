@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sam_kernels import demo
+from sam_kernels import demo, sam_on_groups
 from sam_kernels.bench.__main__ import main as bench_main
 from sam_kernels.bench.graphed import CASES as GRAPHED_CASES
 from sam_kernels.bench.models import MODELS
@@ -97,7 +97,7 @@ def test_memory_cli_quick_records(tmp_path):
     assert {r["model"] for r in records} == {"vit_s", "resnet20"}
     for model in ("vit_s", "resnet20"):
         by = {r["optimizer"]: r for r in records if r["model"] == model}
-        assert set(by) == {"sgd", "adamw", "sam", "nusam", "psam", "sampa"}
+        assert set(by) == {"sgd", "adamw", "sam", "sam_on", "nusam", "psam", "sampa"}
         for r in by.values():
             for key in ("optimizer", "model", "device", "params_bytes", "perturbation_bytes", "state_bytes",
                         "peak_bytes"):
@@ -107,6 +107,12 @@ def test_memory_cli_quick_records(tmp_path):
         assert by["sgd"]["perturbation_bytes"] == 0 and by["sgd"]["state_bytes"] == params  # momentum buffers
         assert by["adamw"]["state_bytes"] >= 2 * params  # two moments (and the step counters)
         assert by["sam"]["perturbation_bytes"] == by["psam"]["perturbation_bytes"] == params  # x_old
+        # SAM-ON: x_old of the normalization layers' affine parameters only (ViT-S: its LayerNorms, under 1%)
+        model_ = MODELS[model]()
+        norm_bytes = 4 * sum(p.numel() for g in sam_on_groups(model_)[:1] for p in g["params"])
+        assert by["sam_on"]["perturbation_bytes"] == norm_bytes
+        if model == "vit_s":
+            assert norm_bytes < 0.01 * params
         assert by["sampa"]["perturbation_bytes"] == 2 * params  # g_y and the step's scratch set
         # the peaks: SAM holds one more copy than SGD, plus its step plans' launch tables and norm
         # partials (a few hundred bytes per tensor) and the device flags

@@ -8,7 +8,7 @@ that runs here, SGD and AdamW, capturable or not.
 What users do between steps (hypothesis rules): step (the two-step API or step(closure) under
 torch's closure convention), read the base state through torch's defaultdict, create a state entry
 or replace one with a copy, change an option (lr, rho, momentum, dampening, nesterov, weight
-decay, betas, eps, amsgrad, adaptive, normalized, lam), change max_grad_norm, add a param group,
+decay, betas, eps, amsgrad, adaptive, normalized, perturb, lam), change max_grad_norm, add a param group,
 freeze a parameter (no gradient from then on) or unfreeze it, load the optimizer's own state dict,
 raise an exception inside a pass. Each rule is followed by a compared step; the sequences are
 short (make test stays fast)."""

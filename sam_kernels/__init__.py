@@ -5,7 +5,9 @@ from .integrations.graphs import GraphedStep, make_graphed_step
 from .ops import backends
 from .ops.backends import BackendUnavailableError
 from .optimizers import PSAM, SAM, GaussSAM, NuSAM, SAMPa
+from .optimizers.subsets import sam_on_groups
 
-__all__ = ["SAM", "NuSAM", "GaussSAM", "SAMPa", "PSAM", "ops", "backends", "BackendUnavailableError",
-           "disable_running_stats", "enable_running_stats", "make_graphed_step", "GraphedStep"]
+__all__ = ["SAM", "NuSAM", "GaussSAM", "SAMPa", "PSAM", "sam_on_groups", "ops", "backends",
+           "BackendUnavailableError", "disable_running_stats", "enable_running_stats", "make_graphed_step",
+           "GraphedStep"]
 __version__ = "0.1.0"

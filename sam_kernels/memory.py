@@ -26,13 +26,13 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import PSAM, SAM, NuSAM, SAMPa
+from . import PSAM, SAM, NuSAM, SAMPa, sam_on_groups
 from .integrations import distributed
 from .bench.models import MODELS, cross_entropy, synthetic_batches
 from .bench.output import progress, pyplot, save_figure, write_text
 from .bench.timing import device_name
 
-OPTIMIZERS = ("sgd", "adamw", "sam", "nusam", "psam", "sampa", "sampa_streams")
+OPTIMIZERS = ("sgd", "adamw", "sam", "sam_on", "nusam", "psam", "sampa", "sampa_streams")
 CUDA_ONLY = ("sampa_streams",)
 SGD_KW = dict(lr=0.01, momentum=0.9)
 
@@ -44,6 +44,8 @@ def build(name: str, model):
         return torch.optim.AdamW(model.parameters(), lr=1e-3)
     if name == "sam":
         return SAM(model.parameters(), torch.optim.SGD, rho=0.05, **SGD_KW)
+    if name == "sam_on":  # SAM-ON: only the normalization layers' affine parameters perturbed (and copied)
+        return SAM(sam_on_groups(model), torch.optim.SGD, rho=0.05, **SGD_KW)
     if name == "nusam":  # conv kernels as (out, in*kh*kw) matrices: every weight gets a rank-1 term
         return NuSAM(model.parameters(), torch.optim.SGD, rho=0.1, conv="reshape", **SGD_KW)
     if name == "psam":

@@ -37,6 +37,10 @@ class Copies:
             old = st["old_p"] = torch.empty_like(p, memory_format=torch.contiguous_format)
         return old
 
+    def drop(self, p: torch.Tensor) -> None:
+        """p is no longer perturbed (its group's perturb became False): its copy goes."""
+        self.optimizer.state.get(p, {}).pop("old_p", None)
+
     def nbytes(self, nbytes) -> int:
         return sum(nbytes(st["old_p"]) for st in self.optimizer.state.values() if "old_p" in st)
 
@@ -58,6 +62,11 @@ class CopyPass:
     x <- x + e per group."""
 
     def __init__(self, engine, work, device, copies: Copies, direction):
+        for group, ps in work:
+            if not group["perturb"]:
+                for p in ps:
+                    copies.drop(p)
+        work = [(group, ps) for group, ps in work if group["perturb"]]  # subset perturbation: the chosen groups
         self.params = [p for _, ps in work for p in ps]
         self.active = False  # perturbed and not yet restored or updated
         self.direction = direction
@@ -125,7 +134,7 @@ class CopyPerturbation:
 
     @staticmethod
     def group_key(group: dict) -> tuple:
-        return (group["adaptive"], group["adaptive_offset"])
+        return (group["adaptive"], group["adaptive_offset"], group["perturb"])
 
     def build(self, engine, work, device) -> CopyPass:
         return CopyPass(engine, work, device, self.copies, self.direction)
@@ -174,8 +183,8 @@ class GaussianDirection:
             for p, s, z in zip(ps, shards, flat.split(sizes)):
                 views[id(p)] = z[:s.numel()].view(s.shape)
         group = engine.reduce_group()
-        first.check = NormStage(engine.backend_for(device, "global_norm"), device, [(GradsOf(params), None, 0, 0.0)],
-                                group=group)
+        first.check = NormStage(engine.backend_for(device, "global_norm"), device,
+                                [(GradsOf(params), None, 0, 0.0)] if params else [], group=group)
         first.first_norm = first.check.out()
         first.generator = self.generator_on(device, group)
         return lambda ps: [views[id(p)] for p in ps]

@@ -53,7 +53,7 @@ class Rank1Perturbation:
 
     @staticmethod
     def group_key(group: dict) -> tuple:
-        return (group["normalized"],)
+        return (group["normalized"], group["perturb"])
 
     def is_matrix(self, p: torch.Tensor) -> bool:
         return p.dim() == 2 or (p.dim() > 2 and self.conv == "reshape")
@@ -116,8 +116,8 @@ class Rank1Pass:
     (the sum of that vector) is the first gradient's check."""
 
     def __init__(self, engine, strategy: Rank1Perturbation, work, device):
-        chosen = [(p, g) for g, ps in work for p in ps if strategy.is_matrix(p)]
-        others = [p for _, ps in work for p in ps if not strategy.is_matrix(p)]
+        chosen = [(p, g) for g, ps in work for p in ps if g["perturb"] and strategy.is_matrix(p)]
+        others = [p for g, ps in work for p in ps if not (g["perturb"] and strategy.is_matrix(p))]
         self.engine, self.strategy, self.device = engine, strategy, device
         self.params = [p for p, _ in chosen]
         self.active = False

@@ -46,7 +46,7 @@ class NuSAM(SharpnessAwareOptimizer):
             raise ValueError(f"conv must be one of {CONV}, got {conv!r}")
         # before the groups are checked: _check_group reads which parameters are matrices
         self.perturbation = Rank1Perturbation(conv, power_iters, float(tau), seed)
-        defaults = dict(rho=rho, normalized=bool(normalized))
+        defaults = dict(rho=rho, normalized=bool(normalized), perturb=True)
         super().__init__(params, base_optimizer, defaults, backend, nonfinite, base_kwargs, start_step, rho_fn,
                          max_grad_norm, capturable)
         gen = torch.Generator().manual_seed(seed)

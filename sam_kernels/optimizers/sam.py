@@ -35,6 +35,8 @@ class SAM(SharpnessAwareOptimizer):
             grows; "raise": FloatingPointError instead (this reads the decision on the host).
         start_step: plain base steps before this step (perturbation delay), SAM steps from it on.
         max_grad_norm: clip the gradient of the base update to this global norm (None: no clipping).
+        perturb: per param group (default True): False leaves the group's parameters unperturbed
+            (SAM-ON's subset: sam_kernels.sam_on_groups); the norm is over the perturbed ones.
         capturable: lr and rho live on the device too, so that a step can be captured in a CUDA
             graph (sam_kernels/engine/scalars.py; sam_kernels.make_graphed_step captures whole steps).
     """
@@ -45,7 +47,7 @@ class SAM(SharpnessAwareOptimizer):
         rho, rho_fn = split_rho(rho)
         check_nonneg("adaptive_offset", adaptive_offset)
         self.perturbation = self._perturbation()
-        defaults = dict(rho=rho, adaptive=bool(adaptive), adaptive_offset=float(adaptive_offset))
+        defaults = dict(rho=rho, adaptive=bool(adaptive), adaptive_offset=float(adaptive_offset), perturb=True)
         super().__init__(params, base_optimizer, defaults, backend, nonfinite, base_kwargs, start_step, rho_fn,
                          max_grad_norm, capturable)
 

@@ -151,6 +151,9 @@ class SAMPa(EngineOptimizer):
             group["lam"] = check_lam(group["lam"])
         except ValueError:
             raise ValueError(f"{where}['lam'] must be a number in [0, 1], got {group['lam']!r}") from None
+        if "perturb" in group:  # its preview kernel perturbs every parameter it reads
+            raise NotImplementedError(f"SAMPa: {where}['perturb']: subset perturbation is for SAM, ASAM, GaussSAM, "
+                                      "PSAM and NuSAM")
         for j, p in enumerate(group["params"]):
             if is_dtensor(p):
                 raise NotImplementedError(f"SAMPa: {where}['params'][{j}] is a sharded DTensor: SAMPa runs its passes "

@@ -23,7 +23,12 @@ from .base import EngineOptimizer
 
 class SharpnessAwareOptimizer(EngineOptimizer):
     """Subclasses give a perturbation strategy (self.perturbation: build(engine, work, device) ->
-    a first pass with perturb / sources / restore_left / commit / undo / first_norm / params)."""
+    a first pass with perturb / sources / restore_left / commit / undo / first_norm / params).
+
+    Subset perturbation (SAM-ON, ALGORITHMS.md "Subset perturbation"): a param group with
+    perturb=False is not perturbed (no x_old, no perturb / restore traffic, not in the norm) and
+    takes the base step with its gradient at the perturbed point; sam_kernels.sam_on_groups(model)
+    builds SAM-ON's groups (the normalization layers' affine parameters perturbed)."""
 
     perturbation = None  # set by the subclass before EngineOptimizer.__init__ checks the groups
 
@@ -31,6 +36,12 @@ class SharpnessAwareOptimizer(EngineOptimizer):
         self._pending = None  # the first pass between first_step() and second_step()
         self._plain_pending = False  # first_step() found no SAM step due: second_step() is a base step
         super().__init__(*args, group_key=self.perturbation.group_key, **kwargs)
+
+    def _check_group(self, group: dict, where: str) -> None:
+        super()._check_group(group, where)
+        if not isinstance(group.get("perturb", True), bool):
+            raise TypeError(f"{where}['perturb'] must be True or False (perturb this group's parameters in the "
+                            f"first pass, or only update them), got {group['perturb']!r}")
 
     # --- the steps ---------------------------------------------------------------------------
 
