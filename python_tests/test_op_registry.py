@@ -57,6 +57,7 @@ SAMPLES = {
     "check_grads_": lambda: [_t(), _t(seed=1), 0.3, torch.zeros(4), torch.tensor([1.0, 2.0]), torch.tensor(64.0),
                              _flag(0), 0.5, torch.zeros(2), torch.tensor([1.0, 0.0])],
     "perturb_": lambda: [_t(), _t(seed=1), [torch.empty(s) for s in SHAPES], torch.tensor(2.0), 0.05, True, 0.1],
+    "shift_": lambda: [_t(), _t(seed=1), torch.tensor(2.0), 0.05, True],
     "restore_": lambda: [_t(), _t(seed=1), _flag(0)],
     "restore_sgd_": lambda: [_t(), _t(seed=1), _t(seed=2), _t(seed=3), *_sgd(), torch.tensor(0.5), _flag(0)],
     "restore_adam_": lambda: [_t(), _t(seed=1), _t(seed=2), *_adam_state(), *_adam(), torch.tensor(0.5), _flag(0)],

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, KERNEL_BACKENDS, NORM_RTOL, assert_close, pairwise, poison, step_counts
+from conftest import DTYPES, KERNEL_BACKENDS, NORM_RTOL, TOL, assert_close, pairwise, poison, step_counts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -78,6 +78,38 @@ def test_perturb(backend, device, sizes, dtype, adaptive):
     for a, b, o, o0 in zip(x, x_ref, x_old, x0):
         assert_close(a, b)
         assert torch.equal(o, o0), "x_old must be a bit-exact copy of x"
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("sizes,dtype,subtract", pairwise(
+    {"sizes": SIZE_DIM, "dtype": DTYPE_DIM, "subtract": [("add", False), ("subtract", True)]}, _not_large_fp64))
+def test_shift(backend, device, sizes, dtype, subtract):
+    """x +- rho d / (norm + eps) against the reference; there and back returns x within a rounding."""
+    x, d = make(sizes, dtype, device), make(sizes, dtype, device)
+    norm = ops.global_norm(d, backend="torch").to(device)
+    x0, x_ref = clone_all(x), clone_all(x)
+    ops.shift_(x, d, norm, 0.05, subtract=subtract, backend=backend)
+    ops.shift_(x_ref, d, norm, 0.05, subtract=subtract, backend="torch")
+    for a, b in zip(x, x_ref):
+        assert_close(a, b)
+    if sum(sizes) and dtype == torch.float32:
+        moved = torch.cat([(a - b).reshape(-1) for a, b in zip(x, x0)])
+        want = torch.cat([(-1 if subtract else 1) * 0.05 * t.reshape(-1) / norm for t in d])
+        torch.testing.assert_close(moved, want, **TOL[dtype])
+    if dtype in (torch.float32, torch.float64):  # (half types: two roundings at 8 / 11 bits)
+        ops.shift_(x, d, norm, 0.05, subtract=not subtract, backend=backend)
+        for a, b in zip(x, x0):
+            assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_shift_with_nonfinite_norm_leaves_x_untouched(backend, device, bad):
+    x = make([7, 4097], torch.float32, device)
+    x0 = clone_all(x)
+    ops.shift_(x, make([7, 4097], torch.float32, device), torch.tensor(bad, device=device), 0.05, backend=backend)
+    for a, b in zip(x, x0):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)

@@ -1,7 +1,9 @@
 // perturb_: x_old <- x; x <- x + s * w^2 * g with s = rho / (norm + eps), w = |x| + offset (ASAM)
 // or 1 (SAM). A non-finite norm leaves x untouched, so a bad gradient never reaches the weights.
+// shift_: x <- x + s * d (or x - s * d), s = rho / (norm + eps): MSAM's move along its momentum
+// and back, with no copy (untouched for a non-finite norm).
 // restore_: x <- x_old, a bit-exact copy (with found_inf: only when it is 0).
-// Bytes per element: perturb reads x, g and writes x_old, x (16 B in fp32); restore 8 B.
+// Bytes per element: perturb reads x, g and writes x_old, x (16 B in fp32); shift 12 B; restore 8 B.
 // The arguments, by name: their declarations (sam_kernels/ops/primitives.py).
 #include <cmath>
 #include <cstring>
@@ -37,13 +39,42 @@ void perturb_chunk(
 
 // The perturbation's scale rho / (norm + eps) (0 for a non-finite norm): in fp32 like the GPU
 // kernels for an fp32 norm, in fp64 for the fp64 norm of fp64 tensors.
-double perturb_scale(const Launch& l, double rho, bool& finite) {
-  using P = decl::perturb_;
-  const double nv = read_value(l, P::norm, 0.0);
+template <typename Norm>
+double norm_scale(const Launch& l, Norm norm, double rho, bool& finite) {
+  const double nv = read_value(l, norm, 0.0);
   finite = std::isfinite(nv);
   if (!finite) return 0.0;
-  if (l.ref(P::norm).f64) return rho / (nv + kNormEps);
+  if (l.ref(norm).f64) return rho / (nv + kNormEps);
   return static_cast<float>(rho) / (static_cast<float>(nv) + static_cast<float>(kNormEps));
+}
+
+double perturb_scale(const Launch& l, double rho, bool& finite) {
+  return norm_scale(l, decl::perturb_::norm, rho, finite);
+}
+
+template <typename scalar_t>
+void shift_chunk(scalar_t* __restrict__ x, const scalar_t* __restrict__ d, double scale, int64_t n) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t s = static_cast<opmath_t>(scale);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = static_cast<scalar_t>(static_cast<opmath_t>(x[i]) + s * static_cast<opmath_t>(d[i]));
+  }
+}
+
+void shift_runner(const Launch& l) {
+  using P = decl::shift_;
+  bool finite = false;
+  const double scale = norm_scale(l, P::norm, l.s(P::rho), finite);
+  if (!finite) return;
+  const double signed_scale = l.flag(P::subtract) ? -scale : scale;  // negation is exact
+  for_each_chunk(l.table, [&](const ChunkRef& c) {
+    SAM_DISPATCH_FLOATING(l.dtype, "shift_", [&] {
+      shift_chunk<scalar_t>(l.table.ptr<scalar_t>(P::params, c.tensor) + c.begin,
+                            l.table.ptr<const scalar_t>(P::directions, c.tensor) + c.begin, signed_scale,
+                            c.end - c.begin);
+    });
+  });
 }
 
 void perturb_runner(const Launch& l) {
@@ -82,6 +113,7 @@ void restore_runner(const Launch& l) {
 }
 
 SAM_RUNNER("perturb_", c10::DeviceType::CPU, perturb_runner);
+SAM_RUNNER("shift_", c10::DeviceType::CPU, shift_runner);
 SAM_RUNNER("restore_", c10::DeviceType::CPU, restore_runner);
 
 }  // namespace

@@ -1,5 +1,5 @@
 // perturb_ (x_old <- x; x <- x + s * w^2 * g, s read from the device-resident norm, so the host
-// never waits) and restore_ (x <- x_old; with found_inf, only when it is 0). The arguments, by name:
+// never waits), shift_ (x <- x + s * d or x - s * d: MSAM's move and back, no copy) and restore_ (x <- x_old; with found_inf, only when it is 0). The arguments, by name:
 // their declarations (sam_kernels/ops/primitives.py).
 #include "multi_tensor_apply.cuh"
 
@@ -48,6 +48,37 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    shift_kernel(TableView table, ScalarRef norm, double rho, const float* rho_t, bool subtract) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using P = decl::shift_;
+  bool finite;
+  const double scale = norm_scale(norm, rho, rho_t, finite);
+  if (!finite) return;  // a non-finite norm leaves x as it is
+  const opmath_t s = static_cast<opmath_t>(subtract ? -scale : scale);  // negation is exact
+  const ChunkRef c = table.chunk_ref(blockIdx.x);
+  scalar_t* x = table.ptr<scalar_t>(P::params, c.tensor);
+  const scalar_t* d = table.ptr<const scalar_t>(P::directions, c.tensor);
+  for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
+    scalar_t xv[kILP];
+    scalar_t dv[kILP];
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const int64_t i = base + int64_t(k) * kThreads;
+      if (i < c.end) {
+        xv[k] = x[i];
+        dv[k] = d[i];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const int64_t i = base + int64_t(k) * kThreads;
+      if (i < c.end) x[i] = static_cast<scalar_t>(static_cast<opmath_t>(xv[k]) + s * static_cast<opmath_t>(dv[k]));
+    }
+  }
+}
+
+template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) restore_kernel(TableView table, const float* __restrict__ found_inf) {
   using P = decl::restore_;
   if (load_or(found_inf, 0.f) != 0.f) return;
@@ -83,6 +114,13 @@ void perturb_runner(const Launch& l) {
   });
 }
 
+void shift_runner(const Launch& l) {
+  using P = decl::shift_;
+  SAM_CUDA_DISPATCH(l.dtype, "shift_", [&] {
+    launch_chunks(l, shift_kernel<scalar_t>, l.ref(P::norm), l.s(P::rho), l.dev_scalar(P::rho), l.flag(P::subtract));
+  });
+}
+
 // A bit copy: any dtype of 8, 4 or 2 bytes is copied as a float type of that size (SAMPa commits
 // integer buffers as float64 views).
 void restore_runner(const Launch& l) {
@@ -92,6 +130,7 @@ void restore_runner(const Launch& l) {
 }
 
 SAM_RUNNER("perturb_", c10::DeviceType::CUDA, perturb_runner);
+SAM_RUNNER("shift_", c10::DeviceType::CUDA, shift_runner);
 SAM_RUNNER("restore_", c10::DeviceType::CUDA, restore_runner);
 
 }  // namespace

@@ -51,6 +51,13 @@ struct perturb_ {
   enum T : int { norm = 0 };
   enum V : int {};
 };
+struct shift_ {
+  enum L : int { params = 0, directions = 1 };
+  enum S : int { rho = 0 };
+  enum O : int { subtract = 0 };
+  enum T : int { norm = 0 };
+  enum V : int {};
+};
 struct restore_ {
   enum L : int { params = 0, x_old = 1 };
   enum S : int {};
@@ -197,6 +204,14 @@ inline constexpr ParamDecl k_perturb__params[] = {
     {"offset", Cat::kScalar, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
 };
 inline constexpr ValueRule k_perturb__values[] = {ValueRule::kNone};
+inline constexpr ParamDecl k_shift__params[] = {
+    {"params", Cat::kList, 0, ListKind::kElements, TensorKind::kAny, true, 0, {}},
+    {"directions", Cat::kList, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"norm", Cat::kTensor, 0, ListKind::kElements, TensorKind::kNorm, false, 0, {}},
+    {"rho", Cat::kScalar, 0, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"subtract", Cat::kOption, 0, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+};
+inline constexpr ValueRule k_shift__values[] = {ValueRule::kNone};
 inline constexpr ParamDecl k_restore__params[] = {
     {"params", Cat::kList, 0, ListKind::kElements, TensorKind::kAny, true, 0, {}},
     {"x_old", Cat::kList, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
@@ -397,6 +412,7 @@ inline constexpr PrimitiveDecl kPrimitives[] = {
     {"norm_finalize", "norm_finalize(Tensor partials, Tensor(a!) out) -> ()", true, true, true, 2, k_norm_finalize_params, 0, 0, 0, 2, 0, k_norm_finalize_values, 0, 0},
     {"guard_finalize", "guard_finalize(Tensor partials, Tensor(a!) flags, Tensor? first_norm, Tensor? scale, Tensor? found_inf, float max_norm, Tensor(b!)? steps, Tensor? steps_mask) -> ()", true, true, true, 8, k_guard_finalize_params, 0, 1, 0, 7, 0, k_guard_finalize_values, 0, 0},
     {"perturb_", "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] x_old, Tensor norm, float rho, bool adaptive, float offset) -> ()", true, false, true, 7, k_perturb__params, 3, 2, 1, 1, 0, k_perturb__values, 1, 0},
+    {"shift_", "shift_(Tensor(a!)[] params, Tensor[] directions, Tensor norm, float rho, bool subtract) -> ()", true, false, true, 5, k_shift__params, 2, 1, 1, 1, 0, k_shift__values, 1, 0},
     {"restore_", "restore_(Tensor(a!)[] params, Tensor[] x_old, Tensor? found_inf=None) -> ()", true, false, true, 3, k_restore__params, 2, 0, 0, 1, 0, k_restore__values, 0, 0},
     {"restore_sgd_", "restore_sgd_(Tensor(a!)[] params, Tensor[] x_old, Tensor[] grads, Tensor(b!)[] bufs, float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool init_bufs, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, true, 13, k_restore_sgd__params, 4, 4, 3, 2, 0, k_restore_sgd__values, 1, 0},
     {"restore_adam_", "restore_adam_(Tensor(a!)[] params, Tensor[] x_old, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, true, 17, k_restore_adam__params, 7, 5, 3, 2, 0, k_restore_adam__values, 1, 0},

@@ -12,6 +12,7 @@ the Adam step counters).
     check_grads_(grads, flags, ...)                the guard of a step: is it taken, by what is the
                                                    gradient multiplied (unscale, clip), its norm
     perturb_(params, grads, x_old, norm, rho, ...) x_old <- x; x <- x + rho T^2 g / (norm + eps)
+    shift_(params, directions, norm, rho, ...)     x <- x +- rho d / (norm + eps) (MSAM's move, no copy)
     restore_(params, x_old, found_inf=None)        x <- x_old (bit for bit; with found_inf, if it is 0)
     restore_sgd_(params, x_old, grads, bufs, ...)  x <- x_old, then one fused torch.optim.SGD step
     restore_adam_(params, x_old, grads, m, v, ...) x <- x_old, then one fused Adam / AdamW step
@@ -249,6 +250,14 @@ def perturb_(params, grads, x_old, norm, rho: float, *, adaptive: bool = False, 
     """x_old <- params; params <- params + rho * T^2 grads / (norm + eps); params untouched if norm is not finite."""
     _run("perturb_", backend, {"params": list(params), "grads": list(grads), "x_old": list(x_old)},
          {"norm": norm, "rho": float(rho), "adaptive": bool(adaptive), "offset": float(offset)})
+
+
+@torch.no_grad()
+def shift_(params, directions, norm, rho: float, *, subtract: bool = False, backend: str = "auto") -> None:
+    """params <- params + rho * directions / (norm + eps) (subtract: minus it); params untouched if
+    norm is not finite. MSAM moves along minus its momentum buffers with it, and back."""
+    _run("shift_", backend, {"params": list(params), "directions": list(directions)},
+         {"norm": norm, "rho": float(rho), "subtract": bool(subtract)})
 
 
 @torch.no_grad()

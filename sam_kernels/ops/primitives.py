@@ -189,6 +189,11 @@ PERTURB = declare(
     "x_old <- params; params <- params + s * w^2 * grads, s = rho / (norm + 1e-12) (w = |params| + offset "
     "for ASAM, else 1), and params untouched when norm is not finite.", kinds={"norm": "norm"},
     device_scalars=("rho",))
+SHIFT = declare(
+    "shift_(Tensor(a!)[] params, Tensor[] directions, Tensor norm, float rho, bool subtract) -> ()",
+    "params <- params + s * directions (subtract: - s * directions), s = rho / (norm + 1e-12), and params "
+    "untouched when norm is not finite: MSAM's move along its momentum buffers and back, with no copy.",
+    kinds={"norm": "norm"}, device_scalars=("rho",))
 RESTORE = declare(
     "restore_(Tensor(a!)[] params, Tensor[] x_old, Tensor? found_inf=None) -> ()",
     "params <- x_old, bit for bit; with found_inf, only when found_inf == 0 (a conditional commit).")

@@ -94,6 +94,12 @@ def _add_perturbation(params, grads, norm, rho, adaptive=False, offset=0.0):
     _commit(params, [torch.where(finite, n, xi) for n, xi in zip(new, x)])
 
 
+def shift_(params, directions, norm, rho, subtract):
+    """x <- x -+ s * d, s = rho / (norm + eps); x untouched if the norm is not finite (negating rho is
+    exact: the same roundings as the kernels' x - s * d)."""
+    _add_perturbation(params, directions, norm, -rho if subtract else rho)
+
+
 def restore_(params, x_old, found_inf=None):
     """x <- x_old, bit for bit (with found_inf: only when it is 0)."""
     if found_inf is None:

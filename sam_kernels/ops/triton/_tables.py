@@ -87,11 +87,22 @@ def host_or_device(v, ON_DEVICE: tl.constexpr):
     return out
 
 
+_FP32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def fp32(v: float) -> float:
+    """A float argument as a kernel gets it: rounded to fp32, and a subnormal one flushed to zero
+    (as the GPU's fp32 arithmetic does). Triton types a float argument outside fp32's normal range
+    as fp64, and then computes (the interpreter: stores) in fp64: a subnormal lr made a bf16
+    update 0 through the interpreter (python_tests/test_ops.py, the SGD property test)."""
+    f = float(np.float32(v))
+    return 0.0 if abs(f) < _FP32_TINY else f
+
+
 def scalar_arg(v):
-    """(what a kernel takes for a runtime scalar, whether it is a device scalar): host_or_device.
-    A number is rounded to fp32 here, as a compiled kernel's float argument is (the interpreter
-    would keep a value below fp32's range as an fp64 scalar, and store it as such)."""
-    return (v, True) if isinstance(v, torch.Tensor) else (float(np.float32(v)), False)
+    """(what a kernel takes for a runtime scalar, whether it is a device scalar): host_or_device;
+    a number as fp32() makes it."""
+    return (v, True) if isinstance(v, torch.Tensor) else (fp32(v), False)
 
 
 def tl_dtype(dtype: torch.dtype):
@@ -166,7 +177,7 @@ class Launch:
         value per launch (per-block outputs)."""
         for first, blk_tensor, blk_start, n, vec in self.parts:
             kernel[(n,)](self.ptrs, self.n_tensors, self.numels, blk_tensor, blk_start,
-                         *(a(first) if callable(a) else a for a in args),
+                         *(a(first) if callable(a) else fp32(a) if type(a) is float else a for a in args),
                          VEC=vec, BLOCK=self.block, **meta, **launch_kwargs())
 
 
