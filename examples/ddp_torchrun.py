@@ -1,9 +1,9 @@
 """SAM with DistributedDataParallel, launched by torchrun (gloo on CPU, nccl on GPUs):
 
     torchrun --nproc_per_node 2 examples/ddp_torchrun.py --steps 50
-    torchrun --nproc_per_node 2 examples/ddp_torchrun.py --steps 50 --msam
+    torchrun --nproc_per_node 2 examples/ddp_torchrun.py --steps 50 --m-sharpness
 
-The first backward all-reduces, so every rank perturbs along the global gradient; with --msam
+The first backward all-reduces, so every rank perturbs along the global gradient; with --m-sharpness
 it runs under model.no_sync() and each rank perturbs with its own (m-SAM). The second backward
 all-reduces in both cases, so the ranks take the same step and stay bit-identical: the script
 checks that at the end.
@@ -23,7 +23,7 @@ from sam_kernels import SAM
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--msam", action="store_true", help="per-rank perturbations (first backward under no_sync)")
+    ap.add_argument("--m-sharpness", action="store_true", help="per-rank perturbations (first backward under no_sync)")
     args = ap.parse_args(argv)
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("WORLD_SIZE", "1"))
     dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -49,7 +49,7 @@ def train(args, use_cuda):
         y = (x[:, :4].sum(1) > 0).long() + 2 * (x[:, 4:8].sum(1) > 0).long()
         x, y = x.to(device), y.to(device)
         opt.zero_grad()
-        if args.msam:
+        if args.m_sharpness:
             with model.no_sync():
                 loss = loss_fn(model(x), y)
                 loss.backward()

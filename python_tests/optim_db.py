@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from conftest import NUSAM_BACKENDS, backend_cases
 
-from sam_kernels import PSAM, SAM, GaussSAM, NuSAM, SAMPa
+from sam_kernels import MSAM, PSAM, SAM, GaussSAM, NuSAM, SAMPa
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class OptimizerInfo:
     defaults: dict  # constructor options besides the base optimizer's (a test's keywords override them)
     options: tuple = ()  # (key, values) of its own a user may change between steps (what its plans key on)
     two_pass: bool = True  # first_step / second_step (SAMPa: step(closure) only, built over a model and a loss)
+    reads_first_gradient: bool = True  # MSAM perturbs before the forward: a bad first gradient is not its
     backends: list = field(default_factory=backend_cases)  # the (backend, device) cases it runs on here
 
     def make(self, params, base, **kw):
@@ -41,10 +42,12 @@ OPTIM_DB = [
                   backends=NUSAM_BACKENDS),
     OptimizerInfo("gausssam", GaussSAM, dict(rho=0.05, seed=3), options=(SUBSET,)),
     OptimizerInfo("psam", PSAM, dict(rho=0.05, period=2), options=(SUBSET,)),
+    OptimizerInfo("msam", MSAM, dict(rho=0.3), options=(SUBSET,), reads_first_gradient=False),
     OptimizerInfo("sampa", SAMPa, dict(rho=0.05, lam=0.2), options=(("lam", (0.2, 0.7, 0.0, 1.0)),), two_pass=False),
 ]
 BY_NAME = {info.name: info for info in OPTIM_DB}
-TWO_PASS = [info.name for info in OPTIM_DB if info.two_pass]
+TWO_PASS = [info.name for info in OPTIM_DB if info.two_pass and info.reads_first_gradient]  # SAM's two passes
+ONE_GRADIENT = [info.name for info in OPTIM_DB if not info.reads_first_gradient]
 
 # The base optimizers: (class, options). Tests pick the ones they need by name.
 BASES = {

@@ -52,35 +52,35 @@ def sam_step(model, opt, batch, first_pass_sync=True):
     opt.second_step()
 
 
-def _train(rank, world, name, msam):
+def _train(rank, world, name, m_sharpness):
     model = DDP(mlp())
     opt = make_opt(name, model.parameters())
     for x, y in full_batches():
         shard = (x.chunk(world)[rank], y.chunk(world)[rank])
-        sam_step(model, opt, shard, first_pass_sync=not msam)
+        sam_step(model, opt, shard, first_pass_sync=not m_sharpness)
     return torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])
 
 
-def _worker(rank, world, init_file, out_dir, name, msam):
+def _worker(rank, world, init_file, out_dir, name, m_sharpness):
     torch.set_num_threads(1)  # two processes on two cores: intra-op threads would only contend
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.save(_train(rank, world, name, msam), os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(_train(rank, world, name, m_sharpness), os.path.join(out_dir, f"rank{rank}.pt"))
         gc.collect()  # the DDP reducer and its pending gloo work go before the group (examples/ddp_torchrun.py)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(name, msam):
+def run_ranks(name, m_sharpness):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp, name, msam), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp, name, m_sharpness), nprocs=2, join=True)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
 
 
 @pytest.mark.parametrize("name", list(CLASSES))
 def test_ddp_ranks_identical_and_equal_to_one_process_on_the_full_batch(name):
-    ranks = run_ranks(name, msam=False)
+    ranks = run_ranks(name, m_sharpness=False)
     assert torch.equal(ranks[0], ranks[1])
     model = mlp()
     opt = make_opt(name, model.parameters())
@@ -91,16 +91,16 @@ def test_ddp_ranks_identical_and_equal_to_one_process_on_the_full_batch(name):
     torch.testing.assert_close(ranks[0], single, **FP64)
 
 
-def test_msam_keeps_ranks_identical():
-    ranks = run_ranks("sam", msam=True)
+def test_m_sharpness_keeps_ranks_identical():
+    ranks = run_ranks("sam", m_sharpness=True)
     assert torch.equal(ranks[0], ranks[1])  # SAM restores x_t bit for bit on each rank
     assert torch.isfinite(ranks[0]).all()
 
 
-def test_msam_nusam_ranks_agree_to_rounding():
+def test_m_sharpness_nusam_ranks_agree_to_rounding():
     """nuSAM removes its rank-1 term by recomputing it (no stored copy): with per-rank
     perturbations (m-SAM) each rank restores x_t to within its own rounding, so the ranks agree
     to rounding, not bit for bit (README, "Distributed"). The synchronized first pass above is
     bit-identical."""
-    ranks = run_ranks("nusam", msam=True)
+    ranks = run_ranks("nusam", m_sharpness=True)
     torch.testing.assert_close(ranks[0], ranks[1], **FP64)

@@ -60,7 +60,7 @@ def test_lightning_matches_a_plain_loop(mode):
         assert torch.equal(a.detach(), b.detach())
 
 
-@pytest.mark.parametrize("flags", [[], ["--msam"]], ids=["sam", "msam"])
+@pytest.mark.parametrize("flags", [[], ["--m-sharpness"]], ids=["sam", "m_sharpness"])
 def test_ddp_torchrun_example(flags):
     with socket.socket() as sock:  # a free port for the static rendezvous
         sock.bind(("127.0.0.1", 0))

@@ -205,7 +205,7 @@ class WarmEqualsFresh(RuleBasedStateMachine):
         key, values = data.draw(st.one_of(common, st.sampled_from(own)) if own else common)
         value = data.draw(st.sampled_from(values))
         nesterov_ok = {"nesterov": lambda: not value or (group["momentum"] != 0 and group["dampening"] == 0),
-                       "momentum": lambda: value != 0 or not group["nesterov"],
+                       "momentum": lambda: value != 0 or not (group["nesterov"] or self.name == "msam"),
                        "dampening": lambda: value == 0 or not group["nesterov"]}
         if nesterov_ok.get(key, lambda: True)():  # torch's SGD: nesterov needs momentum and no dampening
             group[key] = value

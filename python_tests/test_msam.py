@@ -1,0 +1,180 @@
+"""MSAM (ALGORITHMS.md, "MSAM"; sam_kernels/optimizers/msam.py) against a pure-torch oracle that
+follows the spec line by line: e_t = -rho b_t / (||b_t|| + eps) from the base optimizer's momentum
+before the step (e_0 = 0), the gradient at x_t + e_t, torch.optim's own step from x_t with it. One
+gradient per step, no copy of the weights, x_t between steps within one rounding, a bad gradient
+skipped, no host read."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import FP64, TRAJECTORY, backend_cases
+from test_no_sync import NoHostReads
+from torch import nn
+
+from sam_kernels import MSAM
+
+BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+         "sgd-nesterov": (torch.optim.SGD, dict(lr=0.05, momentum=0.8, nesterov=True)),
+         "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2))}
+DIRECTION = {torch.optim.SGD: "momentum_buffer", torch.optim.AdamW: "exp_avg"}
+RHO = 0.3
+
+
+def mlp(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+
+
+def batches(n, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 5, generator=g).to(dtype), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
+
+
+def loss_of(model, b):
+    return nn.functional.cross_entropy(model(b[0]), b[1])
+
+
+def oracle(model, base_cls, kw, data, rho=RHO):
+    """The spec in plain torch: the weights after each step."""
+    model = copy.deepcopy(model)
+    params = list(model.parameters())
+    base = base_cls(params, **kw)
+    key = DIRECTION[base_cls]
+    out = []
+    for b in data:
+        bufs = [base.state[p].get(key) for p in params]
+        x_t = [p.detach().clone() for p in params]
+        if all(buf is not None for buf in bufs):
+            n = torch.linalg.vector_norm(torch.stack([buf.norm() for buf in bufs]))
+            with torch.no_grad():
+                for p, buf in zip(params, bufs):
+                    p.sub_(rho * buf / (n + 1e-12))
+        base.zero_grad()
+        loss_of(model, b).backward()
+        with torch.no_grad():
+            for p, x in zip(params, x_t):
+                p.copy_(x)
+        base.step()
+        out.append([p.detach().clone() for p in params])
+    return out
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("api", ["two_step", "closure"])
+def test_trajectory_matches_the_spec(backend, device, base, api):
+    base_cls, kw = BASES[base]
+    dtype = torch.float64 if backend != "triton" else torch.float32  # (the interpreter's scalars are fp32)
+    model = mlp(dtype)
+    want = oracle(model, base_cls, kw, batches(6, dtype))
+    model = model.to(device)
+    opt = MSAM(model.parameters(), base_cls, rho=RHO, backend=backend, **kw)
+    calls = []
+    for i, b in enumerate(batches(6, dtype)):
+        b = [t.to(device) for t in b]
+        if api == "closure":
+            def closure(b=b):
+                calls.append(i)
+                loss = loss_of(model, b)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        else:
+            opt.first_step()
+            loss_of(model, b).backward()
+            opt.second_step(zero_grad=True)
+        tol = FP64 if dtype == torch.float64 else TRAJECTORY
+        for p, w in zip(model.parameters(), want[i]):
+            torch.testing.assert_close(p.detach().cpu(), w, **tol)
+    if api == "closure":
+        assert calls == list(range(6))  # one gradient per step
+    assert opt.memory_report()["perturbation"] == 0
+    assert not any("old_p" in s for s in opt.state.values())  # no copy of the weights
+
+
+def test_the_first_step_is_not_perturbed_and_later_ones_are():
+    model = mlp()
+    opt = MSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend="cpu")
+    x0 = [p.detach().clone() for p in model.parameters()]
+    opt.first_step()
+    assert all(torch.equal(p.detach(), x) for p, x in zip(model.parameters(), x0))  # e_0 = 0
+    loss_of(model, batches(1)[0]).backward()
+    opt.second_step(zero_grad=True)
+    x1 = [p.detach().clone() for p in model.parameters()]
+    opt.first_step()
+    moved = torch.cat([(p.detach() - x).reshape(-1) for p, x in zip(model.parameters(), x1)])
+    torch.testing.assert_close(moved.norm(), torch.tensor(RHO, dtype=moved.dtype), **FP64)  # ||e|| = rho
+    opt.restore()  # x_t back within one rounding
+    for p, x in zip(model.parameters(), x1):
+        torch.testing.assert_close(p.detach(), x, **FP64)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_a_nonfinite_gradient_is_skipped(backend, device):
+    model = mlp(torch.float32).to(device)
+    opt = MSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
+    data = [[t.to(device) for t in b] for b in batches(3, torch.float32)]
+    for b in data[:2]:
+        opt.first_step()
+        loss_of(model, b).backward()
+        opt.second_step(zero_grad=True)
+    x_t = [p.detach().clone() for p in model.parameters()]
+    bufs = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    opt.first_step()
+    loss_of(model, data[2]).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    opt.second_step(zero_grad=True)
+    assert opt.skipped_steps == 1
+    for p, x, buf in zip(model.parameters(), x_t, bufs):
+        torch.testing.assert_close(p.detach(), x, **TRAJECTORY)  # x_t within one rounding
+        assert torch.equal(opt.base_optimizer.state[p]["momentum_buffer"], buf)  # no state moved
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_steps_never_read_the_device(backend, device):
+    model = mlp(torch.float32).to(device)
+    opt = MSAM(model.parameters(), torch.optim.AdamW, lr=1e-2, backend=backend, max_grad_norm=1.0)
+    scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=2.0 ** 8)
+    for b in batches(4, torch.float32):
+        b = [t.to(device) for t in b]
+        with NoHostReads():
+            opt.first_step()
+        scaler.scale(loss_of(model, b)).backward()
+        with NoHostReads():
+            opt.second_step(zero_grad=True, grad_scaler=scaler)
+        scaler.update()
+    assert opt.steps == 4 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bad_setups_are_refused():
+    model = mlp()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['momentum'\] is 0.*needs momentum > 0"):
+        MSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="perturbs along the base optimizer's momentum"):
+        MSAM(model.parameters(), torch.optim.RMSprop, lr=0.1)
+    opt = MSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="first_step\\(\\) called twice"):
+        opt.first_step()
+
+
+def test_checkpoint_resumes_bit_for_bit():
+    model = mlp()
+    opt = MSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend="cpu")
+    data = batches(4)
+    for b in data[:2]:
+        opt.first_step()
+        loss_of(model, b).backward()
+        opt.second_step(zero_grad=True)
+    model2 = copy.deepcopy(model)
+    opt2 = MSAM(model2.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend="cpu")
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for m, o in ((model, opt), (model2, opt2)):
+        for b in data[2:]:
+            o.first_step()
+            loss_of(m, b).backward()
+            o.second_step(zero_grad=True)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)

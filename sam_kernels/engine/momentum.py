@@ -1,0 +1,99 @@
+"""MSAM's perturbation (ALGORITHMS.md, "MSAM"): along minus the base optimizer's momentum, known
+before the forward pass, and removed by recomputing it (no copy of the weights):
+
+    first pass     n = ||b||;  x <- x - rho b / (n + eps)     b: SGD's momentum_buffer, Adam's exp_avg
+    second pass    x <- x + rho b / (n + eps)  (the same n and rho: x_t within one rounding), then the
+                   fused base step from x with the gradient at the perturbed point (engine/updates.py)
+
+    MomentumPerturbation   the strategy MSAM composes
+    MomentumPass           its plan: the norm's tables, one shift_ launch per param group and way
+
+A parameter without a buffer yet (the first step; a new param group) is not perturbed: e_0 = 0.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..integrations.distributed import local
+from ..ops.lists import GradsOf
+from .bases import Restore
+from .norms import NormStage
+
+# b, by the base optimizer's class (fused or not: with options we do not fuse, the update takes
+# the generic path and the direction is still the buffer)
+DIRECTION_KEYS = {torch.optim.SGD: "momentum_buffer", torch.optim.Adam: "exp_avg", torch.optim.AdamW: "exp_avg"}
+
+
+class MomentumPass:
+    """The first pass of MSAM over [(group, params with a buffer)] (see the module docstring)."""
+
+    def __init__(self, engine, work, device, key: str):
+        work = [(group, ps) for group, ps in work if group["perturb"] and ps]
+        state = engine.base.state
+        self.params = [p for _, ps in work for p in ps]
+        self.active = False
+        backend = engine.backend_for(device, "shift_")
+        directions = {id(p): local(state[p][key]) for p in self.params}
+        self.norm = NormStage(engine.backend_for(device, "global_norm"), device,
+                              [([directions[id(p)] for p in self.params], None, 0, 0.0)] if self.params else [],
+                              group=engine.reduce_group())
+        self.first_norm = self.norm.out()
+        self._rho = lambda group: engine.rho(group, device)
+        self.shifts = [(group, ops.bind("shift_", backend, device,
+                                        {"params": ps, "directions": [directions[id(p)] for p in ps]}))
+                       for group, ps in work]
+        self._used = []  # the rho of each group's move (the way back takes the same)
+
+    def perturb(self, raise_nonfinite: bool) -> None:
+        self.norm.norm(self.first_norm)
+        self._used = [self._rho(group) for group, _ in self.shifts]
+        for (group, run), rho in zip(self.shifts, self._used):
+            run(norm=self.first_norm, rho=rho, subtract=True)
+        self.active = True
+
+    def undo(self) -> None:
+        """x_t back (recomputed: within one rounding), once."""
+        if self.active:
+            for (_, run), rho in zip(self.shifts, self._used):
+                run(norm=self.first_norm, rho=rho, subtract=False)
+        self.active = False
+
+    def sources(self, group, ps):
+        """The update steps from x itself (x_t, after undo())."""
+        return [(Restore(x_old=ps), ps, GradsOf(ps), None)]
+
+    def restore_left(self, params):
+        return None  # undo() moved every parameter back before the update
+
+    def commit(self):
+        return None
+
+
+class MomentumPerturbation:
+    """The strategy: build(engine, work, device) -> MomentumPass; work() the parameters it moves."""
+
+    @staticmethod
+    def group_key(group: dict) -> tuple:
+        return (group["perturb"],)
+
+    @staticmethod
+    def direction_key(base) -> str:
+        key = DIRECTION_KEYS.get(type(base))
+        if key is None:
+            raise TypeError(f"MSAM perturbs along the base optimizer's momentum: torch.optim.SGD with momentum, "
+                            f"Adam or AdamW (got {type(base).__name__})")
+        return key
+
+    def work(self, engine):
+        """[(group, params whose buffer exists)] and their device (before the forward: no gradient)."""
+        key, state = self.direction_key(engine.base), engine.base.state
+        # (SGD with momentum set to 0 after construction: its buffer no longer moves, nor is it followed)
+        work = [(g, [p for p in g["params"] if key in state.get(p, {})] if g.get("momentum", 1) != 0 else [])
+                for g in engine.optimizer.param_groups]
+        params = engine.param_list()
+        device = local(params[0]).device if params else None
+        return work, device
+
+    def build(self, engine, work, device) -> MomentumPass:
+        return MomentumPass(engine, work, device, self.direction_key(engine.base))
