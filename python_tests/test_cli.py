@@ -22,7 +22,7 @@ def test_demo_trains_every_optimizer(tmp_path, capsys):
     rows = demo.main(["--epochs", "2", "--seeds", "2", "--json", str(out)])
     assert f"wrote {out}" in capsys.readouterr().out  # says where its file went
     assert json.loads(out.read_text()) == rows
-    assert [r["optimizer"] for r in rows] == ["SGD", "SAM", "ASAM", "nuSAM", "PSAM", "SAMPa", "GaussSAM"]
+    assert [r["optimizer"] for r in rows] == ["SGD", "SAM", "ASAM", "nuSAM", "PSAM", "SAMPa", "MSAM", "GaussSAM"]
     for r in rows:  # mean +- std over the seeds
         assert len(r["test_accs"]) == 2 and r["test_acc"] == pytest.approx(sum(r["test_accs"]) / 2)
         assert r["test_acc_std"] == pytest.approx(abs(r["test_accs"][0] - r["test_accs"][1]) / 2 ** 0.5)
@@ -37,6 +37,8 @@ def test_demo_trains_every_optimizer(tmp_path, capsys):
     assert by["SAMPa"]["opt_bytes"] == 3 * 4 * n_params
     # SGD+momentum keeps one buffer; SAM adds x_old, exactly one more copy of the parameters
     assert by["SGD"]["opt_bytes"] == 4 * n_params and by["SAM"]["opt_bytes"] == 8 * n_params
+    # MSAM: one gradient per step and no copy (its direction is the momentum buffer)
+    assert by["MSAM"]["grad_evals"] == steps and by["MSAM"]["opt_bytes"] == by["SGD"]["opt_bytes"]
     # nuSAM keeps vectors, not a copy: far less than SAM's extra copy of the parameters
     assert by["SGD"]["opt_bytes"] < by["nuSAM"]["opt_bytes"] < by["SGD"]["opt_bytes"] + 0.05 * 4 * n_params
 

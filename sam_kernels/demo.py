@@ -1,4 +1,5 @@
-"""`make demo`: SGD vs SAM, ASAM, nuSAM, PSAM, SAMPa and GaussSAM on scikit-learn's bundled digits data (no download).
+"""`make demo`: SGD vs SAM, ASAM, nuSAM, PSAM, SAMPa, MSAM and GaussSAM on scikit-learn's bundled digits data
+(no download).
 
 A small MLP is trained with each optimizer on the same splits, batches and initialisations, over
 several seeds (each seed its own split, initialisation and batch order); the table gives test
@@ -14,7 +15,7 @@ import time
 
 import torch
 
-from . import PSAM, SAM, GaussSAM, NuSAM, SAMPa
+from . import MSAM, PSAM, SAM, GaussSAM, NuSAM, SAMPa
 from .optimizers.two_pass import SharpnessAwareOptimizer
 
 
@@ -46,6 +47,7 @@ OPTIMIZERS = {
     "PSAM": lambda p: PSAM(p, torch.optim.SGD, rho=0.05, period=4, lr=0.05, momentum=0.9, weight_decay=5e-4),
     # SAMPa takes the model and the loss (it computes its two gradients itself): built in train()
     "SAMPa": None,
+    "MSAM": lambda p: MSAM(p, torch.optim.SGD, rho=0.3, lr=0.05, momentum=0.9, weight_decay=5e-4),
     "GaussSAM": lambda p: GaussSAM(p, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9, weight_decay=5e-4,
                                    generator=torch.Generator().manual_seed(0)),
 }
@@ -76,6 +78,14 @@ def train(name, epochs, batch, seed, bar):
             xb, yb = xtr[idx], ytr[idx]
             if isinstance(opt, SAMPa):
                 opt.step((xb, yb))
+                continue
+            if isinstance(opt, MSAM):  # one gradient, at the point its momentum moved to
+                def closure():
+                    lo = loss_fn(model(xb), yb)
+                    lo.backward()
+                    return lo
+                opt.step(closure)
+                grads += 1
                 continue
             opt.zero_grad()
             loss = loss_fn(model(xb), yb)

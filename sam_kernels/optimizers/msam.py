@@ -96,15 +96,7 @@ class MSAM(SharpnessAwareOptimizer):
                 return None
             raise ValueError("MSAM.step needs a closure that computes the loss and gradients "
                              "(or use first_step / second_step)")
-        self.first_step(zero_grad=True, grad_scaler=grad_scaler)
-        try:
-            with torch.enable_grad():
-                loss = closure()
-        except BaseException:
-            self.restore()
-            raise
-        self.second_step(zero_grad=True, grad_scaler=grad_scaler)
-        return loss
+        return self._perturbed_step(closure, grad_scaler)
 
     def memory_report(self) -> dict:
         """Bytes held by the optimizer: `perturbation` 0 (no copy: the move is recomputed) and

@@ -172,6 +172,11 @@ class SharpnessAwareOptimizer(EngineOptimizer):
         if not self.sam_step_due:
             self.base_step(zero_grad=True, grad_scaler=grad_scaler)
             return first_loss
+        loss = self._perturbed_step(closure, grad_scaler)
+        return loss if given else first_loss
+
+    def _perturbed_step(self, closure, grad_scaler):
+        """first_step, closure() at the perturbed point (x_t back if it raises), second_step: its loss."""
         self.first_step(zero_grad=True, grad_scaler=grad_scaler)
         try:
             with torch.enable_grad():
@@ -180,7 +185,7 @@ class SharpnessAwareOptimizer(EngineOptimizer):
             self.restore()
             raise
         self.second_step(zero_grad=True, grad_scaler=grad_scaler)
-        return loss if given else first_loss
+        return loss
 
     # --- copies ------------------------------------------------------------------------------
 
