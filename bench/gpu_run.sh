@@ -69,9 +69,10 @@ for stage in "${stages[@]}"; do
       ;;
     nosync)
       # the steps of every optimizer on the GPU under torch.cuda.set_sync_debug_mode("error") and
-      # the dispatch mode that fails on host reads (python_tests/test_no_sync.py), first: it is what
-      # issue 12 is about and it takes seconds
-      capped 120 python3 -m pytest python_tests/test_no_sync.py python_tests/test_guard.py -q -p no:cacheprovider \
+      # the dispatch mode that fails on host reads (python_tests/test_no_sync.py, MSAM's in
+      # test_msam.py), first: the sync-free step is the GPU's promise and this takes seconds
+      capped 120 python3 -m pytest python_tests/test_no_sync.py python_tests/test_guard.py python_tests/test_msam.py \
+        -q -p no:cacheprovider \
         -k cuda -rfEs > "$OUT/nosync.log" 2>&1
       echo "nosync exit $?"; tail -5 "$OUT/nosync.log"
       ;;

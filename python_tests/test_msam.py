@@ -94,6 +94,50 @@ def test_trajectory_matches_the_spec(backend, device, base, api):
     assert not any("old_p" in s for s in opt.state.values())  # no copy of the weights
 
 
+@pytest.mark.parametrize("base_cls,kw", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1)),
+                                         (torch.optim.AdamW, dict(lr=torch.tensor(0.01)))],
+                         ids=["sgd-dampening", "adamw-tensor-lr"])
+def test_bases_we_do_not_fuse_are_perturbed_too(base_cls, kw):
+    """The generic path (dampening, a tensor lr): the move still follows the buffers, which appear
+    after the first step (the first plan's key holds them, fused or not)."""
+    model = mlp()
+    want = oracle(model, base_cls, kw, batches(5))
+    opt = MSAM(model.parameters(), base_cls, rho=RHO, backend="cpu", **kw)
+    for i, b in enumerate(batches(5)):
+        opt.first_step()
+        loss_of(model, b).backward()
+        opt.second_step(zero_grad=True)
+        for p, w in zip(model.parameters(), want[i]):
+            torch.testing.assert_close(p.detach(), w, **FP64)
+
+
+def test_a_buffer_replaced_or_none_is_followed():
+    """A momentum buffer replaced by hand is the new direction (not a stale plan's); a None one (an
+    old checkpoint's "no buffer yet") is not followed."""
+    model = mlp()
+    opt = MSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend="cpu")
+    b = batches(1)[0]
+    for _ in range(2):
+        opt.first_step()
+        loss_of(model, b).backward()
+        opt.second_step(zero_grad=True)
+    params = list(model.parameters())
+    state = opt.base_optimizer.state
+    for p in params:
+        state[p]["momentum_buffer"] = torch.ones_like(p)  # replaced: the move is now along -1 / ||1||
+    x = [p.detach().clone() for p in params]
+    opt.first_step()
+    n = sum(p.numel() for p in params) ** 0.5
+    for p, x0 in zip(params, x):
+        torch.testing.assert_close(p.detach(), x0 - RHO / n, **FP64)
+    opt.restore()
+    state[params[0]]["momentum_buffer"] = None
+    x = [p.detach().clone() for p in params]
+    opt.first_step()  # the others move, the None one does not
+    assert torch.equal(params[0].detach(), x[0]) and not torch.equal(params[1].detach(), x[1])
+    opt.restore()
+
+
 def test_the_first_step_is_not_perturbed_and_later_ones_are():
     model = mlp()
     opt = MSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend="cpu")
@@ -178,3 +222,13 @@ def test_checkpoint_resumes_bit_for_bit():
             o.second_step(zero_grad=True)
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+def test_make_graphed_step_refuses_msam():
+    """Its captured step is SAM's two passes: MSAM's would take two gradients."""
+    from sam_kernels import make_graphed_step
+
+    model = mlp(torch.float32)
+    opt = MSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, capturable=True)
+    with pytest.raises(NotImplementedError, match="MSAM's one forward-backward"):
+        make_graphed_step(model, loss_of, opt, batches(1, torch.float32)[0])

@@ -108,7 +108,7 @@ def test_unperturbed_parameters_hold_no_copy(name):
     opt.restore()
     assert opt.memory_report()["perturbation"] == sum(p.numel() * 4 for p in opt.param_groups[1]["params"])
 
-@pytest.mark.parametrize("name,backend,device", class_backend_cases(SUBSET_CLASSES))
+@pytest.mark.parametrize("name,backend,device", class_backend_cases([*SUBSET_CLASSES, "msam"]))
 def test_nothing_perturbed_is_a_base_step(name, backend, device):
     model = model_with_norms()
     ref_model = copy.deepcopy(model)

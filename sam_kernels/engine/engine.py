@@ -158,8 +158,15 @@ class StepEngine:
         if adapter is None:
             return (config, groups, params_key, None, self.counters.version, *extra), grads
         structure = tuple(adapter.structure(g) for g in self.optimizer.param_groups)
-        state = fp.state_fingerprint(self.base.state, params, adapter.state_keys)
+        state = self.state_key(adapter.state_keys)
         return (config, groups, params_key, adapter.family, structure, self.counters.version, state, *extra), grads
+
+    def state_key(self, keys: tuple) -> bytes:
+        """Which of the base optimizer's state entries `keys` exist for each parameter, and where:
+        what a plan that binds them keys on (a state created or replaced makes another plan)."""
+        params = self.param_list()
+        fp = _ext if self._sharded is None else distributed
+        return fp.state_fingerprint(self.base.state, params, keys)
 
     def plan(self, pass_name: str, key, build):
         """The plan of `pass_name` for key() (a function: taken again once a plan is built, which may have

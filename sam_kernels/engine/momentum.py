@@ -89,8 +89,8 @@ class MomentumPerturbation:
         """[(group, params whose buffer exists)] and their device (before the forward: no gradient)."""
         key, state = self.direction_key(engine.base), engine.base.state
         # (SGD with momentum set to 0 after construction: its buffer no longer moves, nor is it followed)
-        work = [(g, [p for p in g["params"] if key in state.get(p, {})] if g.get("momentum", 1) != 0 else [])
-                for g in engine.optimizer.param_groups]
+        work = [(g, [p for p in g["params"] if state.get(p, {}).get(key) is not None] if g.get("momentum", 1) != 0
+                 else []) for g in engine.optimizer.param_groups]
         params = engine.param_list()
         device = local(params[0]).device if params else None
         return work, device

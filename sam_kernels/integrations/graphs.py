@@ -85,6 +85,9 @@ class GraphedStep:
             raise TypeError(f"optimizer must be a sam_kernels optimizer, got {type(optimizer).__name__}")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+        if type(optimizer).__name__ == "MSAM":  # its one-gradient step is not the two-pass step captured here
+            raise NotImplementedError("make_graphed_step captures the two-pass SAM step: MSAM's one forward-backward "
+                                      "step would run twice; capture opt.step(closure) of a capturable MSAM yourself")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
         leaves, self._spec = pytree.tree_flatten_with_path(example_batch)

@@ -71,7 +71,9 @@ class MSAM(SharpnessAwareOptimizer):
         else:
             engine.apply_rho_schedule()
             engine.begin(f"{name}.first_step")
-            first = engine.plan("first", lambda: engine.key(update=True),
+            direction = (self.perturbation.direction_key(self.base_optimizer),)
+            # the key holds where the buffers are (fused base or not: the move binds them)
+            first = engine.plan("first", lambda: engine.key(engine.state_key(direction)),
                                 lambda: self.perturbation.build(engine, *self.perturbation.work(engine)))
             first.perturb(engine.nonfinite == "raise")
             self._pending = first
