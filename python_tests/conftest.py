@@ -63,6 +63,11 @@ def backend_cases(op=None):
 
 
 KERNEL_BACKENDS = [c for c in backend_cases() if c.values[0] != "torch"]
+# Known results of an algorithm over many steps (a quadratic's 2-cycle, a convergence bound, ranks
+# against one process): on the backends that run natively here. Through the interpreter the Triton
+# kernels are checked against the reference primitive by primitive (test_ops.py, test_sampa_ops.py,
+# test_nusam.py) and in the optimizer table's tests; on a GPU machine they run natively and are here.
+NATIVE_BACKENDS = [c for c in backend_cases() if not (c.values[0] == "triton" and c.values[1] == "cpu")]
 # nuSAM's primitives have no CUDA C++ kernels (Triton is their GPU path)
 NUSAM_BACKENDS = backend_cases("power_iteration_")
 NUSAM_KERNEL_BACKENDS = [c for c in NUSAM_BACKENDS if c.values[0] != "torch"]

@@ -7,7 +7,7 @@ import math
 import pytest
 import pytorch_optimizer
 import torch
-from conftest import DISTINCT, FP64, TOL, TRAJECTORY, backend_cases
+from conftest import DISTINCT, FP64, NATIVE_BACKENDS, TOL, TRAJECTORY, backend_cases
 
 import sam_kernels
 from sam_kernels import SAM
@@ -177,7 +177,7 @@ def test_half_precision_parameters_match_the_reference_backend(backend, device, 
     torch.testing.assert_close(runs[0], runs[1], **TOL[dtype])
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", NATIVE_BACKENDS)
 def test_sam_two_cycle_on_a_quadratic(backend, device):
     """Seed 004, Theorem 2: f(w) = 1/2 w^T diag(1, 1/2) w, eta = 1/5, rho = 1, w_0 = (2, 2):
     SAM ends in the 2-cycle +-a e_1 with a = eta rho l1 / (2 - eta l1) = 1/9."""

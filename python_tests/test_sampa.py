@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import DISTINCT, EXACT, TRAJECTORY, backend_cases
+from conftest import DISTINCT, EXACT, NATIVE_BACKENDS, TRAJECTORY, backend_cases
 from torch import nn
 
 from sam_kernels import SAMPa
@@ -322,7 +322,7 @@ class Quadratic(nn.Module):
         return 0.5 * self.x @ self.a @ self.x
 
 
-@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("backend,device", NATIVE_BACKENDS)
 def test_theorem_4_4_bound_on_a_convex_quadratic(backend, device):
     torch.manual_seed(0)
     d = 20

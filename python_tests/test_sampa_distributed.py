@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import backend_cases
+from conftest import NATIVE_BACKENDS
 from test_sampa import BASES, buffers, flat, loss_fn, make_batches, make_model
 
 from sam_kernels import SAMPa
@@ -43,7 +43,7 @@ def _worker(rank, world, init_file, out_dir, backend, base):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend,device", [c for c in backend_cases() if c.values[1] == "cpu"])
+@pytest.mark.parametrize("backend,device", [c for c in NATIVE_BACKENDS if c.values[1] == "cpu"])
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 def test_two_ranks_are_bit_identical_and_equal_to_sequential(backend, device, base):
     with tempfile.TemporaryDirectory() as tmp:
