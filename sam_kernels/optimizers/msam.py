@@ -16,7 +16,6 @@ from typing import Callable
 
 import torch
 
-from ..engine.flags import check_scaler
 from ..engine.momentum import MomentumPerturbation
 from .checks import split_rho
 from .two_pass import SharpnessAwareOptimizer
@@ -57,28 +56,15 @@ class MSAM(SharpnessAwareOptimizer):
             raise ValueError(f"MSAM: {where}['momentum'] is {group.get('momentum', 0)!r}: MSAM perturbs along "
                              "SGD's momentum buffer, so it needs momentum > 0")
 
-    @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
-        """Before the forward pass: move the weights to x_t - rho b / ||b|| (nothing on the first
-        step, before any momentum; nothing when no SAM step is due: second_step() is then a plain
-        base step). No gradient is needed."""
-        name, engine = type(self).__name__, self.engine
-        check_scaler(grad_scaler)
-        if self._plain_pending or self._pending is not None:
-            raise RuntimeError(f"{name}.first_step() called twice: call second_step() or restore() in between")
-        if not engine.sam_step_due:
-            self._plain_pending = True
-        else:
-            engine.apply_rho_schedule()
-            engine.begin(f"{name}.first_step")
-            direction = (self.perturbation.direction_key(self.base_optimizer),)
-            # the key holds where the buffers are (fused base or not: the move binds them)
-            first = engine.plan("first", lambda: engine.key(engine.state_key(direction)),
-                                lambda: self.perturbation.build(engine, *self.perturbation.work(engine)))
-            first.perturb(engine.nonfinite == "raise")
-            self._pending = first
-        if zero_grad:
-            self.zero_grad()
+    # first_step is SAM's (two_pass.py) with these two: before the forward, no gradient needed; the
+    # parameters whose momentum buffer exists (none on the first step: e_0 = 0)
+
+    def _first_key(self):
+        engine, direction = self.engine, (self.perturbation.direction_key(self.base_optimizer),)
+        return lambda: engine.key(engine.state_key(direction))  # where the buffers are, fused base or not
+
+    def _first_work(self, where: str):
+        return self.perturbation.work(self.engine)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, grad_scaler=None) -> None:

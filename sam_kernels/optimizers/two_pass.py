@@ -63,12 +63,20 @@ class SharpnessAwareOptimizer(EngineOptimizer):
             return
         engine.apply_rho_schedule()
         engine.begin(f"{name}.first_step")
-        first = engine.plan("first", engine.key, lambda: self.perturbation.build(
-            engine, *engine.work(f"{name}.first_step()", need_grad=True)))
+        first = engine.plan("first", self._first_key(), lambda: self.perturbation.build(
+            engine, *self._first_work(f"{name}.first_step()")))
         first.perturb(engine.nonfinite == "raise")
         self._pending = first
         if zero_grad:
             self.zero_grad()
+
+    def _first_key(self):
+        """The first plan's key (a function): what the perturbation binds."""
+        return self.engine.key
+
+    def _first_work(self, where: str):
+        """[(group, params the first pass reads)] and their device: those with a gradient."""
+        return self.engine.work(where, need_grad=True)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
