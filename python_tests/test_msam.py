@@ -232,3 +232,23 @@ def test_make_graphed_step_refuses_msam():
     opt = MSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, capturable=True)
     with pytest.raises(NotImplementedError, match="MSAM's one forward-backward"):
         make_graphed_step(model, loss_of, opt, batches(1, torch.float32)[0])
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_capturable_follows_the_eager_trajectory(backend, device):
+    """capturable=True: lr and rho as device scalars the kernels read (an lr scheduler between steps)."""
+    def run(capturable):
+        model = mlp(torch.float32).to(device)
+        opt = MSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9, backend=backend,
+                   capturable=capturable)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        for b in batches(5, torch.float32):
+            b = [t.to(device) for t in b]
+            opt.first_step()
+            loss_of(model, b).backward()
+            opt.second_step(zero_grad=True)
+            sched.step()
+        return [p.detach().cpu() for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, **TRAJECTORY)
