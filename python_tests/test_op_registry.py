@@ -58,6 +58,7 @@ SAMPLES = {
                              _flag(0), 0.5, torch.zeros(2), torch.tensor([1.0, 0.0])],
     "perturb_": lambda: [_t(), _t(seed=1), [torch.empty(s) for s in SHAPES], torch.tensor(2.0), 0.05, True, 0.1],
     "shift_": lambda: [_t(), _t(seed=1), torch.tensor(2.0), 0.05, True],
+    "lincomb_": lambda: [_t(), _t(seed=1), _t(seed=2), torch.tensor(0.5), torch.tensor(-2.0)],
     "restore_": lambda: [_t(), _t(seed=1), _flag(0)],
     "restore_sgd_": lambda: [_t(), _t(seed=1), _t(seed=2), _t(seed=3), *_sgd(), torch.tensor(0.5), _flag(0)],
     "restore_adam_": lambda: [_t(), _t(seed=1), _t(seed=2), *_adam_state(), *_adam(), torch.tensor(0.5), _flag(0)],

@@ -103,6 +103,40 @@ def test_shift(backend, device, sizes, dtype, subtract):
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("sizes,dtype,alias", pairwise(
+    {"sizes": SIZE_DIM, "dtype": DTYPE_DIM, "alias": [("new", None), ("out-is-x", "x"), ("out-is-y", "y")]},
+    _not_large_fp64))
+def test_lincomb(backend, device, sizes, dtype, alias):
+    """out <- a x + b y with device coefficients against float64 math; out may be x or y."""
+    x, y = make(sizes, dtype, device), make(sizes, dtype, device)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    a, b = torch.tensor(-0.3, dtype=ct, device=device), torch.tensor(1.7, dtype=ct, device=device)
+    want = [(a.double().cpu() * s.double().cpu() + b.double().cpu() * t.double().cpu()).to(dtype)
+            for s, t in zip(x, y)]
+    out = {"x": x, "y": y}.get(alias) or [poison(torch.empty_like(t)) for t in x]
+    ops.lincomb_(out, x, y, a, b, backend=backend)
+    for o, w in zip(out, want):
+        assert_close(o, w)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("sizes,dtype", pairwise({"sizes": SIZE_DIM, "dtype": DTYPE_DIM}, _not_large_fp64))
+def test_dot_product(backend, device, sizes, dtype):
+    """The sums of mode 3 (engine/norms.py, NormStage.total): <x, y> over every tensor, against
+    float64 math; fp64 tensors keep fp64."""
+    from sam_kernels.engine.norms import NormStage
+
+    x, y = make(sizes, dtype, device), make(sizes, dtype, device)
+    stage = NormStage(backend, torch.device(device), [(x, y, 3, 0.0)])
+    out = poison(stage.out())
+    stage.total(out)
+    want = sum(float((s.double() * t.double()).sum()) for s, t in zip(x, y))
+    scale = sum(float((s.double() * t.double()).abs().sum()) for s, t in zip(x, y)) + 1e-30
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert abs(float(out) - want) <= NORM_RTOL * scale, (float(out), want)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_shift_with_nonfinite_norm_leaves_x_untouched(backend, device, bad):
     x = make([7, 4097], torch.float32, device)

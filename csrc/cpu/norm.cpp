@@ -1,5 +1,6 @@
 // Norms on the CPU (the arguments: their declarations, sam_kernels/ops/primitives.py):
-//   sumsq           each chunk's sum of squares (of g, of (|w| + offset) g, or of (1 - lam) g + lam g2),
+//   sumsq           each chunk's sum of squares (of g, of (|w| + offset) g, or of (1 - lam) g + lam g2;
+//                   or the dot product of g and w),
 //                   accumulated in double over opmath blocks, written as one partial per chunk (fp32,
 //                   or fp64 when the partials are: the norms of fp64 tensors keep their precision)
 //   norm_finalize   out = sqrt(sum of the partials), added in chunk order (deterministic whatever
@@ -13,7 +14,8 @@
 namespace sam_kernels::cpu {
 namespace {
 
-// kMode: 0 plain, 1 weighted by |w| + offset (ASAM), 2 the mix (1 - lam) g + lam g2 (SAMPa).
+// kMode: 0 plain, 1 weighted by |w| + offset (ASAM), 2 the mix (1 - lam) g + lam g2 (SAMPa),
+// 3 the dot product of g and w (GSAM, LookSAM): sum g w instead of a sum of squares.
 template <typename scalar_t, int kMode>
 double chunk_sumsq(const scalar_t* t, const scalar_t* w, double scalar, int64_t n) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -29,7 +31,11 @@ double chunk_sumsq(const scalar_t* t, const scalar_t* w, double scalar, int64_t 
       opmath_t v = static_cast<opmath_t>(t[i]);
       if constexpr (kMode == 1) v *= std::abs(static_cast<opmath_t>(w[i])) + b;
       if constexpr (kMode == 2) v = a * v + b * static_cast<opmath_t>(w[i]);
-      acc += v * v;
+      if constexpr (kMode == 3) {
+        acc += v * static_cast<opmath_t>(w[i]);
+      } else {
+        acc += v * v;
+      }
     }
     total += static_cast<double>(acc);
   }
@@ -49,8 +55,10 @@ void sumsq_runner(const Launch& l) {
       const scalar_t* t = l.table.ptr<const scalar_t>(P::tensors, c.tensor) + c.begin;
       const scalar_t* w = mode ? l.table.ptr<const scalar_t>(P::second, c.tensor) + c.begin : nullptr;
       const int64_t n = c.end - c.begin;
-      double v = mode == 0 ? chunk_sumsq<scalar_t, 0>(t, w, scalar, n)
-                           : mode == 1 ? chunk_sumsq<scalar_t, 1>(t, w, scalar, n) : chunk_sumsq<scalar_t, 2>(t, w, scalar, n);
+      double v = mode == 0   ? chunk_sumsq<scalar_t, 0>(t, w, scalar, n)
+                 : mode == 1 ? chunk_sumsq<scalar_t, 1>(t, w, scalar, n)
+                 : mode == 2 ? chunk_sumsq<scalar_t, 2>(t, w, scalar, n)
+                             : chunk_sumsq<scalar_t, 3>(t, w, scalar, n);
       if (partials64 != nullptr) {
         partials64[c.index] = v;
       } else {

@@ -2,8 +2,10 @@
 // or 1 (SAM). A non-finite norm leaves x untouched, so a bad gradient never reaches the weights.
 // shift_: x <- x + s * d (or x - s * d), s = rho / (norm + eps): MSAM's move along its momentum
 // and back, with no copy (untouched for a non-finite norm).
+// lincomb_: out <- a x + b y with a, b read from device scalars (out may be x or y).
 // restore_: x <- x_old, a bit-exact copy (with found_inf: only when it is 0).
-// Bytes per element: perturb reads x, g and writes x_old, x (16 B in fp32); shift 12 B; restore 8 B.
+// Bytes per element: perturb reads x, g and writes x_old, x (16 B in fp32); shift 12 B; lincomb 12 B;
+// restore 8 B.
 // The arguments, by name: their declarations (sam_kernels/ops/primitives.py).
 #include <cmath>
 #include <cstring>
@@ -102,6 +104,28 @@ void perturb_runner(const Launch& l) {
   });
 }
 
+template <typename scalar_t>
+void lincomb_chunk(scalar_t* out, const scalar_t* x, const scalar_t* y, double a, double b, int64_t n) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t fa = static_cast<opmath_t>(a), fb = static_cast<opmath_t>(b);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {  // (out may alias x or y: each element is read before it is written)
+    out[i] = static_cast<scalar_t>(fa * static_cast<opmath_t>(x[i]) + fb * static_cast<opmath_t>(y[i]));
+  }
+}
+
+void lincomb_runner(const Launch& l) {
+  using P = decl::lincomb_;
+  const double a = read_value(l, P::a, 0.0), b = read_value(l, P::b, 0.0);
+  for_each_chunk(l.table, [&](const ChunkRef& c) {
+    SAM_DISPATCH_FLOATING(l.dtype, "lincomb_", [&] {
+      lincomb_chunk<scalar_t>(l.table.ptr<scalar_t>(P::out, c.tensor) + c.begin,
+                              l.table.ptr<const scalar_t>(P::x, c.tensor) + c.begin,
+                              l.table.ptr<const scalar_t>(P::y, c.tensor) + c.begin, a, b, c.end - c.begin);
+    });
+  });
+}
+
 void restore_runner(const Launch& l) {
   using P = decl::restore_;
   if (read_scalar(l, P::found_inf, 0.f) != 0.f) return;
@@ -114,6 +138,7 @@ void restore_runner(const Launch& l) {
 
 SAM_RUNNER("perturb_", c10::DeviceType::CPU, perturb_runner);
 SAM_RUNNER("shift_", c10::DeviceType::CPU, shift_runner);
+SAM_RUNNER("lincomb_", c10::DeviceType::CPU, lincomb_runner);
 SAM_RUNNER("restore_", c10::DeviceType::CPU, restore_runner);
 
 }  // namespace

@@ -1,6 +1,7 @@
 // Norms on the GPU (the arguments, by name: their declarations, sam_kernels/ops/primitives.py), deterministic:
 //   sumsq           every block writes the sum of squares of its chunk to a partials buffer
-//                   (of g, of (|w| + offset) g, or of the mix (1 - lam) g + lam g2): fp32, or fp64
+//                   (of g, of (|w| + offset) g, or of the mix (1 - lam) g + lam g2; or the dot
+//                   product of g and w): fp32, or fp64
 //                   for the norms of fp64 tensors (their precision, as clip_grad_norm_ takes it)
 //   norm_finalize   one block adds the partials in a fixed order and writes sqrt(total)
 //   guard_finalize  the same, then the guard of a step (guard_math.h) into the flags, and the
@@ -26,7 +27,8 @@ __device__ T block_sum(T v) {
   return v;  // valid in thread 0
 }
 
-// kMode: 0 plain, 1 weighted by |w| + offset (ASAM), 2 the mix (1 - lam) g + lam g2 (SAMPa).
+// kMode: 0 plain, 1 weighted by |w| + offset (ASAM), 2 the mix (1 - lam) g + lam g2 (SAMPa),
+// 3 the dot product of g and w (GSAM, LookSAM).
 template <typename scalar_t, int kMode, typename partial_t>
 __global__ void __launch_bounds__(kThreads)
     sumsq_kernel(TableView table, double scalar, partial_t* __restrict__ partials) {
@@ -39,17 +41,20 @@ __global__ void __launch_bounds__(kThreads)
   opmath_t acc = 0;
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
     opmath_t v[kILP];
+    opmath_t u[kILP];  // the other factor: v itself, or w (the dot product)
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
       const int64_t i = base + int64_t(k) * kThreads;
       v[k] = i < c.end ? static_cast<opmath_t>(t[i]) : opmath_t(0);
+      u[k] = v[k];
       if (i < c.end) {
         if constexpr (kMode == 1) v[k] *= abs(static_cast<opmath_t>(w[i])) + b;
         if constexpr (kMode == 2) v[k] = a * v[k] + b * static_cast<opmath_t>(w[i]);
+        u[k] = kMode == 3 ? static_cast<opmath_t>(w[i]) : v[k];
       }
     }
 #pragma unroll
-    for (int k = 0; k < kILP; ++k) acc += v[k] * v[k];
+    for (int k = 0; k < kILP; ++k) acc += v[k] * u[k];
   }
   const partial_t total = block_sum<kThreads>(static_cast<partial_t>(acc));
   if (threadIdx.x == 0) partials[blockIdx.x] = total;
@@ -100,7 +105,8 @@ void launch_sumsq(const Launch& l, double scalar, partial_t* partials) {
     switch (l.options.at(0)) {
       case 0: launch_chunks(l, sumsq_kernel<scalar_t, 0, partial_t>, scalar, partials); break;
       case 1: launch_chunks(l, sumsq_kernel<scalar_t, 1, partial_t>, scalar, partials); break;
-      default: launch_chunks(l, sumsq_kernel<scalar_t, 2, partial_t>, scalar, partials); break;
+      case 2: launch_chunks(l, sumsq_kernel<scalar_t, 2, partial_t>, scalar, partials); break;
+      default: launch_chunks(l, sumsq_kernel<scalar_t, 3, partial_t>, scalar, partials); break;
     }
   });
 }

@@ -1,5 +1,6 @@
 // perturb_ (x_old <- x; x <- x + s * w^2 * g, s read from the device-resident norm, so the host
-// never waits), shift_ (x <- x + s * d or x - s * d: MSAM's move and back, no copy) and restore_ (x <- x_old; with found_inf, only when it is 0). The arguments, by name:
+// never waits), shift_ (x <- x + s * d or x - s * d: MSAM's move and back, no copy), lincomb_ (out <- a x + b y,
+// a and b device scalars) and restore_ (x <- x_old; with found_inf, only when it is 0). The arguments, by name:
 // their declarations (sam_kernels/ops/primitives.py).
 #include "multi_tensor_apply.cuh"
 
@@ -78,6 +79,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// out <- a x + b y (out may alias x or y: each element is read before it is written)
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) lincomb_kernel(TableView table, ScalarRef a_ref, ScalarRef b_ref) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using P = decl::lincomb_;
+  const opmath_t a = static_cast<opmath_t>(a_ref.get()), b = static_cast<opmath_t>(b_ref.get());
+  const ChunkRef c = table.chunk_ref(blockIdx.x);
+  scalar_t* out = table.ptr<scalar_t>(P::out, c.tensor);
+  const scalar_t* x = table.ptr<const scalar_t>(P::x, c.tensor);
+  const scalar_t* y = table.ptr<const scalar_t>(P::y, c.tensor);
+  for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
+    opmath_t v[kILP];
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const int64_t i = base + int64_t(k) * kThreads;
+      if (i < c.end) v[k] = a * static_cast<opmath_t>(x[i]) + b * static_cast<opmath_t>(y[i]);
+    }
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const int64_t i = base + int64_t(k) * kThreads;
+      if (i < c.end) out[i] = static_cast<scalar_t>(v[k]);
+    }
+  }
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) restore_kernel(TableView table, const float* __restrict__ found_inf) {
   using P = decl::restore_;
@@ -121,6 +147,13 @@ void shift_runner(const Launch& l) {
   });
 }
 
+void lincomb_runner(const Launch& l) {
+  using P = decl::lincomb_;
+  SAM_CUDA_DISPATCH(l.dtype, "lincomb_", [&] {
+    launch_chunks(l, lincomb_kernel<scalar_t>, l.ref(P::a), l.ref(P::b));
+  });
+}
+
 // A bit copy: any dtype of 8, 4 or 2 bytes is copied as a float type of that size (SAMPa commits
 // integer buffers as float64 views).
 void restore_runner(const Launch& l) {
@@ -131,6 +164,7 @@ void restore_runner(const Launch& l) {
 
 SAM_RUNNER("perturb_", c10::DeviceType::CUDA, perturb_runner);
 SAM_RUNNER("shift_", c10::DeviceType::CUDA, shift_runner);
+SAM_RUNNER("lincomb_", c10::DeviceType::CUDA, lincomb_runner);
 SAM_RUNNER("restore_", c10::DeviceType::CUDA, restore_runner);
 
 }  // namespace

@@ -58,6 +58,13 @@ struct shift_ {
   enum T : int { norm = 0 };
   enum V : int {};
 };
+struct lincomb_ {
+  enum L : int { out = 0, x = 1, y = 2 };
+  enum S : int {};
+  enum O : int {};
+  enum T : int { a = 0, b = 1 };
+  enum V : int {};
+};
 struct restore_ {
   enum L : int { params = 0, x_old = 1 };
   enum S : int {};
@@ -212,6 +219,14 @@ inline constexpr ParamDecl k_shift__params[] = {
     {"subtract", Cat::kOption, 0, ListKind::kElements, TensorKind::kAny, false, 0, {}},
 };
 inline constexpr ValueRule k_shift__values[] = {ValueRule::kNone};
+inline constexpr ParamDecl k_lincomb__params[] = {
+    {"out", Cat::kList, 0, ListKind::kElements, TensorKind::kAny, true, 0, {}},
+    {"x", Cat::kList, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"y", Cat::kList, 2, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"a", Cat::kTensor, 0, ListKind::kElements, TensorKind::kNorm, false, 0, {}},
+    {"b", Cat::kTensor, 1, ListKind::kElements, TensorKind::kNorm, false, 0, {}},
+};
+inline constexpr ValueRule k_lincomb__values[] = {ValueRule::kNone};
 inline constexpr ParamDecl k_restore__params[] = {
     {"params", Cat::kList, 0, ListKind::kElements, TensorKind::kAny, true, 0, {}},
     {"x_old", Cat::kList, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
@@ -413,6 +428,7 @@ inline constexpr PrimitiveDecl kPrimitives[] = {
     {"guard_finalize", "guard_finalize(Tensor partials, Tensor(a!) flags, Tensor? first_norm, Tensor? scale, Tensor? found_inf, float max_norm, Tensor(b!)? steps, Tensor? steps_mask) -> ()", true, true, true, 8, k_guard_finalize_params, 0, 1, 0, 7, 0, k_guard_finalize_values, 0, 0},
     {"perturb_", "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] x_old, Tensor norm, float rho, bool adaptive, float offset) -> ()", true, false, true, 7, k_perturb__params, 3, 2, 1, 1, 0, k_perturb__values, 1, 0},
     {"shift_", "shift_(Tensor(a!)[] params, Tensor[] directions, Tensor norm, float rho, bool subtract) -> ()", true, false, true, 5, k_shift__params, 2, 1, 1, 1, 0, k_shift__values, 1, 0},
+    {"lincomb_", "lincomb_(Tensor(a!)[] out, Tensor[] x, Tensor[] y, Tensor a, Tensor b) -> ()", true, false, true, 5, k_lincomb__params, 3, 0, 0, 2, 0, k_lincomb__values, 0, 0},
     {"restore_", "restore_(Tensor(a!)[] params, Tensor[] x_old, Tensor? found_inf=None) -> ()", true, false, true, 3, k_restore__params, 2, 0, 0, 1, 0, k_restore__values, 0, 0},
     {"restore_sgd_", "restore_sgd_(Tensor(a!)[] params, Tensor[] x_old, Tensor[] grads, Tensor(b!)[] bufs, float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool init_bufs, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, true, 13, k_restore_sgd__params, 4, 4, 3, 2, 0, k_restore_sgd__values, 1, 0},
     {"restore_adam_", "restore_adam_(Tensor(a!)[] params, Tensor[] x_old, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, true, 17, k_restore_adam__params, 7, 5, 3, 2, 0, k_restore_adam__values, 1, 0},

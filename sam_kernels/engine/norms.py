@@ -16,9 +16,10 @@ from .flags import Flags
 class NormStage:
     """A global norm of one pass, from tables built once: `classes` are (tensors, second, mode,
     scalar) whose sums of squares go into one partials buffer (mode 0: of tensors; 1: of (|second|
-    + scalar) tensors, ASAM; 2: of (1 - scalar) tensors + scalar second, SAMPa; a scalar may be a
-    function, read on every call: SAMPa's lam), then one finalize
-    launch writes the norm (norm()) or the step's guard (guard()). Classes whose tensors the
+    + scalar) tensors, ASAM; 2: of (1 - scalar) tensors + scalar second, SAMPa; 3: the dot product
+    of tensors and second instead, GSAM and LookSAM; a scalar may be a function, read on every
+    call: SAMPa's lam), then one finalize launch writes the norm (norm()) or the step's guard
+    (guard()); total() writes the plain sum (a dot product's). Classes whose tensors the
     kernels cannot take as they are (non-contiguous, misaligned for Triton) are staged through
     contiguous copies on every call, and their tables built for them (the same sums as from
     tensors that need no staging, bit for bit). group: the process group whose ranks hold shards of
@@ -74,6 +75,16 @@ class NormStage:
     def finish(self, total: torch.Tensor, out: torch.Tensor) -> None:
         """out <- sqrt(total), total: the sum of squares over every rank."""
         self._finalize(total, out)
+
+    def total(self, out: torch.Tensor) -> None:
+        """out <- the sum of the partials over every rank, without the square root (mode 3: the
+        dot product)."""
+        if self.group is None:
+            self._local()
+            torch.sum(self.partials, 0, out=out)
+        else:
+            all_reduce_sum_(self.local_sum(), self.group)
+            out.copy_(self._total[0])
 
     def norm(self, out: torch.Tensor) -> None:
         self._finalize(self._sums(), out)

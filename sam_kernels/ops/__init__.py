@@ -13,6 +13,7 @@ the Adam step counters).
                                                    gradient multiplied (unscale, clip), its norm
     perturb_(params, grads, x_old, norm, rho, ...) x_old <- x; x <- x + rho T^2 g / (norm + eps)
     shift_(params, directions, norm, rho, ...)     x <- x +- rho d / (norm + eps) (MSAM's move, no copy)
+    lincomb_(out, x, y, a, b)                      out <- a x + b y (a, b device scalars: GSAM, LookSAM, F-SAM)
     restore_(params, x_old, found_inf=None)        x <- x_old (bit for bit; with found_inf, if it is 0)
     restore_sgd_(params, x_old, grads, bufs, ...)  x <- x_old, then one fused torch.optim.SGD step
     restore_adam_(params, x_old, grads, m, v, ...) x <- x_old, then one fused Adam / AdamW step
@@ -258,6 +259,17 @@ def shift_(params, directions, norm, rho: float, *, subtract: bool = False, back
     norm is not finite. MSAM moves along minus its momentum buffers with it, and back."""
     _run("shift_", backend, {"params": list(params), "directions": list(directions)},
          {"norm": norm, "rho": float(rho), "subtract": bool(subtract)})
+
+
+@torch.no_grad()
+def lincomb_(out, x, y, a, b, *, backend: str = "auto") -> None:
+    """out <- a * x + b * y elementwise (a, b: fp32 device scalars, or numbers; out may be x or y):
+    the directions GSAM, LookSAM and F-SAM build from two gradients with coefficients computed on
+    the device (a norm, a dot product), so that no step reads them on the host."""
+    out = list(out)
+    device = out[0].device if out else None
+    _run("lincomb_", backend, {"out": out, "x": list(x), "y": list(y)},
+         {"a": _scalar(a, device, "a"), "b": _scalar(b, device, "b")})
 
 
 @torch.no_grad()

@@ -171,7 +171,8 @@ SUMSQ = declare(
     "sumsq(Tensor[] tensors, Tensor[] second, float scalar, int mode, int first, Tensor(a!) partials) -> ()",
     "Each chunk's sum of squares into partials[first + chunk] (fp32; fp64 partials for fp64 norms): of "
     "tensors (mode 0), of (|second| + scalar) tensors (1, ASAM), of (1 - scalar) tensors + scalar second "
-    "(2, SAMPa).", internal=True, present={"second": ("mode",)}, kinds={"partials": "any"})
+    "(2, SAMPa); mode 3: the sum of tensors * second instead (a dot product: GSAM, LookSAM).",
+    internal=True, present={"second": ("mode",)}, kinds={"partials": "any"})
 NORM_FINALIZE = declare(
     "norm_finalize(Tensor partials, Tensor(a!) out) -> ()",
     "out <- sqrt(sum(partials)), added in a fixed order.", internal=True, kinds={"partials": "any", "out": "any"})
@@ -194,6 +195,11 @@ SHIFT = declare(
     "params <- params + s * directions (subtract: - s * directions), s = rho / (norm + 1e-12), and params "
     "untouched when norm is not finite: MSAM's move along its momentum buffers and back, with no copy.",
     kinds={"norm": "norm"}, device_scalars=("rho",))
+LINCOMB = declare(
+    "lincomb_(Tensor(a!)[] out, Tensor[] x, Tensor[] y, Tensor a, Tensor b) -> ()",
+    "out <- a * x + b * y elementwise (a, b fp32 device scalars, computed on the device from norms and dot "
+    "products; out may be x or y): GSAM's d = g_p - alpha g_perp, LookSAM's g_v and its reused direction, "
+    "F-SAM's g - sigma m and its EMA (fp64 coefficients for fp64 tensors).", kinds={"a": "norm", "b": "norm"})
 RESTORE = declare(
     "restore_(Tensor(a!)[] params, Tensor[] x_old, Tensor? found_inf=None) -> ()",
     "params <- x_old, bit for bit; with found_inf, only when found_inf == 0 (a conditional commit).")

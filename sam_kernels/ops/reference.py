@@ -100,6 +100,13 @@ def shift_(params, directions, norm, rho, subtract):
     _add_perturbation(params, directions, norm, -rho if subtract else rho)
 
 
+def lincomb_(out, x, y, a, b):
+    """out <- a x + b y, in fp32 for the half types (fp64 for fp64), rounded once."""
+    for o, xi, yi in zip(out, x, y):
+        ct = torch.float64 if o.dtype == torch.float64 else torch.float32
+        o.copy_(a.to(ct) * xi.to(ct) + b.to(ct) * yi.to(ct))
+
+
 def restore_(params, x_old, found_inf=None):
     """x <- x_old, bit for bit (with found_inf: only when it is 0)."""
     if found_inf is None:
@@ -343,6 +350,11 @@ def prepare_sumsq(tensors, second=None):
     """One sum of squares per call, into partials[at] (of tensors, of (|w| + offset) tensors, or of
     the mix (1 - lam) tensors + lam second)."""
     def run(partials, mode, scalar, at=0):
+        if mode == 3:  # a dot product (not a square)
+            ct = partials.dtype
+            partials[at] = sum((t.to(ct) * u.to(ct)).sum() for t, u in zip(tensors, second)) if len(tensors) \
+                else 0.0
+            return
         if mode == 2:
             ts = _mix(tensors, second, scalar)
         elif mode == 1:

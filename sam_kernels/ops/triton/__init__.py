@@ -4,7 +4,7 @@ tensors, and on CPU tensors under TRITON_INTERPRET=1 (how CI tests it)."""
 from .adam import (prepare_rank1_restore_adam_, prepare_restore_adam_, prepare_sampa_update_adam_, rank1_restore_adam_,
                    restore_adam_, sampa_update_adam_)
 from .norm import check_grads_, global_norm, guard_finalize, norm_finalize, prepare_sumsq
-from .perturb import perturb_, prepare_perturb_, prepare_shift_, shift_
+from .perturb import lincomb_, perturb_, prepare_lincomb_, prepare_perturb_, prepare_shift_, shift_
 from .power_iteration import power_iteration_, prepare_power_iteration, prepare_rank1_scales_, rank1_scales_
 from .rank1 import prepare_rank1_update_, rank1_update_
 from .restore import prepare_restore_, restore_
@@ -14,8 +14,8 @@ from .sgd import (prepare_rank1_restore_sgd_, prepare_restore_sgd_, prepare_samp
                   restore_sgd_, sampa_update_sgd_)
 
 __all__ = ["global_norm", "check_grads_", "norm_finalize", "guard_finalize", "prepare_sumsq", "perturb_",
-           "prepare_perturb_", "shift_", "prepare_shift_", "restore_", "prepare_restore_", "restore_sgd_",
-           "prepare_restore_sgd_",
+           "prepare_perturb_", "shift_", "prepare_shift_", "lincomb_", "prepare_lincomb_", "restore_",
+           "prepare_restore_", "restore_sgd_", "prepare_restore_sgd_",
            "restore_adam_", "prepare_restore_adam_", "power_iteration_", "prepare_power_iteration", "rank1_scales_",
            "prepare_rank1_scales_", "rank1_update_", "prepare_rank1_update_",
            "rank1_restore_sgd_", "prepare_rank1_restore_sgd_", "rank1_restore_adam_", "prepare_rank1_restore_adam_",

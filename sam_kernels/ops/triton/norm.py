@@ -1,7 +1,8 @@
 """Norms, deterministic, and the guard of a step:
     sumsq           each program writes the sum of squares of its block to a partials buffer (fp32,
                     or fp64 for the norms of fp64 tensors, in fp64 arithmetic): of g (MODE 0), of
-                    (|w| + offset) g (1, ASAM) or of (1 - lam) g + lam g2 (2, SAMPa)
+                    (|w| + offset) g (1, ASAM) or of (1 - lam) g + lam g2 (2, SAMPa); or the
+                    dot product of g and w (3)
     norm_finalize   one program adds the partials in a fixed order and writes sqrt(total) to a
                     device scalar (the perturbation reads it there: no host synchronization)
     guard_finalize  the same norm, then the guard of check_grads_ (found_inf, the gradient's
@@ -35,7 +36,11 @@ def _sumsq_kernel(
     if MODE == 2:
         g2 = tl.load(tensor_ptr(ptrs, n_tensors, t, 1, DTYPE) + offs, mask=mask, other=0.0).to(CT)
         v = (1.0 - scalar) * v + scalar * g2
-    tl.store(partials + part0 + tl.program_id(0), tl.sum(v * v, axis=0))
+    if MODE == 3:  # the dot product of tensors and second (GSAM, LookSAM)
+        u = tl.load(tensor_ptr(ptrs, n_tensors, t, 1, DTYPE) + offs, mask=mask, other=0.0).to(CT)
+        tl.store(partials + part0 + tl.program_id(0), tl.sum(v * u, axis=0))
+    else:
+        tl.store(partials + part0 + tl.program_id(0), tl.sum(v * v, axis=0))
 
 
 @triton.jit

@@ -87,3 +87,34 @@ def prepare_shift_(params, directions):
 
 def shift_(params, directions, norm, rho, subtract):
     prepare_shift_(params, directions)(norm, rho, subtract)
+
+
+@triton.jit
+def _lincomb_kernel(
+    ptrs, n_tensors, numels, blk_tensor, blk_start, a_ptr, b_ptr,
+    DTYPE: tl.constexpr, CT: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """lincomb_: out <- a x + b y, a and b read from device scalars (out may be x or y: each
+    element is loaded before it is stored). 12 B per fp32 element."""
+    t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
+    o_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
+    x_ptr = tensor_ptr(ptrs, n_tensors, t, 1, DTYPE)
+    y_ptr = tensor_ptr(ptrs, n_tensors, t, 2, DTYPE)
+    a = tl.load(a_ptr).to(CT)
+    b = tl.load(b_ptr).to(CT)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CT)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(CT)
+    tl.store(o_ptr + offs, (a * x + b * y).to(DTYPE), mask=mask)
+
+
+def prepare_lincomb_(out, x, y):
+    bound = bind(out, x, y)
+
+    def run(a, b):
+        for dtype, launch, _ in bound:
+            launch.run(_lincomb_kernel, a, b, DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype))
+    return run
+
+
+def lincomb_(out, x, y, a, b):
+    prepare_lincomb_(out, x, y)(a, b)
