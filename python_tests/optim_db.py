@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from conftest import NUSAM_BACKENDS, backend_cases
 
-from sam_kernels import MSAM, PSAM, SAM, GaussSAM, NuSAM, SAMPa
+from sam_kernels import FSAM, GSAM, MSAM, PSAM, SAM, GaussSAM, LookSAM, NuSAM, SAMPa
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class OptimizerInfo:
     options: tuple = ()  # (key, values) of its own a user may change between steps (what its plans key on)
     two_pass: bool = True  # first_step / second_step (SAMPa: step(closure) only, built over a model and a loss)
     reads_first_gradient: bool = True  # MSAM perturbs before the forward: a bad first gradient is not its
+    restores_exactly: bool = True  # x_t back bit for bit (a copy); False: by recomputing the move, one rounding
     backends: list = field(default_factory=backend_cases)  # the (backend, device) cases it runs on here
 
     def make(self, params, base, **kw):
@@ -42,12 +43,24 @@ OPTIM_DB = [
                   backends=NUSAM_BACKENDS),
     OptimizerInfo("gausssam", GaussSAM, dict(rho=0.05, seed=3), options=(SUBSET,)),
     OptimizerInfo("psam", PSAM, dict(rho=0.05, period=2), options=(SUBSET,)),
-    OptimizerInfo("msam", MSAM, dict(rho=0.3), options=(SUBSET,), reads_first_gradient=False),
+    OptimizerInfo("msam", MSAM, dict(rho=0.3), options=(SUBSET,), reads_first_gradient=False,
+                  restores_exactly=False),
+    OptimizerInfo("gsam", GSAM, dict(rho=0.05, alpha=0.4), options=(SUBSET,)),
+    OptimizerInfo("fsam", FSAM, dict(rho=0.05, sigma=1.0, lam=0.9), options=(SUBSET,)),
+    # k=2: every other step is a SAM step (as PSAM's period), the others reuse g_v
+    OptimizerInfo("looksam", LookSAM, dict(rho=0.05, k=2, alpha=0.7), options=(SUBSET,), restores_exactly=False),
     OptimizerInfo("sampa", SAMPa, dict(rho=0.05, lam=0.2), options=(("lam", (0.2, 0.7, 0.0, 1.0)),), two_pass=False),
 ]
 BY_NAME = {info.name: info for info in OPTIM_DB}
 TWO_PASS = [info.name for info in OPTIM_DB if info.two_pass and info.reads_first_gradient]  # SAM's two passes
 ONE_GRADIENT = [info.name for info in OPTIM_DB if not info.reads_first_gradient]
+PERIODIC = ("psam", "looksam")  # SAM steps every other step here (the others: a base or reuse step)
+
+
+def restores_exactly(name: str) -> bool:
+    """Whether `name` puts x_t back bit for bit after a skipped or undone perturbation (else within
+    one rounding: nuSAM's rank-1 term, MSAM's and LookSAM's moves, recomputed)."""
+    return BY_NAME[name].restores_exactly and not name.startswith("nusam")
 
 # The base optimizers: (class, options). Tests pick the ones they need by name.
 BASES = {

@@ -15,10 +15,13 @@ from conftest import FP64
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sam_kernels import SAM, NuSAM
+from sam_kernels import FSAM, GSAM, MSAM, SAM, LookSAM, NuSAM
 
 STEPS = 5
-CLASSES = {"sam": SAM, "nusam": NuSAM}
+# (LookSAM with k=2: SAM steps and reuse steps; MSAM: its first_step before a backward anyway
+# discards that gradient, and perturbs along the momentum, which is the same on every rank)
+CLASSES = {"sam": SAM, "nusam": NuSAM, "gsam": GSAM, "fsam": FSAM, "msam": MSAM,
+           "looksam": lambda *a, **kw: LookSAM(*a, k=2, **kw)}
 
 
 def mlp():
@@ -61,26 +64,33 @@ def _train(rank, world, name, m_sharpness):
     return torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])
 
 
-def _worker(rank, world, init_file, out_dir, name, m_sharpness):
+def _worker(rank, world, init_file, out_dir, names, m_sharpness):
     torch.set_num_threads(1)  # two processes on two cores: intra-op threads would only contend
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.save(_train(rank, world, name, m_sharpness), os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({name: _train(rank, world, name, m_sharpness) for name in names},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
         gc.collect()  # the DDP reducer and its pending gloo work go before the group (examples/ddp_torchrun.py)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(name, m_sharpness):
+def run_ranks(names, m_sharpness):
+    """{name: the weights after STEPS steps} of each of two ranks (one spawn for all of `names`)."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp, name, m_sharpness), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp, list(names), m_sharpness), nprocs=2, join=True)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
 
 
+@pytest.fixture(scope="module")
+def synchronized():
+    return run_ranks(CLASSES, m_sharpness=False)
+
+
 @pytest.mark.parametrize("name", list(CLASSES))
-def test_ddp_ranks_identical_and_equal_to_one_process_on_the_full_batch(name):
-    ranks = run_ranks(name, m_sharpness=False)
+def test_ddp_ranks_identical_and_equal_to_one_process_on_the_full_batch(synchronized, name):
+    ranks = [r[name] for r in synchronized]
     assert torch.equal(ranks[0], ranks[1])
     model = mlp()
     opt = make_opt(name, model.parameters())
@@ -92,7 +102,7 @@ def test_ddp_ranks_identical_and_equal_to_one_process_on_the_full_batch(name):
 
 
 def test_m_sharpness_keeps_ranks_identical():
-    ranks = run_ranks("sam", m_sharpness=True)
+    ranks = [r["sam"] for r in run_ranks(["sam"], m_sharpness=True)]
     assert torch.equal(ranks[0], ranks[1])  # SAM restores x_t bit for bit on each rank
     assert torch.isfinite(ranks[0]).all()
 
@@ -102,5 +112,5 @@ def test_m_sharpness_nusam_ranks_agree_to_rounding():
     perturbations (m-SAM) each rank restores x_t to within its own rounding, so the ranks agree
     to rounding, not bit for bit (README, "Distributed"). The synchronized first pass above is
     bit-identical."""
-    ranks = run_ranks("nusam", m_sharpness=True)
+    ranks = [r["nusam"] for r in run_ranks(["nusam"], m_sharpness=True)]
     torch.testing.assert_close(ranks[0], ranks[1], **FP64)

@@ -1,4 +1,4 @@
-"""SAM, ASAM, NuSAM, GaussSAM and PSAM on FSDP2-sharded parameters (fully_shard: DTensors sharded along
+"""SAM, ASAM, NuSAM, GaussSAM, PSAM, GSAM, F-SAM, LookSAM and MSAM on FSDP2-sharded parameters (fully_shard: DTensors sharded along
 dim 0), 2 and 4 gloo processes on CPU (sam_kernels/integrations/distributed.py). Each rank steps its local
 shards with the fused kernels; the global gradient norm is one all-reduce of one scalar per norm.
 Checked against one process on the full batch: the same weights to fp32 rounding, the same
@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from conftest import NUSAM_TRAJECTORY, TRAJECTORY
 from torch import nn
 
-from sam_kernels import PSAM, SAM, GaussSAM, NuSAM
+from sam_kernels import FSAM, GSAM, MSAM, PSAM, SAM, GaussSAM, LookSAM, NuSAM
 
 STEPS = 20
 NAN_STEP = 13  # rank 0 (in the reference: the same entry) poisons its shard of the first gradient
@@ -40,10 +40,15 @@ CASES = {
     "nusam-adamw": lambda ps: NuSAM(ps, torch.optim.AdamW, rho=0.1, power_iters=2, lr=1e-2),
     "nusam-norm-sgd": lambda ps: NuSAM(ps, torch.optim.SGD, rho=0.1, normalized=True, lr=0.1, momentum=0.9),
     "sam-sgd-scaler": lambda ps: SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9),  # with a GradScaler
+    "gsam-sgd": lambda ps: GSAM(ps, torch.optim.SGD, rho=0.05, alpha=0.4, lr=0.1, momentum=0.9),
+    "fsam-adamw": lambda ps: FSAM(ps, torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=1e-2),
+    "looksam-sgd": lambda ps: LookSAM(ps, torch.optim.SGD, rho=0.05, k=3, lr=0.1, momentum=0.9),
+    "msam-sgd": lambda ps: MSAM(ps, torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9),
 }
 
 
 SCALED = {"sam-sgd-scaler"}
+RESUMED = ("asam-adamw", "nusam-adamw", "gausssam-sgd", "fsam-adamw", "looksam-sgd")  # DCP round trips
 
 
 def train(model, opt, rank=0, world=1, counts=None, steps=range(STEPS), scaled=False):
@@ -55,18 +60,31 @@ def train(model, opt, rank=0, world=1, counts=None, steps=range(STEPS), scaled=F
 
     def backward(loss):
         (scaler.scale(loss) if scaler is not None else loss).backward()
+    def poison():
+        g = model[2].weight.grad
+        if world == 1:
+            g[0, 0] = float("nan")  # the first row: rank 0's shard under FSDP2
+        elif rank == 0:
+            g._local_tensor[0, 0] = float("nan")
+
+    one_gradient = isinstance(opt, MSAM)  # its gradient is the one at the perturbed point (first_step first)
     for i in steps:
         x, y = data[i]
         x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         opt.zero_grad()
+        before = counts[0] if counts else 0
+        if one_gradient:
+            opt.first_step(grad_scaler=scaler)
+            backward(nn.functional.cross_entropy(model(x), y))
+            if i == NAN_STEP:
+                poison()
+            opt.second_step(grad_scaler=scaler)
+            if counts is not None:
+                counts[1].append(counts[0] - before)
+            continue
         backward(nn.functional.cross_entropy(model(x), y))
         if i == NAN_STEP:
-            g = model[2].weight.grad
-            if world == 1:
-                g[0, 0] = float("nan")  # the first row: rank 0's shard under FSDP2
-            elif rank == 0:
-                g._local_tensor[0, 0] = float("nan")
-        before = counts[0] if counts else 0
+            poison()
         if opt.sam_step_due:
             opt.first_step(zero_grad=True, grad_scaler=scaler)
             backward(nn.functional.cross_entropy(model(x), y))
@@ -155,9 +173,11 @@ def _worker(rank, world, init_file, out_dir, names, steps):
                              "skipped": skipped, "all_reduces": counts[1],
                              "perturbation": opt.memory_report()["perturbation"],
                              "scale": getattr(opt, "final_scale", None)}
-        if world == 2:  # ASAM through state_dict(); nuSAM's u and GaussSAM's generators through torch's DSD
-            results["resumed"] = {n: resumed(n, rank, world, os.path.join(out_dir, n), dsd=n != "asam-adamw")
-                                  for n in ("asam-adamw", "nusam-adamw", "gausssam-sgd")}
+        if world == 2:  # ASAM and F-SAM's m through state_dict(); nuSAM's u, GaussSAM's generators and
+            # LookSAM's g_v through torch's DSD
+            results["resumed"] = {n: resumed(n, rank, world, os.path.join(out_dir, n),
+                                             dsd=n not in ("asam-adamw", "fsam-adamw"))
+                                  for n in RESUMED}
         # what is refused, by name (the mesh and the model are built on every rank: collectives)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -227,6 +247,11 @@ def test_one_all_reduce_of_one_scalar_per_norm(two_ranks):
     plain steps: the guard's only (the module's own gradient reduce-scatters are not all-reduces)."""
     assert two_ranks[0]["sam-sgd"]["all_reduces"] == [2] * STEPS
     assert two_ranks[0]["psam-sgd"]["all_reduces"] == [2, 1] * (STEPS // 2)
+    assert two_ranks[0]["msam-sgd"]["all_reduces"] == [2] * STEPS  # ||b|| (on the first step, of no buffer) and the guard
+    assert two_ranks[0]["fsam-adamw"]["all_reduces"] == [2] * STEPS
+    # GSAM: + <g, g_p> and ||g_p|| of the prelude; LookSAM: + <g, g_s> (SAM steps), ||g|| and ||g_v|| (the others)
+    assert two_ranks[0]["gsam-sgd"]["all_reduces"] == [4] * STEPS
+    assert two_ranks[0]["looksam-sgd"]["all_reduces"] == ([3, 3, 3] * STEPS)[:STEPS]
 
 
 def test_nusam_all_reduces_per_round_are_batched_over_matrices(two_ranks):
@@ -280,7 +305,7 @@ def test_four_ranks_equal_one_process():
     assert ranks[0]["sam-sgd"]["all_reduces"] == [2] * len(steps)
 
 
-@pytest.mark.parametrize("name", ["asam-adamw", "nusam-adamw", "gausssam-sgd"])
+@pytest.mark.parametrize("name", RESUMED)
 def test_dcp_resume_is_bit_exact(two_ranks, name):
     """Saved with torch.distributed.checkpoint after 10 steps on 2 ranks, loaded into a new model and
     optimizer, 10 more steps (the NaN step among them): the weights of the run without a break

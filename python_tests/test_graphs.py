@@ -11,8 +11,8 @@ import torch
 from conftest import EXACT, NUSAM_TRAJECTORY, TRAJECTORY
 from torch import nn
 
-from sam_kernels import PSAM, SAM, GaussSAM, NuSAM, SAMPa, disable_running_stats, enable_running_stats, \
-    make_graphed_step
+from sam_kernels import FSAM, GSAM, PSAM, SAM, GaussSAM, LookSAM, NuSAM, SAMPa, disable_running_stats, \
+    enable_running_stats, make_graphed_step
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
@@ -48,6 +48,9 @@ def make(name, model, capturable=True, backend="auto"):
         "nusam": lambda: NuSAM(ps, torch.optim.AdamW, rho=0.1, lr=1e-3, backend=backend, capturable=capturable),
         "gausssam": lambda: GaussSAM(ps, torch.optim.SGD, rho=0.05, seed=3, **kw),
         "psam": lambda: PSAM(ps, torch.optim.SGD, rho=0.05, period=3, **kw),
+        "gsam": lambda: GSAM(ps, torch.optim.SGD, rho=0.05, alpha=0.4, **kw),
+        "fsam": lambda: FSAM(ps, torch.optim.SGD, rho=0.05, **kw),
+        "looksam": lambda: LookSAM(ps, torch.optim.SGD, rho=0.05, k=3, start_step=2, **kw),  # base, then sam / reuse
         "sampa": lambda: SAMPa(model, loss_fn, torch.optim.SGD, rho=0.05, lam=0.2, parallel="sequential", **kw),
     }[name]()
 
@@ -97,7 +100,7 @@ def _same(model_a, model_b, opt_a, opt_b, exact=True, tol=TRAJECTORY):
     assert all(torch.isfinite(p).all() for p in model_a.parameters())  # the NaN never reached the weights
 
 
-NAMES = ["sam", "asam", "nusam", "gausssam", "psam", "sampa"]
+NAMES = ["sam", "asam", "nusam", "gausssam", "psam", "gsam", "fsam", "looksam", "sampa"]
 
 
 @pytest.mark.parametrize("name", NAMES)

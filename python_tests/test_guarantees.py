@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from conftest import ROUNDING, backend_cases
-from optim_db import BASES, FUSED_BASES, TWO_PASS, make
+from optim_db import BASES, FUSED_BASES, PERIODIC, TWO_PASS, make, restores_exactly
 from torch import nn
 
 from sam_kernels import SAM, GaussSAM, SAMPa
@@ -325,8 +325,8 @@ def test_nonfinite_anywhere_skips_bit_for_bit(name, backend, device, where, valu
     opt = make(name, model.parameters(), torch.optim.AdamW, lr=1e-2, backend=backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     two_step(model, opt, data(0))  # state exists
-    if name == "psam":
-        two_step(model, opt, data(3))  # PSAM's next step is a SAM step again
+    if name in PERIODIC:
+        two_step(model, opt, data(3))  # the next step is a SAM step again (PSAM's period, LookSAM's k)
     before = snapshot(model, opt)
     x, y = data(1)
     scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
@@ -340,9 +340,9 @@ def test_nonfinite_anywhere_skips_bit_for_bit(name, backend, device, where, valu
     opt.second_step(zero_grad=True, grad_scaler=scaler)
     scaler.update()
     weights, base_state, ours, steps = snapshot(model, opt)
-    if name.startswith("nusam") and where[0] == "second":
-        # perturbed before the bad gradient showed: the rank-1 term is removed by recomputing it,
-        # within one rounding of x_t (nuSAM stores no copy of the weights; README.md says so)
+    if not restores_exactly(name) and where[0] == "second":
+        # perturbed before the bad gradient showed: the move (nuSAM's rank-1 term, LookSAM's) is
+        # removed by recomputing it, within one rounding of x_t (no copy of the weights; README.md says so)
         for w, w0 in zip(weights, before[0]):
             torch.testing.assert_close(w, w0, **ROUNDING)
         weights = before[0]

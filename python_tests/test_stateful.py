@@ -17,18 +17,79 @@ from conftest import ROUNDING, TOL
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from optim_db import BASES, make
+from optim_db import BASES, BY_NAME, make, restores_exactly
 
 from sam_kernels import SAMPa
 
 SHAPES = [(5, 4), (5,), (3, 5), (3,)]  # two layers; the last two join with add_param_group
 RHO = 0.07
-PERIOD = 3  # PSAM: a SAM step every third step
+PERIOD = 3  # PSAM and LookSAM: a SAM step every third step
 
 
 def build(name, params, base_cls, kw):
     """The class of optim_db.py at radius RHO (the oracles below check it)."""
-    return make(name, params, base_cls, rho=RHO, **({"period": PERIOD} if name == "psam" else {}), **kw)
+    every = {"psam": {"period": PERIOD}, "looksam": {"k": PERIOD}}.get(name, {})
+    return make(name, params, base_cls, rho=RHO, **every, **kw)
+
+
+def _dot(xs, ys):
+    return sum(float((x.double() * y.double()).sum()) for x, y in zip(xs, ys))
+
+
+class VariantOracle:
+    """What GSAM, F-SAM and LookSAM add to SAM's step, in plain torch from the spec (ALGORITHMS.md,
+    "Beyond the seeds"), with the state they keep across steps (F-SAM's m, LookSAM's g_v), which
+    moves only when a step is taken: the direction of the perturbation, and the gradient the base
+    step takes. Gradients are unscaled (the directions do not depend on a GradScaler's scale)."""
+
+    def __init__(self, name):
+        info = BY_NAME[name]
+        self.name, self.opts = name, info.defaults
+        self.m, self.started = {}, False  # F-SAM
+        self.g_v = {}  # LookSAM
+
+    def direction(self, g1):
+        """d of the first pass, per live parameter."""
+        if self.name != "fsam" or not self.started:
+            return g1
+        return [g - self.opts["sigma"] * self.m.get(i, torch.zeros_like(g)) for i, g in enumerate(g1)]
+
+    def update(self, due, g1, g2, missing):
+        """The base step's gradient per parameter (None: no second gradient), and the state of a
+        taken step (commit() makes it the oracle's)."""
+        live = [i for i in range(len(g2)) if i not in missing]
+        d = [None if i in missing else g2[i].clone() for i in range(len(g2))]
+        self._next = None
+        if self.name == "gsam" and due:
+            c = _dot([g1[i] for i in live], [g2[i] for i in live]) / (_dot([g2[i] for i in live],
+                                                                          [g2[i] for i in live]) + 1e-12)
+            alpha = self.opts["alpha"]
+            for i in live:
+                d[i] = (1 + alpha * c) * g2[i] - alpha * g1[i]
+        elif self.name == "fsam" and due:
+            lam = self.opts["lam"]
+            self._next = ({i: lam * self.m.get(i, torch.zeros_like(g)) + (1 - lam) * g if self.started else g.clone()
+                           for i, g in enumerate(g1)}, True)
+        elif self.name == "looksam" and due:
+            c = _dot([g1[i] for i in live], [g2[i] for i in live]) / (_dot(g1, g1) + 1e-12)
+            self._next = {**{i: torch.zeros_like(v) for i, v in self.g_v.items()},
+                          **{i: g2[i] - c * g1[i] for i in live}}  # one SAM step's g_v
+        elif self.name == "looksam":  # between SAM steps: g + alpha ||g|| / ||g_v|| g_v where there is a g_v
+            have = [i for i in live if i in self.g_v]
+            nv = _dot([self.g_v[i] for i in have], [self.g_v[i] for i in have]) ** 0.5
+            if have and nv > 0:
+                ng = _dot([g2[i] for i in live], [g2[i] for i in live]) ** 0.5
+                for i in have:
+                    d[i] = g2[i] + self.opts["alpha"] * ng / nv * self.g_v[i]
+        return d
+
+    def commit(self):
+        if self._next is None:
+            return
+        if self.name == "fsam":
+            self.m, self.started = self._next
+        else:
+            self.g_v = self._next
 
 
 TOLERANCE = TOL[torch.float32]
@@ -39,9 +100,10 @@ def check_close(actual, expected, what):
 
 
 def perturbation_ok(name, xs, ps, g1):
-    """The first step's displacement e = x - x_t is the class's perturbation of the gradient g1."""
+    """The first step's displacement e = x - x_t is the class's perturbation of the direction g1
+    (the gradient; F-SAM's d)."""
     es = [p.detach() - x for p, x in zip(ps, xs)]
-    if name in ("sam", "psam"):
+    if name in ("sam", "psam", "gsam", "fsam", "looksam"):
         n = torch.linalg.vector_norm(torch.stack([g.norm() for g in g1]))
         for e, g in zip(es, g1):
             check_close(e, RHO * g / n, "SAM's perturbation")
@@ -89,6 +151,7 @@ class TwoStepMachine(RuleBasedStateMachine):
         self.skipped = 0
         self.steps = 0
         self.gen = torch.Generator().manual_seed(1)
+        self.variant = VariantOracle(self.name) if self.name in ("gsam", "fsam", "looksam") else None
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -123,7 +186,7 @@ class TwoStepMachine(RuleBasedStateMachine):
         scale = self._scale()
         due = self.opt.sam_step_due
         xs = [p.detach().clone() for p in self.params[:self.live]]
-        state_before = copy.deepcopy(self.opt.base_optimizer.state_dict()["state"])
+        state_before = copy.deepcopy(self.opt.state_dict()["state"])  # the base optimizer's, and ours
         g1, g2 = self._grads(), self._grads()
         if poison == "first":
             g1[where].view(-1)[0] = value
@@ -133,7 +196,8 @@ class TwoStepMachine(RuleBasedStateMachine):
         self.opt.first_step(zero_grad=True, grad_scaler=self.scaler)
         bad = (due and poison == "first") or (poison == "second" and where not in missing)
         if due and not bad and poison != "first":
-            perturbation_ok(self.name, xs, self.params[:self.live], g1)
+            perturbation_ok(self.name, xs, self.params[:self.live],
+                            self.variant.direction(g1) if self.variant is not None else g1)
         self._set([g * scale for g in g2], missing)
         self.opt.second_step(zero_grad=True, grad_scaler=self.scaler)
         self.steps += 1
@@ -143,23 +207,29 @@ class TwoStepMachine(RuleBasedStateMachine):
             assert not bad or self.scaler.get_scale() == scale / 2
         if bad:
             self.skipped += 1
-            exact = not (self.name.startswith("nusam") and poison == "second" and due)
+            exact = restores_exactly(self.name) or not (poison == "second" and due)
             for p, x in zip(self.params, xs):
                 if exact:
                     assert torch.equal(p.detach(), x), "a skipped step moved the weights"
-                else:  # nuSAM removes its rank-1 term by recomputing it: within a rounding
+                else:  # nuSAM's rank-1 term, LookSAM's move, removed by recomputing it: within a rounding
                     torch.testing.assert_close(p.detach(), x, **ROUNDING)
-            after = self.opt.base_optimizer.state_dict()["state"]
+            after = self.opt.state_dict()["state"]
             for k in after:
                 for key, v in after[k].items():
                     # state created by this step (its plan is built before the device decides) is
                     # torch.optim's fresh state: zeros, step 0; the next step is the same
-                    was = state_before[k][key] if k in state_before else torch.zeros_like(v)
+                    was = state_before.get(k, {}).get(key)
+                    was = torch.zeros_like(v) if was is None else was
                     assert torch.equal(v, was), f"a skipped step changed {key}"
             return
-        # the oracle: x_t, then the base step with g2 (unscaled; clipped; no gradient: not updated)
+        # the oracle: x_t, then the base step with g2 (unscaled; clipped; no gradient: not updated),
+        # or with the gradient of the variant
+        update = self.variant.update(due, g1, g2, missing) if self.variant is not None else \
+            [None if i in missing else g for i, g in enumerate(g2)]
+        if self.variant is not None:
+            self.variant.commit()
         for i, r in enumerate(self.ref[:self.live]):
-            r.grad = None if i in missing else g2[i].clone()
+            r.grad = None if update[i] is None else update[i].clone()
         if self.clip is not None:
             torch.nn.utils.clip_grad_norm_([r for r in self.ref[:self.live] if r.grad is not None], self.clip)
         self.ref_opt.step()
@@ -178,7 +248,7 @@ class TwoStepMachine(RuleBasedStateMachine):
         self.opt.first_step(zero_grad=True)
         self.opt.restore()
         for p, x in zip(self.params, xs):
-            if self.name.startswith("nusam"):
+            if not restores_exactly(self.name):
                 torch.testing.assert_close(p.detach(), x, **ROUNDING)
             else:
                 assert torch.equal(p.detach(), x), "restore() is not bit for bit"
@@ -195,11 +265,15 @@ class TwoStepMachine(RuleBasedStateMachine):
         with pytest.raises(KeyError):
             self.opt.step(closure)
         for p, x in zip(self.params, xs):
-            if self.name.startswith("nusam"):
+            if not restores_exactly(self.name):
                 torch.testing.assert_close(p.detach(), x, **ROUNDING)
             else:
                 assert torch.equal(p.detach(), x)
-        assert self.opt.state_dict()["state"].keys() == state["state"].keys()
+        after = self.opt.state_dict()["state"]
+        for k, entry in after.items():  # nothing moved; state a first pass made (F-SAM's m) is fresh: zeros
+            for key, v in entry.items():
+                if key not in state["state"].get(k, {}):
+                    assert key == "fsam_m" and not v.any(), f"{key} of parameter {k} appeared"
 
     @rule()
     def save_and_load(self):
@@ -256,6 +330,10 @@ test_nusam_norm_sgd_nesterov_torch = machine("nusam_norm", "sgd-nesterov", "torc
 test_gausssam_sgd_nesterov_cpu = machine("gausssam", "sgd-nesterov", "cpu", clip=1.0)
 test_psam_adamw_cpu = machine("psam", "adamw", "cpu")
 test_sam_adamw_triton = machine("sam", "adamw", "triton")
+test_gsam_sgd_nesterov_cpu = machine("gsam", "sgd-nesterov", "cpu", clip=1.0)
+test_fsam_adamw_cpu = machine("fsam", "adamw", "cpu")
+test_looksam_sgd_torch = machine("looksam", "sgd", "torch", clip=0.5)
+test_looksam_adam_amsgrad_cpu = machine("looksam", "adam-amsgrad", "cpu")
 
 
 # --- SAMPa: its own gradients (through the model); two backends side by side ---------------------

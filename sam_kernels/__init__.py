@@ -4,10 +4,11 @@ from .integrations.batchnorm import disable_running_stats, enable_running_stats
 from .integrations.graphs import GraphedStep, make_graphed_step
 from .ops import backends
 from .ops.backends import BackendUnavailableError
-from .optimizers import MSAM, PSAM, SAM, GaussSAM, NuSAM, SAMPa
+from .optimizers import FSAM, GSAM, MSAM, LookSAM, PSAM, SAM, GaussSAM, NuSAM, ProportionalRho, SAMPa
 from .optimizers.subsets import sam_on_groups
 
-__all__ = ["SAM", "NuSAM", "GaussSAM", "SAMPa", "PSAM", "MSAM", "sam_on_groups", "ops", "backends",
+__all__ = ["SAM", "NuSAM", "GaussSAM", "SAMPa", "PSAM", "MSAM", "GSAM", "FSAM", "LookSAM", "ProportionalRho",
+           "sam_on_groups", "ops", "backends",
            "BackendUnavailableError", "disable_running_stats", "enable_running_stats", "make_graphed_step",
            "GraphedStep"]
 __version__ = "0.1.0"

@@ -89,6 +89,10 @@ class StepEngine:
         if self.rho_fn is not None:
             from ..optimizers.checks import check_nonneg  # (the optimizers' argument checks)
 
+            if getattr(self.rho_fn, "per_group", False):  # a schedule of each group's lr (GSAM's ProportionalRho)
+                for i, group in enumerate(self.optimizer.param_groups):
+                    group["rho"] = check_nonneg(f"rho({self.steps}, param_groups[{i}])", self.rho_fn(self.steps, group))
+                return
             rho = check_nonneg(f"rho({self.steps})", self.rho_fn(self.steps))
             for group in self.optimizer.param_groups:
                 group["rho"] = rho
@@ -161,12 +165,13 @@ class StepEngine:
         state = self.state_key(adapter.state_keys)
         return (config, groups, params_key, adapter.family, structure, self.counters.version, state, *extra), grads
 
-    def state_key(self, keys: tuple) -> bytes:
-        """Which of the base optimizer's state entries `keys` exist for each parameter, and where:
-        what a plan that binds them keys on (a state created or replaced makes another plan)."""
+    def state_key(self, keys: tuple, state=None) -> bytes:
+        """Which of the base optimizer's state entries `keys` exist for each parameter, and where
+        (state: another optimizer's state instead, e.g. the optimizer's own: F-SAM's m): what a plan
+        that binds them keys on (a state created or replaced makes another plan)."""
         params = self.param_list()
         fp = _ext if self._sharded is None else distributed
-        return fp.state_fingerprint(self.base.state, params, keys)
+        return fp.state_fingerprint(self.base.state if state is None else state, params, keys)
 
     def plan(self, pass_name: str, key, build):
         """The plan of `pass_name` for key() (a function: taken again once a plan is built, which may have
@@ -279,6 +284,8 @@ class StepEngine:
         non-finite policy is written. first: the step's first pass (its perturbation is taken out by
         the update, or undone on the generic path), or None."""
         flags = self.flags_on(plan.guard.partials.device)
+        for run in plan.preludes:  # the update's gradient from the step's gradients (GSAM, LookSAM)
+            run()
         scale, found_inf, state = scaler_inputs(self.optimizer, grad_scaler, flags.device)
         if found_inf is not None and plan.guard.group is not None:  # scaler.unscale_ checked this rank's shards
             found_inf = found_inf.clone()
@@ -302,6 +309,15 @@ class StepEngine:
             first.active = False  # the updates below take the perturbation out
         for run in plan.updates + plan.restores + plan.commits:
             run(flags)
+
+    def scaler_scale(self, grad_scaler):
+        """The scale of an enabled GradScaler on the parameters' device (None otherwise): what a
+        first pass that keeps gradients across steps divides by (F-SAM's m). No host read."""
+        if grad_scaler is None or not grad_scaler.is_enabled():
+            return None
+        params = self.param_list()
+        device = distributed.local(params[0]).device if params else torch.device("cpu")
+        return scaler_inputs(self.optimizer, grad_scaler, device)[0]
 
     def record_to_scaler(self, grad_scaler) -> None:
         """What scaler.step(optimizer) records: the last step's device flag (a graphed step's replay,

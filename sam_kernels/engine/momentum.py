@@ -6,7 +6,9 @@ before the forward pass, and removed by recomputing it (no copy of the weights):
                    fused base step from x with the gradient at the perturbed point (engine/updates.py)
 
     MomentumPerturbation   the strategy MSAM composes
-    MomentumPass           its plan: the norm's tables, one shift_ launch per param group and way
+    ShiftPass              a first pass moving x along directions and back by shift_ (no copy):
+                           the norm's tables, one shift_ launch per param group and way
+    MomentumPass           MSAM's: minus the momentum buffers (LookSAM's: engine/directions.py)
 
 A parameter without a buffer yet (the first step; a new param group) is not perturbed: e_0 = 0.
 """
@@ -25,16 +27,16 @@ from .norms import NormStage
 DIRECTION_KEYS = {torch.optim.SGD: "momentum_buffer", torch.optim.Adam: "exp_avg", torch.optim.AdamW: "exp_avg"}
 
 
-class MomentumPass:
-    """The first pass of MSAM over [(group, params with a buffer)] (see the module docstring)."""
+class ShiftPass:
+    """A first pass over [(group, params)] moving x <- x + sign rho d / (||d|| + eps) along
+    `directions` ({id(p): d}) and back by recomputing the move (x_t within one rounding: no copy
+    of the weights). Its norm is the first pass's check (first_norm)."""
 
-    def __init__(self, engine, work, device, key: str):
-        work = [(group, ps) for group, ps in work if group["perturb"] and ps]
-        state = engine.base.state
+    def __init__(self, engine, work, device, directions: dict, subtract: bool):
         self.params = [p for _, ps in work for p in ps]
         self.active = False
+        self.subtract = subtract
         backend = engine.backend_for(device, "shift_")
-        directions = {id(p): local(state[p][key]) for p in self.params}
         self.norm = NormStage(engine.backend_for(device, "global_norm"), device,
                               [([directions[id(p)] for p in self.params], None, 0, 0.0)] if self.params else [],
                               group=engine.reduce_group())
@@ -42,21 +44,21 @@ class MomentumPass:
         self._rho = lambda group: engine.rho(group, device)
         self.shifts = [(group, ops.bind("shift_", backend, device,
                                         {"params": ps, "directions": [directions[id(p)] for p in ps]}))
-                       for group, ps in work]
+                       for group, ps in work if ps]
         self._used = []  # the rho of each group's move (the way back takes the same)
 
-    def perturb(self, raise_nonfinite: bool) -> None:
+    def perturb(self, raise_nonfinite: bool, scale=None) -> None:
         self.norm.norm(self.first_norm)
         self._used = [self._rho(group) for group, _ in self.shifts]
         for (group, run), rho in zip(self.shifts, self._used):
-            run(norm=self.first_norm, rho=rho, subtract=True)
+            run(norm=self.first_norm, rho=rho, subtract=self.subtract)
         self.active = True
 
     def undo(self) -> None:
         """x_t back (recomputed: within one rounding), once."""
         if self.active:
             for (_, run), rho in zip(self.shifts, self._used):
-                run(norm=self.first_norm, rho=rho, subtract=False)
+                run(norm=self.first_norm, rho=rho, subtract=not self.subtract)
         self.active = False
 
     def sources(self, group, ps):
@@ -66,8 +68,21 @@ class MomentumPass:
     def restore_left(self, params):
         return None  # undo() moved every parameter back before the update
 
-    def commit(self):
+    def prelude(self, engine, params, device):
         return None
+
+    def commit(self, engine=None, params=(), device=None):
+        return None
+
+
+class MomentumPass(ShiftPass):
+    """The first pass of MSAM over [(group, params with a buffer)]: along minus the buffers."""
+
+    def __init__(self, engine, work, device, key: str):
+        work = [(group, ps) for group, ps in work if group["perturb"] and ps]
+        state = engine.base.state
+        super().__init__(engine, work, device, {id(p): local(state[p][key]) for _, ps in work for p in ps},
+                         subtract=True)
 
 
 class MomentumPerturbation:

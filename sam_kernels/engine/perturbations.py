@@ -23,6 +23,23 @@ from .bases import Restore
 from .norms import NormStage
 
 
+def scratch(params, device) -> tuple[list, dict]:
+    """Buffers like `params` (this rank's shards of sharded ones) that a plan owns and a step
+    overwrites before reading: one flat buffer per dtype (returned, to count their bytes) and
+    {id(p): a view shaped like p's local tensor}, each 16-byte aligned (the kernels' vector width)."""
+    flats, views = [], {}
+    for dtype in dict.fromkeys(p.dtype for p in params):
+        ps = [p for p in params if p.dtype == dtype]
+        shards = [local(p) for p in ps]
+        vec = max(1, 16 // ps[0].element_size())
+        sizes = [-(-s.numel() // vec) * vec for s in shards]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+        flats.append(flat)
+        for p, s, z in zip(ps, shards, flat.split(sizes)):
+            views[id(p)] = z[:s.numel()].view(s.shape)
+    return flats, views
+
+
 class Copies:
     """The x_old buffers of the perturbed parameters, in the optimizer's own state (state[p]["old_p"],
     as davda54's SAM keeps them), allocated once and reused: contiguous, p's dtype (a bit-exact copy)."""
@@ -46,13 +63,21 @@ class Copies:
 
 
 class GradientDirection:
-    """d = the gradient in .grad (read when used: a plan never keeps a step's gradients alive)."""
+    """d = the gradient in .grad (read when used: a plan never keeps a step's gradients alive).
+    The base of the directions (engine/directions.py has the variants'): prepare() binds what a
+    first pass reads, before() runs ahead of its norm, prelude() and commit() add to the second."""
 
     def prepare(self, engine, first: "CopyPass", work, device):
         return GradsOf
 
-    def before(self, first: "CopyPass", raise_nonfinite: bool) -> None:
+    def before(self, first: "CopyPass", raise_nonfinite: bool, scale=None) -> None:
         """What a step does before its perturbation: nothing (the norm of d is the check)."""
+
+    def prelude(self, engine, first: "CopyPass", params, device):
+        return None
+
+    def commit(self, engine, first: "CopyPass", params, device):
+        return None
 
 
 class CopyPass:
@@ -93,8 +118,10 @@ class CopyPass:
             if self.params else None
         self._backend, self._device = backend, device
 
-    def perturb(self, raise_nonfinite: bool) -> None:
-        self.direction.before(self, raise_nonfinite)
+    def perturb(self, raise_nonfinite: bool, scale=None) -> None:
+        """x_old <- x, x <- x + e. scale: the GradScaler's scale of the gradient in .grad (a device
+        scalar; None without one), for a direction that keeps state across steps (F-SAM's m)."""
+        self.direction.before(self, raise_nonfinite, scale)
         self.norm.norm(self.norm_out)
         if raise_nonfinite and self.first_norm is self.norm_out and not bool(torch.isfinite(self.norm_out)):
             raise FloatingPointError(f"first_step: the gradient norm is {self.norm_out.item()} (NaN or inf in "
@@ -115,8 +142,14 @@ class CopyPass:
                        {"params": params, "x_old": [self.x_old[id(p)] for p in params]})
         return lambda flags: run()
 
-    def commit(self):
-        return None
+    def prelude(self, engine, params, device):
+        """What forms the update's gradient in .grad before the guard (GSAM's d), or None: the
+        direction's (params: those with a second gradient)."""
+        return self.direction.prelude(engine, self, params, device)
+
+    def commit(self, engine=None, params=(), device=None):
+        """What the direction keeps only if the step is taken (F-SAM's m), run(flags), or None."""
+        return self.direction.commit(engine, self, params, device)
 
     def undo(self) -> None:
         if self.active and self._restore is not None:
@@ -140,7 +173,7 @@ class CopyPerturbation:
         return CopyPass(engine, work, device, self.copies, self.direction)
 
 
-class GaussianDirection:
+class GaussianDirection(GradientDirection):
     """d = z ~ N(0, I), drawn each step into one buffer per dtype (a copy of the perturbed
     parameters, allocated once per plan; each parameter's part 16-byte aligned), in parameter
     order, from `generator` or an own generator on the parameters' device seeded with `seed`
@@ -171,17 +204,7 @@ class GaussianDirection:
 
     def prepare(self, engine, first: CopyPass, work, device):
         params = [p for _, ps in work for p in ps]
-        first.z = []
-        views = {}
-        for dtype in dict.fromkeys(p.dtype for p in params):
-            ps = [p for p in params if p.dtype == dtype]
-            shards = [local(p) for p in ps]  # sharded parameters: z of this rank's shards
-            vec = max(1, 16 // ps[0].element_size())  # each view 16-byte aligned: the kernels' vector width
-            sizes = [-(-s.numel() // vec) * vec for s in shards]
-            flat = torch.empty(sum(sizes), dtype=dtype, device=device)
-            first.z.append(flat)
-            for p, s, z in zip(ps, shards, flat.split(sizes)):
-                views[id(p)] = z[:s.numel()].view(s.shape)
+        first.z, views = scratch(params, device)
         group = engine.reduce_group()
         first.check = NormStage(engine.backend_for(device, "global_norm"), device,
                                 [(GradsOf(params), None, 0, 0.0)] if params else [], group=group)
@@ -189,7 +212,7 @@ class GaussianDirection:
         first.generator = self.generator_on(device, group)
         return lambda ps: [views[id(p)] for p in ps]
 
-    def before(self, first: CopyPass, raise_nonfinite: bool) -> None:
+    def before(self, first: CopyPass, raise_nonfinite: bool, scale=None) -> None:
         first.check.norm(first.first_norm)
         if raise_nonfinite and not bool(torch.isfinite(first.first_norm)):  # raise mode: a synchronization
             raise FloatingPointError(f"GaussSAM.first_step: the gradient norm is {first.first_norm.item()}")

@@ -211,7 +211,7 @@ class Rank1Pass:
             self._rho_key, self.rho = key, _device_vector(list(key) + [0.0], self.device)
         return self.rho
 
-    def perturb(self, raise_nonfinite: bool) -> None:
+    def perturb(self, raise_nonfinite: bool, scale=None) -> None:
         if self.check is not None and not (self.params and self.group is not None):
             self.check.norm(self.others_norm if self.params else self.first_norm)  # (sharded: inside the iteration)
         if self.params:
@@ -263,7 +263,11 @@ class Rank1Pass:
             run(scales=scales(self.neg_scales))
         return left
 
-    def commit(self):
+    def prelude(self, engine, params, device):
+        return None  # the update takes the second gradient as it is
+
+    def commit(self, engine=None, params=(), device=None):
+        """The new warm starts, kept only if the step is taken."""
         if not self.params:
             return None
         return lambda flags: self._commit(found_inf=flags.found_inf)

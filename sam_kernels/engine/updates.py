@@ -1,6 +1,8 @@
 """The last pass of a step, for every optimizer: one builder (build_update) for SAM's second step,
 nuSAM's, a plain base step and SAMPa's update.
 
+    preludes  what forms the update's gradient in .grad from the step's gradients before the guard
+              reads it (GSAM's d = g_p - alpha g_perp, LookSAM's reused direction), or nothing
     guard     the norm of the gradient that drives the update (engine/norms.py): whether any
               gradient of the step is not finite, by what the update multiplies it (the
               GradScaler's unscale, the clipping coefficient), and Adam's counters moved when
@@ -28,6 +30,7 @@ class UpdatePlan:
 
     def __init__(self):
         self.guard: NormStage | None = None
+        self.preludes: list[Callable] = []  # each run() before the guard
         self.updates: list[Callable] = []  # each run(flags) launches one fused update
         self.restores: list[Callable] = []  # run(flags) after them
         self.commits: list[Callable] = []  # run(flags) last
@@ -49,7 +52,8 @@ def endpoint(group: dict, plain: bool = False):
     return w if w in (0.0, 1.0) else None
 
 
-def build_update(engine, work, device, sources, guard_classes, restores=(), commits=(), generic_grads=()) -> UpdatePlan:
+def build_update(engine, work, device, sources, guard_classes, restores=(), commits=(), generic_grads=(),
+                 preludes=()) -> UpdatePlan:
     """The last pass over [(group, params with a gradient)].
 
     sources(group, params) -> [(source, params, grads, scales)]: per group, what each part of it
@@ -57,6 +61,7 @@ def build_update(engine, work, device, sources, guard_classes, restores=(), comm
         of the flags giving the scales (None otherwise);
     guard_classes: the guard's norm classes (engine/norms.py);
     restores, commits: run(flags) functions (None entries are dropped);
+    preludes: run() functions writing the update's gradient into .grad before the guard (None dropped);
     generic_grads: what the generic path multiplies by grad_scale before the base's own step()."""
     plan = UpdatePlan()
     plan.guard = NormStage(engine.backend_for(device, "global_norm"), device, guard_classes,
@@ -65,6 +70,7 @@ def build_update(engine, work, device, sources, guard_classes, restores=(), comm
     plan.generic = adapter is None
     plan.restores = [r for r in restores if r is not None]
     plan.commits = [c for c in commits if c is not None]
+    plan.preludes = [r for r in preludes if r is not None]
     if adapter is None:
         plan.grads = generic_grads
         return plan

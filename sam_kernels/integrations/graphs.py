@@ -53,7 +53,7 @@ def make_graphed_step(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torc
                       optimizer: EngineOptimizer, example_batch,
                       grad_scaler: torch.amp.GradScaler | None = None, warmup: int = 3,
                       enabled: bool = True) -> "GraphedStep":
-    """A training step `step(batch) -> loss` for `optimizer` (SAM, NuSAM, GaussSAM, PSAM, SAMPa),
+    """A training step `step(batch) -> loss` for `optimizer` (the SAM family, LookSAM, SAMPa; not MSAM),
     captured as a CUDA graph when the parameters are on a CUDA device (see the module docstring).
 
     loss_fn(model, batch) -> the scalar loss (AMP autocast may be used inside; with a graph, pass
@@ -97,7 +97,7 @@ class GraphedStep:
         self.model, self.loss_fn, self.optimizer, self.scaler = model, loss_fn, optimizer, grad_scaler
         self.warmup = warmup
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
-        self._warm = {"sam": 0, "base": 0}
+        self._warm = {"sam": 0, "base": 0, "reuse": 0}
         self._static: dict[str, tuple] = {}  # kind -> (static input leaves, static loss)
         self._capture_state = None  # what the graphs were captured with (checked before each replay)
         self._sampa = not isinstance(optimizer, SharpnessAwareOptimizer)
@@ -139,7 +139,7 @@ class GraphedStep:
         if not isinstance(opt, SharpnessAwareOptimizer):  # SAMPa: its passes are its own
             return opt.step(batch, grad_scaler=self.scaler)
         opt.zero_grad(set_to_none=False)
-        if kind == "base":
+        if kind in ("base", "reuse"):  # one gradient (LookSAM's reuse step is its base_step)
             loss = self._backward(batch)
             opt.base_step(grad_scaler=self.scaler)
             return loss
@@ -159,7 +159,7 @@ class GraphedStep:
         return loss
 
     def _kind(self) -> str:
-        return "sam" if self.optimizer.sam_step_due else "base"
+        return self.optimizer.step_kind()
 
     # --- a call ------------------------------------------------------------------------------
 

@@ -44,7 +44,12 @@ def no_group_key(group: dict) -> tuple:
 class EngineOptimizer(Optimizer):
     """The API every class shares (see the module docstring). Subclasses pass their own options
     (defaults) and a group_key (the options of a group that decide a plan's launches), and
-    implement _check_group / _group_added / _extra_state / _make_schedule for what they add."""
+    implement _check_group / _group_added / _extra_state / _make_schedule for what they add.
+    _own_state_keys: the per-parameter tensors a class keeps across steps in its own state
+    (F-SAM's m, LookSAM's g_v; shaped like the parameter): saved beside the base optimizer's in
+    state_dict()["state"], so that DCP shards and loads them like momentum buffers."""
+
+    _own_state_keys: tuple = ()
 
     def __init__(self, params, base_optimizer, defaults: dict, backend: str, nonfinite: str, base_kwargs: dict,
                  start_step: int = 0, rho_fn: Callable[[int], float] | None = None, max_grad_norm=None,
@@ -110,6 +115,11 @@ class EngineOptimizer(Optimizer):
     def sam_step_due(self) -> bool:
         """Whether the next step is a SAM step (two gradients) rather than a plain base step."""
         return self.engine.sam_step_due
+
+    def step_kind(self) -> str:
+        """What the next step runs (one plan each, a CUDA graph each): "sam" (a SAM step) or "base"
+        (a plain base step); LookSAM's steps between its SAM steps are "reuse"."""
+        return "sam" if self.sam_step_due else "base"
 
     @property
     def steps(self) -> int:
@@ -243,7 +253,20 @@ class EngineOptimizer(Optimizer):
         if params:
             prepare_state(adapter, [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups],
                           self.engine.counters, distributed.local(params[0]).device)
+            for p in params:
+                if p.requires_grad:
+                    for n in self._own_state_keys:
+                        self.own_state(p, n)
         self.engine.invalidate()
+
+    def own_state(self, p: torch.Tensor, name: str) -> torch.Tensor:
+        """The class's own state tensor `name` of p (_own_state_keys), made at zero on first use
+        (contiguous, p's dtype, sharded like p)."""
+        st = self.state[p]
+        t = st.get(name)
+        if t is None or t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
+            t = st[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return t
 
     def _init_state_for_checkpoint(self) -> None:
         """torch.distributed.checkpoint makes the state to load into through step() without closure at
@@ -272,6 +295,11 @@ class EngineOptimizer(Optimizer):
             raise RuntimeError(refused.replace("cannot be copied", "state_dict() cannot be taken"))
         sd = self.base_optimizer.state_dict()
         sd["param_groups"][0]["sam"] = {**self.engine.state(), **self._extra_state()}
+        if self._own_state_keys:
+            for i, p in enumerate(self.engine.param_list()):
+                own = {k: v for k, v in self.state.get(p, {}).items() if k in self._own_state_keys}
+                if own:  # (a new dict: the base's entries are its live state)
+                    sd["state"][i] = {**sd["state"].get(i, {}), **own}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -302,12 +330,15 @@ class EngineOptimizer(Optimizer):
             self._check_group({**g, "params": mine["params"]}, where)
             check_like_constructor(self.base_optimizer, {**g, "params": mine["params"]}, where)
             ids.update(zip(g["params"], mine["params"]))
-        state = {}
+        state, own = {}, {}
         for k, entry in state_dict.get("state", {}).items():
             p = ids.get(k)
             entry = {n: v for n, v in entry.items() if n not in _PEER_SCRATCH}
-            for n, v in entry.items():
-                if p is not None and n in _STATE_TENSORS and torch.is_tensor(v) and v.shape != p.shape:
+            if p is not None and any(n in self._own_state_keys for n in entry):
+                own[p] = {n: entry.pop(n) for n in list(entry) if n in self._own_state_keys}
+            for n, v in [*entry.items(), *own.get(p, {}).items()]:
+                if p is not None and (n in _STATE_TENSORS or n in self._own_state_keys) and torch.is_tensor(v) \
+                        and v.shape != p.shape:
                     raise ValueError(f"load_state_dict: state[{k!r}][{n!r}] has shape {tuple(v.shape)}, its parameter "
                                      f"{tuple(p.shape)}")
             state[k] = entry
@@ -316,6 +347,12 @@ class EngineOptimizer(Optimizer):
         self._before_load()
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict makes new group dicts
+        for p in self.engine.param_list():
+            for n in self._own_state_keys:
+                self.state.get(p, {}).pop(n, None)
+        for p, entries in own.items():  # cast like torch's own load: to the parameter's device and dtype
+            self.state[p].update({n: v.to(device=p.device, dtype=p.dtype, memory_format=torch.contiguous_format)
+                                  for n, v in entries.items()})
         self.engine.load_state(extra)
         self._load_extra_state(extra)
         self.engine.invalidate()

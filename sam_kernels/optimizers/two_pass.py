@@ -23,7 +23,8 @@ from .base import EngineOptimizer
 
 class SharpnessAwareOptimizer(EngineOptimizer):
     """Subclasses give a perturbation strategy (self.perturbation: build(engine, work, device) ->
-    a first pass with perturb / sources / restore_left / commit / undo / first_norm / params).
+    a first pass with perturb / sources / restore_left / prelude / commit / undo / first_norm /
+    params; prelude and commit take (engine, the parameters with a second gradient, device)).
 
     Subset perturbation (SAM-ON, ALGORITHMS.md "Subset perturbation"): a param group with
     perturb=False is not perturbed (no x_old, no perturb / restore traffic, not in the norm) and
@@ -65,7 +66,7 @@ class SharpnessAwareOptimizer(EngineOptimizer):
         engine.begin(f"{name}.first_step")
         first = engine.plan("first", self._first_key(), lambda: self.perturbation.build(
             engine, *self._first_work(f"{name}.first_step()")))
-        first.perturb(engine.nonfinite == "raise")
+        first.perturb(engine.nonfinite == "raise", engine.scaler_scale(grad_scaler))
         self._pending = first
         if zero_grad:
             self.zero_grad()
@@ -111,12 +112,14 @@ class SharpnessAwareOptimizer(EngineOptimizer):
     def _build_second(self, first, work, device):
         """The update restoring each parameter from what `first` kept, with the guard over the
         second gradients; x_t back for perturbed parameters without one; the first pass's commit."""
-        grads = GradsOf([p for _, ps in work for p in ps])
-        with_grad = {id(p) for _, ps in work for p in ps}
+        params = [p for _, ps in work for p in ps]
+        grads = GradsOf(params)
+        with_grad = {id(p) for p in params}
         return build_update(self.engine, work, device, first.sources,
                             [(grads, None, 0, 0.0)] if len(grads) else [],
                             restores=[first.restore_left([p for p in first.params if id(p) not in with_grad])],
-                            commits=[first.commit()], generic_grads=grads)
+                            commits=[first.commit(self.engine, params, device)], generic_grads=grads,
+                            preludes=[first.prelude(self.engine, params, device)])
 
     @torch.no_grad()
     def base_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
@@ -129,12 +132,16 @@ class SharpnessAwareOptimizer(EngineOptimizer):
             raise RuntimeError(f"{name}.base_step() between first_step() and second_step(): the weights are perturbed")
         self._plain_pending = False
         engine.begin(f"{name}.base_step")
-        plan = engine.plan("base", lambda: engine.key(update=True), lambda: self._build_base(
-            *engine.work(f"{name}.base_step()")))
+        plan = engine.plan(*self._base_plan(f"{name}.base_step()"))
         engine.record_step()
         engine.finish(plan, None, grad_scaler, None, f"{name}.base_step")
         if zero_grad:
             self.zero_grad()
+
+    def _base_plan(self, where: str):
+        """(pass name, key, build) of the step without a perturbation (LookSAM's: its reuse step)."""
+        engine = self.engine
+        return "base", lambda: engine.key(update=True), lambda: self._build_base(*engine.work(where))
 
     def _build_base(self, work, device):
         grads = GradsOf([p for _, ps in work for p in ps])
