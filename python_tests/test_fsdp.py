@@ -1,5 +1,5 @@
-"""SAM, ASAM, NuSAM, GaussSAM, PSAM, GSAM, F-SAM, LookSAM and MSAM on FSDP2-sharded parameters (fully_shard: DTensors sharded along
-dim 0), 2 and 4 gloo processes on CPU (sam_kernels/integrations/distributed.py). Each rank steps its local
+"""SAM, ASAM, NuSAM, GaussSAM, PSAM, GSAM, F-SAM, LookSAM and MSAM on FSDP2-sharded parameters
+(fully_shard: DTensors sharded along dim 0), 2 and 4 gloo processes on CPU (sam_kernels/integrations/distributed.py). Each rank steps its local
 shards with the fused kernels; the global gradient norm is one all-reduce of one scalar per norm.
 Checked against one process on the full batch: the same weights to fp32 rounding, the same
 skipped steps (a NaN on one rank's shard skips the step on every rank), per-rank perturbation
@@ -247,7 +247,7 @@ def test_one_all_reduce_of_one_scalar_per_norm(two_ranks):
     plain steps: the guard's only (the module's own gradient reduce-scatters are not all-reduces)."""
     assert two_ranks[0]["sam-sgd"]["all_reduces"] == [2] * STEPS
     assert two_ranks[0]["psam-sgd"]["all_reduces"] == [2, 1] * (STEPS // 2)
-    assert two_ranks[0]["msam-sgd"]["all_reduces"] == [2] * STEPS  # ||b|| (on the first step, of no buffer) and the guard
+    assert two_ranks[0]["msam-sgd"]["all_reduces"] == [2] * STEPS  # ||b|| (first step: of no buffer), the guard
     assert two_ranks[0]["fsam-adamw"]["all_reduces"] == [2] * STEPS
     # GSAM: + <g, g_p> and ||g_p|| of the prelude; LookSAM: + <g, g_s> (SAM steps), ||g|| and ||g_v|| (the others)
     assert two_ranks[0]["gsam-sgd"]["all_reduces"] == [4] * STEPS
