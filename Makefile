@@ -31,6 +31,7 @@ demo: install
 	$(BIN)/python -m sam_kernels.demo --json demo_out/demo.json
 	$(BIN)/python -m sam_kernels.bench --quick --json demo_out/bench.json --markdown demo_out/bench.md --plot demo_out/bench.png
 	$(BIN)/python -m sam_kernels.memory --quick --json demo_out/memory.json --plot demo_out/memory.png
+	$(BIN)/python -m sam_kernels.bench --quality --quick --json demo_out/quality.json --markdown demo_out/quality.md --plot demo_out/quality.png
 	@echo "make demo: files in $(CURDIR)/demo_out:" && ls demo_out
 
 bench: install

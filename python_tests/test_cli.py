@@ -43,6 +43,31 @@ def test_demo_trains_every_optimizer(tmp_path, capsys):
     assert by["SGD"]["opt_bytes"] < by["nuSAM"]["opt_bytes"] < by["SGD"]["opt_bytes"] + 0.05 * 4 * n_params
 
 
+def test_quality_benchmark_counts_the_costs(tmp_path):
+    """`python -m sam_kernels.bench --quality` (one seed, one epoch, the default radii: the grid and
+    the seeds are the same code): every method at both noise levels, the passes per step and the
+    bytes per parameter each promises, the table and the plot."""
+    out, md, png = tmp_path / "q.json", tmp_path / "q.md", tmp_path / "q.png"
+    records = bench_main(["--quality", "--quick", "--seeds", "1", "--epochs", "2", "--json", str(out),
+                          "--markdown", str(md), "--plot", str(png)])
+    assert json.loads(out.read_text()) == records and png.read_bytes()[:4] == b"\x89PNG"
+    from sam_kernels.bench.quality import METHODS, summary
+    assert {(r["method"], r["noise"]) for r in records} == {(m.name, n) for m in METHODS for n in (0.0, 0.4)}
+    by = {r["method"]: r for r in records if r["noise"] == 0.4}
+    steps = 2 * -(-1079 // 64)  # two epochs of 60% of digits' 1797 samples, batch 64
+    passes = {"SGD": 1, "SAM": 2, "ASAM": 2, "MSAM": 1, "GSAM": 2, "F-SAM": 2, "SAM-ON": 2,
+              "PSAM": 1 + -(-steps // 4) / steps, "LookSAM": 1 + -(-steps // 5) / steps}  # T + ceil(T / k)
+    for name, want in passes.items():
+        assert by[name]["passes_per_step"] == pytest.approx(want), name
+    bytes_per = {"SGD": 4, "SAM": 8, "MSAM": 4, "GSAM": 12, "F-SAM": 16, "LookSAM": 12}  # (views padded to 16 B)
+    for name, want in bytes_per.items():
+        assert by[name]["bytes_per_param"] == pytest.approx(want, abs=0.01), name
+    assert by["SAM-ON"]["bytes_per_param"] < 4.1  # x_old of the LayerNorm parameters only
+    rows = summary(records)
+    assert all(0.1 < r["test_acc"] <= 1 and r["time_vs_sgd"] > 0 for r in rows)
+    assert "Label noise 40%" in md.read_text()
+
+
 def test_bench_cli_quick_records(tmp_path):
     """`python -m sam_kernels.bench --quick` as `make demo` runs it, on the small parameter sets (the
     default ViT-S and 16M sets take minutes on 2 cores; `make demo` runs them): every record has the

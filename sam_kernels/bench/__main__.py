@@ -1,4 +1,5 @@
 """python -m sam_kernels.bench [--quick] [--device D] [--backends a,b] [--json PATH] [--markdown PATH] [--plot PATH]
+python -m sam_kernels.bench --quality [--quick] [--seeds N] [--json PATH] [--markdown PATH] [--plot PATH]
 
 Measures the device's copy bandwidth first, then every primitive and the whole SAM, nuSAM and
 SAMPa optimizer steps on a many-tensor parameter set (ViT-shaped, ~150 tensors) and one large
@@ -7,6 +8,9 @@ loop, pytorch-optimizer's SAM, torch's own SGD), and reports median time, GB/s a
 floor bytes, the fraction of the copy bandwidth, and speed-ups measured in the same run.
 Then whole training steps (SGD, SAM, SAMPa, pytorch-optimizer's SAM) on CIFAR ResNets and a
 ViT-S-sized network on synthetic data, with the SAMPa / SAM ratio of the same run.
+
+--quality instead: test accuracy against cost for every optimizer on the bundled digits data with
+0% and 40% label noise, over seeds, each with the same grid of radii (sam_kernels/bench/quality.py).
 """
 from __future__ import annotations
 
@@ -258,7 +262,16 @@ def main(argv=None):
     ap.add_argument("--plot", default="", help="write a PNG of the results here")
     ap.add_argument("--graphed", action="store_true",
                     help="instead: whole training steps eager and as CUDA graphs (sam_kernels/bench/graphed.py)")
+    ap.add_argument("--quality", action="store_true",
+                    help="instead: test accuracy vs cost of every optimizer on digits with 0%% and 40%% label noise "
+                         "(sam_kernels/bench/quality.py; with --quick: 2 seeds, 8 epochs, the default radii only)")
+    ap.add_argument("--seeds", type=int, default=0, help="--quality: seeds per setting (default 5; --quick: 2)")
+    ap.add_argument("--epochs", type=int, default=0, help="--quality: epochs per run (default 30; --quick: 8)")
     args = ap.parse_args(argv)
+    if args.seeds < 0 or args.epochs < 0:
+        ap.error(f"--seeds and --epochs must be >= 1, got {args.seeds} and {args.epochs}")
+    if args.quality:
+        return _quality(args)
     if args.graphed:
         device = torch.device(args.device)
         records = run_graphed(device, reps=3 if args.quick else 20, warmup=1 if args.quick else 5,
@@ -275,6 +288,30 @@ def main(argv=None):
             write_text(path, payload)
     if args.plot:  # last: the records are saved even where matplotlib is missing
         plot(records, args.plot)
+    return records
+
+
+def _quality(args):
+    from . import quality
+
+    seeds = args.seeds or (2 if args.quick else 5)
+    epochs = args.epochs or (8 if args.quick else 30)
+    grid = (1.0,) if args.quick else quality.RHO_GRID
+    n_runs = seeds * sum(len(grid) if m.rho is not None else 1 for m in quality.METHODS) * len(quality.NOISE_LEVELS)
+    bar = progress(n_runs, "quality")
+    torch.manual_seed(0)
+    records = quality.run(seeds=seeds, epochs=epochs, grid=grid, bar=bar)
+    bar.close()
+    device = device_name(torch.device("cpu"))
+    for r in records:
+        r["device"] = device
+    text = quality.table(records, device)
+    print(text)
+    for path, payload in ((args.json, json.dumps(records, indent=1)), (args.markdown, text + "\n")):
+        if path:
+            write_text(path, payload)
+    if args.plot:
+        quality.plot(records, args.plot, device)
     return records
 
 
