@@ -106,7 +106,8 @@ def format_report(r: dict) -> str:
               f"  ninja          {t['ninja'] or 'missing (pip install ninja): builds one file at a time'}",
               f"  C++ compiler   {t['cxx'] or 'missing: the extension cannot be built'}",
               f"  CUDA toolkit   {t['cuda_home'] or 'none: the extension is built with CPU kernels only'}",
-              f"  TRITON_INTERPRET=1: {'yes (Triton kernels run on CPU tensors, slowly)' if t['triton_interpret'] else 'no'}"]
+              "  TRITON_INTERPRET=1: " + ("yes (Triton kernels run on CPU tensors, slowly)" if t["triton_interpret"]
+                                         else "no")]
     for d in r["devices"]:
         lines += ["", f"{d['device']} ({d['name']})", "  backends"]
         for b, state in d["backends"].items():
