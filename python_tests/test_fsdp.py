@@ -1,6 +1,7 @@
 """SAM, ASAM, NuSAM, GaussSAM, PSAM, GSAM, F-SAM, LookSAM and MSAM on FSDP2-sharded parameters
 (fully_shard: DTensors sharded along dim 0), 2 and 4 gloo processes on CPU
-(sam_kernels/integrations/distributed.py). Each rank steps its local shards with the fused kernels; the global gradient norm is one all-reduce of one scalar per norm.
+(sam_kernels/integrations/distributed.py). Each rank steps its local shards with the fused kernels;
+the global gradient norm is one all-reduce of one scalar per norm.
 Checked against one process on the full batch: the same weights to fp32 rounding, the same
 skipped steps (a NaN on one rank's shard skips the step on every rank), per-rank perturbation
 memory 1/world of a full copy, and clear errors for what is not supported."""
