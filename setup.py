@@ -1,14 +1,21 @@
-"""Build sam_kernels and its native extension sam_kernels._C.
+"""Build sam_kernels and its native extension sam_kernels._C (the metadata: pyproject.toml).
 
 The C++ CPU kernels are always built. The CUDA kernels in csrc/cuda are added when a CUDA
 toolkit and a CUDA build of torch are present, or when FORCE_CUDA=1. SAM_KERNELS_NO_EXT=1
 skips the extension (the package then runs on its Triton and pure-torch paths).
-Install with `pip install --no-build-isolation .` so the build uses the torch you have.
+`pip install --no-build-isolation .` builds it with the torch you have (the fast path); a plain
+`pip install .` builds in an isolated environment without torch, so the package is installed
+with the C++ sources (sam_kernels/_csrc) and builds the extension on first use
+(sam_kernels/ops/extension.py).
 """
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT_CSRC = "csrc"
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,8 +43,9 @@ def _extensions():
     except ImportError:
         # A build-isolated `pip install .` has no torch to build against: install the pure-Python
         # package (Triton and torch paths; it says so at import) rather than fail.
-        print("sam_kernels: torch is not importable at build time; building without the native extension "
-              "(use `pip install --no-build-isolation .` to build it)")
+        print("sam_kernels: torch is not importable at build time (pip's isolated build): the native extension "
+              "is built on first use instead (once, a few minutes); `pip install --no-build-isolation .` builds it "
+              "now with the torch you have")
         return [], {}
     _write_declarations()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -64,16 +72,23 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+class BuildPyWithSources(build_py):
+    """The package with the C++ sources in it (sam_kernels/_csrc): what a build on first use
+    compiles where the install built no extension."""
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:  # (an editable install finds the source tree's csrc/)
+            target = os.path.join(self.build_lib, "sam_kernels", "_csrc")
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(os.path.join(ROOT, ROOT_CSRC), target,
+                            ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
+
+
 ext_modules, cmdclass = _extensions()
 
 setup(
-    name="sam_kernels",
-    version="0.1.0",
-    description="Fused, multi-tensor sharpness-aware optimizers (SAM, ASAM, ...) for PyTorch",
     packages=find_packages(include=["sam_kernels", "sam_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton>=3.0"]},
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={**cmdclass, "build_py": BuildPyWithSources},
 )

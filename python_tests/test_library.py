@@ -96,3 +96,42 @@ def test_torch_compile_traces_through_the_ops_without_graph_breaks():
     assert torch.equal(n_eager, n_comp)
     for a, b in zip(params + bufs, eager[0] + eager[1]):
         assert torch.equal(a, b)
+
+
+def test_an_install_without_the_extension_builds_it_on_first_use_or_says_so_plainly():
+    """A build-isolated `pip install .` has no _C (.ci/install_check.sh installs that way and
+    builds it on first use): here the import of _C is refused; with SAM_KERNELS_NO_JIT=1 the one
+    warning says it was not built (not torch's "circular import"), and how to get it."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        class NoExtension:
+            def find_spec(self, name, path=None, target=None):
+                if name == "sam_kernels._C":
+                    raise ModuleNotFoundError("No module named 'sam_kernels._C'")
+        sys.meta_path.insert(0, NoExtension())
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import sam_kernels
+        msgs = [str(x.message) for x in w if "native extension" in str(x.message)]
+        assert len(msgs) == 1, msgs
+        assert "not built at install time" in msgs[0] and "circular" not in msgs[0], msgs[0]
+        assert "python -m sam_kernels.info" in msgs[0]
+        print("OK")
+    """)
+    env = dict(os.environ, SAM_KERNELS_NO_JIT="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("OK")
+
+
+def test_the_build_on_first_use_compiles_the_shipped_sources_into_a_versioned_cache(tmp_path, monkeypatch):
+    from sam_kernels.ops import extension
+
+    monkeypatch.setenv("SAM_KERNELS_CACHE", str(tmp_path))
+    plan = extension.jit_plan()
+    names = {os.path.relpath(s, extension.sources_root()) for s in plan["sources"]}
+    assert {"sam_kernels.cpp", "ops.cpp", "table.cpp", os.path.join("cpu", "perturb.cpp")} <= names
+    assert plan["with_cuda"] == (torch.version.cuda is not None and plan["with_cuda"])
+    assert not any(s.endswith(".cu") for s in plan["sources"]) or plan["with_cuda"]
+    assert plan["build_directory"].startswith(str(tmp_path)) and torch.__version__ in plan["build_directory"]
+    assert extension.jit_plan() == plan  # the same sources, the same cache
