@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sam_kernels-installed
 TEST_WORKERS ?= auto  # pytest-xdist workers (one per core); python_tests/conftest.py splits the threads
-DEPS := triton ninja numpy pytest pytest-xdist pytest-benchmark hypothesis scikit-learn tqdm pytorch_optimizer lightning matplotlib
+DEPS := triton ninja numpy pytest pytest-xdist pytest-benchmark hypothesis scikit-learn tqdm pytorch_optimizer lightning matplotlib transformers accelerate
 SOURCES := setup.py pyproject.toml sam_kernels/ops/primitives.py sam_kernels/ops/codegen.py $(wildcard csrc/*.cpp csrc/*.h csrc/generated/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: install test demo bench cuda-check clean

@@ -79,6 +79,9 @@ class MSAM(SharpnessAwareOptimizer):
         """One step with `closure` (computes the loss and its gradient; called once, at the
         perturbed point): first_step, closure(), second_step. Returns the closure's loss."""
         if closure is None:
+            if self._pending is not None or self._plain_pending:  # after first_step and the backward
+                self.second_step(grad_scaler=grad_scaler)
+                return None
             if self._lr_zero(self.param_groups):
                 self._init_state_for_checkpoint()
                 return None

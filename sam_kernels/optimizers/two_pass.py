@@ -172,13 +172,23 @@ class SharpnessAwareOptimizer(EngineOptimizer):
 
         Either way the step leaves .grad empty (None), so the next call sees no gradient until one
         is computed. When no SAM step is due (sam_step_due): a plain base step with the first
-        gradient (the first form does not call the closure and returns None)."""
+        gradient (the first form does not call the closure and returns None).
+
+        Without a closure (what trainers call: HF's Trainer through sam_kernels.integrations.hf,
+        Accelerate's wrapper): after first_step() (the second gradient computed by the caller), the
+        step's second_step(); when no SAM step is due, a base step with the gradient in .grad."""
         if closure is None:
+            if self._pending is not None or self._plain_pending:
+                self.second_step(grad_scaler=grad_scaler)
+                return None
+            if not self.sam_step_due and any(p.grad is not None for p in self.engine.param_list()):
+                self.base_step(grad_scaler=grad_scaler)
+                return None
             if self._lr_zero(self.param_groups):
                 self._init_state_for_checkpoint()
                 return None
             raise ValueError(f"{type(self).__name__}.step needs a closure that recomputes the loss and gradients "
-                             "(or use first_step / second_step)")
+                             "(or use first_step / second_step; step() without one completes a first_step())")
         given = any(p.grad is not None for p in self.engine.param_list())
         first_loss = None
         if not given:
