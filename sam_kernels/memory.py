@@ -218,7 +218,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m sam_kernels.memory", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small models and batches (CPU-sized)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where to run (default: %(default)s; CUDA: measured peaks, CPU: exact accounting)")
     ap.add_argument("--models", default="", help=f"comma-separated subset of {sorted(MODELS)}")
     ap.add_argument("--optimizers", default="", help=f"comma-separated subset of {OPTIMIZERS}")
     ap.add_argument("--batch", type=int, default=0, help="batch size (default 4 with --quick, else 128)")

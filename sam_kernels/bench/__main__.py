@@ -245,10 +245,11 @@ def plot(records, path: str) -> None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m sam_kernels.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m sam_kernels.bench", description=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CPU-sized run (ViT-S shapes, 16M flat), a couple of minutes")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="the device to time on (default: %(default)s)")
     ap.add_argument("--backends", default="", help="comma-separated subset of our backends (default: all available)")
     ap.add_argument("--compiled", choices=("auto", "yes", "no"), default="auto",
                     help="time a torch.compile'd SAM step too (auto: not with --quick: compiling takes a while)")
@@ -259,7 +260,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=0, help="training-step batch size (default 32 with --quick, else 128)")
     ap.add_argument("--json", default="", help="write the records as JSON here")
     ap.add_argument("--markdown", default="", help="write the table as markdown here")
-    ap.add_argument("--plot", default="", help="write a PNG of the results here")
+    ap.add_argument("--plot", default="", help="write the figures here: PATH.png (times) and, beside it, "
+                    "PATH-gbps.png, PATH-host.png and PATH-train.png (--quality: one figure)")
     ap.add_argument("--graphed", action="store_true",
                     help="instead: whole training steps eager and as CUDA graphs (sam_kernels/bench/graphed.py)")
     ap.add_argument("--quality", action="store_true",
