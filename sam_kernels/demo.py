@@ -113,7 +113,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m sam_kernels.demo", description=__doc__)
     ap.add_argument("--epochs", type=int, default=30, help="epochs per run (default: %(default)s)")
     ap.add_argument("--batch", type=int, default=64, help="batch size (default: %(default)s)")
-    ap.add_argument("--seeds", type=int, default=3, help="runs per optimizer (mean +- std over them; default: %(default)s)")
+    ap.add_argument("--seeds", type=int, default=3, help="runs per optimizer (mean +- std; default: %(default)s)")
     ap.add_argument("--json", help="write the rows (with every seed's accuracy) as JSON here")
     args = ap.parse_args(argv)
     if args.seeds < 1:
