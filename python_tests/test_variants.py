@@ -122,38 +122,33 @@ def test_follows_the_spec(name, backend, device, base):
         torch.testing.assert_close(p.detach().double(), q, **TRAJECTORY)
 
 
+def against_sam(make_ours):
+    """(ours, SAM's) weights after the same two-pass steps from the same start."""
+    data = batches()
+    ours, ref = mlp(), mlp()
+    pairs = ((ours, make_ours(ours.parameters())),
+             (ref, SAM(ref.parameters(), torch.optim.SGD, rho=0.05, backend="cpu", **BASES["sgd"][1])))
+    for batch in data:
+        for model, opt in pairs:
+            nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+            opt.first_step(zero_grad=True)
+            nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+            opt.second_step(zero_grad=True)
+    return list(ours.parameters()), list(ref.parameters())
+
+
 @pytest.mark.parametrize("name", ["gsam", "fsam"])
 def test_reduces_to_sam_bit_for_bit(name):
     """GSAM at alpha 0 and F-SAM at sigma 0 are SAM (the same kernels after a combination by 0)."""
-    data = batches()
-    ours = mlp()
-    opt = build(name, ours.parameters(), "sgd", **({"alpha": 0.0} if name == "gsam" else {"sigma": 0.0}))
-    ref = mlp()
-    sam = SAM(ref.parameters(), torch.optim.SGD, rho=0.05, backend="cpu", **BASES["sgd"][1])
-    for batch in data:
-        for model, o in ((ours, opt), (ref, sam)):
-            nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
-            o.first_step(zero_grad=True)
-            nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
-            o.second_step(zero_grad=True)
-    for p, q in zip(ours.parameters(), ref.parameters()):
+    ours, ref = against_sam(lambda ps: build(name, ps, "sgd", **({"alpha": 0.0} if name == "gsam" else {"sigma": 0.0})))
+    for p, q in zip(ours, ref):
         assert torch.equal(p, q)
 
 
 def test_looksam_with_k_1_is_sam():
     """Every step a SAM step; x_t comes back by recomputing the move (one rounding per step)."""
-    data = batches()
-    model = mlp()
-    opt = LookSAM(model.parameters(), torch.optim.SGD, rho=0.05, k=1, backend="cpu", **BASES["sgd"][1])
-    ref = mlp()
-    sam = SAM(ref.parameters(), torch.optim.SGD, rho=0.05, backend="cpu", **BASES["sgd"][1])
-    for batch in data:
-        for m, o in ((model, opt), (ref, sam)):
-            nn.functional.cross_entropy(m(batch[0]), batch[1]).backward()
-            o.first_step(zero_grad=True)
-            nn.functional.cross_entropy(m(batch[0]), batch[1]).backward()
-            o.second_step(zero_grad=True)
-    for p, q in zip(model.parameters(), ref.parameters()):
+    ours, ref = against_sam(lambda ps: LookSAM(ps, torch.optim.SGD, rho=0.05, k=1, backend="cpu", **BASES["sgd"][1]))
+    for p, q in zip(ours, ref):
         torch.testing.assert_close(p, q, **TRAJECTORY)
 
 
