@@ -91,13 +91,13 @@ def build(name, params, base, backend="cpu", **kw):
     return cls(params, base_cls, rho=0.05, backend=backend, **{**opts, **base_kw, **kw})
 
 
-def run(name, base, backend, data, scaler=None):
-    """Ours, through the two-pass API (LookSAM: base_step() between its SAM steps)."""
-    model = mlp()
+def run(name, base, backend, data, scaler=None, device="cpu"):
+    """Ours, through the two-pass API (LookSAM: base_step() between its SAM steps), on `device`."""
+    model = mlp().to(device)
     opt = build(name, model.parameters(), base, backend)
 
     def backward(batch):
-        loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
+        loss = nn.functional.cross_entropy(model(batch[0].to(device)), batch[1].to(device))
         (scaler.scale(loss) if scaler is not None else loss).backward()
     for batch in data:
         backward(batch)
@@ -117,9 +117,9 @@ def run(name, base, backend, data, scaler=None):
 @pytest.mark.parametrize("name", list(CLASSES))
 def test_follows_the_spec(name, backend, device, base):
     data = batches()
-    model, _ = run(name, base, backend, data)
+    model, _ = run(name, base, backend, data, device=device)
     for p, q in zip(model.parameters(), oracle(name, base, CLASSES[name][1], data)):
-        torch.testing.assert_close(p.detach().double(), q, **TRAJECTORY)
+        torch.testing.assert_close(p.detach().double().cpu(), q, **TRAJECTORY)
 
 
 def against_sam(make_ours):
