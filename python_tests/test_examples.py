@@ -129,3 +129,33 @@ def test_fsdp2_torchrun_example(optimizer, tmp_path):
         assert sum(per_rank) == full  # each rank holds its shards' copy only
     else:
         assert sum(per_rank) < full / 20  # nuSAM: a few vectors per matrix
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_accelerate_loop_is_our_two_pass_loop(bf16):
+    """examples/accelerate_sam.py on one CPU process: accumulation and (bf16) autocast through
+    Accelerate; fp32 equals the plain loop over the same micro-batches, bf16 trains to finite weights
+    near it."""
+    accelerate = pytest.importorskip("accelerate")
+    accelerate_sam = load("accelerate_sam")
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)  # one process, several setups
+
+    ours = accelerate_sam.train(accumulate=2, bf16=bf16)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.LayerNorm(32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 3))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(96, 10, generator=g), torch.randint(0, 3, (96,), generator=g)
+    opt = accelerate_sam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, max_grad_norm=1.0)
+    for step in range(6):
+        window = [(x[i:i + 8], y[i:i + 8]) for i in range(16 * step, 16 * step + 16, 8)]
+        for passes in ("first", "second"):
+            for xb, yb in window:
+                (torch.nn.functional.cross_entropy(model(xb), yb) / 2).backward()
+            (opt.first_step if passes == "first" else opt.second_step)(zero_grad=True)
+    for p, q in zip(ours, model.parameters()):
+        if bf16:
+            assert torch.isfinite(p).all()
+            torch.testing.assert_close(p, q.detach(), rtol=0.1, atol=0.02)
+        else:
+            torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
