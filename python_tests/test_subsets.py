@@ -32,6 +32,14 @@ def loss_of(model, b):
     return nn.functional.cross_entropy(model(b[0]), b[1])
 
 
+def sam_step(model, opt, b):
+    """One step through the two-pass API, both gradients on batch b."""
+    loss_of(model, b).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(model, b).backward()
+    opt.second_step(zero_grad=True)
+
+
 def test_sam_on_groups_are_the_normalization_layers_affine_parameters():
     model = model_with_norms()
     model[0].bias.requires_grad_(False)
@@ -90,10 +98,7 @@ def test_unperturbed_parameters_hold_no_copy(name):
     opt = make(name, sam_on_groups(model), torch.optim.SGD, lr=0.1, backend="cpu")
     b = batch()
     for _ in range(2):
-        loss_of(model, b).backward()
-        opt.first_step(zero_grad=True)
-        loss_of(model, b).backward()
-        opt.second_step(zero_grad=True)
+        sam_step(model, opt, b)
     norm_bytes = sum(p.numel() * p.element_size() for p in opt.param_groups[0]["params"])
     assert opt.memory_report()["perturbation"] == norm_bytes  # x_old of the LayerNorm and BatchNorm only
     assert all("old_p" not in opt.state[p] for p in opt.param_groups[1]["params"])
@@ -117,10 +122,7 @@ def test_nothing_perturbed_is_a_base_step(name, backend, device):
     ref = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
     b = batch()
     for _ in range(2):
-        loss_of(model, b).backward()
-        opt.first_step(zero_grad=True)
-        loss_of(model, b).backward()
-        opt.second_step(zero_grad=True)
+        sam_step(model, opt, b)
         ref.zero_grad()
         loss_of(ref_model, b).backward()
         ref.step()

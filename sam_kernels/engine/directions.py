@@ -28,6 +28,20 @@ from .norms import NormStage
 from .perturbations import CopyPass, GradientDirection, scratch
 
 
+def keep_gradients(engine, params, device):
+    """Buffers of a plan holding a copy of the first gradients of `params` (scratch(): one copy),
+    {id(p): view}, and keep() writing it (a bit copy by restore_; None without parameters). GSAM's
+    g for its second pass, LookSAM's g for its g_v."""
+    buffers, views = scratch(params, device)
+    keep = ops.bind("restore_", engine.backend_for(device, "restore_"), device,
+                    {"params": [views[id(p)] for p in params], "x_old": GradsOf(params)}) if params else None
+    return buffers, views, keep
+
+
+def _nbytes(buffers) -> int:
+    return sum(t.numel() * t.element_size() for t in buffers)
+
+
 def _device_scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     """A number as a device scalar of `like`'s dtype and device (a fill: no synchronization)."""
     return torch.full((), value, dtype=like.dtype, device=like.device)
@@ -45,12 +59,7 @@ class KeptGradient(GradientDirection):
         self.alpha = alpha
 
     def prepare(self, engine, first: CopyPass, work, device):
-        params = [p for _, ps in work for p in ps]
-        first.kept_buffers, first.kept = scratch(params, device)
-        backend = engine.backend_for(device, "restore_")
-        keep = ops.bind("restore_", backend, device, {"params": [first.kept[id(p)] for p in params],
-                                                      "x_old": GradsOf(params)}) if params else None
-        first.keep = keep
+        first.kept_buffers, first.kept, first.keep = keep_gradients(engine, [p for _, ps in work for p in ps], device)
         return GradsOf
 
     def before(self, first: CopyPass, raise_nonfinite: bool, scale=None) -> None:
@@ -80,7 +89,7 @@ class KeptGradient(GradientDirection):
     @staticmethod
     def nbytes(first) -> int:
         """The kept copy of g in a plan."""
-        return sum(t.numel() * t.element_size() for t in first.kept_buffers) if first is not None else 0
+        return _nbytes(first.kept_buffers) if first is not None else 0
 
 
 class FriendlyDirection(GradientDirection):
@@ -165,7 +174,7 @@ class FriendlyDirection(GradientDirection):
     @staticmethod
     def nbytes(first) -> int:
         """The d buffers of a plan."""
-        return sum(t.numel() * t.element_size() for t in first.d_buffers) if first is not None else 0
+        return _nbytes(first.d_buffers) if first is not None else 0
 
 
 LOOKSAM_KEY = "looksam_gv"  # g_v in the optimizer's own state (saved with its checkpoints)
@@ -183,13 +192,9 @@ class LookaheadPass(ShiftPass):
 
     def __init__(self, engine, work, device, owner):
         work = [(group, ps) for group, ps in work if group["perturb"] and ps]
-        params = [p for _, ps in work for p in ps]
-        self.kept_buffers, self.kept = scratch(params, device)
+        self.kept_buffers, self.kept, self.keep = keep_gradients(engine, [p for _, ps in work for p in ps], device)
         super().__init__(engine, work, device, self.kept, subtract=False)
         self.owner = owner
-        self.keep = ops.bind("restore_", engine.backend_for(device, "restore_"), device,
-                             {"params": [self.kept[id(p)] for p in params], "x_old": GradsOf(params)}) \
-            if params else None
 
     def perturb(self, raise_nonfinite: bool, scale=None) -> None:
         if self.keep is not None:
@@ -228,7 +233,7 @@ class LookaheadPass(ShiftPass):
     @staticmethod
     def nbytes(first) -> int:
         """The kept copy of g in a plan."""
-        return sum(t.numel() * t.element_size() for t in first.kept_buffers) if first is not None else 0
+        return _nbytes(first.kept_buffers) if first is not None else 0
 
 
 def reuse_prelude(engine, owner, params, device, alpha):
