@@ -6,6 +6,9 @@ from .ops import backends
 from .ops.backends import BackendUnavailableError
 from .optimizers import FSAM, GSAM, MSAM, LookSAM, PSAM, SAM, GaussSAM, NuSAM, ProportionalRho, SAMPa
 from .optimizers.subsets import sam_on_groups
+from .integrations.timm import register_when_imported as _register_in_timm
+
+_register_in_timm()  # our names in timm's optimizer registry, once timm's factory is imported
 
 __all__ = ["SAM", "NuSAM", "GaussSAM", "SAMPa", "PSAM", "MSAM", "GSAM", "FSAM", "LookSAM", "ProportionalRho",
            "sam_on_groups", "ops", "backends",
