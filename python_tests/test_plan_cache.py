@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from conftest import backend_cases
 from hypothesis import HealthCheck, settings
@@ -256,3 +257,25 @@ for _i, _case in enumerate(backend_cases("power_iteration_")):
             clip=0.05 if (_i + _j // 2) % 2 else None,
             examples=12 if _fast else 2, steps=10 if _fast else 6)
 del _i, _case, _backend, _device, _j, _name, _fast
+
+
+def test_python_fingerprints_equal_the_extensions():
+    """The plans' keys without the extension (ops/extension.py's Python loops) are the C loops'
+    (csrc/sam_kernels.cpp): same addresses, flags and absent / non-tensor markers."""
+    import struct
+
+    from sam_kernels.ops import extension as ext
+    if not ext.loaded():
+        pytest.skip("the native extension is not built")
+    ints = lambda b: struct.unpack(f"{len(b) // 8}q", b)  # noqa: E731  (the C loops' packed int64s)
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5)),
+              torch.nn.Parameter(torch.randn(2, 6).t())]
+    params[0].grad = torch.randn(4, 3).t()  # not contiguous
+    params[2].grad = torch.randn(6, 2)
+    structure, grads = ext._fingerprint_py(params)
+    c_structure, c_grads = ext._C.fingerprint(params)
+    assert [v for pair in structure for v in pair] == list(ints(c_structure)) and grads == ints(c_grads)
+    state = {params[0]: {"momentum_buffer": torch.zeros(3, 4), "step": 3.0}, params[2]: {}}
+    keys = ("momentum_buffer", "step", "exp_avg")
+    assert ext._state_fingerprint_py(state, params, keys) == ints(ext._C.state_fingerprint(state, params, keys))
+    assert set(state) == {params[0], params[2]}  # no entry created

@@ -136,15 +136,21 @@ def load_error() -> str | None:
     return _ERROR
 
 
+def _address(t) -> int:
+    """t's data pointer, 0 for a tensor without storage (as the C loops: at::Tensor::has_storage;
+    torch.Tensor has no such method)."""
+    return t.data_ptr() if torch._C._has_storage(t) else 0
+
+
 def _fingerprint_py(params) -> tuple:
     """What _C.fingerprint computes (without the extension)."""
     structure, grads = [], []
     for p in params:
         g = p.grad
         strided = g is None or g.layout is torch.strided
-        structure.append((p.data_ptr(), (g is not None) | strided << 1
+        structure.append((_address(p), (g is not None) | strided << 1
                           | (g is None or not strided or g.is_contiguous()) << 2 | p.is_contiguous() << 3))
-        grads.append(g.data_ptr() if g is not None and strided else 0)
+        grads.append(_address(g) if g is not None and strided else 0)
     return tuple(structure), tuple(grads)
 
 
@@ -162,7 +168,7 @@ def _state_fingerprint_py(state, params, keys) -> tuple:
         entry = state.get(p)  # dict.get: no entry is created
         for k in keys:
             v = entry.get(k) if isinstance(entry, dict) else None
-            out.append(0 if v is None else v.data_ptr() if torch.is_tensor(v) and v.has_storage() else 1)
+            out.append(0 if v is None else v.data_ptr() if torch.is_tensor(v) and torch._C._has_storage(v) else 1)
     return tuple(out)
 
 
