@@ -167,14 +167,17 @@ def measure(name: str, model_name: str, device, batch_size: int, fsdp: bool = Fa
         peak = tracker.peak
     record = {"optimizer": name, "model": model_name, "device": device_name(device), "batch": batch_size,
               "params_bytes": _nbytes(params), "grads_bytes": _nbytes(params), "state_bytes": state,
-              "perturbation_bytes": perturbation, "peak_bytes": peak}
+              "perturbation_bytes": perturbation, "peak_bytes": peak,
+              "peak_method": "measured" if torch.device(device).type == "cuda" else "exact tensor accounting"}
     if fsdp:
         record.update(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size())
     return record
 
 
 def table(records) -> str:
-    lines = ["| model | optimizer | params MiB | state MiB | perturbation MiB | peak MiB | peak - SGD's, % of params |",
+    methods = sorted({r.get("peak_method", "") for r in records} - {""})
+    lines = ([f"peak: {', '.join(methods)}", ""] if methods else []) + [
+             "| model | optimizer | params MiB | state MiB | perturbation MiB | peak MiB | peak - SGD's, % of params |",
              "|---|---|---|---|---|---|---|"]
     def where(r):  # under FSDP2, each rank's own row
         return r["model"] + (f" (rank {r['rank']} of {r['world']})" if "rank" in r else "")
@@ -191,7 +194,8 @@ def table(records) -> str:
 
 def plot(records, path: str) -> None:
     """A stacked bar per optimizer (parameters, gradients, state, perturbation, the rest of the
-    peak: activations and temporaries), one panel per model."""
+    peak: activations and temporaries), one panel per model, its title saying how the peak was
+    taken (measured on CUDA, exact tensor accounting on CPU)."""
     plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in records))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models) + 2.5, 4.5), squeeze=False)
@@ -206,7 +210,7 @@ def plot(records, path: str) -> None:
                     for r in rows]
             ax.bar(names, vals, bottom=bottom, label=label)
             bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.set_title(f"{m} ({rows[0]['device']})", fontsize=12)
+        ax.set_title(f"{m} ({rows[0]['device']})\npeak: {rows[0].get('peak_method', 'n/a')}", fontsize=12)
         ax.set_ylabel("MiB", fontsize=11)
         ax.tick_params(axis="x", labelsize=10, rotation=30)
     # beside the panels, never over a bar

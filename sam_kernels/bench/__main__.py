@@ -25,7 +25,7 @@ from .cases import (BYTES_PER_ELEMENT, compiled_sam_case, foreach_sam_case, loop
                     torch_sgd_case)
 from .cases import sampa_step_case
 from .models import MODELS
-from .output import colour, progress, pyplot, save_figure, sibling, write_text
+from .output import colour, implementation, param_set, progress, pyplot, save_figure, sibling, write_text
 from .shapes import PARAM_SETS, numel
 from .timing import copy_bandwidth_gbps, device_name, host_ms_interleaved, median_ms_interleaved
 from .graphed import run_graphed
@@ -149,13 +149,17 @@ def run(args) -> list[dict]:
 
 
 def table(records) -> str:
+    """Every timed case, implementations in words; each ratio is the peer's time over this row's
+    (above 1: this row is faster), all from this run; GB/s counts the op's floor bytes (cases.py)."""
     copy = next(r for r in records if r["op"] == "copy")
+    peers = ("torch", "loop", "foreach", "peer_sam", "compiled")
     lines = [f"device: {copy['device']}; copy bandwidth {copy['gbps']:.1f} GB/s (read + write)", "",
-             "| params | op | backend | tensors | numel | median ms | GB/s | of copy "
-             "| speed-up vs torch | vs loop | vs foreach | vs peer_sam | vs compiled |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| parameters | op | implementation | tensors | numel | median ms | GB/s | of copy | "
+             + " | ".join(f"vs {implementation(p)}" for p in peers) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(peers)]
     rows = [r for r in records if r["op"] not in ("copy", "train_step")]
     ref = {(r["params"], r["op"], r["backend"]): r["median_ms"] for r in rows}
+    starred = False
     for r in rows:
         def ratio(peer):
             t = ref.get((r["params"], r["op"], peer))
@@ -163,9 +167,12 @@ def table(records) -> str:
         host = r.get("metric") == "host"  # host time per call: bandwidth means nothing there
         ms = f"{r['median_ms']:.3f}" + (" (host)" if host else "")
         gbps, frac = ("", "") if host else (f"{r['gbps']:.1f}", f"{r['frac_of_copy']:.0%}")
-        lines.append(f"| {r['params']} | {r['op']} | {r['backend']} | {r['tensors']} | {r['numel']:,} | {ms} | "
-                     f"{gbps} | {frac} | {ratio('torch')} | {ratio('loop')} | {ratio('foreach')} | "
-                     f"{ratio('peer_sam')} | {ratio('compiled')} |")
+        if not host and r["frac_of_copy"] > 1:
+            frac, starred = frac + " *", True
+        lines.append(f"| {param_set(r['params'])} | {r['op']} | {implementation(r['backend'])} | {r['tensors']} | "
+                     f"{r['numel']:,} | {ms} | {gbps} | {frac} | " + " | ".join(ratio(p) for p in peers) + " |")
+    if starred:
+        lines += ["", ABOVE_COPY.replace("\n ", "")]
     train = train_table(records)
     return "\n".join(lines) + ("\n\nWhole training steps (median ms; ratios of the same run):\n\n" + train
                                if train else "")
@@ -176,9 +183,10 @@ ABOVE_COPY = ("* above the copy bandwidth: a copy moves 3 bytes per byte it writ
               "in the caches (CPU; small sets on a GPU)")
 
 
-def _bars(plt, records, value, label, title, path, limit=None):
+def _bars(plt, records, value, label, title, path, limit=None, log=False):
     """One figure of one quantity: a panel per parameter set, ops along x, one bar (and one
-    colour) per implementation. limit: a dashed line (the copy), bars above it starred."""
+    colour) per implementation, named in words. limit: a dashed line (the copy), bars above it
+    starred; log: a log scale (host times span two decades)."""
     sets = list(dict.fromkeys(r["params"] for r in records))
     fig, axes = plt.subplots(len(sets), 1, figsize=(12, 4.6 * len(sets)), squeeze=False)
     starred = False
@@ -194,7 +202,7 @@ def _bars(plt, records, value, label, title, path, limit=None):
                 if impl in present:
                     xs.append(i + (present.index(impl) - (len(present) - 1) / 2) * width)
                     ys.append(value(next(r for r in rows if r["op"] == op and r["backend"] == impl)))
-            ax.bar(xs, ys, width=width, color=colour(impl), label=impl)
+            ax.bar(xs, ys, width=width, color=colour(impl), label=implementation(impl))
             for x, y in zip(xs, ys):
                 if limit is not None and y > limit:
                     ax.annotate("*", (x, y), ha="center", va="bottom", fontsize=12)
@@ -202,8 +210,10 @@ def _bars(plt, records, value, label, title, path, limit=None):
         if limit is not None:
             ax.axhline(limit, linestyle="--", color="k", linewidth=1)
         ax.set_xticks(range(len(ops)), ops, fontsize=10, rotation=25, ha="right")
+        if log:
+            ax.set_yscale("log")
         ax.set_ylabel(label, fontsize=11)
-        ax.set_title(f"{title}: {name}", fontsize=12)
+        ax.set_title(f"{title}: {param_set(name)}", fontsize=12)
         ax.tick_params(axis="y", labelsize=10)
         ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if starred:
@@ -212,9 +222,9 @@ def _bars(plt, records, value, label, title, path, limit=None):
 
 
 def plot(records, path: str) -> None:
-    """One figure per quantity, never two on one axis: `path` the fraction of the copy bandwidth
-    (measured in the same run) of every device-timed case, `-gbps` its GB/s, `-host` the host's
-    ms per step (host_152), `-train` the whole training steps' ms."""
+    """One message per figure: `path` how close each device-timed case comes to the copy bandwidth
+    measured in the same run (GB/s are in the table), `-host` the host's ms per step (ViT-B's 152
+    small tensors, log scale), `-train` the whole training steps' ms."""
     plt = pyplot()
     copy = next(r for r in records if r["op"] == "copy")
     device = [r for r in records if r["op"] not in ("copy", "train_step") and r.get("metric") != "host"]
@@ -223,11 +233,9 @@ def plot(records, path: str) -> None:
     where = f"{copy['device']}, copy {copy['gbps']:.0f} GB/s"
     _bars(plt, device, lambda r: 100 * r["frac_of_copy"], "% of the copy bandwidth",
           f"fraction of the copy ({where})", path, limit=100.0)
-    _bars(plt, device, lambda r: r["gbps"], "GB/s (floor bytes / time)", f"bandwidth ({where})",
-          sibling(path, "gbps"), limit=copy["gbps"])
     if host:
-        _bars(plt, host, lambda r: r["median_ms"], "ms of host time per call", f"host time ({copy['device']})",
-              sibling(path, "host"))
+        _bars(plt, host, lambda r: r["median_ms"], "ms of host time per call (log scale)",
+              f"host time per step ({copy['device']})", sibling(path, "host"), log=True)
     if train:
         fig, ax = plt.subplots(figsize=(11, 4.5))
         models = list(dict.fromkeys(r["model"] for r in train))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .. import PSAM, SAM, GaussSAM, NuSAM, SAMPa, make_graphed_step
 from .models import MODELS
+from .output import optimizer_name
 from .timing import device_name
 
 KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -237,13 +238,14 @@ def table(records) -> str:
     if not rows:
         return ""
     ms = {(r["model"], r["case"]): r["median_ms"] for r in rows}
-    lines = ["| model | batch | dtype | case | graphed | median ms (min-max) | vs eager SGD | vs graphed SGD "
-             "| vs peer graph | warm-up + capture s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | dtype | step | graphed | median ms (min-max) | vs eager SGD | vs graphed SGD "
+             "| vs torch-only SAM graphed by hand | warm-up + capture s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def ratio(case):
             t = ms.get((r["model"], case))
             return f"{r['median_ms'] / t:.2f}x" if t else ""
-        lines.append(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['case']} | {'yes' if r['graphed'] else 'no'} "
+        lines.append(f"| {r['model']} | {r['batch']} | {r['dtype']} | {optimizer_name(r['case'])} | "
+                     f"{'yes' if r['graphed'] else 'no'} "
                      f"| {r['median_ms']:.2f} ({r['min_ms']:.2f}-{r['max_ms']:.2f}) | {ratio('sgd')} | "
                      f"{ratio('sgd_graphed')} | {ratio('peer_sam_graphed')} | {r['setup_s']:.2f} |")
     return "\n".join(lines)

@@ -42,15 +42,60 @@ def sibling(path: str, suffix: str) -> str:
     return f"{stem}-{suffix}{ext or '.png'}"
 
 
-# one colour per implementation, the same in every figure
-IMPLEMENTATIONS = ("cpu", "cuda", "triton", "torch", "foreach", "loop", "peer_sam", "compiled", "torch_foreach",
-                   "torch_fused")
+# each implementation: its name in words (tables, legends) and one colour, the same in every figure
+IMPLEMENTATIONS = {
+    "cpu": "ours, C++ (CPU)",
+    "cuda": "ours, CUDA C++",
+    "triton": "ours, Triton",
+    "torch": "ours, torch ops (the reference)",
+    "foreach": "foreach SAM (20 lines of torch)",
+    "loop": "per-parameter loop",
+    "peer_sam": "pytorch-optimizer's SAM",
+    "compiled": "torch.compile'd SAM",
+    "torch_foreach": "torch SGD, foreach (no SAM)",
+    "torch_fused": "torch SGD, fused (no SAM)",
+}
+PARAM_SET_NAMES = {
+    "vit_s": "ViT-S/16 shapes (22M parameters, 152 tensors)",
+    "vit_b": "ViT-B/16 shapes (86.6M parameters, 152 tensors)",
+    "flat_16m": "one tensor of 16M elements",
+    "flat_128m": "one tensor of 134M elements",
+    "host_152": "host time: ViT-B's 152 tensors at 256 elements each",
+    "tiny": "four odd-sized tensors",
+}
+
+
+# the optimizers of the training-step tables (train.py, graphed.py), in words
+OPTIMIZER_NAMES = {"sgd": "SGD", "sam": "SAM", "nusam": "nuSAM", "psam": "PSAM", "sampa": "SAMPa",
+                   "peer_sam": "pytorch-optimizer's SAM", "msam": "MSAM", "gsam": "GSAM", "fsam": "F-SAM",
+                   "looksam": "LookSAM", "asam": "ASAM", "gausssam": "GaussSAM",
+                   "peer_sam_graphed": "torch-only SAM, graphed by hand"}  # graphed.py's peer
+
+
+def optimizer_name(case: str) -> str:
+    """A training-step case (sam, sampa_graphed, peer_sam_graphed, ...) in words."""
+    if case in OPTIMIZER_NAMES:
+        return OPTIMIZER_NAMES[case]
+    graphed = case.endswith("_graphed")
+    base = case[: -len("_graphed")] if graphed else case
+    return OPTIMIZER_NAMES.get(base, base) + (", graphed" if graphed else "")
+
+
+def implementation(name: str) -> str:
+    """The implementation a record's `backend` names, in words."""
+    return IMPLEMENTATIONS.get(name, name)
+
+
+def param_set(name: str) -> str:
+    """A parameter set (sam_kernels/bench/shapes.py) in words."""
+    return PARAM_SET_NAMES.get(name, name)
 
 
 def colour(name: str) -> str:
     palette = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
                "tab:olive", "tab:cyan")
-    return palette[IMPLEMENTATIONS.index(name) % len(palette)] if name in IMPLEMENTATIONS else "black"
+    names = list(IMPLEMENTATIONS)
+    return palette[names.index(name) % len(palette)] if name in names else "black"
 
 
 def pyplot():

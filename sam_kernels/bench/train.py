@@ -10,6 +10,7 @@ import torch
 
 from .. import PSAM, SAM, NuSAM, SAMPa
 from .models import MODELS, SIZES, cross_entropy, synthetic_batches
+from .output import optimizer_name
 from .timing import device_name, median_ms_interleaved
 
 OPTIMIZERS = ("sgd", "sam", "nusam", "psam", "sampa", "peer_sam")
@@ -127,6 +128,7 @@ def table(records) -> str:
     for r in rows:
         sgd, sam = ms.get((r["model"], "sgd")), ms.get((r["model"], "sam"))
         peak = f"{r['peak_bytes'] / 2**20:.1f}"
-        lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['optimizer']} | {r['median_ms']:.1f} | "
+        lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {optimizer_name(r['optimizer'])} | "
+                     f"{r['median_ms']:.1f} | "
                      f"{r['median_ms'] / sgd:.2f}x | {r['median_ms'] / sam:.2f}x | {peak} |")
     return "\n".join(lines)
