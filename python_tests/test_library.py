@@ -60,9 +60,11 @@ def test_without_the_extension_the_package_still_works():
         assert "SAM_KERNELS_DISABLE_EXT" in msgs[0] and "'cpu' and 'cuda' backends are unavailable" in msgs[0]
         assert sam_kernels.backends.resolve("auto", torch.device("cpu")) == "torch"
         m = torch.nn.Linear(4, 2)
-        opt = sam_kernels.SAM(m.parameters(), torch.optim.SGD, lr=0.1)
-        m(torch.randn(3, 4)).sum().backward()
-        opt.step(lambda: m(torch.randn(3, 4)).sum().backward())
+        for base, kw in ((torch.optim.SGD, dict(momentum=0.9)), (torch.optim.AdamW, {})):
+            opt = sam_kernels.SAM(m.parameters(), base, lr=0.1, **kw)
+            for _ in range(2):  # the second step's plan key reads the state the first made
+                m(torch.randn(3, 4)).sum().backward()
+                opt.step(lambda: m(torch.randn(3, 4)).sum().backward())
         try:
             sam_kernels.SAM(m.parameters(), torch.optim.SGD, lr=0.1, backend="cpu")
         except sam_kernels.BackendUnavailableError as e:
