@@ -7,10 +7,11 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sam_kernels-installed
 TEST_WORKERS ?= auto  # pytest-xdist workers (one per core); python_tests/conftest.py splits the threads
+DOCS_DEPS := mkdocs mkdocstrings-python  # make docs only
 DEPS := triton ninja numpy pytest pytest-xdist pytest-benchmark hypothesis scikit-learn tqdm pytorch_optimizer lightning matplotlib transformers accelerate
 SOURCES := setup.py pyproject.toml sam_kernels/ops/primitives.py sam_kernels/ops/codegen.py $(wildcard csrc/*.cpp csrc/*.h csrc/generated/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install test demo bench cuda-check clean
+.PHONY: install test demo bench docs cuda-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +38,12 @@ demo: install
 bench: install
 	$(BIN)/python -m sam_kernels.bench --quick --json bench/results/cpu-quick.json
 
+docs: install  # the site from docs/ and the docstrings (mkdocs.yml), into site/; warnings are errors
+	$(BIN)/python -m pip install -q $(DOCS_DEPS) "$(TORCH_SPEC)"
+	$(BIN)/python -m mkdocs build --strict
+
 cuda-check:
 	bash .ci/cuda_build_check.sh
 
 clean:
-	rm -rf build *.egg-info sam_kernels/_C*.so $(STAMP)
+	rm -rf build site *.egg-info sam_kernels/_C*.so $(STAMP)

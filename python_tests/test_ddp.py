@@ -110,7 +110,7 @@ def test_m_sharpness_keeps_ranks_identical():
 def test_m_sharpness_nusam_ranks_agree_to_rounding():
     """nuSAM removes its rank-1 term by recomputing it (no stored copy): with per-rank
     perturbations (m-SAM) each rank restores x_t to within its own rounding, so the ranks agree
-    to rounding, not bit for bit (README, "Distributed"). The synchronized first pass above is
+    to rounding, not bit for bit (docs/guides/distributed.md). The synchronized first pass above is
     bit-identical."""
     ranks = [r["nusam"] for r in run_ranks(["nusam"], m_sharpness=True)]
     torch.testing.assert_close(ranks[0], ranks[1], **FP64)

@@ -1,4 +1,4 @@
-"""The guarantees of README.md at their edges, for every optimizer class of optim_db.py: duplicate
+"""The guarantees of docs/guides/guarantees.md at their edges, for every optimizer class of optim_db.py: duplicate
 parameters, copies (deepcopy, pickle, torch.save), add_param_group, sparse gradients, non-finite
 values in any gradient of either pass, non-finite hyperparameters, GaussSAM's random stream in
 state_dict, a base optimizer instance given as params."""
@@ -342,7 +342,7 @@ def test_nonfinite_anywhere_skips_bit_for_bit(name, backend, device, where, valu
     weights, base_state, ours, steps = snapshot(model, opt)
     if not restores_exactly(name) and where[0] == "second":
         # perturbed before the bad gradient showed: the move (nuSAM's rank-1 term, LookSAM's) is
-        # removed by recomputing it, within one rounding of x_t (no copy of the weights; README.md says so)
+        # removed by recomputing it, within one rounding of x_t (no copy of the weights: docs/guides/algorithms.md)
         for w, w0 in zip(weights, before[0]):
             torch.testing.assert_close(w, w0, **ROUNDING)
         weights = before[0]
@@ -371,7 +371,7 @@ def test_nonfinite_anywhere_sampa(where, param):
     before = snapshot(model, opt)
     poison["on"] = True
     opt.step((*data(2), 2))
-    # weights and the base state as they were; g_y and the kept batch move on (README.md, SAMPa)
+    # weights and the base state as they were; g_y and the kept batch move on (docs/guides/sampa.md)
     assert_same(snapshot(model, opt)[:2], before[:2])
     assert opt.skipped_steps == 1
 

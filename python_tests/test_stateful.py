@@ -379,7 +379,7 @@ class SAMPaMachine(RuleBasedStateMachine):
             opt.step(batch)
         (m0, o0), (m1, o1) = self.pairs
         # a bad batch is read by two passes: the y-pass of the step that brings it and the x~-pass
-        # of the next one (README.md, SAMPa): both steps are skipped
+        # of the next one (docs/guides/sampa.md): both steps are skipped
         counts = [b is not None and (b[0] != "2.bias" or self.grouped) for b in (bad, self.last_bad)]
         self.last_bad = bad
         if any(counts):

@@ -45,7 +45,8 @@ class SAMTrainer(Trainer):
         sam_kwargs: its own options (rho, ...); the base optimizer's come from the
             TrainingArguments (learning rate, weight decay groups, betas, eps) as the Trainer
             makes them.
-        The others: transformers.Trainer's.
+
+    The others: transformers.Trainer's.
     """
 
     def __init__(self, *args, sam_class: type = SAM, sam_kwargs: dict | None = None, **kwargs):

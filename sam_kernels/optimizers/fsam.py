@@ -27,8 +27,9 @@ class FSAM(SAM):
     Args:
         sigma: the weight of the full-gradient estimate removed from g (paper default 1).
         lam: lambda, the decay of the EMA m of the first gradients (paper default 0.9).
-        The others as for SAM (rho, adaptive, backend, nonfinite, start_step, max_grad_norm,
-        perturb per group, capturable, the base optimizer's options).
+
+    The others as for SAM (rho, adaptive, backend, nonfinite, start_step, max_grad_norm,
+    perturb per group, capturable, the base optimizer's options).
     """
 
     _own_state_keys = (FriendlyDirection.KEY,)

@@ -71,8 +71,9 @@ class GSAM(SAM):
         alpha: the weight of the surrogate-gap term (paper default 0.4; 0 is SAM); read on every
             step (opt.alpha may be changed between steps).
         rho: a number, a callable step -> rho, or ProportionalRho(...) (GSAM's schedule).
-        The others as for SAM (adaptive, backend, nonfinite, start_step, max_grad_norm, perturb
-        per group, capturable, the base optimizer's options).
+
+    The others as for SAM (adaptive, backend, nonfinite, start_step, max_grad_norm, perturb
+    per group, capturable, the base optimizer's options).
 
     second_step() leaves d in .grad (as clip_grad_norm_ leaves the clipped gradient): zero it,
     or pass zero_grad=True. With subset perturbation the correction is over the perturbed

@@ -63,8 +63,9 @@ class LookSAM(SharpnessAwareOptimizer):
         rho: perturbation radius (per group: a 'rho' key), or a callable step -> rho.
         perturb: per param group (default True): False leaves the group unperturbed and without
             a reused direction (subset perturbation).
-        The others as for SAM (backend, nonfinite, start_step: plain base steps before it,
-        max_grad_norm, capturable, the base optimizer's options).
+
+    The others as for SAM (backend, nonfinite, start_step: plain base steps before it,
+    max_grad_norm, capturable, the base optimizer's options).
 
     base_step() on the steps between SAM steps leaves g + alpha (||g|| / ||g_v||) g_v in .grad
     (as clip_grad_norm_ leaves the clipped gradient): zero it, or pass zero_grad=True.

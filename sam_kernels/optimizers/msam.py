@@ -36,8 +36,9 @@ class MSAM(SharpnessAwareOptimizer):
     Args:
         rho: perturbation radius (per group: a 'rho' key), or a callable step -> rho.
         perturb: per param group (default True): False leaves it unperturbed (subset perturbation).
-        The others as for SAM (backend, nonfinite, start_step, max_grad_norm, capturable, the base
-        optimizer's options). SGD needs momentum > 0 (its buffer is the direction).
+
+    The others as for SAM (backend, nonfinite, start_step, max_grad_norm, capturable, the base
+    optimizer's options). SGD needs momentum > 0 (its buffer is the direction).
     """
 
     def __init__(self, params=None, base_optimizer=torch.optim.SGD, rho=0.3, backend: str = "auto",

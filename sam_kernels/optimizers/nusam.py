@@ -31,7 +31,8 @@ class NuSAM(SharpnessAwareOptimizer):
         start_step: plain base steps before it (perturbation delay). Those steps move one gradient
             and do not run the power iteration: the first SAM step starts from the seeded vectors
             (raise power_iters if one iteration from a random start is too rough for you).
-        rho may be a callable step -> rho, as for SAM.
+
+    rho may be a callable step -> rho, as for SAM.
     """
 
     def __init__(self, params=None, base_optimizer=torch.optim.AdamW, rho: float = 0.1, power_iters: int = 1,

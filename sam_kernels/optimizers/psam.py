@@ -33,10 +33,11 @@ class PSAM(SAM):
         period: n, the spacing of SAM steps before dense_from (step t is a SAM step when t % n == 0).
         dense_from: E, the step from which every step is a SAM step (None: never).
         start_step: plain base steps before it, whatever the schedule says.
-        The others as for SAM. With step(closure) the closure runs only on SAM steps (in the form
-        where the first gradient is given); two-step users read `sam_step_due` and call
-        `base_step()` on the other steps (or call first_step() / second_step() anyway:
-        first_step() then perturbs nothing and second_step() is a base step).
+
+    The others as for SAM. With step(closure) the closure runs only on SAM steps (in the form
+    where the first gradient is given); two-step users read `sam_step_due` and call
+    `base_step()` on the other steps (or call first_step() / second_step() anyway:
+    first_step() then perturbs nothing and second_step() is a base step).
     """
 
     def __init__(self, params=None, base_optimizer=torch.optim.SGD, rho=0.05, period: int = 20,

@@ -218,7 +218,7 @@ class SAMPa(EngineOptimizer):
         """One SAMPa step with the new minibatch `batch`; returns the detached loss of the y-pass,
         f(y_{t+1}; batch). An exception in loss_fn leaves model and optimizer as they were, but
         one in the x~-pass of a step in turn, which loses g_y: the next step is a step 0 again
-        (README.md, SAMPa; sampa_passes.InTurn).
+        (docs/guides/sampa.md; sampa_passes.InTurn).
 
         grad_scaler: a torch.amp.GradScaler (fp16): each pass backpropagates the loss times its
         scale and unscales its gradients in place (a device scalar, no host read), and the scaler

@@ -101,7 +101,7 @@ def scratch(params) -> list:
 
 class InTurn:
     """Both passes, one after the other, holding two parameter sets above SGD at any time
-    (SGD: x_t and a gradient; README.md, SAMPa, "Memory"; bench/NOTES.md):
+    (SGD: x_t and a gradient; docs/guides/sampa.md, "Memory"; bench/NOTES.md):
       y-pass   x_t, y (scratch), g_y, g_y' (built by autograd as SGD's gradient is)
       x~-pass  x~ (the model's parameters, perturbed in place), x_t (in y's storage), g_y', g~
     g_y is released once x~ is made from it, so the y-pass, which takes the new batch, goes first:

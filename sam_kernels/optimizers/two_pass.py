@@ -7,7 +7,7 @@ gradients, the optimizer runs the passes between them on the step engine:
     second_step   plan "second"  the guard, then the fused base update restoring x_t
                                  (engine/updates.py)
     base_step     plan "base"    the guard, then the fused base update from x itself
-    step(closure)                both, with the closure computing the gradients (two forms: README)
+    step(closure)                both, the closure computing the gradients (two forms, docs/guides/training-loops.md)
 """
 from __future__ import annotations
 
