@@ -17,11 +17,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python $(SOURCES)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q $(DEPS) "$(TORCH_SPEC)"  # keeps torch pinned (lightning depends on torch)
-	$(BIN)/python -m pip install -q --no-build-isolation -e .
-	touch $(STAMP)
+	@echo "[1/4] pip" && $(BIN)/python -m pip install -q --upgrade pip
+	@echo "[2/4] $(TORCH_SPEC)" && $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	@echo "[3/4] triton, ninja and the test tools" && \
+	  $(BIN)/python -m pip install -q $(DEPS) "$(TORCH_SPEC)"  # keeps torch pinned (lightning depends on torch)
+	@echo "[4/4] sam_kernels and its C++ extension (ninja, one job per core: ~4 min on 2 cores; CUDA kernels too when nvcc and a CUDA torch are here)" && \
+	  $(BIN)/python -m pip install -q --no-build-isolation -e .
+	@touch $(STAMP) && echo "installed: $(BIN)/python -m sam_kernels.info reports what was built"
 
 install: $(STAMP)
 
