@@ -11,7 +11,7 @@ DOCS_DEPS := mkdocs mkdocstrings-python  # make docs only
 DEPS := triton ninja numpy pytest pytest-xdist pytest-benchmark hypothesis scikit-learn tqdm pytorch_optimizer lightning matplotlib transformers accelerate
 SOURCES := setup.py pyproject.toml sam_kernels/ops/primitives.py sam_kernels/ops/codegen.py $(wildcard csrc/*.cpp csrc/*.h csrc/generated/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install test demo bench docs cuda-check clean
+.PHONY: install test test-slow test-all demo bench docs cuda-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,16 @@ $(STAMP): $(BIN)/python $(SOURCES)
 
 install: $(STAMP)
 
-test: install
-	$(BIN)/python -m pytest python_tests -q -p no:cacheprovider -n $(TEST_WORKERS)
+PYTEST := $(BIN)/python -m pytest python_tests -q -p no:cacheprovider -n $(TEST_WORKERS)
+
+test: install  # the fast tier: every kernel on every backend, every optimizer on C++ and torch
+	$(PYTEST) -m "not slow"
+
+test-slow: install  # the rest (python_tests/conftest.py): Triton sequences, multi-process, the CLIs
+	$(PYTEST) -m slow
+
+test-all: install
+	$(PYTEST)
 
 demo: install
 	$(BIN)/python -m sam_kernels.demo --json demo_out/demo.json

@@ -128,3 +128,20 @@ def pairwise(dims: dict, valid=None) -> list:
 def _product(ranges):
     import itertools
     return itertools.product(*ranges)
+
+
+# Two tiers. `make test` (everyone's feedback loop, within 8 minutes on 2 cores with the install)
+# runs every kernel of every backend (the Triton kernels through the interpreter in test_ops.py
+# and test_sampa_ops.py) and every optimizer on the C++ and torch backends; the `slow` tier
+# (`make test-slow`; .ci/run runs both) adds what costs minutes there: the optimizers' sequences
+# on the Triton interpreter, the multi-process runs (DDP, FSDP2, SAMPa's ranks, torchrun
+# examples) and the command-line tools end to end.
+SLOW_FILES = {"test_fsdp.py", "test_ddp.py", "test_sampa_distributed.py", "test_examples.py", "test_cli.py"}
+TRITON_IN_THE_FAST_TIER = {"test_ops.py", "test_sampa_ops.py", "test_op_registry.py", "test_triton_ptx.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        if name in SLOW_FILES or ("triton" in item.nodeid and name not in TRITON_IN_THE_FAST_TIER):
+            item.add_marker(pytest.mark.slow)
