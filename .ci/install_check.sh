@@ -24,7 +24,7 @@ print("smoke OK:", sam_kernels._C.__file__)
 venv() {
   "$PYTHON" -m venv "$WORK/$1"
   "$WORK/$1/bin/python" -m pip install -q --upgrade pip
-  "$WORK/$1/bin/python" -m pip install -q "$TORCH_SPEC"
+  "$WORK/$1/bin/python" -m pip install -q --no-compile "$TORCH_SPEC"  # byte-compiling torch: a minute per venv
 }
 
 echo "install-check: pip install . (build isolation: the extension built on first use)"
