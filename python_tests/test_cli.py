@@ -93,7 +93,8 @@ def test_bench_cli_quick_records(tmp_path):
     text = md.read_text()
     assert "| resnet20 | small | 32 | SAMPa |" in text
     # implementations and parameter sets in words, never the records' keys
-    assert "ours, C++ (CPU)" in text and "pytorch-optimizer's SAM" in text and "host time: ViT-B's 152" in text
+    assert "ours, C++ (CPU)" in text and "pytorch-optimizer's SAM" in text
+    assert "ViT-B's 152 tensors at 256 elements each (host time)" in text
     assert not any(f"| {key} |" in text for key in ("cpu", "peer_sam", "host_152", "loop", "foreach"))
     assert not (tmp_path / "bench-gbps.png").exists()  # GB/s and % of copy are one message: the table has both
     rows = [r for r in records[1:] if r["op"] != "train_step"]

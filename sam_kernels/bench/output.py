@@ -60,7 +60,7 @@ PARAM_SET_NAMES = {
     "vit_b": "ViT-B/16 shapes (86.6M parameters, 152 tensors)",
     "flat_16m": "one tensor of 16M elements",
     "flat_128m": "one tensor of 134M elements",
-    "host_152": "host time: ViT-B's 152 tensors at 256 elements each",
+    "host_152": "ViT-B's 152 tensors at 256 elements each (host time)",
     "tiny": "four odd-sized tensors",
 }
 
