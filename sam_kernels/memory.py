@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import PSAM, SAM, NuSAM, SAMPa, sam_on_groups
 from .integrations import distributed
 from .bench.models import MODELS, cross_entropy, synthetic_batches
-from .bench.output import progress, pyplot, save_figure, write_text
+from .bench.output import model_name, optimizer_name, progress, pyplot, save_figure, write_text
 from .bench.timing import device_name
 
 OPTIMIZERS = ("sgd", "adamw", "sam", "sam_on", "nusam", "psam", "sampa", "sampa_streams")
@@ -203,14 +203,14 @@ def plot(records, path: str) -> None:
              ("perturbation_bytes", "perturbation")]
     for ax, m in zip(axes[0], models):
         rows = [r for r in records if r["model"] == m]
-        names = [r["optimizer"] for r in rows]
+        names = [optimizer_name(r["optimizer"]) for r in rows]
         bottom = [0.0] * len(rows)
         for key, label in parts + [(None, "activations + temporaries")]:
             vals = [(r[key] if key else max((r["peak_bytes"] or 0) - sum(r[k] for k, _ in parts), 0)) / 2 ** 20
                     for r in rows]
             ax.bar(names, vals, bottom=bottom, label=label)
             bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.set_title(f"{m} ({rows[0]['device']})\npeak: {rows[0].get('peak_method', 'n/a')}", fontsize=12)
+        ax.set_title(f"{model_name(m)} ({rows[0]['device']})\npeak: {rows[0].get('peak_method', 'n/a')}", fontsize=12)
         ax.set_ylabel("MiB", fontsize=11)
         ax.tick_params(axis="x", labelsize=10, rotation=30)
     # beside the panels, never over a bar

@@ -69,7 +69,15 @@ PARAM_SET_NAMES = {
 OPTIMIZER_NAMES = {"sgd": "SGD", "sam": "SAM", "nusam": "nuSAM", "psam": "PSAM", "sampa": "SAMPa",
                    "peer_sam": "pytorch-optimizer's SAM", "msam": "MSAM", "gsam": "GSAM", "fsam": "F-SAM",
                    "looksam": "LookSAM", "asam": "ASAM", "gausssam": "GaussSAM",
-                   "peer_sam_graphed": "torch-only SAM, graphed by hand"}  # graphed.py's peer
+                   "peer_sam_graphed": "torch-only SAM, graphed by hand",  # graphed.py's peer
+                   "adamw": "AdamW", "sam_on": "SAM-ON"}
+MODEL_NAMES = {"vit_s": "ViT-S/16", "vit_b": "ViT-B/16", "mixer_b": "Mixer-B/16", "resnet20": "ResNet-20",
+               "resnet56": "ResNet-56"}
+
+
+def model_name(name: str) -> str:
+    """A model of bench/models.py or memory.py, in words."""
+    return MODEL_NAMES.get(name, name)
 
 
 def optimizer_name(case: str) -> str:
