@@ -138,10 +138,17 @@ def _product(ranges):
 # examples) and the command-line tools end to end.
 SLOW_FILES = {"test_fsdp.py", "test_ddp.py", "test_sampa_distributed.py", "test_examples.py", "test_cli.py"}
 TRITON_IN_THE_FAST_TIER = {"test_ops.py", "test_sampa_ops.py", "test_op_registry.py", "test_triton_ptx.py"}
+# ... and nuSAM's primitives, whose kernel tests live beside the optimizer's in test_nusam.py
+NUSAM_PRIMITIVE_TESTS = ("test_power_iteration", "test_prepared_power_iteration", "test_rank1",
+                         "test_property_power_iteration")
+
+
+def _fast_triton(item) -> bool:
+    name = item.path.name
+    return name in TRITON_IN_THE_FAST_TIER or (name == "test_nusam.py" and item.name.startswith(NUSAM_PRIMITIVE_TESTS))
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        name = item.path.name
-        if name in SLOW_FILES or ("triton" in item.nodeid and name not in TRITON_IN_THE_FAST_TIER):
+        if item.path.name in SLOW_FILES or ("triton" in item.nodeid and not _fast_triton(item)):
             item.add_marker(pytest.mark.slow)

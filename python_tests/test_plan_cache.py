@@ -275,7 +275,7 @@ def test_python_fingerprints_equal_the_extensions():
     structure, grads = ext._fingerprint_py(params)
     c_structure, c_grads = ext._C.fingerprint(params)
     assert [v for pair in structure for v in pair] == list(ints(c_structure)) and grads == ints(c_grads)
-    state = {params[0]: {"momentum_buffer": torch.zeros(3, 4), "step": 3.0}, params[2]: {}}
+    state = {params[0]: {"momentum_buffer": torch.zeros(3, 4), "step": 3.0}, params[2]: {"exp_avg": None}}
     keys = ("momentum_buffer", "step", "exp_avg")
     assert ext._state_fingerprint_py(state, params, keys) == ints(ext._C.state_fingerprint(state, params, keys))
     assert set(state) == {params[0], params[2]}  # no entry created

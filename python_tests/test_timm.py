@@ -45,6 +45,15 @@ def test_create_optimizer_v2_builds_ours(name):
         assert all(g["momentum"] == 0.9 for g in opt.param_groups)  # timm's default momentum
 
 
+def test_registering_again_leaves_timms_registry_alone(caplog):
+    _timm_optim()
+    import sam_kernels.integrations.timm as ours
+
+    with caplog.at_level("WARNING"):
+        assert ours.register() == list(OPTIMIZERS)
+    assert "already registered" not in caplog.text  # timm logs one per name registered twice
+
+
 def test_a_timm_built_sam_trains_as_ours():
     timm_optim = _timm_optim()
     import sam_kernels
@@ -84,7 +93,13 @@ class OptimizerRegistry:
     def __init__(self):
         self.infos = {}
     def register(self, info):
+        if info.name in BROKEN:
+            raise TypeError(f"this registry refuses {info.name}")
         self.infos[info.name.lower()] = info
+    def list_optimizers(self):
+        return sorted(self.infos)
+
+BROKEN = set()
 
 default_registry = OptimizerRegistry()
 '''
@@ -112,6 +127,28 @@ def test_registration_whatever_the_import_order(tmp_path, order):
         assert info.has_betas and not info.has_momentum
         assert register() == list(OPTIMIZERS)  # again: idempotent
         print("ok")
+    """)
+    env_path = os.pathsep.join([str(tmp_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": env_path})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_a_registry_that_refuses_us_warns_and_imports(tmp_path):
+    pkg = tmp_path / "timm" / "optim"
+    pkg.mkdir(parents=True)
+    (tmp_path / "timm" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from ._optim_factory import default_registry\n")
+    (pkg / "_optim_factory.py").write_text(STAND_IN.replace("BROKEN = set()", "BROKEN = {'sam'}"))
+    script = textwrap.dedent("""
+        import warnings
+        warnings.simplefilter("error")
+        import sam_kernels
+        try:
+            import timm.optim
+        except RuntimeWarning as w:
+            assert "could not register" in str(w) and "refuses sam" in str(w), w
+            print("ok")
     """)
     env_path = os.pathsep.join([str(tmp_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,

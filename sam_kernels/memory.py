@@ -168,7 +168,8 @@ def measure(name: str, model_name: str, device, batch_size: int, fsdp: bool = Fa
     record = {"optimizer": name, "model": model_name, "device": device_name(device), "batch": batch_size,
               "params_bytes": _nbytes(params), "grads_bytes": _nbytes(params), "state_bytes": state,
               "perturbation_bytes": perturbation, "peak_bytes": peak,
-              "peak_method": "measured" if torch.device(device).type == "cuda" else "exact tensor accounting"}
+              "peak_method": ("not measured" if peak is None else
+                              "measured" if torch.device(device).type == "cuda" else "exact tensor accounting")}
     if fsdp:
         record.update(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size())
     return record

@@ -70,7 +70,7 @@ OPTIMIZER_NAMES = {"sgd": "SGD", "sam": "SAM", "nusam": "nuSAM", "psam": "PSAM",
                    "peer_sam": "pytorch-optimizer's SAM", "msam": "MSAM", "gsam": "GSAM", "fsam": "F-SAM",
                    "looksam": "LookSAM", "asam": "ASAM", "gausssam": "GaussSAM",
                    "peer_sam_graphed": "torch-only SAM, graphed by hand",  # graphed.py's peer
-                   "adamw": "AdamW", "sam_on": "SAM-ON"}
+                   "adamw": "AdamW", "sam_on": "SAM-ON", "sampa_streams": "SAMPa, two streams"}
 MODEL_NAMES = {"vit_s": "ViT-S/16", "vit_b": "ViT-B/16", "mixer_b": "Mixer-B/16", "resnet20": "ResNet-20",
                "resnet56": "ResNet-56"}
 

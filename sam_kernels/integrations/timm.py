@@ -4,21 +4,24 @@
     opt = timm.optim.create_optimizer_v2(model, "sam", lr=0.1, weight_decay=5e-4, rho=0.05)
     # the usual SAM loop: loss.backward(); opt.first_step(zero_grad=True); loss.backward(); opt.second_step()
 
-Each name (lowercase, no underscores: timm's factory reads `lookahead_<name>` as a prefix and the
-part after the last underscore as the name) is one of our classes around one torch base optimizer
+Each name (lowercase, no underscores: timm's factory reads the part after the last underscore as
+the name; its `lookahead_` prefix wraps the optimizer in timm's Lookahead, which has no
+first_step / second_step, so leave it off) is one of our classes around one torch base optimizer
 (the plain name SGD with momentum, `...adamw` AdamW), with timm's weight-decay groups (no decay for
 1-d parameters), its momentum default and any extra keyword (rho, adaptive, backend, ...) passed
 through. SAMPa is not registered: it needs the model and the loss function, not only parameters.
 
 `import sam_kernels` registers them when timm's optimizer factory is, or later gets, imported
 (a hook on that one module: timm itself is never imported by us, it is slow to import and, beside
-some torch builds, fails to). `register()` does it by hand; both are idempotent.
+some torch builds, fails to). `register()` does it by hand; names already registered are left
+alone. A registry that refuses them (another timm) gives a warning, never a failed import.
 """
 from __future__ import annotations
 
 import importlib.abc
 import importlib.util
 import sys
+import warnings
 from functools import partial
 
 import torch
@@ -55,12 +58,23 @@ def register(registry=None) -> list[str]:
     must be importable then). Returns the names."""
     factory = sys.modules.get(FACTORY) or importlib.import_module(FACTORY)
     registry = factory.default_registry if registry is None else registry
+    present = set(registry.list_optimizers()) if hasattr(registry, "list_optimizers") else set()
     for name, (cls, base, fixed, description) in OPTIMIZERS.items():
+        if name in present:
+            continue  # timm logs a warning for each name registered twice
         sgd = base is _SGD
         registry.register(factory.OptimInfo(
             name=name, opt_class=partial(cls, base_optimizer=base, **fixed), description=description,
             has_eps=not sgd, has_momentum=sgd, has_betas=not sgd))
     return list(OPTIMIZERS)
+
+
+def _register_or_warn(registry) -> None:
+    try:
+        register(registry)
+    except Exception as e:  # a timm whose registry differs: our import and timm's must not fail
+        warnings.warn(f"sam_kernels: could not register its optimizers in timm's registry ({type(e).__name__}: {e}); "
+                      "timm.optim.create_optimizer_v2 will not find them", RuntimeWarning, stacklevel=2)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
@@ -77,7 +91,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_and_register(module):
             exec_module(module)
-            register(module.default_registry)
+            _register_or_warn(module.default_registry)
 
         spec.loader.exec_module = exec_and_register
         return spec
@@ -87,6 +101,6 @@ def register_when_imported() -> None:
     """register() now if timm's optimizer factory is imported, else as soon as it is (called by
     `import sam_kernels`; costs nothing when timm is not installed or not used)."""
     if FACTORY in sys.modules:
-        register()
+        _register_or_warn(None)
     elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())

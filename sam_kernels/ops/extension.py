@@ -161,14 +161,17 @@ def fingerprint(params: list) -> tuple:
     return _C.fingerprint(params) if _LOADED else _fingerprint_py(params)
 
 
+_ABSENT = object()  # a key not in the entry (0); a present None is a value without storage (1), as in C
+
+
 def _state_fingerprint_py(state, params, keys) -> tuple:
     """What _C.state_fingerprint computes (without the extension)."""
     out = []
     for p in params:
         entry = state.get(p)  # dict.get: no entry is created
         for k in keys:
-            v = entry.get(k) if isinstance(entry, dict) else None
-            out.append(0 if v is None else v.data_ptr() if torch.is_tensor(v) and torch._C._has_storage(v) else 1)
+            v = entry.get(k, _ABSENT) if isinstance(entry, dict) else _ABSENT
+            out.append(0 if v is _ABSENT else v.data_ptr() if torch.is_tensor(v) and torch._C._has_storage(v) else 1)
     return tuple(out)
 
 
