@@ -105,13 +105,26 @@ default_registry = OptimizerRegistry()
 '''
 
 
+def _stand_in(folder, factory_source: str) -> None:
+    """A package timm.optim in `folder` whose _optim_factory module is `factory_source`."""
+    pkg = folder / "timm" / "optim"
+    pkg.mkdir(parents=True)
+    (folder / "timm" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from ._optim_factory import default_registry\n")
+    (pkg / "_optim_factory.py").write_text(factory_source)
+
+
+def _prints_ok(script: str, folder) -> None:
+    """Runs `script` in a child process with `folder` first on its path; it must print ok."""
+    env_path = os.pathsep.join([str(folder)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": env_path})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
 @pytest.mark.parametrize("order", ["sam_kernels_first", "timm_first"])
 def test_registration_whatever_the_import_order(tmp_path, order):
-    pkg = tmp_path / "timm" / "optim"
-    pkg.mkdir(parents=True)
-    (tmp_path / "timm" / "__init__.py").write_text("")
-    (pkg / "__init__.py").write_text("from ._optim_factory import default_registry\n")
-    (pkg / "_optim_factory.py").write_text(STAND_IN)
+    _stand_in(tmp_path, STAND_IN)
     imports = ["import sam_kernels", "import timm.optim"]
     if order == "timm_first":
         imports.reverse()
@@ -128,18 +141,11 @@ def test_registration_whatever_the_import_order(tmp_path, order):
         assert register() == list(OPTIMIZERS)  # again: idempotent
         print("ok")
     """)
-    env_path = os.pathsep.join([str(tmp_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": env_path})
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    _prints_ok(script, tmp_path)
 
 
 def test_a_registry_that_refuses_us_warns_and_imports(tmp_path):
-    pkg = tmp_path / "timm" / "optim"
-    pkg.mkdir(parents=True)
-    (tmp_path / "timm" / "__init__.py").write_text("")
-    (pkg / "__init__.py").write_text("from ._optim_factory import default_registry\n")
-    (pkg / "_optim_factory.py").write_text(STAND_IN.replace("BROKEN = set()", "BROKEN = {'sam'}"))
+    _stand_in(tmp_path, STAND_IN.replace("BROKEN = set()", "BROKEN = {'sam'}"))
     script = textwrap.dedent("""
         import warnings
         warnings.simplefilter("error")
@@ -150,7 +156,4 @@ def test_a_registry_that_refuses_us_warns_and_imports(tmp_path):
             assert "could not register" in str(w) and "refuses sam" in str(w), w
             print("ok")
     """)
-    env_path = os.pathsep.join([str(tmp_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": env_path})
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    _prints_ok(script, tmp_path)
