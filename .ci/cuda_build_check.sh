@@ -23,9 +23,12 @@ test -n "$so"
 # The CUDA kernels must be in the library we built: every runner the CUDA list ops and the step
 # plans launch (count, not grep -q: an early grep exit would SIGPIPE nm and trip pipefail).
 symbols=$(nm -C "$so")
-for fn in perturb_runner restore_runner "sgd_runner<sam_kernels::decl::restore_sgd_, false>" \
-          "sgd_runner<sam_kernels::decl::sampa_update_sgd_, true>" "adam_runner<sam_kernels::decl::restore_adam_, false>" \
-          "adam_runner<sam_kernels::decl::sampa_update_adam_, true>" preview_sgd_runner preview_adam_runner sumsq_runner \
+for fn in perturb_runner restore_runner "sgd_runner<sam_kernels::decl::restore_sgd_, false, false>" \
+          "sgd_runner<sam_kernels::decl::shift_restore_sgd_, false, true>" \
+          "sgd_runner<sam_kernels::decl::sampa_update_sgd_, true, false>" \
+          "adam_runner<sam_kernels::decl::restore_adam_, false, false>" \
+          "adam_runner<sam_kernels::decl::shift_restore_adam_, false, true>" \
+          "adam_runner<sam_kernels::decl::sampa_update_adam_, true, false>" preview_sgd_runner preview_adam_runner sumsq_runner \
           norm_finalize_runner guard_finalize_runner; do
   n=$(grep -c -F "sam_kernels::cuda::(anonymous namespace)::$fn(" <<<"$symbols" || true)
   if [ "$n" -eq 0 ]; then echo "cuda-build-check: sam_kernels::cuda::$fn missing from $so"; exit 1; fi

@@ -107,6 +107,10 @@ def _run(op, backend, device, x, x_old, g, g2, st, sizes, found_inf, grad_scale)
         ops.sampa_update_sgd_(x, g, g2, st["bufs"], lam=0.3, **sgd, **guard)
     elif op == "sampa_update_adam":
         ops.sampa_update_adam_(x, g, g2, st["m"], st["v"], lam=0.3, **adam, **guard)
+    elif op == "shift_restore_sgd":
+        ops.shift_restore_sgd_(x, g, st["bufs"], norm=SHIFT_NORM.to(device), rho=0.05, **sgd, **guard)
+    elif op == "shift_restore_adam":
+        ops.shift_restore_adam_(x, g, st["m"], st["v"], norm=SHIFT_NORM.to(device), rho=0.05, **adam, **guard)
     elif op == "restore":
         ops.restore_(x, x_old, found_inf, backend=backend)
     else:  # nuSAM: n x 1 matrices, x_old = M - s u v^T
@@ -123,7 +127,8 @@ def _run(op, backend, device, x, x_old, g, g2, st, sizes, found_inf, grad_scale)
 
 
 UPDATES = ["restore", "restore_sgd", "restore_adam", "sampa_update_sgd", "sampa_update_adam", "rank1_restore_sgd",
-           "rank1_restore_adam"]
+           "rank1_restore_adam", "shift_restore_sgd", "shift_restore_adam"]
+SHIFT_NORM = torch.tensor(3.0)  # MSAM's move: x_t = x + 0.05 d / 3 along the buffers (SGD's bufs, Adam's m)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -133,7 +138,7 @@ UPDATES = ["restore", "restore_sgd", "restore_adam", "sampa_update_sgd", "sampa_
     "dtype": [("fp32", torch.float32), ("bf16", torch.bfloat16)]}))
 def test_updates_obey_found_inf(backend, device, op, found, dtype):
     """found_inf != 0 (NaN included: it is not 0): SAM's x <- x_old, nuSAM's x <- M - s u v^T,
-    SAMPa's and restore_'s nothing, and no state written, while the gradient holds NaN. found_inf
+    MSAM's x <- x + s d, SAMPa's and restore_'s nothing, and no state written, while the gradient holds NaN. found_inf
     == 0: the same as without a flag (the torch reference, the same grad_scale)."""
     if op.startswith("rank1") and backends.why_unavailable(backend, torch.device(device), "rank1_update_"):
         pytest.skip("no CUDA C++ rank-1 kernels (Triton is nuSAM's GPU path)")
@@ -149,6 +154,9 @@ def test_updates_obey_found_inf(backend, device, op, found, dtype):
         ref_x = [t.clone() for t in x]
         if op in ("restore_sgd", "restore_adam"):
             ref_x = [t.clone() for t in x_old]
+        elif op.startswith("shift"):  # MSAM's way back only, as shift_ on this backend takes it
+            ops.shift_(ref_x, st["bufs" if op.endswith("sgd") else "m"], SHIFT_NORM.to(device), 0.05,
+                       backend=backend)
         elif op.startswith("rank1"):
             ref_x = [t.clone() for t in x]
             ops.rank1_update_([t.reshape(-1, 1) for t in ref_x],

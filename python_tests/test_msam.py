@@ -252,3 +252,65 @@ def test_capturable_follows_the_eager_trajectory(backend, device):
 
     for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b, **TRAJECTORY)
+
+
+class _Launches:
+    """The kernels the prepared launches run (sam_kernels/ops/native.py), by name."""
+
+    def __init__(self, monkeypatch):
+        from sam_kernels.ops import native
+
+        real = native._ops()
+        self.names = []
+
+        class Ops:
+            def __getattr__(_, name):
+                return getattr(real, name)
+
+            def _launch(_, kernel, *args):
+                self.names.append(kernel)
+                return real._launch(kernel, *args)
+
+        monkeypatch.setattr(native, "_ops", lambda: Ops())
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_the_way_back_is_inside_the_update(monkeypatch, base):
+    """One move (shift_) per step and no pass of its own for the way back: the fused update reads
+    the buffer once for both (40 B per fp32 parameter with SGD momentum: bench/NOTES.md)."""
+    base_cls, kw = BASES[base]
+    model = mlp(torch.float32)
+    opt = MSAM(model.parameters(), base_cls, rho=RHO, backend="cpu", **kw)
+    data = batches(3, torch.float32)
+    opt.step(lambda: loss_of(model, data[0]).backward())  # buffers exist from here on
+    launches = _Launches(monkeypatch)
+    for b in data[1:]:
+        opt.first_step()
+        loss_of(model, b).backward()
+        opt.second_step(zero_grad=True)
+    update = "shift_restore_sgd_" if base_cls is torch.optim.SGD else "shift_restore_adam_"
+    assert launches.names.count("shift_") == 2 and launches.names.count(update) == 2
+    assert not {"restore_sgd_", "restore_adam_"} & set(launches.names)
+
+
+def test_a_moved_parameter_without_a_gradient_comes_back():
+    """A parameter that moved but gets no gradient in the step (frozen after the move, or unused
+    in the forward) is put back by shift_ and not stepped, as torch's SGD leaves it; the others
+    take the fused way back. Subset perturbation: a group with perturb=False is not moved at all."""
+    model = mlp()
+    params = list(model.parameters())
+    opt = MSAM([{"params": params[:3]}, {"params": params[3:], "perturb": False}], torch.optim.SGD, rho=RHO,
+               lr=0.1, momentum=0.9, backend="cpu")
+    data = batches(3)
+    for b in data[:2]:
+        opt.first_step()
+        loss_of(model, b).backward()
+        opt.second_step(zero_grad=True)
+    x_t = [p.detach().clone() for p in params]
+    opt.first_step()
+    assert not torch.equal(params[0], x_t[0]) and torch.equal(params[3], x_t[3])  # moved; not moved
+    loss_of(model, data[2]).backward()
+    params[0].grad = None
+    opt.second_step(zero_grad=True)
+    torch.testing.assert_close(params[0].detach(), x_t[0], **FP64)  # back, within one rounding; not stepped
+    assert all(not torch.equal(p, x) for p, x in zip(params[1:], x_t[1:]))

@@ -217,6 +217,75 @@ def test_restore_adam(backend, device, sizes, dtype, cfg, beta1):
             assert_close(a, b)
 
 
+SHIFT_SGD_DIM = [(name, cfg) for name, cfg in zip(["momentum-wd", "nesterov", "dampening-maximize"], SGD_CONFIGS[1:])]
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("sizes,dtype,family,cfg", pairwise(
+    {"sizes": SIZE_DIM, "dtype": DTYPE_DIM,
+     "family,cfg": [(f"sgd-{n}", ("sgd", c)) for n, c in SHIFT_SGD_DIM] + [(n, ("adam", c)) for n, c in ADAM_DIM]},
+    _not_large_fp64))
+def test_shift_restore(backend, device, sizes, dtype, family, cfg):
+    """MSAM's update: x + rho b / (norm + eps) then the fused step, in one pass: bit for bit what it
+    replaces on the same backend (shift_ back, then the step from x: the same two roundings), and
+    against the reference. (The interpreter converts to bf16 / fp16 by truncation, not rounding, so
+    two roundings there differ from the reference by up to 2 ulp; each one alone is checked
+    against it in test_shift and test_restore_sgd / _adam.)"""
+    x, g = make(sizes, dtype, device), make(sizes, dtype, device)
+    b = make(sizes, dtype, device, 0.1)  # SGD's buffers / Adam's first moments: the direction
+    norm = ops.global_norm(b, backend="torch").to(device)
+    v = [t.abs() for t in make(sizes, dtype, device, 0.01)]
+    vmax = [t.abs() for t in make(sizes, dtype, device, 0.01)]
+    runs = {}
+    for name, bk in (("fused", backend), ("reference", "torch"), ("two passes", backend)):
+        xs, state = clone_all(x), [clone_all(b), clone_all(v), clone_all(vmax)]
+        if family == "sgd":
+            kw = dict(lr=0.1, backend=bk, **cfg)
+            if name == "two passes":
+                ops.shift_(xs, state[0], norm, 0.05, backend=bk)
+                ops.restore_sgd_(xs, clone_all(xs), g, state[0], **kw)
+            else:
+                ops.shift_restore_sgd_(xs, g, state[0], norm=norm, rho=0.05, **kw)
+            runs[name] = [xs, state[0]]
+        else:
+            kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, state_steps=step_counts(len(sizes), 3, device),
+                      backend=bk, **cfg)
+            if name == "two passes":
+                ops.shift_(xs, state[0], norm, 0.05, backend=bk)
+                ops.restore_adam_(xs, clone_all(xs), g, *state, **kw)
+            else:
+                ops.shift_restore_adam_(xs, g, *state, norm=norm, rho=0.05, **kw)
+            runs[name] = [xs] + state[:3 if cfg["amsgrad"] else 2]
+    for got, want in zip(runs["fused"], runs["two passes"]):
+        assert all(torch.equal(a, c) for a, c in zip(got, want))
+    if not (backend == "triton" and device == "cpu" and dtype in (torch.bfloat16, torch.float16)):
+        for got, want in zip(runs["fused"], runs["reference"]):
+            for a, c in zip(got, want):
+                assert_close(a, c)
+    if sum(sizes) and family == "sgd" and dtype == torch.float32:  # the move back happened, then the step
+        x_t = [xi + 0.05 * bi / norm for xi, bi in zip(x, b)]
+        lr_d = [xt - xn for xt, xn in zip(x_t, runs["fused"][0])]
+        torch.testing.assert_close(torch.cat([t.reshape(-1) for t in lr_d]),
+                                   torch.cat([(0.1 * (bn if not cfg["nesterov"] else
+                                                      (gi * (-1 if cfg["maximize"] else 1) + cfg["weight_decay"] * xt
+                                                       + cfg["momentum"] * bn))).reshape(-1)
+                                              for xt, gi, bn in zip(x_t, g, runs["fused"][1])]), **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_shift_restore_with_nonfinite_norm_steps_from_x(backend, device, bad):
+    """A non-finite norm meant no move (shift_ left x as it was): the update steps from x itself."""
+    x, g, b = make([7, 4097], torch.float32, device), make([7, 4097], torch.float32, device), \
+        make([7, 4097], torch.float32, device)
+    x_ref, b_ref = clone_all(x), clone_all(b)
+    ops.shift_restore_sgd_(x, g, b, norm=torch.tensor(bad, device=device), rho=0.05, lr=0.1, momentum=0.9,
+                           backend=backend)
+    ops.restore_sgd_(x_ref, clone_all(x_ref), g, b_ref, lr=0.1, momentum=0.9, backend="torch")
+    for got, want in zip(x + b, x_ref + b_ref):
+        assert_close(got, want)
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_non_contiguous_tensors_are_staged(backend, device):
     base = [torch.randn(37, 29, device=device), torch.randn(8, 130, device=device)]

@@ -1,6 +1,7 @@
-// The fused torch.optim.Adam / AdamW step (adam_math.h), one pass per element, in three forms:
+// The fused torch.optim.Adam / AdamW step (adam_math.h), one pass per element, in four forms:
 //   restore_adam_        x = old, then the step with g                (28 B/elem in fp32, +8 amsgrad)
 //   rank1_restore_adam_  x = M - s u v^T recomputed, then the step    (nuSAM)
+//   shift_restore_adam_  x = x + s m recomputed, then the step        (MSAM; 28 B: m is read once for both)
 //   sampa_update_adam_   the step from x with d = (1 - lam) g + lam g2 (SAMPa; 32 B)
 // The bias corrections come from each tensor's step counter. found_inf != 0 skips the step as in
 // sgd.cpp (the moments are not written). The arguments, by name: their declarations
@@ -12,15 +13,23 @@ namespace sam_kernels::cpu {
 namespace {
 
 // Kept out of the AT_DISPATCH lambda: a pragma cannot sit inside a macro argument.
-// kMix (SAMPa): the gradient is (1 - lam) g + lam g2.
-template <typename scalar_t, bool kAmsgrad, bool kLerpLow, typename old_t = scalar_t, bool kMix = false>
+// kMix (SAMPa): the gradient is (1 - lam) g + lam g2. kShift (MSAM): x_t = old + shift * m, with m
+// as it was before this step (old = x).
+template <typename scalar_t, bool kAmsgrad, bool kLerpLow, typename old_t = scalar_t, bool kMix = false,
+          bool kShift = false>
 void adam_chunk(
     scalar_t* x, const old_t* old, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax,
-    const AdamArgs& args, int64_t n, const scalar_t* g2 = nullptr, Mix mix = {}) {
+    const AdamArgs& args, int64_t n, const scalar_t* g2 = nullptr, Mix mix = {}, double shift = 0.0) {
   using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t s = static_cast<opmath_t>(shift);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    opmath_t xv = static_cast<opmath_t>(old[i]);
+    opmath_t xv;
+    if constexpr (kShift) {
+      xv = static_cast<opmath_t>(shifted<scalar_t>(old[i], m[i], s));
+    } else {
+      xv = static_cast<opmath_t>(old[i]);
+    }
     opmath_t mv = static_cast<opmath_t>(m[i]);
     opmath_t vv = static_cast<opmath_t>(v[i]);
     opmath_t vmv = kAmsgrad ? static_cast<opmath_t>(vmax[i]) : opmath_t(0);
@@ -98,6 +107,34 @@ void rank1_restore_adam_runner(const Launch& l) {
   });
 }
 
+void shift_restore_adam_runner(const Launch& l) {
+  using P = decl::shift_restore_adam_;
+  const AdamLaunch<P> a(l);
+  bool finite = false;
+  const double shift = norm_scale(l, P::norm, l.s(P::rho), finite);  // not finite: x was not moved
+  for_each_chunk(l.table, [&](const ChunkRef& c) {
+    SAM_DISPATCH_FLOATING(l.dtype, "shift_restore_adam_", [&] {
+      scalar_t* x = l.table.ptr<scalar_t>(P::params, c.tensor) + c.begin;
+      scalar_t *m, *v, *vmax;
+      a.state(l.table, c, m, v, vmax);
+      const int64_t n = c.end - c.begin;
+      if (a.skip) {
+        if (finite) shift_chunk(x, m, shift, n);
+        return;
+      }
+      const scalar_t* g = l.table.ptr<const scalar_t>(P::grads, c.tensor) + c.begin;
+      const AdamArgs args = a.args(l.table, c.tensor);
+      dispatch_adam_flags(a.amsgrad, a.lerp_low, [&]<bool kA, bool kL>() {
+        if (finite) {
+          adam_chunk<scalar_t, kA, kL, scalar_t, false, true>(x, x, g, m, v, vmax, args, n, nullptr, {}, shift);
+        } else {
+          adam_chunk<scalar_t, kA, kL>(x, x, g, m, v, vmax, args, n);
+        }
+      });
+    });
+  });
+}
+
 void sampa_update_adam_runner(const Launch& l) {
   using P = decl::sampa_update_adam_;
   const AdamLaunch<P> a(l);
@@ -115,6 +152,7 @@ void sampa_update_adam_runner(const Launch& l) {
 
 SAM_RUNNER("restore_adam_", c10::DeviceType::CPU, restore_adam_runner);
 SAM_RUNNER("rank1_restore_adam_", c10::DeviceType::CPU, rank1_restore_adam_runner);
+SAM_RUNNER("shift_restore_adam_", c10::DeviceType::CPU, shift_restore_adam_runner);
 SAM_RUNNER("sampa_update_adam_", c10::DeviceType::CPU, sampa_update_adam_runner);
 
 }  // namespace

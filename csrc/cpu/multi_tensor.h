@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 
 #include "../common.h"
@@ -76,6 +77,32 @@ void for_each_rank1_block(const ChunkRef& c, const scalar_t* x, const float* u, 
       f(i + b, static_cast<const opmath_t*>(old), n);
     }
   });
+}
+
+// The perturbation's scale rho / (norm + eps) (0 for a non-finite norm): in fp32 like the GPU
+// kernels for an fp32 norm, in fp64 for the fp64 norm of fp64 tensors.
+template <typename Norm>
+double norm_scale(const Launch& l, Norm norm, double rho, bool& finite) {
+  const double nv = read_value(l, norm, 0.0);
+  finite = std::isfinite(nv);
+  if (!finite) return 0.0;
+  if (l.ref(norm).f64) return rho / (nv + kNormEps);
+  return static_cast<float>(rho) / (static_cast<float>(nv) + static_cast<float>(kNormEps));
+}
+
+// x + s * d in opmath, rounded to the weights' type: shift_'s move (MSAM), and its way back as the
+// fused updates recompute it (the same rounding, so either path gives the same x_t).
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+inline scalar_t shifted(scalar_t x, scalar_t d, opmath_t s) {
+  return static_cast<scalar_t>(static_cast<opmath_t>(x) + s * static_cast<opmath_t>(d));
+}
+
+template <typename scalar_t>
+void shift_chunk(scalar_t* __restrict__ x, const scalar_t* __restrict__ d, double scale, int64_t n) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t s = static_cast<opmath_t>(scale);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = shifted<scalar_t>(x[i], d[i], s);
 }
 
 #define SAM_DISPATCH_FLOATING(TYPE, NAME, ...) \

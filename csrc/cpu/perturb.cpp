@@ -39,29 +39,8 @@ void perturb_chunk(
   }
 }
 
-// The perturbation's scale rho / (norm + eps) (0 for a non-finite norm): in fp32 like the GPU
-// kernels for an fp32 norm, in fp64 for the fp64 norm of fp64 tensors.
-template <typename Norm>
-double norm_scale(const Launch& l, Norm norm, double rho, bool& finite) {
-  const double nv = read_value(l, norm, 0.0);
-  finite = std::isfinite(nv);
-  if (!finite) return 0.0;
-  if (l.ref(norm).f64) return rho / (nv + kNormEps);
-  return static_cast<float>(rho) / (static_cast<float>(nv) + static_cast<float>(kNormEps));
-}
-
 double perturb_scale(const Launch& l, double rho, bool& finite) {
   return norm_scale(l, decl::perturb_::norm, rho, finite);
-}
-
-template <typename scalar_t>
-void shift_chunk(scalar_t* __restrict__ x, const scalar_t* __restrict__ d, double scale, int64_t n) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const opmath_t s = static_cast<opmath_t>(scale);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = static_cast<scalar_t>(static_cast<opmath_t>(x[i]) + s * static_cast<opmath_t>(d[i]));
-  }
 }
 
 void shift_runner(const Launch& l) {

@@ -1,8 +1,9 @@
-// The fused torch.optim.SGD step (sgd_math.h), one pass per element, in three forms:
+// The fused torch.optim.SGD step (sgd_math.h), one pass per element, in four forms:
 //   restore_sgd_        x = old, then the step with g               (SAM; 20 B/elem in fp32 with momentum)
 //   rank1_restore_sgd_  x = M - s u v^T recomputed, then the step   (nuSAM; 20 B)
+//   shift_restore_sgd_  x = x + s buf recomputed, then the step     (MSAM; 20 B: buf is read once for both)
 //   sampa_update_sgd_   the step from x with d = (1 - lam) g + lam g2 (SAMPa; 24 B)
-// found_inf != 0 skips the step: x gets its restored value (SAM, nuSAM) or stays (SAMPa), and the
+// found_inf != 0 skips the step: x gets its restored value (SAM, nuSAM, MSAM) or stays (SAMPa), and the
 // momentum buffers are not written. grad_scale multiplies the gradient. The arguments, by name:
 // their declarations (sam_kernels/ops/primitives.py).
 #include "../sgd_math.h"
@@ -12,15 +13,23 @@ namespace sam_kernels::cpu {
 namespace {
 
 // Kept out of the AT_DISPATCH lambda: a pragma cannot sit inside a macro argument.
-// kMix (SAMPa): the gradient is (1 - lam) g + lam g2.
-template <typename scalar_t, bool kMomentum, bool kNesterov, bool kInit, typename old_t = scalar_t, bool kMix = false>
+// kMix (SAMPa): the gradient is (1 - lam) g + lam g2. kShift (MSAM): x_t = old + shift * buf, with
+// buf as it was before this step (old = x).
+template <typename scalar_t, bool kMomentum, bool kNesterov, bool kInit, typename old_t = scalar_t, bool kMix = false,
+          bool kShift = false>
 void sgd_chunk(
     scalar_t* x, const old_t* old, const scalar_t* g, scalar_t* buf, const SgdArgs& args, int64_t n,
-    const scalar_t* g2 = nullptr, Mix mix = {}) {
+    const scalar_t* g2 = nullptr, Mix mix = {}, double shift = 0.0) {
   using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t s = static_cast<opmath_t>(shift);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    opmath_t xv = static_cast<opmath_t>(old[i]);
+    opmath_t xv;
+    if constexpr (kShift) {
+      xv = static_cast<opmath_t>(shifted<scalar_t>(old[i], buf[i], s));
+    } else {
+      xv = static_cast<opmath_t>(old[i]);
+    }
     opmath_t bv = (kMomentum && !kInit) ? static_cast<opmath_t>(buf[i]) : opmath_t(0);
     opmath_t gv = static_cast<opmath_t>(g[i]);
     if constexpr (kMix) gv = mix_grads<opmath_t>(gv, static_cast<opmath_t>(g2[i]), mix.w1, mix.w2);
@@ -79,6 +88,32 @@ void rank1_restore_sgd_runner(const Launch& l) {
   });
 }
 
+void shift_restore_sgd_runner(const Launch& l) {
+  using P = decl::shift_restore_sgd_;
+  const SgdLaunch<P> s(l);
+  bool finite = false;
+  const double shift = norm_scale(l, P::norm, l.s(P::rho), finite);  // not finite: x was not moved
+  for_each_chunk(l.table, [&](const ChunkRef& c) {
+    SAM_DISPATCH_FLOATING(l.dtype, "shift_restore_sgd_", [&] {
+      scalar_t* x = l.table.ptr<scalar_t>(P::params, c.tensor) + c.begin;
+      scalar_t* buf = l.table.ptr<scalar_t>(P::bufs, c.tensor) + c.begin;
+      const int64_t n = c.end - c.begin;
+      if (s.skip) {
+        if (finite) shift_chunk(x, buf, shift, n);
+        return;
+      }
+      const scalar_t* g = l.table.ptr<const scalar_t>(P::grads, c.tensor) + c.begin;
+      dispatch_sgd_flags(s.momentum, s.nesterov, s.init, [&]<bool kM, bool kN, bool kI>() {
+        if (finite) {
+          sgd_chunk<scalar_t, kM, kN, kI, scalar_t, false, true>(x, x, g, buf, s.args, n, nullptr, {}, shift);
+        } else {
+          sgd_chunk<scalar_t, kM, kN, kI>(x, x, g, buf, s.args, n);
+        }
+      });
+    });
+  });
+}
+
 void sampa_update_sgd_runner(const Launch& l) {
   using P = decl::sampa_update_sgd_;
   const SgdLaunch<P> s(l);
@@ -94,6 +129,7 @@ void sampa_update_sgd_runner(const Launch& l) {
 
 SAM_RUNNER("restore_sgd_", c10::DeviceType::CPU, restore_sgd_runner);
 SAM_RUNNER("rank1_restore_sgd_", c10::DeviceType::CPU, rank1_restore_sgd_runner);
+SAM_RUNNER("shift_restore_sgd_", c10::DeviceType::CPU, shift_restore_sgd_runner);
 SAM_RUNNER("sampa_update_sgd_", c10::DeviceType::CPU, sampa_update_sgd_runner);
 
 }  // namespace

@@ -1,5 +1,6 @@
-// restore_adam_ (x <- x_old, then one torch.optim.Adam / AdamW step, in one pass; adam_math.h) and
-// sampa_update_adam_ (the same step from x itself with d = (1 - lam) g + lam g2). The bias
+// restore_adam_ (x <- x_old, then one torch.optim.Adam / AdamW step, in one pass; adam_math.h),
+// shift_restore_adam_ (x <- x + s m recomputed, then the step: MSAM) and sampa_update_adam_ (the
+// same step from x itself with d = (1 - lam) g + lam g2). The bias
 // corrections come from each tensor's step counter on the device; found_inf / grad_scale as in
 // sgd.cu. The arguments, by name: their declarations (sam_kernels/ops/primitives.py).
 #include "../adam_math.h"
@@ -8,10 +9,11 @@
 namespace sam_kernels::cuda {
 namespace {
 
-// P: decl::restore_adam_ (x <- x_old first) or decl::sampa_update_adam_ (kMix: from x, d = mix of grads, grads2).
-template <class P, typename scalar_t, bool kAmsgrad, bool kLerpLow, bool kMix>
+// P: decl::restore_adam_ (x <- x_old first), decl::shift_restore_adam_ (kShift: x <- x + s m first) or
+// decl::sampa_update_adam_ (kMix: from x, d = mix of grads, grads2).
+template <class P, typename scalar_t, bool kAmsgrad, bool kLerpLow, bool kMix, bool kShift>
 __global__ void __launch_bounds__(kThreads) adam_kernel(
-    TableView table, AdamHyper hyper, Mix mix, const float* __restrict__ grad_scale,
+    TableView table, AdamHyper hyper, Mix mix, ShiftArg shift, const float* __restrict__ grad_scale,
     const float* __restrict__ found_inf, const float* __restrict__ lr) {
   using opmath_t = at::opmath_type<scalar_t>;
   const ChunkRef c = table.chunk_ref(blockIdx.x);
@@ -22,15 +24,24 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(
   const scalar_t* g2 = nullptr;
   if constexpr (kMix) {
     g2 = table.ptr<const scalar_t>(P::grads2, c.tensor);
-  } else {
+  } else if constexpr (!kShift) {
     old = table.ptr<const scalar_t>(P::x_old, c.tensor);
   }
-  if (skip) {  // SAM's restore, no update
-    for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kThreads) x[i] = old[i];
+  scalar_t* m = table.ptr<scalar_t>(P::exp_avgs, c.tensor);
+  bool moved = false;  // kShift: x was moved by s m (a finite norm)
+  opmath_t s = 0;
+  if constexpr (kShift) s = static_cast<opmath_t>(norm_scale(shift.norm, shift.rho, shift.rho_t, moved));
+  if (skip) {  // SAM's restore (MSAM's way back), no update
+    for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kThreads) {
+      if constexpr (kShift) {
+        if (moved) x[i] = shifted<scalar_t, opmath_t>(x[i], m[i], s);
+      } else {
+        x[i] = old[i];
+      }
+    }
     return;
   }
   const scalar_t* g = table.ptr<const scalar_t>(P::grads, c.tensor);
-  scalar_t* m = table.ptr<scalar_t>(P::exp_avgs, c.tensor);
   scalar_t* v = table.ptr<scalar_t>(P::exp_avg_sqs, c.tensor);
   scalar_t* vmax = kAmsgrad ? table.ptr<scalar_t>(P::max_exp_avg_sqs, c.tensor) : nullptr;
   if (lr != nullptr) hyper.lr = *lr;  // capturable: the lr of this replay
@@ -46,6 +57,9 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(
         if constexpr (kMix) gv[k] = mix_grads<opmath_t>(gv[k], static_cast<opmath_t>(g2[i]), mix.w1, mix.w2);
         mv[k] = static_cast<opmath_t>(m[i]);
         vv[k] = static_cast<opmath_t>(v[i]);
+        if constexpr (kShift) {
+          if (moved) xv[k] = static_cast<opmath_t>(shifted<scalar_t, opmath_t>(old[i], m[i], s));
+        }
         vmv[k] = kAmsgrad ? static_cast<opmath_t>(vmax[i]) : opmath_t(0);
       }
     }
@@ -63,23 +77,26 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(
   }
 }
 
-// lr may be a device scalar (capturable)
-template <class P, bool kMix>
+// lr (and MSAM's rho) may be device scalars (capturable)
+template <class P, bool kMix, bool kShift>
 void adam_runner(const Launch& l) {
   const AdamHyper hyper{l.s(P::lr), l.s(P::beta1), l.s(P::beta2), l.s(P::eps), l.s(P::weight_decay),
                         l.flag(P::decoupled), l.flag(P::maximize)};
   Mix mix{};
   if constexpr (kMix) mix = make_mix(l.s(P::lam));
+  ShiftArg shift{};
+  if constexpr (kShift) shift = ShiftArg{l.ref(P::norm), l.s(P::rho), l.dev_scalar(P::rho)};
   SAM_CUDA_DISPATCH(l.dtype, "adam", [&] {
     dispatch_adam_flags(l.flag(P::amsgrad), 1.0 - l.s(P::beta1) < 0.5, [&]<bool kA, bool kL>() {
-      launch_chunks(l, adam_kernel<P, scalar_t, kA, kL, kMix>, hyper, mix, l.f32(P::grad_scale), l.f32(P::found_inf),
-                    l.dev_scalar(P::lr));
+      launch_chunks(l, adam_kernel<P, scalar_t, kA, kL, kMix, kShift>, hyper, mix, shift, l.f32(P::grad_scale),
+                    l.f32(P::found_inf), l.dev_scalar(P::lr));
     });
   });
 }
 
-SAM_RUNNER("restore_adam_", c10::DeviceType::CUDA, (adam_runner<decl::restore_adam_, false>));
-SAM_RUNNER("sampa_update_adam_", c10::DeviceType::CUDA, (adam_runner<decl::sampa_update_adam_, true>));
+SAM_RUNNER("restore_adam_", c10::DeviceType::CUDA, (adam_runner<decl::restore_adam_, false, false>));
+SAM_RUNNER("shift_restore_adam_", c10::DeviceType::CUDA, (adam_runner<decl::shift_restore_adam_, false, true>));
+SAM_RUNNER("sampa_update_adam_", c10::DeviceType::CUDA, (adam_runner<decl::sampa_update_adam_, true, false>));
 
 }  // namespace
 }  // namespace sam_kernels::cuda

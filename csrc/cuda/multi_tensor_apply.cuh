@@ -42,6 +42,21 @@ __device__ __forceinline__ double norm_scale(ScalarRef norm, double rho, const f
   return static_cast<float>(rho) / (static_cast<float>(nv) + static_cast<float>(kNormEps));
 }
 
+// x + s * d in opmath, rounded to the weights' type: shift_'s move (MSAM) and its way back as the
+// fused updates recompute it (the same rounding, so either path gives the same x_t).
+template <typename scalar_t, typename opmath_t>
+__device__ __forceinline__ scalar_t shifted(scalar_t x, scalar_t d, opmath_t s) {
+  return static_cast<scalar_t>(static_cast<opmath_t>(x) + s * static_cast<opmath_t>(d));
+}
+
+// MSAM's way back in a fused update: x_t = x + s * d, s = rho / (norm + eps) (rho_t: a capturable
+// step's rho); no move for a non-finite norm (the move there did not happen either).
+struct ShiftArg {
+  ScalarRef norm;
+  double rho = 0.0;
+  const float* rho_t = nullptr;
+};
+
 #define SAM_CUDA_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 

@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
       const int64_t i = base + int64_t(k) * kThreads;
-      if (i < c.end) x[i] = static_cast<scalar_t>(static_cast<opmath_t>(xv[k]) + s * static_cast<opmath_t>(dv[k]));
+      if (i < c.end) x[i] = shifted<scalar_t, opmath_t>(xv[k], dv[k], s);
     }
   }
 }

@@ -1,6 +1,7 @@
-// restore_sgd_ (x <- x_old, then one torch.optim.SGD step, in one pass; sgd_math.h) and
-// sampa_update_sgd_ (the same step from x itself with d = (1 - lam) g + lam g2). found_inf != 0
-// skips the step (restore_sgd_ still puts x_old back; no buffer is written); grad_scale
+// restore_sgd_ (x <- x_old, then one torch.optim.SGD step, in one pass; sgd_math.h),
+// shift_restore_sgd_ (x <- x + s buf recomputed, then the step: MSAM) and sampa_update_sgd_ (the
+// step from x itself with d = (1 - lam) g + lam g2). found_inf != 0 skips the step (x_t still comes
+// back where it was restored; no buffer is written); grad_scale
 // multiplies the gradient. Both are read on the device. The arguments, by name: their
 // declarations (sam_kernels/ops/primitives.py).
 #include "../sgd_math.h"
@@ -9,11 +10,12 @@
 namespace sam_kernels::cuda {
 namespace {
 
-// P: decl::restore_sgd_ (x <- x_old first) or decl::sampa_update_sgd_ (kMix: from x, d = mix of grads, grads2).
-template <class P, typename scalar_t, bool kMomentum, bool kNesterov, bool kInit, bool kMix>
+// P: decl::restore_sgd_ (x <- x_old first), decl::shift_restore_sgd_ (kShift: x <- x + s buf first) or
+// decl::sampa_update_sgd_ (kMix: from x, d = mix of grads, grads2).
+template <class P, typename scalar_t, bool kMomentum, bool kNesterov, bool kInit, bool kMix, bool kShift>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(
-    TableView table, SgdArgs args, Mix mix, const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
-    const float* __restrict__ lr) {
+    TableView table, SgdArgs args, Mix mix, ShiftArg shift, const float* __restrict__ grad_scale,
+    const float* __restrict__ found_inf, const float* __restrict__ lr) {
   using opmath_t = at::opmath_type<scalar_t>;
   const ChunkRef c = table.chunk_ref(blockIdx.x);
   const bool skip = load_or(found_inf, 0.f) != 0.f;
@@ -23,13 +25,22 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(
   const scalar_t* g2 = nullptr;
   if constexpr (kMix) {
     g2 = table.ptr<const scalar_t>(P::grads2, c.tensor);
-  } else {
+  } else if constexpr (!kShift) {
     old = table.ptr<const scalar_t>(P::x_old, c.tensor);
   }
   const scalar_t* g = table.ptr<const scalar_t>(P::grads, c.tensor);
-  scalar_t* buf = kMomentum ? table.ptr<scalar_t>(P::bufs, c.tensor) : nullptr;
-  if (skip) {  // SAM's restore, no update
-    for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kThreads) x[i] = old[i];
+  scalar_t* buf = (kMomentum || kShift) ? table.ptr<scalar_t>(P::bufs, c.tensor) : nullptr;
+  bool moved = false;  // kShift: x was moved by s buf (a finite norm)
+  opmath_t s = 0;
+  if constexpr (kShift) s = static_cast<opmath_t>(norm_scale(shift.norm, shift.rho, shift.rho_t, moved));
+  if (skip) {  // SAM's restore (MSAM's way back), no update
+    for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kThreads) {
+      if constexpr (kShift) {
+        if (moved) x[i] = shifted<scalar_t, opmath_t>(x[i], buf[i], s);
+      } else {
+        x[i] = old[i];
+      }
+    }
     return;
   }
   args.sign *= load_or(grad_scale, 1.f);
@@ -44,6 +55,9 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(
         gv[k] = static_cast<opmath_t>(g[i]);
         if constexpr (kMix) gv[k] = mix_grads<opmath_t>(gv[k], static_cast<opmath_t>(g2[i]), mix.w1, mix.w2);
         bv[k] = (kMomentum && !kInit) ? static_cast<opmath_t>(buf[i]) : opmath_t(0);
+        if constexpr (kShift) {
+          if (moved) xv[k] = static_cast<opmath_t>(shifted<scalar_t, opmath_t>(old[i], buf[i], s));
+        }
       }
     }
 #pragma unroll
@@ -58,24 +72,27 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(
   }
 }
 
-// lr may be a device scalar (capturable)
-template <class P, bool kMix>
+// lr (and MSAM's rho) may be device scalars (capturable)
+template <class P, bool kMix, bool kShift>
 void sgd_runner(const Launch& l) {
   const bool momentum = l.s(P::momentum) != 0.0;
   const SgdArgs args = make_sgd_args(l.s(P::lr), l.s(P::momentum), l.s(P::dampening), l.s(P::weight_decay),
                                      l.flag(P::maximize));
   Mix mix{};
   if constexpr (kMix) mix = make_mix(l.s(P::lam));
+  ShiftArg shift{};
+  if constexpr (kShift) shift = ShiftArg{l.ref(P::norm), l.s(P::rho), l.dev_scalar(P::rho)};
   SAM_CUDA_DISPATCH(l.dtype, "sgd", [&] {
     dispatch_sgd_flags(momentum, l.flag(P::nesterov), l.flag(P::init_bufs), [&]<bool kM, bool kN, bool kI>() {
-      launch_chunks(l, sgd_kernel<P, scalar_t, kM, kN, kI, kMix>, args, mix, l.f32(P::grad_scale),
+      launch_chunks(l, sgd_kernel<P, scalar_t, kM, kN, kI, kMix, kShift>, args, mix, shift, l.f32(P::grad_scale),
                     l.f32(P::found_inf), l.dev_scalar(P::lr));
     });
   });
 }
 
-SAM_RUNNER("restore_sgd_", c10::DeviceType::CUDA, (sgd_runner<decl::restore_sgd_, false>));
-SAM_RUNNER("sampa_update_sgd_", c10::DeviceType::CUDA, (sgd_runner<decl::sampa_update_sgd_, true>));
+SAM_RUNNER("restore_sgd_", c10::DeviceType::CUDA, (sgd_runner<decl::restore_sgd_, false, false>));
+SAM_RUNNER("shift_restore_sgd_", c10::DeviceType::CUDA, (sgd_runner<decl::shift_restore_sgd_, false, true>));
+SAM_RUNNER("sampa_update_sgd_", c10::DeviceType::CUDA, (sgd_runner<decl::sampa_update_sgd_, true, false>));
 
 }  // namespace
 }  // namespace sam_kernels::cuda

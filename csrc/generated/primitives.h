@@ -86,6 +86,20 @@ struct restore_adam_ {
   enum T : int { grad_scale = 0, found_inf = 1 };
   enum V : int {};
 };
+struct shift_restore_sgd_ {
+  enum L : int { params = 0, grads = 1, bufs = 2 };
+  enum S : int { rho = 0, lr = 1, momentum = 2, dampening = 3, weight_decay = 4 };
+  enum O : int { nesterov = 0, maximize = 1, init_bufs = 2 };
+  enum T : int { norm = 0, grad_scale = 1, found_inf = 2 };
+  enum V : int {};
+};
+struct shift_restore_adam_ {
+  enum L : int { params = 0, grads = 1, exp_avgs = 2, exp_avg_sqs = 3, max_exp_avg_sqs = 4, state_steps = 5 };
+  enum S : int { rho = 0, lr = 1, beta1 = 2, beta2 = 3, eps = 4, weight_decay = 5 };
+  enum O : int { decoupled = 0, amsgrad = 1, maximize = 2 };
+  enum T : int { norm = 0, grad_scale = 1, found_inf = 2 };
+  enum V : int {};
+};
 struct sampa_preview_sgd_ {
   enum L : int { params = 0, grads = 1, perturbed = 2, previews = 3, bufs = 4 };
   enum S : int { rho = 0, lr = 1, momentum = 2, dampening = 3, weight_decay = 4 };
@@ -269,6 +283,44 @@ inline constexpr ParamDecl k_restore_adam__params[] = {
     {"found_inf", Cat::kTensor, 1, ListKind::kElements, TensorKind::kScalar, false, 0, {}},
 };
 inline constexpr ValueRule k_restore_adam__values[] = {ValueRule::kNone};
+inline constexpr ParamDecl k_shift_restore_sgd__params[] = {
+    {"params", Cat::kList, 0, ListKind::kElements, TensorKind::kAny, true, 0, {}},
+    {"grads", Cat::kList, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"bufs", Cat::kList, 2, ListKind::kElements, TensorKind::kAny, true, 0, {}},
+    {"norm", Cat::kTensor, 0, ListKind::kElements, TensorKind::kNorm, false, 0, {}},
+    {"rho", Cat::kScalar, 0, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"lr", Cat::kScalar, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"momentum", Cat::kScalar, 2, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"dampening", Cat::kScalar, 3, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"nesterov", Cat::kOption, 0, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"weight_decay", Cat::kScalar, 4, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"maximize", Cat::kOption, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"init_bufs", Cat::kOption, 2, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"grad_scale", Cat::kTensor, 1, ListKind::kElements, TensorKind::kScalar, false, 0, {}},
+    {"found_inf", Cat::kTensor, 2, ListKind::kElements, TensorKind::kScalar, false, 0, {}},
+};
+inline constexpr ValueRule k_shift_restore_sgd__values[] = {ValueRule::kNone};
+inline constexpr ParamDecl k_shift_restore_adam__params[] = {
+    {"params", Cat::kList, 0, ListKind::kElements, TensorKind::kAny, true, 0, {}},
+    {"grads", Cat::kList, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"exp_avgs", Cat::kList, 2, ListKind::kElements, TensorKind::kAny, true, 0, {}},
+    {"exp_avg_sqs", Cat::kList, 3, ListKind::kElements, TensorKind::kAny, true, 0, {}},
+    {"max_exp_avg_sqs", Cat::kList, 4, ListKind::kElements, TensorKind::kAny, true, 1, {{14, false}}},
+    {"state_steps", Cat::kList, 5, ListKind::kScalars, TensorKind::kAny, false, 0, {}},
+    {"norm", Cat::kTensor, 0, ListKind::kElements, TensorKind::kNorm, false, 0, {}},
+    {"rho", Cat::kScalar, 0, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"lr", Cat::kScalar, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"beta1", Cat::kScalar, 2, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"beta2", Cat::kScalar, 3, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"eps", Cat::kScalar, 4, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"weight_decay", Cat::kScalar, 5, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"decoupled", Cat::kOption, 0, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"amsgrad", Cat::kOption, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"maximize", Cat::kOption, 2, ListKind::kElements, TensorKind::kAny, false, 0, {}},
+    {"grad_scale", Cat::kTensor, 1, ListKind::kElements, TensorKind::kScalar, false, 0, {}},
+    {"found_inf", Cat::kTensor, 2, ListKind::kElements, TensorKind::kScalar, false, 0, {}},
+};
+inline constexpr ValueRule k_shift_restore_adam__values[] = {ValueRule::kNone};
 inline constexpr ParamDecl k_sampa_preview_sgd__params[] = {
     {"params", Cat::kList, 0, ListKind::kElements, TensorKind::kAny, false, 0, {}},
     {"grads", Cat::kList, 1, ListKind::kElements, TensorKind::kAny, false, 0, {}},
@@ -432,6 +484,8 @@ inline constexpr PrimitiveDecl kPrimitives[] = {
     {"restore_", "restore_(Tensor(a!)[] params, Tensor[] x_old, Tensor? found_inf=None) -> ()", true, false, true, 3, k_restore__params, 2, 0, 0, 1, 0, k_restore__values, 0, 0},
     {"restore_sgd_", "restore_sgd_(Tensor(a!)[] params, Tensor[] x_old, Tensor[] grads, Tensor(b!)[] bufs, float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool init_bufs, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, true, 13, k_restore_sgd__params, 4, 4, 3, 2, 0, k_restore_sgd__values, 1, 0},
     {"restore_adam_", "restore_adam_(Tensor(a!)[] params, Tensor[] x_old, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, true, 17, k_restore_adam__params, 7, 5, 3, 2, 0, k_restore_adam__values, 1, 0},
+    {"shift_restore_sgd_", "shift_restore_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, Tensor norm, float rho, float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool init_bufs, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, true, 14, k_shift_restore_sgd__params, 3, 5, 3, 3, 0, k_shift_restore_sgd__values, 3, 0},
+    {"shift_restore_adam_", "shift_restore_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, Tensor norm, float rho, float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, true, 18, k_shift_restore_adam__params, 6, 6, 3, 3, 0, k_shift_restore_adam__values, 3, 0},
     {"sampa_preview_sgd_", "sampa_preview_sgd_(Tensor[] params, Tensor[] grads, Tensor(a!)[] perturbed, Tensor(b!)[] previews, Tensor[] bufs, Tensor norm, float rho, float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool init_bufs) -> ()", true, false, true, 14, k_sampa_preview_sgd__params, 5, 5, 3, 1, 0, k_sampa_preview_sgd__values, 3, 0},
     {"sampa_preview_adam_", "sampa_preview_adam_(Tensor[] params, Tensor[] grads, Tensor(a!)[] perturbed, Tensor(b!)[] previews, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, Tensor[] state_steps, Tensor norm, float rho, float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize) -> ()", true, false, true, 18, k_sampa_preview_adam__params, 8, 6, 3, 1, 0, k_sampa_preview_adam__values, 3, 0},
     {"sampa_update_sgd_", "sampa_update_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor[] grads2, Tensor(b!)[] bufs, float lam, float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool init_bufs, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()", true, false, true, 14, k_sampa_update_sgd__params, 4, 5, 3, 2, 0, k_sampa_update_sgd__values, 2, 0},

@@ -16,12 +16,14 @@ step is taken. Each adapter also previews a step (SAMPa's y: the base step from 
 read and never written).
 
 What an update restores x from is its source (Restore: a copy, or x itself; Rank1: nuSAM's
-recomputed term; Mix: SAMPa's mixed gradient from x itself): the adapter picks the primitive.
+recomputed term; Shift: MSAM's recomputed move along the momentum; Mix: SAMPa's mixed gradient
+from x itself): the adapter picks the primitive.
 """
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
@@ -47,6 +49,15 @@ class Rank1:
 
 
 @dataclass
+class Shift:
+    """x <- x + s b (MSAM's way back along the momentum b it moved along: the base state's buffer,
+    read once with the step), s = rho / (norm + eps); norm: the move's device norm, rho(): the
+    move's rho (a number or a device scalar), read per call."""
+    norm: torch.Tensor
+    rho: Callable
+
+
+@dataclass
 class Mix:
     """The step from x with d = (1 - lam) grads + lam grads2 (SAMPa); lam is given per call."""
     grads2: list
@@ -60,7 +71,8 @@ class FusedSGD:
     """torch.optim.SGD fused into our passes."""
     family = "sgd"
     state_keys = ("momentum_buffer",)  # what an update binds (engine.key: their addresses)
-    primitives = {Restore: "restore_sgd_", Rank1: "rank1_restore_sgd_", Mix: "sampa_update_sgd_"}
+    primitives = {Restore: "restore_sgd_", Rank1: "rank1_restore_sgd_", Shift: "shift_restore_sgd_",
+                  Mix: "sampa_update_sgd_"}
     preview_primitive = "sampa_preview_sgd_"
 
     def __init__(self, base: torch.optim.Optimizer):
@@ -101,7 +113,8 @@ class FusedAdam:
     """torch.optim.Adam / AdamW fused into our passes."""
     family = "adam"
     state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
-    primitives = {Restore: "restore_adam_", Rank1: "rank1_restore_adam_", Mix: "sampa_update_adam_"}
+    primitives = {Restore: "restore_adam_", Rank1: "rank1_restore_adam_", Shift: "shift_restore_adam_",
+                  Mix: "sampa_update_adam_"}
     preview_primitive = "sampa_preview_adam_"
 
     def __init__(self, base: torch.optim.Optimizer):
@@ -186,9 +199,10 @@ def prepare_state(adapter, work, counters: StepCounters, device) -> None:
 def prepare_update(adapter, group: dict, backend: str, device, params, grads, counters: StepCounters, source,
                    lr=None):
     """The fused update of `params` (one param group) with `grads`, from `source` (Restore, Rank1,
-    Mix). counters: the optimizer's StepCounters (Adam). lr: a device scalar the kernel reads
+    Shift, Mix). counters: the optimizer's StepCounters (Adam). lr: a device scalar the kernel reads
     instead of group["lr"] (capturable steps: engine/scalars.py). Returns run(grad_scale,
-    found_inf, scales=None, lam=None)."""
+    found_inf, **per_call) with the source's per-call values (Rank1's scales, Mix's lam, Shift's
+    norm and rho)."""
     keys = source.keys if isinstance(source, Rank1) and source.keys is not None else params
     views = None if keys is params else [p.shape for p in params]
     adapter.create_state(group, keys)
@@ -197,19 +211,16 @@ def prepare_update(adapter, group: dict, backend: str, device, params, grads, co
     lists = adapter.state_lists(group, keys, views)
     if isinstance(source, Restore):
         lists = {"params": params, "x_old": source.x_old, "grads": grads, **lists}
+    elif isinstance(source, Shift):
+        lists = {"params": params, "grads": grads, **lists}
     elif isinstance(source, Rank1):
         lists = {"params": params, "us": source.us, "vs": source.vs, "grads": grads, **lists}
     else:
         lists = {"params": params, "grads": grads, "grads2": source.grads2, **lists}
     launch = ops.bind(adapter.primitives[type(source)], backend, device, lists, adapter.static(group))
 
-    def run(grad_scale=None, found_inf=None, scales=None, lam=None):
-        kw = adapter.scalars(group, lr)
-        if scales is not None:
-            kw["scales"] = scales
-        if lam is not None:
-            kw["lam"] = lam
-        launch(grad_scale=grad_scale, found_inf=found_inf, **kw)
+    def run(grad_scale=None, found_inf=None, **per_call):
+        launch(grad_scale=grad_scale, found_inf=found_inf, **adapter.scalars(group, lr), **per_call)
     return run
 
 

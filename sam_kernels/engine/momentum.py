@@ -3,12 +3,17 @@ before the forward pass, and removed by recomputing it (no copy of the weights):
 
     first pass     n = ||b||;  x <- x - rho b / (n + eps)     b: SGD's momentum_buffer, Adam's exp_avg
     second pass    x <- x + rho b / (n + eps)  (the same n and rho: x_t within one rounding), then the
-                   fused base step from x with the gradient at the perturbed point (engine/updates.py)
+                   fused base step from x with the gradient at the perturbed point, in one pass
+                   (bases.Shift: the update reads b once for both; engine/updates.py)
 
     MomentumPerturbation   the strategy MSAM composes
     ShiftPass              a first pass moving x along directions and back by shift_ (no copy):
                            the norm's tables, one shift_ launch per param group and way
-    MomentumPass           MSAM's: minus the momentum buffers (LookSAM's: engine/directions.py)
+                           (LookSAM's, engine/directions.py: the way back before the update)
+    MomentumPass           MSAM's: minus the momentum buffers, the way back inside the update
+
+Bytes per fp32 parameter of an MSAM + SGD-momentum step: ||b|| 4, the move 12, the guard's norm
+of g 4, the update with the way back 20 (read x, g, b; write x, b): 40 (bench/NOTES.md).
 
 A parameter without a buffer yet (the first step; a new param group) is not perturbed: e_0 = 0.
 """
@@ -19,7 +24,7 @@ import torch
 from .. import ops
 from ..integrations.distributed import local
 from ..ops.lists import GradsOf
-from .bases import Restore
+from .bases import Restore, Shift
 from .norms import NormStage
 
 # b, by the base optimizer's class (fused or not: with options we do not fuse, the update takes
@@ -36,7 +41,10 @@ class ShiftPass:
         self.params = [p for _, ps in work for p in ps]
         self.active = False
         self.subtract = subtract
-        backend = engine.backend_for(device, "shift_")
+        self.directions = directions
+        self.moved = {id(group): {id(p) for p in ps} for group, ps in work if ps}  # per group, what moves
+        self._work, self._device = [(group, ps) for group, ps in work if ps], device
+        self._backend = backend = engine.backend_for(device, "shift_")
         self.norm = NormStage(engine.backend_for(device, "global_norm"), device,
                               [([directions[id(p)] for p in self.params], None, 0, 0.0)] if self.params else [],
                               group=engine.reduce_group())
@@ -45,20 +53,20 @@ class ShiftPass:
         self.shifts = [(group, ops.bind("shift_", backend, device,
                                         {"params": ps, "directions": [directions[id(p)] for p in ps]}))
                        for group, ps in work if ps]
-        self._used = []  # the rho of each group's move (the way back takes the same)
+        self.used = {}  # id(group) -> the rho of its move (the way back takes the same)
 
     def perturb(self, raise_nonfinite: bool, scale=None) -> None:
         self.norm.norm(self.first_norm)
-        self._used = [self._rho(group) for group, _ in self.shifts]
-        for (group, run), rho in zip(self.shifts, self._used):
-            run(norm=self.first_norm, rho=rho, subtract=self.subtract)
+        self.used = {id(group): self._rho(group) for group, _ in self.shifts}
+        for group, run in self.shifts:
+            run(norm=self.first_norm, rho=self.used[id(group)], subtract=self.subtract)
         self.active = True
 
     def undo(self) -> None:
         """x_t back (recomputed: within one rounding), once."""
         if self.active:
-            for (_, run), rho in zip(self.shifts, self._used):
-                run(norm=self.first_norm, rho=rho, subtract=not self.subtract)
+            for group, run in self.shifts:
+                run(norm=self.first_norm, rho=self.used[id(group)], subtract=not self.subtract)
         self.active = False
 
     def sources(self, group, ps):
@@ -76,13 +84,45 @@ class ShiftPass:
 
 
 class MomentumPass(ShiftPass):
-    """The first pass of MSAM over [(group, params with a buffer)]: along minus the buffers."""
+    """The first pass of MSAM over [(group, params with a buffer)]: along minus the buffers. The
+    way back is the fused update's (bases.Shift: the buffer it reads anyway), or shift_ for a moved
+    parameter without a second gradient and on the generic path (undo())."""
 
     def __init__(self, engine, work, device, key: str):
         work = [(group, ps) for group, ps in work if group["perturb"] and ps]
         state = engine.base.state
         super().__init__(engine, work, device, {id(p): local(state[p][key]) for _, ps in work for p in ps},
                          subtract=True)
+
+    def sources(self, group, ps):
+        """The moved parameters of `group` come back inside the update (x + s b, the same s as the
+        move: x_t within one rounding); the others step from x itself."""
+        moved = self.moved.get(id(group), ())
+        back, rest = [p for p in ps if id(p) in moved], [p for p in ps if id(p) not in moved]
+        out = []
+        if back:
+            out.append((Shift(norm=self.first_norm, rho=lambda key=id(group): self.used[key]), back, GradsOf(back),
+                        None))
+        if rest:
+            out.append((Restore(x_old=rest), rest, GradsOf(rest), None))
+        return out
+
+    def restore_left(self, params):
+        """x_t back for moved parameters without a second gradient (shift_; run(flags))."""
+        left = {id(p) for p in params}
+        runs = []
+        for group, ps in self._work:
+            mine = [p for p in ps if id(p) in left]
+            if mine:
+                lists = {"params": mine, "directions": [self.directions[id(p)] for p in mine]}
+                runs.append((id(group), ops.bind("shift_", self._backend, self._device, lists)))
+        if not runs:
+            return None
+
+        def run(flags):
+            for key, launch in runs:
+                launch(norm=self.first_norm, rho=self.used[key], subtract=not self.subtract)
+        return run
 
 
 class MomentumPerturbation:

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .bases import Mix, Restore, fused, prepare_state, prepare_update
+from .bases import Mix, Restore, Shift, fused, prepare_state, prepare_update
 from .norms import NormStage
 
 
@@ -57,8 +57,8 @@ def build_update(engine, work, device, sources, guard_classes, restores=(), comm
     """The last pass over [(group, params with a gradient)].
 
     sources(group, params) -> [(source, params, grads, scales)]: per group, what each part of it
-        restores from (bases.Restore / Rank1 / Mix) with its gradients, and for Rank1 a function
-        of the flags giving the scales (None otherwise);
+        restores from (bases.Restore / Rank1 / Shift / Mix) with its gradients, and for Rank1 a
+        function of the flags giving the scales (None otherwise);
     guard_classes: the guard's norm classes (engine/norms.py);
     restores, commits: run(flags) functions (None entries are dropped);
     preludes: run() functions writing the update's gradient into .grad before the guard (None dropped);
@@ -89,6 +89,9 @@ def build_update(engine, work, device, sources, guard_classes, restores=(), comm
             elif isinstance(source, Mix):
                 plan.updates.append(lambda flags, run=run, group=group: run(flags.grad_scale, flags.found_inf,
                                                                           lam=group["lam"]))
+            elif isinstance(source, Shift):
+                plan.updates.append(lambda flags, run=run, s=source: run(flags.grad_scale, flags.found_inf,
+                                                                       norm=s.norm, rho=s.rho()))
             else:
                 plan.updates.append(lambda flags, run=run: run(flags.grad_scale, flags.found_inf))
         moving += ps

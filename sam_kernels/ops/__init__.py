@@ -17,6 +17,8 @@ the Adam step counters).
     restore_(params, x_old, found_inf=None)        x <- x_old (bit for bit; with found_inf, if it is 0)
     restore_sgd_(params, x_old, grads, bufs, ...)  x <- x_old, then one fused torch.optim.SGD step
     restore_adam_(params, x_old, grads, m, v, ...) x <- x_old, then one fused Adam / AdamW step
+    shift_restore_sgd_ / shift_restore_adam_       x <- x + rho b / (norm + eps), then the fused step
+                                                   (MSAM's way back along the momentum b, in the update)
 The fused updates take grad_scale (a multiplier of the gradient: GradScaler's 1 / scale times a
 clipping coefficient) and found_inf (!= 0: the step is skipped, x <- x_old and no state is
 written), both fp32 device scalars; Adam's take state_steps, one fp32 device scalar per tensor
@@ -307,6 +309,42 @@ def restore_adam_(params, x_old, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=N
          {"params": params, "x_old": list(x_old), "grads": list(grads),
           **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, state_steps)},
          {**scalars, **_guard_args("restore_adam_", params, grad_scale, found_inf)})
+
+
+@torch.no_grad()
+def shift_restore_sgd_(params, grads, bufs, *, norm: torch.Tensor, rho: float, lr: float, momentum: float,
+                       dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                       maximize: bool = False, init_bufs: bool = False, grad_scale=None, found_inf=None,
+                       backend: str = "auto") -> None:
+    """params <- params + rho * bufs / (norm + eps) (MSAM's way back along the momentum buffers it
+    moved along with shift_(..., subtract=True); no move for a non-finite norm), then one
+    torch.optim.SGD step with grads * grad_scale, in one pass: 20 B per fp32 element, as
+    restore_sgd_. found_inf != 0: the move back only."""
+    params = list(params)
+    if bufs is None:
+        raise ValueError("shift_restore_sgd_: needs 'bufs' (the momentum buffers: the direction of the move)")
+    scalars = _sgd_scalars("shift_restore_sgd_", bufs, lr, momentum, dampening, nesterov, weight_decay, maximize,
+                           init_bufs)
+    _run("shift_restore_sgd_", backend, {"params": params, "grads": list(grads), "bufs": list(bufs)},
+         {"norm": norm, "rho": float(rho), **scalars,
+          **_guard_args("shift_restore_sgd_", params, grad_scale, found_inf)})
+
+
+@torch.no_grad()
+def shift_restore_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, state_steps,
+                        norm: torch.Tensor, rho: float, lr: float, beta1: float, beta2: float, eps: float,
+                        weight_decay: float = 0.0, decoupled: bool = False, amsgrad: bool = False,
+                        maximize: bool = False, grad_scale=None, found_inf=None, backend: str = "auto") -> None:
+    """params <- params + rho * exp_avgs / (norm + eps) (MSAM's way back along Adam's first moments),
+    then one torch.optim.Adam / AdamW step, in one pass (found_inf != 0: the move back only)."""
+    params = list(params)
+    scalars = _adam_scalars("shift_restore_adam_", max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, decoupled,
+                            amsgrad, maximize)
+    _run("shift_restore_adam_", backend,
+         {"params": params, "grads": list(grads),
+          **_adam_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, state_steps)},
+         {"norm": norm, "rho": float(rho), **scalars,
+          **_guard_args("shift_restore_adam_", params, grad_scale, found_inf)})
 
 
 # --- SAMPa -----------------------------------------------------------------------------------

@@ -213,6 +213,22 @@ RESTORE_ADAM = declare(
     "grad_scale; state_steps: each tensor's step count for this update (fp32 device scalars). found_inf != 0: "
     "params <- x_old only.", kinds=_ADAM_KINDS, present=_ADAM_PRESENT, device_scalars=("lr",))
 
+# --- MSAM (the move along the momentum taken out inside the update: no pass of its own) ------
+
+SHIFT_RESTORE_SGD = declare(
+    f"shift_restore_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, Tensor norm, float rho, {_SGD}, "
+    f"{_GUARD}) -> ()",
+    "params <- params + s * bufs (s = rho / (norm + 1e-12), rounded to the params' dtype as shift_ rounds it; "
+    "no move for a non-finite norm), then restore_sgd_'s SGD step from there, in one pass: MSAM's way back "
+    "along the momentum buffers it moved along (read once, before the step writes them; bufs are always "
+    "given). found_inf != 0: the move back only.", kinds={"norm": "norm"}, device_scalars=("rho", "lr"))
+SHIFT_RESTORE_ADAM = declare(
+    f"shift_restore_adam_(Tensor(a!)[] params, Tensor[] grads, {_ADAM_STATE}, Tensor norm, float rho, {_ADAM}, "
+    f"{_GUARD}) -> ()",
+    "params <- params + s * exp_avgs (s as for shift_restore_sgd_), then restore_adam_'s Adam / AdamW step "
+    "from there, in one pass. found_inf != 0: the move back only.",
+    kinds={**_ADAM_KINDS, "norm": "norm"}, present=_ADAM_PRESENT, device_scalars=("rho", "lr"))
+
 # --- SAMPa -------------------------------------------------------------------------------
 
 SAMPA_PREVIEW_SGD = declare(

@@ -229,6 +229,32 @@ def restore_adam_(params, x_old, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
                            eps, weight_decay, decoupled, amsgrad, maximize, grad_scale))
 
 
+# --- MSAM: the move along the momentum taken out inside the update ----------------------------
+
+def _shifted(params, directions, norm, rho):
+    """x + s d per tensor in x's dtype, as shift_ leaves it (MSAM's x_t, recomputed, not stored)."""
+    x = [p.clone() for p in params]
+    shift_(x, directions, norm, rho, subtract=False)
+    return x
+
+
+def shift_restore_sgd_(params, grads, bufs, norm, rho, lr, momentum, dampening, nesterov, weight_decay, maximize,
+                       init_bufs, grad_scale=None, found_inf=None):
+    """x <- x + s b (b the momentum buffers before the step), then torch.optim.SGD's step (the move
+    back only where found_inf != 0)."""
+    restore_sgd_(params, _shifted(params, bufs, norm, rho), grads, bufs, lr, momentum, dampening, nesterov,
+                 weight_decay, maximize, init_bufs, grad_scale, found_inf)
+
+
+def shift_restore_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, norm, rho, lr, beta1,
+                        beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None):
+    """x <- x + s m (m the first moments before the step), then torch.optim.Adam / AdamW's step (the
+    move back only where found_inf != 0)."""
+    restore_adam_(params, _shifted(params, exp_avgs, norm, rho), grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                  state_steps, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale,
+                  found_inf)
+
+
 # --- SAMPa: the preview y_{t+1} with x~_t, and the update with d = (1 - lam) g~ + lam g_y' ---------
 
 def _clones(tensors):

@@ -3,7 +3,7 @@
     b_t   the base optimizer's momentum (SGD's momentum_buffer, Adam's exp_avg) before this step
     e_t = -rho b_t / (||b_t|| + eps)      first_step(): before the forward, x <- x_t + e_t (e_0 = 0)
     g~  = grad f(x_t + e_t; B_t)          the caller's one forward / backward (or the closure)
-    x_t back, base step with g~           second_step(): x <- x - e_t, then the fused base step
+    x_t back, base step with g~           second_step(): x <- x - e_t inside the fused base step
 
 No copy of the weights: the perturbation is removed by recomputing it, so x_t comes back within
 one rounding (as nuSAM's rank-1 term; SAM's copy gives it back bit for bit). The weights between
@@ -29,7 +29,7 @@ class MSAM(SharpnessAwareOptimizer):
 
         opt.first_step()                 # x <- x_t - rho b / ||b||
         loss_fn(model(x), y).backward()  # the gradient at the perturbed point
-        opt.second_step(zero_grad=True)  # x_t back, then the base step with that gradient
+        opt.second_step(zero_grad=True)  # x_t back and the base step with that gradient, in one pass
 
     or opt.step(closure) with a closure that computes the loss and its gradient (called once).
 
@@ -66,14 +66,6 @@ class MSAM(SharpnessAwareOptimizer):
 
     def _first_work(self, where: str):
         return self.perturbation.work(self.engine)
-
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
-        """x_t back (recomputed), then the base step with the gradient in .grad (taken at the
-        perturbed point); a GradScaler as in SAM.second_step."""
-        if self._pending is not None:
-            self._pending.undo()  # before the update reads x
-        super().second_step(zero_grad, grad_scaler)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, grad_scaler=None):

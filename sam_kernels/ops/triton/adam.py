@@ -6,8 +6,8 @@ Floor: read x_old, g, m, v; write x, m, v (28 B per fp32 element, +8 B with amsg
 Each tensor's step count is read on the device (the counters live there: the host never reads
 them); found_inf != 0 skips the step: x <- x_old, the moments untouched.
 
-The same kernel is nuSAM's rank1_restore_adam_ (RANK1) and SAMPa's sampa_update_adam_ (MIX),
-as for SGD in sgd.py."""
+The same kernel is nuSAM's rank1_restore_adam_ (RANK1), MSAM's shift_restore_adam_ (SHIFT: x + s m)
+and SAMPa's sampa_update_adam_ (MIX), as for SGD in sgd.py."""
 from __future__ import annotations
 
 import triton
@@ -15,7 +15,8 @@ import triton.language as tl
 
 from ._tables import (Launch, block_of, compute_dtype, dtype_groups, host_or_device, load_grad, load_optional,
                       optional, pick, scalar_arg, scalar_ptr, tensor_ptr, tl_dtype)
-from .rank1 import load_old, rank1_lists
+from .rank1 import rank1_lists
+from .restore import load_old
 
 
 @triton.jit
@@ -67,15 +68,17 @@ def step_scalars(step_ptr, lr, one_minus_beta1, one_minus_beta2, STEP_OFFSET: tl
 def _restore_adam_kernel(
     ptrs, n_tensors, numels, blk_tensor, blk_start,
     lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, decay_factor, ncols, index, scales, lam,
-    grad_scale, found_inf, SCALED: tl.constexpr, HAS_FOUND: tl.constexpr, AMSGRAD: tl.constexpr,
-    DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, RANK1: tl.constexpr, U_LIST: tl.constexpr,
-    MIX: tl.constexpr, LR_T: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, VEC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    grad_scale, found_inf, shift_norm, shift_rho, SCALED: tl.constexpr, HAS_FOUND: tl.constexpr,
+    AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+    RANK1: tl.constexpr, U_LIST: tl.constexpr, MIX: tl.constexpr, SHIFT: tl.constexpr, RHO_T: tl.constexpr,
+    LR_T: tl.constexpr, DTYPE: tl.constexpr, CT: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t, offs, mask = block_of(numels, blk_tensor, blk_start, VEC, BLOCK)
     x_ptr = tensor_ptr(ptrs, n_tensors, t, 0, DTYPE)
-    x = load_old(ptrs, n_tensors, t, offs, mask, ncols, index, scales, RANK1, U_LIST, DTYPE, CT)  # nuSAM: M - s u v^T
-    if load_optional(found_inf, HAS_FOUND, 0.0) != 0:  # skipped: SAM's restore (nuSAM's removal) only
+    # SAM: x_old; nuSAM: M - s u v^T; MSAM: x + s d with d list 3 (the momentum buffer / exp_avg)
+    x = load_old(ptrs, n_tensors, t, offs, mask, ncols, index, scales, shift_norm, shift_rho, RANK1, SHIFT, RHO_T,
+                 U_LIST, 3, DTYPE, CT)
+    if load_optional(found_inf, HAS_FOUND, 0.0) != 0:  # skipped: SAM's restore (nuSAM's removal, MSAM's way back)
         if not MIX:
             tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
     else:
@@ -121,7 +124,7 @@ def adam_scalars(lr, beta1, beta2, eps, weight_decay):
 
 
 def _prepare(params, x_old, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad, rank1=None,
-             grads2=None):
+             grads2=None, shift=False):
     launches = []
     for dtype, index in dtype_groups(params):
         lists = [pick(params, index), pick(x_old, index), pick(grads, index), pick(exp_avgs, index),
@@ -135,17 +138,19 @@ def _prepare(params, x_old, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
         launches.append((dtype, Launch(lists), extra, ncols, cols_index))
 
     def run(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None,
-            lam=0.0, scales=None):
+            lam=0.0, scales=None, norm=None, rho=0.0):
         scalars, lr_t = adam_scalars(lr, beta1, beta2, eps, weight_decay)
+        rho, rho_t = scalar_arg(rho)
         for dtype, launch, extra, ncols, cols_index in launches:
             gscale, scaled = optional(grad_scale, launch.numels)
             flag, has_found = optional(found_inf, launch.numels)
             launch.run(
                 _restore_adam_kernel, *scalars, ncols, cols_index,
-                scales if scales is not None else launch.numels, float(lam), gscale, flag, SCALED=scaled,
-                HAS_FOUND=has_found, AMSGRAD=bool(amsgrad), DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize),
-                HAS_WD=weight_decay != 0, RANK1=rank1 is not None, U_LIST=extra, MIX=grads2 is not None,
-                LR_T=lr_t, DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype),
+                scales if scales is not None else launch.numels, float(lam), gscale, flag,
+                norm if shift else launch.numels, rho, SCALED=scaled, HAS_FOUND=has_found, AMSGRAD=bool(amsgrad),
+                DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
+                RANK1=rank1 is not None, U_LIST=extra, MIX=grads2 is not None, SHIFT=shift, RHO_T=rho_t, LR_T=lr_t,
+                DTYPE=tl_dtype(dtype), CT=compute_dtype(dtype),
             )
     return run
 
@@ -158,6 +163,11 @@ def prepare_rank1_restore_adam_(params, us, vs, grads, exp_avgs, exp_avg_sqs, ma
     run = _prepare(params, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
                    rank1=(us, vs))
     return lambda scales, **kw: run(scales=scales, **kw)
+
+
+def prepare_shift_restore_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad):
+    run = _prepare(params, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad, shift=True)
+    return lambda norm, rho, **kw: run(norm=norm, rho=rho, **kw)
 
 
 def prepare_sampa_update_adam_(params, grads, grads2, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad):
@@ -175,6 +185,13 @@ def rank1_restore_adam_(params, us, vs, scales, grads, exp_avgs, exp_avg_sqs, ma
                         beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None):
     prepare_rank1_restore_adam_(params, us, vs, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad)(
         scales, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+        amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def shift_restore_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, norm, rho, lr, beta1,
+                        beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale=None, found_inf=None):
+    prepare_shift_restore_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad)(
+        norm, rho, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
         amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
 
 

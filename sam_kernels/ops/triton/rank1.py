@@ -1,7 +1,7 @@
 """rank1_update_: M_i <- M_i + s_i u_i v_i^T for every matrix of a dtype group in one launch,
 computed as M + (s u_r) v_c; a zero s_i leaves M_i untouched. Floor: read and write M (8 B
 per fp32 element); u and v are small and stay in cache. Also the rank-1 helpers of the fused
-nuSAM updates (sgd.py, adam.py): x_old = M - s u v^T recomputed, never stored."""
+nuSAM updates (restore.py's load_old): x_old = M - s u v^T recomputed, never stored."""
 from __future__ import annotations
 
 import triton
@@ -21,20 +21,6 @@ def rank1_term(ptrs, n_tensors, t, offs, mask, ncols, index, scales, U_LIST: tl.
     v = scalar_ptr(ptrs, n_tensors, t, U_LIST + 1, tl.float32)
     su = s * tl.load(u + r, mask=mask, other=0.0)
     return su * tl.load(v + (offs - r * m), mask=mask, other=0.0), s
-
-
-@triton.jit
-def load_old(ptrs, n_tensors, t, offs, mask, ncols, index, scales, RANK1: tl.constexpr, U_LIST: tl.constexpr,
-             DTYPE: tl.constexpr, CT: tl.constexpr):
-    """x_old for the fused updates: list 1 of the table (SAM), or for nuSAM M - s u v^T
-    recomputed from list 0 (M) and the vectors at U_LIST, U_LIST + 1."""
-    if RANK1:
-        term, s = rank1_term(ptrs, n_tensors, t, offs, mask, ncols, index, scales, U_LIST)
-        xm = tl.load(tensor_ptr(ptrs, n_tensors, t, 0, DTYPE) + offs, mask=mask).to(CT)
-        x = tl.where(s != 0, xm - term.to(CT), xm)
-    else:
-        x = tl.load(tensor_ptr(ptrs, n_tensors, t, 1, DTYPE) + offs, mask=mask).to(CT)
-    return x
 
 
 def rank1_columns(mats, index):
