@@ -1,8 +1,8 @@
 """python -m sam_kernels.bench [--quick] [--device D] [--backends a,b] [--json PATH] [--markdown PATH] [--plot PATH]
 python -m sam_kernels.bench --quality [--quick] [--seeds N] [--json PATH] [--markdown PATH] [--plot PATH]
 
-Measures the device's copy bandwidth first, then every primitive and the whole SAM, nuSAM and
-SAMPa optimizer steps on a many-tensor parameter set (ViT-shaped, ~150 tensors) and one large
+Measures the device's copy bandwidth first, then every primitive and the whole SAM, nuSAM,
+SAMPa and MSAM optimizer steps on a many-tensor parameter set (ViT-shaped, ~150 tensors) and one large
 flat tensor, for each of our backends and the peers (the torch foreach path, a per-parameter
 loop, pytorch-optimizer's SAM, torch's own SGD), and reports median time, GB/s against the
 floor bytes, the fraction of the copy bandwidth, and speed-ups measured in the same run.
@@ -23,7 +23,7 @@ from .. import backends
 from .cases import (BYTES_PER_ELEMENT, compiled_sam_case, foreach_sam_case, loop_sam_case, make_params,
                     nusam_step_case, peer_sam_case, power_iteration_case, primitive_case, sam_step_case,
                     torch_sgd_case)
-from .cases import sampa_step_case
+from .cases import msam_step_case, sampa_step_case
 from .models import MODELS
 from .output import colour, implementation, param_set, progress, pyplot, save_figure, sibling, write_text
 from .shapes import PARAM_SETS, numel
@@ -48,7 +48,8 @@ def plan(device, backend_list, quick, sets=None, compiled=None):
             if not host:  # the primitives' host time is in the steps'
                 for op in PRIMITIVES:
                     jobs.append((name, op, b))
-            jobs += [(name, op, b) for op in ("sam_step", "sam_step_adamw", "sampa_step", "sampa_step_adamw")]
+            jobs += [(name, op, b) for op in ("sam_step", "sam_step_adamw", "sampa_step", "sampa_step_adamw",
+                                              "msam_step", "msam_step_adamw")]
         jobs.append((name, "sam_step", "loop"))
         jobs.append((name, "sam_step_adamw", "loop"))
         jobs.append((name, "sam_step", "foreach"))
@@ -81,6 +82,8 @@ def build(op, backend, params):
         return nusam_step_case(params, backend, "adamw" if op.endswith("adamw") else "sgd")
     if op.startswith("sampa_step"):
         return sampa_step_case(params, backend, "adamw" if op.endswith("adamw") else "sgd")
+    if op.startswith("msam_step"):
+        return msam_step_case(params, backend, "adamw" if op.endswith("adamw") else "sgd")
     base = "adamw" if op == "sam_step_adamw" else "sgd"
     if op == "sgd_step":
         return torch_sgd_case(params, backend.split("_", 1)[1])

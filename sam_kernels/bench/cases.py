@@ -11,6 +11,9 @@ Bytes counted per fp32 element (the floor: each input read once, each output wri
     sampa_step with SGD+momentum 52 = preview 20 (read x, g_y, buf; write x~, y) + norms of g~ and g_y' 8
         + update 24 (read x, g~, g_y', buf; write x, buf)
     sampa_step with AdamW 64 = preview 24 (read x, g_y, m, v; write x~, y) + 8 + update 32
+    msam_step with SGD+momentum 36 = ||b|| 4 + the move 12 (read x, b; write x) + the update with the
+        way back 20 (read x, g, b; write x, b: shift_restore_sgd_)
+    msam_step with AdamW 44 = 4 + 12 + 28 (b = exp_avg)
 Our SAM step also reads the second gradient once more (4 B) to refuse a non-finite one: that
 guard is in the measured time but not in the floor, so GB/s here is against the floor.
 """
@@ -18,13 +21,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import SAM, NuSAM, SAMPa, ops
+from .. import MSAM, SAM, NuSAM, SAMPa, ops
 
 BYTES_PER_ELEMENT = {
     "grad_norm": 4, "perturb": 16, "restore": 8, "restore_sgd": 20, "restore_adamw": 28,
     "sam_step": 40, "sam_step_adamw": 48, "sgd_step": 20,
     "power_iteration": 8, "nusam_step": 36, "nusam_step_adamw": 44,
-    "sampa_step": 52, "sampa_step_adamw": 64,
+    "sampa_step": 52, "sampa_step_adamw": 64, "msam_step": 36, "msam_step_adamw": 44,
 }
 
 
@@ -180,6 +183,14 @@ def power_iteration_case(params, backend: str):
 def nusam_step_case(params, backend: str, base: str = "sgd"):
     """One whole nuSAM optimizer step (T = 1) with the gradients in .grad."""
     return sam_step_case(params, backend, base, cls=NuSAM)
+
+
+def msam_step_case(params, backend: str, base: str = "sgd"):
+    """One whole MSAM optimizer step (the move along the momentum, then the update with the way
+    back) with the gradients in .grad; a first step makes the buffers (e_0 = 0 moves nothing)."""
+    step = sam_step_case(params, backend, base, cls=MSAM)
+    step()
+    return step
 
 
 class _Holder(torch.nn.Module):
