@@ -25,7 +25,7 @@ $(STAMP): $(BIN)/python $(SOURCES)
 	@echo "[2/4] $(TORCH_SPEC)" && $(PIP) "$(TORCH_SPEC)"
 	@echo "[3/4] triton, ninja and the test tools" && \
 	  $(PIP) $(DEPS) "$(TORCH_SPEC)"  # keeps torch pinned (lightning depends on torch)
-	@echo "[4/4] sam_kernels and its C++ extension (ninja, a job per core: ~4 min on 2 cores; CUDA kernels too with nvcc and a CUDA torch)" && \
+	@echo "[4/4] sam_kernels and its C++ extension (ninja, a job per core: ~1.5 min on 2 cores; CUDA kernels too with nvcc and a CUDA torch)" && \
 	  $(PIP) --no-build-isolation -e .
 	@touch $(STAMP) && echo "installed: $(BIN)/python -m sam_kernels.info reports what was built"
 

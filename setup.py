@@ -44,7 +44,7 @@ def _extensions():
         # A build-isolated `pip install .` has no torch to build against: install the pure-Python
         # package (Triton and torch paths; it says so at import) rather than fail.
         print("sam_kernels: torch is not importable at build time (pip's isolated build): the native extension "
-              "is built on first use instead (once, a few minutes); `pip install --no-build-isolation .` builds it "
+              "is built on first use instead (once, a minute or two); `pip install --no-build-isolation .` builds it "
               "now with the torch you have")
         return [], {}
     _write_declarations()
@@ -52,7 +52,9 @@ def _extensions():
 
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]  # errno-free sqrt vectorizes
+    # errno-free sqrt vectorizes; -g0 overrides Python's -g: debug info for ATen's templates took
+    # 60% of each file's compile time (48 s -> 19 s for the smallest, measured on 2 cores)
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-g0"]
     # torch's ParallelOpenMP.h uses `#pragma omp parallel`: without -fopenmp at::parallel_for
     # would run serially. libgomp is already loaded by torch, so the soname resolves to it.
     link = ["-fopenmp"]

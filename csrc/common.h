@@ -1,6 +1,6 @@
 // Constants and argument checks shared by the CPU and CUDA implementations.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: its every-operator headers cost 13 s per file
 
 #include <tuple>
 

@@ -8,6 +8,8 @@
 // here; power_iteration_ and rank1_scales_ are in cpu/power_iteration.cpp.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cstring>

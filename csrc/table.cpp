@@ -8,6 +8,7 @@
 // Python / C++ boundary per step.
 #include "table.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 
 #include "generated/primitives.h"

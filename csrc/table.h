@@ -12,7 +12,7 @@
 // device tensors in an order its file states); the list ops of the schema build the table for
 // each call, and the optimizers' step plans build it once and call torch.ops.sam_kernels._launch.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // (not ATen/ATen.h: see common.h)
 
 #include <optional>
 #include <string>

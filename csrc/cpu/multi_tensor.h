@@ -3,7 +3,7 @@
 // sizes, so reductions that combine per-chunk partials in chunk order are deterministic whatever
 // the number of threads.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

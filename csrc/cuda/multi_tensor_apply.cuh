@@ -3,7 +3,8 @@
 // Threads stride through their chunk kILP elements at a time, loading all of them before
 // computing, so several independent loads are in flight per thread.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>

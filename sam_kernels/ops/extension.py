@@ -80,13 +80,13 @@ def _build_on_first_use():
     cached = glob.glob(os.path.join(plan["build_directory"], "_C*.so"))
     if not cached:
         print(f"sam_kernels: building its native extension for torch {torch.__version__} "
-              f"({'CPU and CUDA' if plan['with_cuda'] else 'CPU'} kernels; once, a few minutes) into "
+              f"({'CPU and CUDA' if plan['with_cuda'] else 'CPU'} kernels; once, a minute or two) into "
               f"{plan['build_directory']} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     cuda = ["-DSAM_KERNELS_WITH_CUDA=1"] if plan["with_cuda"] else []  # as setup.py builds it
     module = cpp_extension.load(
         name="_C", sources=plan["sources"], build_directory=plan["build_directory"],
-        extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *cuda], extra_ldflags=["-fopenmp"],
+        extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-g0", *cuda], extra_ldflags=["-fopenmp"],
         extra_cuda_cflags=["-O3", *cuda], with_cuda=plan["with_cuda"], verbose=False)
     if not cached:
         print(f"sam_kernels: native extension built in {time.perf_counter() - start:.0f} s", file=sys.stderr,
