@@ -23,6 +23,9 @@ from conftest import (
 from sam_kernels import SAM, GaussSAM, NuSAM, ops
 
 BACKENDS = NUSAM_BACKENDS
+# A known result over many iterations (conftest.py's rule): where the kernels run natively; through
+# the interpreter the power iteration is checked against the reference step by step below
+CONVERGENCE_BACKENDS = [c for c in NUSAM_BACKENDS if c.values != ("triton", "cpu")]
 
 
 def rank1_tol(dtype):
@@ -42,7 +45,7 @@ def planted(n, m, gap=3.0, dtype=torch.float32, seed=0):
 SHAPES = [(1, 9), (9, 1), (1, 1), (40, 7), (7, 40), (33, 33), (130, 70)]
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", CONVERGENCE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_power_iteration_finds_the_top_singular_pair(backend, device, dtype):
     mats = [planted(n, m, dtype=dtype, seed=i).to(device) for i, (n, m) in enumerate(SHAPES)]
