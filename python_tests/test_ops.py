@@ -236,8 +236,14 @@ def test_shift_restore(backend, device, sizes, dtype, family, cfg):
     norm = ops.global_norm(b, backend="torch").to(device)
     v = [t.abs() for t in make(sizes, dtype, device, 0.01)]
     vmax = [t.abs() for t in make(sizes, dtype, device, 0.01)]
+    against_reference = not (backend == "triton" and device == "cpu" and dtype in (torch.bfloat16, torch.float16))
+    # (the large set adds chunks, not cases, to the comparison with the two passes: through the
+    # interpreter it costs seconds, so it runs there only where nothing else checks the result)
+    against_two_passes = sizes is not SIZES["large"] or not against_reference
     runs = {}
     for name, bk in (("fused", backend), ("reference", "torch"), ("two passes", backend)):
+        if (name == "reference" and not against_reference) or (name == "two passes" and not against_two_passes):
+            continue
         xs, state = clone_all(x), [clone_all(b), clone_all(v), clone_all(vmax)]
         if family == "sgd":
             kw = dict(lr=0.1, backend=bk, **cfg)
@@ -256,9 +262,9 @@ def test_shift_restore(backend, device, sizes, dtype, family, cfg):
             else:
                 ops.shift_restore_adam_(xs, g, *state, norm=norm, rho=0.05, **kw)
             runs[name] = [xs] + state[:3 if cfg["amsgrad"] else 2]
-    for got, want in zip(runs["fused"], runs["two passes"]):
+    for got, want in zip(runs["fused"], runs.get("two passes", runs["fused"])):
         assert all(torch.equal(a, c) for a, c in zip(got, want))
-    if not (backend == "triton" and device == "cpu" and dtype in (torch.bfloat16, torch.float16)):
+    if against_reference:
         for got, want in zip(runs["fused"], runs["reference"]):
             for a, c in zip(got, want):
                 assert_close(a, c)
