@@ -110,27 +110,17 @@ void rank1_restore_adam_runner(const Launch& l) {
 void shift_restore_adam_runner(const Launch& l) {
   using P = decl::shift_restore_adam_;
   const AdamLaunch<P> a(l);
-  bool finite = false;
-  const double shift = norm_scale(l, P::norm, l.s(P::rho), finite);  // not finite: x was not moved
-  for_each_chunk(l.table, [&](const ChunkRef& c) {
-    SAM_DISPATCH_FLOATING(l.dtype, "shift_restore_adam_", [&] {
-      scalar_t* x = l.table.ptr<scalar_t>(P::params, c.tensor) + c.begin;
-      scalar_t *m, *v, *vmax;
-      a.state(l.table, c, m, v, vmax);
-      const int64_t n = c.end - c.begin;
-      if (a.skip) {
-        if (finite) shift_chunk(x, m, shift, n);
-        return;
-      }
-      const scalar_t* g = l.table.ptr<const scalar_t>(P::grads, c.tensor) + c.begin;
-      const AdamArgs args = a.args(l.table, c.tensor);
-      dispatch_adam_flags(a.amsgrad, a.lerp_low, [&]<bool kA, bool kL>() {
-        if (finite) {
-          adam_chunk<scalar_t, kA, kL, scalar_t, false, true>(x, x, g, m, v, vmax, args, n, nullptr, {}, shift);
-        } else {
-          adam_chunk<scalar_t, kA, kL>(x, x, g, m, v, vmax, args, n);
-        }
-      });
+  for_each_shift_chunk<P>(l, P::exp_avgs, a.skip, [&](const ChunkRef& c, auto* x, auto* /* m, as a.state's */,
+                                                      int64_t n, double shift, bool moved) {
+    using scalar_t = std::remove_pointer_t<decltype(x)>;
+    const scalar_t* g = l.table.ptr<const scalar_t>(P::grads, c.tensor) + c.begin;
+    scalar_t *m, *v, *vmax;
+    a.state(l.table, c, m, v, vmax);
+    const AdamArgs args = a.args(l.table, c.tensor);
+    dispatch_adam_flags(a.amsgrad, a.lerp_low, [&]<bool kA, bool kL>() {
+      if (moved) return adam_chunk<scalar_t, kA, kL, scalar_t, false, true>(x, x, g, m, v, vmax, args, n, nullptr, {},
+                                                                           shift);
+      adam_chunk<scalar_t, kA, kL>(x, x, g, m, v, vmax, args, n);
     });
   });
 }

@@ -130,6 +130,28 @@ void for_each_restore_chunk(const Launch& l, bool skip, const Body& body) {
   });
 }
 
+// The skeleton of MSAM's fused update (declaration P) that first moves x back along the state list
+// `direction` (SGD's bufs, Adam's exp_avgs) by s = rho / (norm + eps): per chunk, the move back
+// only if the step is skipped, else body(chunk, x, d, n, shift, moved), where moved is false for
+// a non-finite norm (x was not moved, so the update steps from x as it is).
+template <class P, typename Body>
+void for_each_shift_chunk(const Launch& l, size_t direction, bool skip, const Body& body) {
+  bool moved = false;
+  const double shift = norm_scale(l, P::norm, l.s(P::rho), moved);
+  for_each_chunk(l.table, [&](const ChunkRef& c) {
+    SAM_DISPATCH_FLOATING(l.dtype, "fused update", [&] {
+      scalar_t* x = l.table.ptr<scalar_t>(P::params, c.tensor) + c.begin;
+      scalar_t* d = l.table.ptr<scalar_t>(direction, c.tensor) + c.begin;
+      const int64_t n = c.end - c.begin;
+      if (skip) {
+        if (moved) shift_chunk(x, d, shift, n);
+        return;
+      }
+      body(c, x, d, n, shift, moved);
+    });
+  });
+}
+
 // The skeleton of SAMPa's update (declaration P) from x with the gradients P::grads, P::grads2:
 // nothing when the step is skipped, else body(chunk, x, g, g2, n) with the launch's dtype as scalar_t.
 template <class P, typename Body>

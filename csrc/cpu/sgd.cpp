@@ -91,25 +91,14 @@ void rank1_restore_sgd_runner(const Launch& l) {
 void shift_restore_sgd_runner(const Launch& l) {
   using P = decl::shift_restore_sgd_;
   const SgdLaunch<P> s(l);
-  bool finite = false;
-  const double shift = norm_scale(l, P::norm, l.s(P::rho), finite);  // not finite: x was not moved
-  for_each_chunk(l.table, [&](const ChunkRef& c) {
-    SAM_DISPATCH_FLOATING(l.dtype, "shift_restore_sgd_", [&] {
-      scalar_t* x = l.table.ptr<scalar_t>(P::params, c.tensor) + c.begin;
-      scalar_t* buf = l.table.ptr<scalar_t>(P::bufs, c.tensor) + c.begin;
-      const int64_t n = c.end - c.begin;
-      if (s.skip) {
-        if (finite) shift_chunk(x, buf, shift, n);
-        return;
-      }
-      const scalar_t* g = l.table.ptr<const scalar_t>(P::grads, c.tensor) + c.begin;
-      dispatch_sgd_flags(s.momentum, s.nesterov, s.init, [&]<bool kM, bool kN, bool kI>() {
-        if (finite) {
-          sgd_chunk<scalar_t, kM, kN, kI, scalar_t, false, true>(x, x, g, buf, s.args, n, nullptr, {}, shift);
-        } else {
-          sgd_chunk<scalar_t, kM, kN, kI>(x, x, g, buf, s.args, n);
-        }
-      });
+  for_each_shift_chunk<P>(l, P::bufs, s.skip, [&](const ChunkRef& c, auto* x, auto* buf, int64_t n, double shift,
+                                                  bool moved) {
+    using scalar_t = std::remove_pointer_t<decltype(x)>;
+    const scalar_t* g = l.table.ptr<const scalar_t>(P::grads, c.tensor) + c.begin;
+    dispatch_sgd_flags(s.momentum, s.nesterov, s.init, [&]<bool kM, bool kN, bool kI>() {
+      if (moved) return sgd_chunk<scalar_t, kM, kN, kI, scalar_t, false, true>(x, x, g, buf, s.args, n, nullptr, {},
+                                                                              shift);
+      sgd_chunk<scalar_t, kM, kN, kI>(x, x, g, buf, s.args, n);
     });
   });
 }

@@ -28,19 +28,9 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(
     old = table.ptr<const scalar_t>(P::x_old, c.tensor);
   }
   scalar_t* m = table.ptr<scalar_t>(P::exp_avgs, c.tensor);
-  bool moved = false;  // kShift: x was moved by s m (a finite norm)
-  opmath_t s = 0;
-  if constexpr (kShift) s = static_cast<opmath_t>(norm_scale(shift.norm, shift.rho, shift.rho_t, moved));
-  if (skip) {  // SAM's restore (MSAM's way back), no update
-    for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kThreads) {
-      if constexpr (kShift) {
-        if (moved) x[i] = shifted<scalar_t, opmath_t>(x[i], m[i], s);
-      } else {
-        x[i] = old[i];
-      }
-    }
-    return;
-  }
+  bool moved;  // kShift: x was moved by s m (a finite norm)
+  const opmath_t s = shift_scale<kShift, opmath_t>(shift, moved);
+  if (skip) return write_restored<kShift>(c, x, old, m, moved, s);  // SAM's restore (MSAM's way back) only
   const scalar_t* g = table.ptr<const scalar_t>(P::grads, c.tensor);
   scalar_t* v = table.ptr<scalar_t>(P::exp_avg_sqs, c.tensor);
   scalar_t* vmax = kAmsgrad ? table.ptr<scalar_t>(P::max_exp_avg_sqs, c.tensor) : nullptr;

@@ -58,6 +58,26 @@ struct ShiftArg {
   const float* rho_t = nullptr;
 };
 
+// The scale of MSAM's way back in a fused update (kShift), and whether x was moved at all (a
+// finite norm); without kShift nothing moved.
+template <bool kShift, typename opmath_t>
+__device__ __forceinline__ opmath_t shift_scale(const ShiftArg& shift, bool& moved) {
+  moved = false;
+  if constexpr (kShift) return static_cast<opmath_t>(norm_scale(shift.norm, shift.rho, shift.rho_t, moved));
+  return opmath_t(0);
+}
+
+// What a skipped fused update writes over its chunk: x_t and no state. SAM's x_old, or (kShift)
+// MSAM's way back x + s d (nothing where x was not moved).
+template <bool kShift, typename scalar_t, typename opmath_t>
+__device__ __forceinline__ void write_restored(const ChunkRef& c, scalar_t* x, const scalar_t* old, const scalar_t* d,
+                                               bool moved, opmath_t s) {
+  if (kShift && !moved) return;
+  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kThreads) {
+    x[i] = kShift ? shifted<scalar_t, opmath_t>(x[i], d[i], s) : old[i];
+  }
+}
+
 #define SAM_CUDA_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 

@@ -30,19 +30,9 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(
   }
   const scalar_t* g = table.ptr<const scalar_t>(P::grads, c.tensor);
   scalar_t* buf = (kMomentum || kShift) ? table.ptr<scalar_t>(P::bufs, c.tensor) : nullptr;
-  bool moved = false;  // kShift: x was moved by s buf (a finite norm)
-  opmath_t s = 0;
-  if constexpr (kShift) s = static_cast<opmath_t>(norm_scale(shift.norm, shift.rho, shift.rho_t, moved));
-  if (skip) {  // SAM's restore (MSAM's way back), no update
-    for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kThreads) {
-      if constexpr (kShift) {
-        if (moved) x[i] = shifted<scalar_t, opmath_t>(x[i], buf[i], s);
-      } else {
-        x[i] = old[i];
-      }
-    }
-    return;
-  }
+  bool moved;  // kShift: x was moved by s buf (a finite norm)
+  const opmath_t s = shift_scale<kShift, opmath_t>(shift, moved);
+  if (skip) return write_restored<kShift>(c, x, old, buf, moved, s);  // SAM's restore (MSAM's way back) only
   args.sign *= load_or(grad_scale, 1.f);
   if (lr != nullptr) args.lr = *lr;  // capturable: the lr of this replay
   for (int64_t base = c.begin + threadIdx.x; base < c.end; base += int64_t(kThreads) * kILP) {
