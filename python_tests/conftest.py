@@ -135,7 +135,8 @@ def _product(ranges):
 # and test_sampa_ops.py) and every optimizer on the C++ and torch backends; the `slow` tier
 # (`make test-slow`; .ci/run runs both) adds what costs minutes there: the optimizers' sequences
 # on the Triton interpreter, the multi-process runs (DDP, FSDP2, SAMPa's ranks, torchrun
-# examples) and the command-line tools end to end.
+# examples) and the command-line tools end to end, and the large size set of the kernel tests on
+# the interpreter (below).
 SLOW_FILES = {"test_fsdp.py", "test_ddp.py", "test_sampa_distributed.py", "test_examples.py", "test_cli.py"}
 TRITON_IN_THE_FAST_TIER = {"test_ops.py", "test_sampa_ops.py", "test_op_registry.py", "test_triton_ptx.py"}
 # ... and nuSAM's primitives, whose kernel tests live beside the optimizer's in test_nusam.py
@@ -148,7 +149,15 @@ def _fast_triton(item) -> bool:
     return name in TRITON_IN_THE_FAST_TIER or (name == "test_nusam.py" and item.name.startswith(NUSAM_PRIMITIVE_TESTS))
 
 
+def _large_through_the_interpreter(item) -> bool:
+    """A kernel test of the large size set (262,147 elements) on the Triton interpreter: seconds
+    each, and nothing the fast tier lacks there (the mixed set's 65,537 already spans 16 Triton
+    chunks and a tail), so it runs in the slow tier."""
+    return "[large-" in item.nodeid and "triton-cpu" in item.nodeid
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name in SLOW_FILES or ("triton" in item.nodeid and not _fast_triton(item)):
+        if (item.path.name in SLOW_FILES or ("triton" in item.nodeid and not _fast_triton(item))
+                or _large_through_the_interpreter(item)):
             item.add_marker(pytest.mark.slow)
