@@ -293,24 +293,155 @@ def test_the_way_back_is_inside_the_update(monkeypatch, base):
     assert not {"restore_sgd_", "restore_adam_"} & set(launches.names)
 
 
-def test_a_moved_parameter_without_a_gradient_comes_back():
+def _group_oracle(model, groups_of, kw, data, no_grad_at=None):
+    """The spec with param groups (SAM-ON): only the perturbed groups' buffers move x (their
+    norm over them); at step `no_grad_at`, params[0] gets no gradient (torch's SGD skips it)."""
+    model = copy.deepcopy(model)
+    params = list(model.parameters())
+    moved, rest = groups_of(params)
+    base = torch.optim.SGD([{"params": moved}, {"params": rest}], **kw)
+    for i, b in enumerate(data):
+        x_t = [p.detach().clone() for p in params]
+        bufs = [base.state[p].get("momentum_buffer") for p in moved]
+        if all(buf is not None for buf in bufs):
+            n = torch.linalg.vector_norm(torch.stack([buf.norm() for buf in bufs]))
+            with torch.no_grad():
+                for p, buf in zip(moved, bufs):
+                    p.sub_(RHO * buf / (n + 1e-12))
+        base.zero_grad()
+        loss_of(model, b).backward()
+        if i == no_grad_at:
+            params[0].grad = None
+        with torch.no_grad():
+            for p, x in zip(params, x_t):
+                p.copy_(x)
+        base.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_a_moved_parameter_without_a_gradient_comes_back(backend, device):
     """A parameter that moved but gets no gradient in the step (frozen after the move, or unused
     in the forward) is put back by shift_ and not stepped, as torch's SGD leaves it; the others
     take the fused way back. Subset perturbation: a group with perturb=False is not moved at all."""
-    model = mlp()
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    model, data = mlp(dtype), batches(3, dtype)
+    kw = dict(lr=0.1, momentum=0.9)
+    want = _group_oracle(model, lambda ps: (ps[:3], ps[3:]), kw, data, no_grad_at=2)
+    model = model.to(device)
     params = list(model.parameters())
     opt = MSAM([{"params": params[:3]}, {"params": params[3:], "perturb": False}], torch.optim.SGD, rho=RHO,
-               lr=0.1, momentum=0.9, backend="cpu")
+               backend=backend, **kw)
+    for i, b in enumerate(data):
+        b = [t.to(device) for t in b]
+        x_t = [p.detach().clone() for p in params]
+        opt.first_step()
+        if i == 2:
+            assert not torch.equal(params[0], x_t[0]) and torch.equal(params[3], x_t[3])  # moved; not moved
+        loss_of(model, b).backward()
+        if i == 2:
+            params[0].grad = None
+        opt.second_step(zero_grad=True)
+    tol = FP64 if dtype == torch.float64 else TRAJECTORY
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.detach().cpu(), w, **tol)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_momentum_set_to_zero_after_construction_is_no_longer_followed(backend, device):
+    """A group's momentum set to 0 between steps: its (stale) buffer no longer moves x, and the
+    step is torch's SGD without momentum from x_t (the first plan's key says the momentum)."""
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    model = mlp(dtype).to(device)
+    data = [[t.to(device) for t in b] for b in batches(3, dtype)]
+    opt = MSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9, backend=backend)
+    for b in data[:2]:
+        opt.first_step()
+        loss_of(model, b).backward()
+        opt.second_step(zero_grad=True)
+    opt.param_groups[0]["momentum"] = 0.0
+    x_t = [p.detach().clone() for p in model.parameters()]
+    opt.first_step()
+    assert all(torch.equal(p, x) for p, x in zip(model.parameters(), x_t))  # not moved
+    loss_of(model, data[2]).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.second_step(zero_grad=True)
+    for p, x, g in zip(model.parameters(), x_t, grads):
+        torch.testing.assert_close(p.detach(), x - 0.1 * g, **(FP64 if dtype == torch.float64 else TRAJECTORY))
+
+
+def test_an_update_that_fails_part_way_leaves_nothing_moved(monkeypatch):
+    """If a fused update raises after another group's went through, the groups not yet back are
+    moved back (x_t within one rounding) and the optimizer can step again."""
+    from sam_kernels.ops import native
+
+    model = mlp()
+    params = list(model.parameters())
+    opt = MSAM([{"params": params[:2]}, {"params": params[2:]}], torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9,
+               backend="cpu")
     data = batches(3)
     for b in data[:2]:
         opt.first_step()
         loss_of(model, b).backward()
         opt.second_step(zero_grad=True)
     x_t = [p.detach().clone() for p in params]
+    real = native.Bound.__call__
+    calls = []
+
+    def failing(self, **kw):
+        if self.prim.name == "shift_restore_sgd_":
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("launch failed")
+        return real(self, **kw)
+
     opt.first_step()
-    assert not torch.equal(params[0], x_t[0]) and torch.equal(params[3], x_t[3])  # moved; not moved
     loss_of(model, data[2]).backward()
-    params[0].grad = None
+    monkeypatch.setattr(native.Bound, "__call__", failing)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        opt.second_step(zero_grad=True)
+    monkeypatch.setattr(native.Bound, "__call__", real)
+    for p, x in zip(params[2:], x_t[2:]):  # the second group: back at x_t, not stepped
+        torch.testing.assert_close(p.detach(), x, **FP64)
+    opt.zero_grad()
+    opt.first_step()  # nothing pending
+    loss_of(model, data[2]).backward()
     opt.second_step(zero_grad=True)
-    torch.testing.assert_close(params[0].detach(), x_t[0], **FP64)  # back, within one rounding; not stepped
-    assert all(not torch.equal(p, x) for p, x in zip(params[1:], x_t[1:]))
+
+
+def test_nonfinite_raise_puts_the_weights_back():
+    model = mlp()
+    opt = MSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9, backend="cpu", nonfinite="raise")
+    data = batches(2)
+    opt.first_step()
+    loss_of(model, data[0]).backward()
+    opt.second_step(zero_grad=True)
+    x_t = [p.detach().clone() for p in model.parameters()]
+    opt.first_step()
+    assert not all(torch.equal(p, x) for p, x in zip(model.parameters(), x_t))
+    loss_of(model, data[1]).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        opt.second_step(zero_grad=True)
+    for p, x in zip(model.parameters(), x_t):
+        torch.testing.assert_close(p.detach(), x, **FP64)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_capturable_keeps_the_rho_of_the_move_for_the_way_back(backend, device):
+    """rho changed between first_step and second_step: the way back takes the move's rho (the
+    capturable step reloads its device scalars in second_step), as the eager step does."""
+    def run(capturable):
+        model = mlp(torch.float32).to(device)
+        opt = MSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9, backend=backend,
+                   capturable=capturable)
+        for i, b in enumerate(batches(4, torch.float32)):
+            b = [t.to(device) for t in b]
+            opt.first_step()
+            loss_of(model, b).backward()
+            opt.param_groups[0]["rho"] = RHO * (2 + i)  # for the next step's move
+            opt.second_step(zero_grad=True)
+        return [p.detach().cpu() for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, **TRAJECTORY)

@@ -52,9 +52,11 @@ class Rank1:
 class Shift:
     """x <- x + s b (MSAM's way back along the momentum b it moved along: the base state's buffer,
     read once with the step), s = rho / (norm + eps); norm: the move's device norm, rho(): the
-    move's rho (a number or a device scalar), read per call."""
+    move's rho (a number or a device scalar), read per call; done(): called once the update is
+    launched (these parameters are back)."""
     norm: torch.Tensor
     rho: Callable
+    done: Callable
 
 
 @dataclass

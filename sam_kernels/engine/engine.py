@@ -306,7 +306,7 @@ class StepEngine:
                 self.base.step()
             return
         if first is not None:
-            first.active = False  # the updates below take the perturbation out
+            first.hand_over()  # the updates below take the perturbation out
         for run in plan.updates + plan.restores + plan.commits:
             run(flags)
 

@@ -39,7 +39,7 @@ class ShiftPass:
 
     def __init__(self, engine, work, device, directions: dict, subtract: bool):
         self.params = [p for _, ps in work for p in ps]
-        self.active = False
+        self.pending: set = set()  # ids of the parameters moved and not yet back
         self.subtract = subtract
         self.directions = directions
         self.moved = {id(group): {id(p) for p in ps} for group, ps in work if ps}  # per group, what moves
@@ -54,20 +54,48 @@ class ShiftPass:
                                         {"params": ps, "directions": [directions[id(p)] for p in ps]}))
                        for group, ps in work if ps]
         self.used = {}  # id(group) -> the rho of its move (the way back takes the same)
+        # a capturable step's rho, kept on the device for the way back (second_step reloads the
+        # groups' device scalars, and a rho changed in between must not change the way back)
+        self._kept_rho = torch.zeros(len(self.shifts), device=device) if engine.capturable and self.shifts else None
+
+    @property
+    def active(self) -> bool:
+        """Whether a parameter is still away from x_t."""
+        return bool(self.pending)
 
     def perturb(self, raise_nonfinite: bool, scale=None) -> None:
         self.norm.norm(self.first_norm)
-        self.used = {id(group): self._rho(group) for group, _ in self.shifts}
+        self.used = {}
+        for i, (group, _) in enumerate(self.shifts):
+            rho = self._rho(group)
+            if isinstance(rho, torch.Tensor):  # a device copy: no host read
+                rho = self._kept_rho[i].copy_(rho)
+            self.used[id(group)] = rho
         for group, run in self.shifts:
             run(norm=self.first_norm, rho=self.used[id(group)], subtract=self.subtract)
-        self.active = True
+        self.pending = {id(p) for p in self.params}
+
+    def hand_over(self) -> None:
+        """The updates take the move out part by part (back_done marks each): nothing to do here."""
+
+    def back_done(self, params) -> None:
+        """`params` are back at x_t (a fused update or restore_left launched for them)."""
+        self.pending.difference_update(id(p) for p in params)
 
     def undo(self) -> None:
-        """x_t back (recomputed: within one rounding), once."""
-        if self.active:
-            for group, run in self.shifts:
+        """x_t back (recomputed: within one rounding) for what is still moved, once."""
+        if not self.pending:
+            return
+        everything = len(self.pending) == len(self.params)
+        for group, run in self.shifts:
+            if everything:
                 run(norm=self.first_norm, rho=self.used[id(group)], subtract=not self.subtract)
-        self.active = False
+                continue
+            left = [p for p in group["params"] if id(p) in self.pending]  # (an update failed part way)
+            if left:
+                ops.shift_([local(p) for p in left], [self.directions[id(p)] for p in left], self.first_norm,
+                           self.used[id(group)], subtract=not self.subtract, backend=self._backend)
+        self.pending = set()
 
     def sources(self, group, ps):
         """The update steps from x itself (x_t, after undo())."""
@@ -101,8 +129,8 @@ class MomentumPass(ShiftPass):
         back, rest = [p for p in ps if id(p) in moved], [p for p in ps if id(p) not in moved]
         out = []
         if back:
-            out.append((Shift(norm=self.first_norm, rho=lambda key=id(group): self.used[key]), back, GradsOf(back),
-                        None))
+            out.append((Shift(norm=self.first_norm, rho=lambda key=id(group): self.used[key],
+                              done=lambda back=back: self.back_done(back)), back, GradsOf(back), None))
         if rest:
             out.append((Restore(x_old=rest), rest, GradsOf(rest), None))
         return out
@@ -115,13 +143,14 @@ class MomentumPass(ShiftPass):
             mine = [p for p in ps if id(p) in left]
             if mine:
                 lists = {"params": mine, "directions": [self.directions[id(p)] for p in mine]}
-                runs.append((id(group), ops.bind("shift_", self._backend, self._device, lists)))
+                runs.append((id(group), mine, ops.bind("shift_", self._backend, self._device, lists)))
         if not runs:
             return None
 
         def run(flags):
-            for key, launch in runs:
+            for key, mine, launch in runs:
                 launch(norm=self.first_norm, rho=self.used[key], subtract=not self.subtract)
+                self.back_done(mine)
         return run
 
 
@@ -130,7 +159,9 @@ class MomentumPerturbation:
 
     @staticmethod
     def group_key(group: dict) -> tuple:
-        return (group["perturb"],)
+        """What decides which parameters a first pass moves: perturb, and (SGD) a momentum set to 0
+        after construction, whose buffer is then no longer followed."""
+        return (group["perturb"], group.get("momentum", 1) != 0)
 
     @staticmethod
     def direction_key(base) -> str:

@@ -151,6 +151,10 @@ class CopyPass:
         """What the direction keeps only if the step is taken (F-SAM's m), run(flags), or None."""
         return self.direction.commit(engine, self, params, device)
 
+    def hand_over(self) -> None:
+        """The fused updates take the perturbation out (they restore x_t): nothing left to undo."""
+        self.active = False
+
     def undo(self) -> None:
         if self.active and self._restore is not None:
             self._restore()

@@ -272,6 +272,10 @@ class Rank1Pass:
             return None
         return lambda flags: self._commit(found_inf=flags.found_inf)
 
+    def hand_over(self) -> None:
+        """The fused updates take the perturbation out (they restore x_t): nothing left to undo."""
+        self.active = False
+
     def undo(self) -> None:
         if self.active and self.params:
             torch.neg(self.scales, out=self.neg_scales)

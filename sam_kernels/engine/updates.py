@@ -90,8 +90,8 @@ def build_update(engine, work, device, sources, guard_classes, restores=(), comm
                 plan.updates.append(lambda flags, run=run, group=group: run(flags.grad_scale, flags.found_inf,
                                                                           lam=group["lam"]))
             elif isinstance(source, Shift):
-                plan.updates.append(lambda flags, run=run, s=source: run(flags.grad_scale, flags.found_inf,
-                                                                       norm=s.norm, rho=s.rho()))
+                plan.updates.append(lambda flags, run=run, s=source: (
+                    run(flags.grad_scale, flags.found_inf, norm=s.norm, rho=s.rho()), s.done()))
             else:
                 plan.updates.append(lambda flags, run=run: run(flags.grad_scale, flags.found_inf))
         moving += ps

@@ -23,7 +23,7 @@ from .base import EngineOptimizer
 
 class SharpnessAwareOptimizer(EngineOptimizer):
     """Subclasses give a perturbation strategy (self.perturbation: build(engine, work, device) ->
-    a first pass with perturb / sources / restore_left / prelude / commit / undo / first_norm /
+    a first pass with perturb / sources / restore_left / prelude / commit / hand_over / undo / first_norm /
     params; prelude and commit take (engine, the parameters with a second gradient, device)).
 
     Subset perturbation (SAM-ON, ALGORITHMS.md "Subset perturbation"): a param group with
