@@ -280,15 +280,22 @@ def test_shift_restore(backend, device, sizes, dtype, family, cfg):
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_shift_restore_with_nonfinite_norm_steps_from_x(backend, device, bad):
+@pytest.mark.parametrize("family", ["sgd", "adam"])
+def test_shift_restore_with_nonfinite_norm_steps_from_x(backend, device, bad, family):
     """A non-finite norm meant no move (shift_ left x as it was): the update steps from x itself."""
-    x, g, b = make([7, 4097], torch.float32, device), make([7, 4097], torch.float32, device), \
-        make([7, 4097], torch.float32, device)
-    x_ref, b_ref = clone_all(x), clone_all(b)
-    ops.shift_restore_sgd_(x, g, b, norm=torch.tensor(bad, device=device), rho=0.05, lr=0.1, momentum=0.9,
-                           backend=backend)
-    ops.restore_sgd_(x_ref, clone_all(x_ref), g, b_ref, lr=0.1, momentum=0.9, backend="torch")
-    for got, want in zip(x + b, x_ref + b_ref):
+    sizes = [7, 4097]
+    x, g, b = make(sizes, torch.float32, device), make(sizes, torch.float32, device), make(sizes, torch.float32, device)
+    v = [t.abs() for t in make(sizes, torch.float32, device, 0.01)]
+    x_ref, b_ref, v_ref = clone_all(x), clone_all(b), clone_all(v)
+    norm = torch.tensor(bad, device=device)
+    if family == "sgd":
+        ops.shift_restore_sgd_(x, g, b, norm=norm, rho=0.05, lr=0.1, momentum=0.9, backend=backend)
+        ops.restore_sgd_(x_ref, clone_all(x_ref), g, b_ref, lr=0.1, momentum=0.9, backend="torch")
+    else:
+        kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, state_steps=step_counts(len(sizes), 3, device))
+        ops.shift_restore_adam_(x, g, b, v, norm=norm, rho=0.05, backend=backend, **kw)
+        ops.restore_adam_(x_ref, clone_all(x_ref), g, b_ref, v_ref, backend="torch", **kw)
+    for got, want in zip(x + b + v, x_ref + b_ref + v_ref):
         assert_close(got, want)
 
 
