@@ -36,23 +36,28 @@ def loss_of(model, b):
     return nn.functional.cross_entropy(model(b[0]), b[1])
 
 
-def oracle(model, base_cls, kw, data, rho=RHO):
-    """The spec in plain torch: the weights after each step."""
+def oracle(model, base_cls, kw, data, rho=RHO, moved=None, no_grad_at=None):
+    """The spec in plain torch: the weights after each step. moved(params) -> (the perturbed
+    group, the others) for subset perturbation (the norm over the perturbed ones; default: all);
+    at step `no_grad_at`, params[0] gets no gradient (torch's step skips it)."""
     model = copy.deepcopy(model)
     params = list(model.parameters())
-    base = base_cls(params, **kw)
+    chosen, rest = moved(params) if moved is not None else (params, [])
+    base = base_cls([{"params": chosen}] + ([{"params": rest}] if rest else []), **kw)
     key = DIRECTION[base_cls]
     out = []
-    for b in data:
-        bufs = [base.state[p].get(key) for p in params]
+    for i, b in enumerate(data):
+        bufs = [base.state[p].get(key) for p in chosen]
         x_t = [p.detach().clone() for p in params]
         if all(buf is not None for buf in bufs):
             n = torch.linalg.vector_norm(torch.stack([buf.norm() for buf in bufs]))
             with torch.no_grad():
-                for p, buf in zip(params, bufs):
+                for p, buf in zip(chosen, bufs):
                     p.sub_(rho * buf / (n + 1e-12))
         base.zero_grad()
         loss_of(model, b).backward()
+        if i == no_grad_at:
+            params[0].grad = None
         with torch.no_grad():
             for p, x in zip(params, x_t):
                 p.copy_(x)
@@ -293,32 +298,6 @@ def test_the_way_back_is_inside_the_update(monkeypatch, base):
     assert not {"restore_sgd_", "restore_adam_"} & set(launches.names)
 
 
-def _group_oracle(model, groups_of, kw, data, no_grad_at=None):
-    """The spec with param groups (SAM-ON): only the perturbed groups' buffers move x (their
-    norm over them); at step `no_grad_at`, params[0] gets no gradient (torch's SGD skips it)."""
-    model = copy.deepcopy(model)
-    params = list(model.parameters())
-    moved, rest = groups_of(params)
-    base = torch.optim.SGD([{"params": moved}, {"params": rest}], **kw)
-    for i, b in enumerate(data):
-        x_t = [p.detach().clone() for p in params]
-        bufs = [base.state[p].get("momentum_buffer") for p in moved]
-        if all(buf is not None for buf in bufs):
-            n = torch.linalg.vector_norm(torch.stack([buf.norm() for buf in bufs]))
-            with torch.no_grad():
-                for p, buf in zip(moved, bufs):
-                    p.sub_(RHO * buf / (n + 1e-12))
-        base.zero_grad()
-        loss_of(model, b).backward()
-        if i == no_grad_at:
-            params[0].grad = None
-        with torch.no_grad():
-            for p, x in zip(params, x_t):
-                p.copy_(x)
-        base.step()
-    return [p.detach().clone() for p in params]
-
-
 @pytest.mark.parametrize("backend,device", backend_cases())
 def test_a_moved_parameter_without_a_gradient_comes_back(backend, device):
     """A parameter that moved but gets no gradient in the step (frozen after the move, or unused
@@ -327,7 +306,7 @@ def test_a_moved_parameter_without_a_gradient_comes_back(backend, device):
     dtype = torch.float64 if backend != "triton" else torch.float32
     model, data = mlp(dtype), batches(3, dtype)
     kw = dict(lr=0.1, momentum=0.9)
-    want = _group_oracle(model, lambda ps: (ps[:3], ps[3:]), kw, data, no_grad_at=2)
+    want = oracle(model, torch.optim.SGD, kw, data, moved=lambda ps: (ps[:3], ps[3:]), no_grad_at=2)[-1]
     model = model.to(device)
     params = list(model.parameters())
     opt = MSAM([{"params": params[:3]}, {"params": params[3:], "perturb": False}], torch.optim.SGD, rho=RHO,
