@@ -260,13 +260,15 @@ def test_capturable_follows_the_eager_trajectory(backend, device):
 
 
 class _Launches:
-    """The kernels the prepared launches run (sam_kernels/ops/native.py), by name."""
+    """The kernels the prepared launches run (sam_kernels/ops/native.py), by name; with fail=(kernel,
+    n), the n-th launch of that kernel raises instead (stop() ends the interception)."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, fail=None):
         from sam_kernels.ops import native
 
         real = native._ops()
         self.names = []
+        self.stop = lambda: monkeypatch.setattr(native, "_ops", lambda: real)
 
         class Ops:
             def __getattr__(_, name):
@@ -274,6 +276,8 @@ class _Launches:
 
             def _launch(_, kernel, *args):
                 self.names.append(kernel)
+                if fail is not None and kernel == fail[0] and self.names.count(kernel) == fail[1]:
+                    raise RuntimeError("launch failed")
                 return real._launch(kernel, *args)
 
         monkeypatch.setattr(native, "_ops", lambda: Ops())
@@ -352,8 +356,6 @@ def test_momentum_set_to_zero_after_construction_is_no_longer_followed(backend, 
 def test_an_update_that_fails_part_way_leaves_nothing_moved(monkeypatch):
     """If a fused update raises after another group's went through, the groups not yet back are
     moved back (x_t within one rounding) and the optimizer can step again."""
-    from sam_kernels.ops import native
-
     model = mlp()
     params = list(model.parameters())
     opt = MSAM([{"params": params[:2]}, {"params": params[2:]}], torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9,
@@ -364,22 +366,12 @@ def test_an_update_that_fails_part_way_leaves_nothing_moved(monkeypatch):
         loss_of(model, b).backward()
         opt.second_step(zero_grad=True)
     x_t = [p.detach().clone() for p in params]
-    real = native.Bound.__call__
-    calls = []
-
-    def failing(self, **kw):
-        if self.prim.name == "shift_restore_sgd_":
-            calls.append(1)
-            if len(calls) == 2:
-                raise RuntimeError("launch failed")
-        return real(self, **kw)
-
     opt.first_step()
     loss_of(model, data[2]).backward()
-    monkeypatch.setattr(native.Bound, "__call__", failing)
+    launches = _Launches(monkeypatch, fail=("shift_restore_sgd_", 2))
     with pytest.raises(RuntimeError, match="launch failed"):
         opt.second_step(zero_grad=True)
-    monkeypatch.setattr(native.Bound, "__call__", real)
+    launches.stop()
     for p, x in zip(params[2:], x_t[2:]):  # the second group: back at x_t, not stepped
         torch.testing.assert_close(p.detach(), x, **FP64)
     opt.zero_grad()

@@ -90,14 +90,21 @@ def build_update(engine, work, device, sources, guard_classes, restores=(), comm
                 plan.updates.append(lambda flags, run=run, group=group: run(flags.grad_scale, flags.found_inf,
                                                                           lam=group["lam"]))
             elif isinstance(source, Shift):
-                plan.updates.append(lambda flags, run=run, s=source: (
-                    run(flags.grad_scale, flags.found_inf, norm=s.norm, rho=s.rho()), s.done()))
+                plan.updates.append(_shift_update(run, source))
             else:
                 plan.updates.append(lambda flags, run=run: run(flags.grad_scale, flags.found_inf))
         moving += ps
     if adapter.family == "adam" and moving:
         plan.steps, plan.steps_mask = engine.counters.vec, engine.counters.mask(moving)
     return plan
+
+
+def _shift_update(run, source: Shift):
+    """MSAM's update: the way back at the move's norm and rho, then its parameters count as back."""
+    def update(flags):
+        run(flags.grad_scale, flags.found_inf, norm=source.norm, rho=source.rho())
+        source.done()
+    return update
 
 
 def plain_sources(grads_of):
