@@ -11,7 +11,7 @@ import torch
 from conftest import EXACT, NUSAM_TRAJECTORY, TRAJECTORY
 from torch import nn
 
-from sam_kernels import FSAM, GSAM, PSAM, SAM, GaussSAM, LookSAM, NuSAM, SAMPa, disable_running_stats, \
+from sam_kernels import FSAM, GSAM, MSAM, PSAM, SAM, GaussSAM, LookSAM, NuSAM, SAMPa, disable_running_stats, \
     enable_running_stats, make_graphed_step
 
 CUDA = torch.cuda.is_available()
@@ -50,6 +50,7 @@ def make(name, model, capturable=True, backend="auto"):
         "psam": lambda: PSAM(ps, torch.optim.SGD, rho=0.05, period=3, **kw),
         "gsam": lambda: GSAM(ps, torch.optim.SGD, rho=0.05, alpha=0.4, **kw),
         "fsam": lambda: FSAM(ps, torch.optim.SGD, rho=0.05, **kw),
+        "msam": lambda: MSAM(ps, torch.optim.SGD, rho=0.3, start_step=2, **kw),  # base, then its one-gradient step
         "looksam": lambda: LookSAM(ps, torch.optim.SGD, rho=0.05, k=3, start_step=2, **kw),  # base, then sam / reuse
         "sampa": lambda: SAMPa(model, loss_fn, torch.optim.SGD, rho=0.05, lam=0.2, parallel="sequential", **kw),
     }[name]()
@@ -60,6 +61,12 @@ def readme_loop(model, opt, data, sched, scaler=None):
     for b in data:
         if isinstance(opt, SAMPa):
             opt.step(b, grad_scaler=scaler)
+        elif opt.step_kind() == "momentum":  # MSAM: the move, then its one forward-backward
+            opt.zero_grad()
+            opt.first_step(grad_scaler=scaler)
+            loss = loss_fn(model, b)
+            (scaler.scale(loss) if scaler else loss).backward()
+            opt.second_step(grad_scaler=scaler)
         elif not opt.sam_step_due:
             opt.zero_grad()
             loss = loss_fn(model, b)
@@ -100,7 +107,7 @@ def _same(model_a, model_b, opt_a, opt_b, exact=True, tol=TRAJECTORY):
     assert all(torch.isfinite(p).all() for p in model_a.parameters())  # the NaN never reached the weights
 
 
-NAMES = ["sam", "asam", "nusam", "gausssam", "psam", "gsam", "fsam", "looksam", "sampa"]
+NAMES = ["sam", "asam", "nusam", "gausssam", "psam", "gsam", "fsam", "msam", "looksam", "sampa"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -173,7 +180,7 @@ def test_graphed_steps_equal_eager_ones(name):
     opt_r, opt_m = make(name, ref), make(name, mine)
     readme_loop(ref, opt_r, data, torch.optim.lr_scheduler.StepLR(opt_r, 4, 0.5))
     step, _ = graphed_loop(mine, opt_m, data, torch.optim.lr_scheduler.StepLR(opt_m, 4, 0.5))
-    assert step.graphed and "sam" in step.graphs
+    assert step.graphed and ("momentum" if name == "msam" else "sam") in step.graphs
     _same(mine, ref, opt_m, opt_r, exact=False)
     if name == "sampa":  # its x~-pass read the previous batch from the graph's second static inputs
         assert opt_m.loss_calls == opt_r.loss_calls

@@ -229,14 +229,36 @@ def test_checkpoint_resumes_bit_for_bit():
         assert torch.equal(p, q)
 
 
-def test_make_graphed_step_refuses_msam():
-    """Its captured step is SAM's two passes: MSAM's would take two gradients."""
+def test_step_kind_and_make_graphed_step_take_one_gradient_per_step():
+    """step_kind() names MSAM's loop ("base" before start_step, then "momentum": the move before the
+    one forward-backward); make_graphed_step (eager on CPU, the same body a graph captures) calls
+    loss_fn once per step and gives the two-step loop's weights bit for bit."""
     from sam_kernels import make_graphed_step
 
-    model = mlp(torch.float32)
-    opt = MSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, capturable=True)
-    with pytest.raises(NotImplementedError, match="MSAM's one forward-backward"):
-        make_graphed_step(model, loss_of, opt, batches(1, torch.float32)[0])
+    data = batches(5, torch.float32)
+    models = [mlp(torch.float32) for _ in range(2)]
+    opts = [MSAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, start_step=2, capturable=True,
+                 backend="cpu") for m in models]
+    kinds = []
+    for b in data:  # the two-step loop
+        kinds.append(opts[0].step_kind())
+        if kinds[-1] == "momentum":
+            opts[0].first_step()
+        loss_of(models[0], b).backward()
+        opts[0].second_step(zero_grad=True) if kinds[-1] == "momentum" else opts[0].base_step(zero_grad=True)
+    assert kinds == ["base", "base", "momentum", "momentum", "momentum"]
+    calls = []
+
+    def counted(model, b):
+        calls.append(1)
+        return loss_of(model, b)
+
+    step = make_graphed_step(models[1], counted, opts[1], data[0])
+    for b in data:
+        step(b)
+    assert len(calls) == len(data) and opts[1].steps == len(data)
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())

@@ -8,8 +8,9 @@ CUDA graph and replayed, so that the host no longer sets the pace of small and m
 
 How a call runs (GraphedStep.__call__):
   - the batch is checked against the example (structure, shapes, dtypes, devices) before anything
-    changes; then, per kind of step (a SAM step or, for PSAM and before start_step, a plain base
-    step, chosen on the host from the optimizer's step counter):
+    changes; then, per kind of step (optimizer.step_kind(): a SAM step, MSAM's one-gradient SAM
+    step, LookSAM's reuse step or, for PSAM and before start_step, a plain base step, chosen on
+    the host from the optimizer's step counter):
   - the first `warmup` calls of a kind are eager steps on a side stream (they build the step
     plans, the optimizer state and the gradients, which keep their addresses from then on:
     zero_grad(set_to_none=False));
@@ -53,12 +54,13 @@ def make_graphed_step(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torc
                       optimizer: EngineOptimizer, example_batch,
                       grad_scaler: torch.amp.GradScaler | None = None, warmup: int = 3,
                       enabled: bool = True) -> "GraphedStep":
-    """A training step `step(batch) -> loss` for `optimizer` (the SAM family, LookSAM, SAMPa; not MSAM),
+    """A training step `step(batch) -> loss` for `optimizer` (every class of sam_kernels/optimizers/),
     captured as a CUDA graph when the parameters are on a CUDA device (see the module docstring).
 
     loss_fn(model, batch) -> the scalar loss (AMP autocast may be used inside; with a graph, pass
     cache_enabled=False to torch.autocast, as torch's graph notes say). The returned loss is the
-    first pass's (at the current weights; SAMPa: its y-pass loss, as SAMPa.step returns).
+    first pass's (at the current weights; SAMPa: its y-pass loss, as SAMPa.step returns; MSAM: its
+    one pass's, at the perturbed point).
     example_batch: a tensor or a (nested) tuple / list / dict of tensors with the shapes, dtypes
     and devices of every batch. grad_scaler: a torch.amp.GradScaler (fp16): the loss is scaled and
     the gradients unscaled inside the step, and scaler.update() runs after each step, without a
@@ -74,7 +76,8 @@ def _describe(path) -> str:
 
 class GraphedStep:
     """The step of make_graphed_step. Attributes: graphed (whether steps are replayed graphs),
-    why_eager (the reason when not), graphs (the captured graphs by kind: "sam", "base")."""
+    why_eager (the reason when not), graphs (the captured graphs by step kind, optimizer.step_kind():
+    "sam", "base", "reuse", "momentum")."""
 
     def __init__(self, model, loss_fn, optimizer, example_batch, grad_scaler, warmup, enabled):
         if not isinstance(model, nn.Module):
@@ -85,9 +88,6 @@ class GraphedStep:
             raise TypeError(f"optimizer must be a sam_kernels optimizer, got {type(optimizer).__name__}")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
-        if type(optimizer).__name__ == "MSAM":  # its one-gradient step is not the two-pass step captured here
-            raise NotImplementedError("make_graphed_step captures the two-pass SAM step: MSAM's one forward-backward "
-                                      "step would run twice; capture opt.step(closure) of a capturable MSAM yourself")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
         leaves, self._spec = pytree.tree_flatten_with_path(example_batch)
@@ -97,7 +97,7 @@ class GraphedStep:
         self.model, self.loss_fn, self.optimizer, self.scaler = model, loss_fn, optimizer, grad_scaler
         self.warmup = warmup
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
-        self._warm = {"sam": 0, "base": 0, "reuse": 0}
+        self._warm = {"sam": 0, "base": 0, "reuse": 0, "momentum": 0}
         self._static: dict[str, tuple] = {}  # kind -> (static input leaves, static loss)
         self._capture_state = None  # what the graphs were captured with (checked before each replay)
         self._sampa = not isinstance(optimizer, SharpnessAwareOptimizer)
@@ -142,6 +142,15 @@ class GraphedStep:
         if kind in ("base", "reuse"):  # one gradient (LookSAM's reuse step is its base_step)
             loss = self._backward(batch)
             opt.base_step(grad_scaler=self.scaler)
+            return loss
+        if kind == "momentum":  # MSAM: the move along the momentum, then its one forward-backward
+            opt.first_step(grad_scaler=self.scaler)
+            try:
+                loss = self._backward(batch)
+            except BaseException:
+                opt.restore()
+                raise
+            opt.second_step(grad_scaler=self.scaler)
             return loss
         enable_running_stats(self.model)
         loss = self._backward(batch)

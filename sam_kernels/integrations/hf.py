@@ -26,7 +26,7 @@ import contextlib
 
 from transformers import Trainer
 
-from ..optimizers import MSAM, SAM
+from ..optimizers import SAM
 from ..optimizers.base import EngineOptimizer
 from .batchnorm import disable_running_stats, enable_running_stats
 
@@ -77,7 +77,7 @@ class SAMTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         opt = _ours(self.optimizer)
-        one_gradient = isinstance(opt, MSAM)
+        one_gradient = opt.step_kind() == "momentum"  # MSAM: the move before the forward
         if one_gradient and not self._window:
             opt.first_step()  # before the window's first forward: x_t - rho b / ||b||
         loss = super().training_step(model, inputs, num_items_in_batch)

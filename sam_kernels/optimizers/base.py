@@ -117,8 +117,11 @@ class EngineOptimizer(Optimizer):
         return self.engine.sam_step_due
 
     def step_kind(self) -> str:
-        """What the next step runs (one plan each, a CUDA graph each): "sam" (a SAM step) or "base"
-        (a plain base step); LookSAM's steps between its SAM steps are "reuse"."""
+        """What the next step runs (one plan each, a CUDA graph each), and so the loop that drives it:
+        "sam" (a SAM step: backward, first_step, backward, second_step), "base" (a plain base step:
+        backward, base_step); LookSAM's steps between its SAM steps are "reuse" (backward,
+        base_step) and MSAM's SAM steps "momentum" (first_step, backward, second_step: its
+        perturbation is known before the forward)."""
         return "sam" if self.sam_step_due else "base"
 
     @property

@@ -67,6 +67,11 @@ class MSAM(SharpnessAwareOptimizer):
     def _first_work(self, where: str):
         return self.perturbation.work(self.engine)
 
+    def step_kind(self) -> str:
+        """"momentum" when a SAM step is due (first_step before the one forward-backward, then
+        second_step), else "base" (before start_step: backward, base_step)."""
+        return "momentum" if self.sam_step_due else "base"
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, grad_scaler=None):
         """One step with `closure` (computes the loss and its gradient; called once, at the
