@@ -2,7 +2,9 @@
 torch/testing/_internal/common_optimizers.py): every class of sam_kernels/optimizers/ with the
 options it is built with here, the options a user may change between steps, and the backends it
 runs on; the base optimizers beside them. A new optimizer gets an entry here and is then checked by
-test_guarantees.py, test_plan_cache.py, test_no_sync.py and test_stateful.py."""
+test_guarantees.py, test_capturable.py, test_plan_cache.py and test_no_sync.py (and gets a machine in
+test_stateful.py, beside an oracle of its step). The loop of each step follows opt.step_kind()
+(gradient_before_first_step below): MSAM's move comes before its one forward-backward."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,10 +24,13 @@ class OptimizerInfo:
     two_pass: bool = True  # first_step / second_step (SAMPa: step(closure) only, built over a model and a loss)
     reads_first_gradient: bool = True  # MSAM perturbs before the forward: a bad first gradient is not its
     restores_exactly: bool = True  # x_t back bit for bit (a copy); False: by recomputing the move, one rounding
+    sgd_momentum: float = 0.0  # given to an SGD base that has none (MSAM perturbs along SGD's momentum)
     backends: list = field(default_factory=backend_cases)  # the (backend, device) cases it runs on here
 
     def make(self, params, base, **kw):
         """The optimizer over params (for SAMPa: a model; then loss_fn= is required) and base."""
+        if self.sgd_momentum and base is torch.optim.SGD:
+            kw.setdefault("momentum", self.sgd_momentum)
         if self.two_pass:
             return self.cls(params, base, **{**self.defaults, **kw})
         loss_fn = kw.pop("loss_fn")
@@ -44,7 +49,7 @@ OPTIM_DB = [
     OptimizerInfo("gausssam", GaussSAM, dict(rho=0.05, seed=3), options=(SUBSET,)),
     OptimizerInfo("psam", PSAM, dict(rho=0.05, period=2), options=(SUBSET,)),
     OptimizerInfo("msam", MSAM, dict(rho=0.3), options=(SUBSET,), reads_first_gradient=False,
-                  restores_exactly=False),
+                  restores_exactly=False, sgd_momentum=0.9),
     OptimizerInfo("gsam", GSAM, dict(rho=0.05, alpha=0.4), options=(SUBSET,)),
     OptimizerInfo("fsam", FSAM, dict(rho=0.05, sigma=1.0, lam=0.9), options=(SUBSET,)),
     # k=2: every other step is a SAM step (as PSAM's period), the others reuse g_v
@@ -52,8 +57,9 @@ OPTIM_DB = [
     OptimizerInfo("sampa", SAMPa, dict(rho=0.05, lam=0.2), options=(("lam", (0.2, 0.7, 0.0, 1.0)),), two_pass=False),
 ]
 BY_NAME = {info.name: info for info in OPTIM_DB}
-TWO_PASS = [info.name for info in OPTIM_DB if info.two_pass and info.reads_first_gradient]  # SAM's two passes
-ONE_GRADIENT = [info.name for info in OPTIM_DB if not info.reads_first_gradient]
+SAM_FAMILY = [info.name for info in OPTIM_DB if info.two_pass]  # the two-step API (first_step / second_step)
+TWO_PASS = [name for name in SAM_FAMILY if BY_NAME[name].reads_first_gradient]  # a gradient before first_step
+ONE_GRADIENT = [name for name in SAM_FAMILY if not BY_NAME[name].reads_first_gradient]  # MSAM: the move comes first
 PERIODIC = ("psam", "looksam")  # SAM steps every other step here (the others: a base or reuse step)
 
 
@@ -84,8 +90,15 @@ def make(name, params, base, **kw):
     return BY_NAME[name].make(params, base, **kw)
 
 
-def class_backend_cases(names=TWO_PASS):
+def class_backend_cases(names=SAM_FAMILY):
     """pytest params (name, backend, device) of every class in `names` on every backend it runs on."""
     import pytest
 
     return [pytest.param(name, *c.values, id=f"{name}-{c.id}") for name in names for c in BY_NAME[name].backends]
+
+
+def gradient_before_first_step(opt) -> bool:
+    """Whether the loop of opt's next step computes a gradient before first_step / base_step:
+    every step kind but MSAM's "momentum", whose move comes before its one forward-backward
+    (opt.step_kind(): docs/guides/training-loops.md)."""
+    return opt.step_kind() != "momentum"

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from conftest import TRAJECTORY, backend_cases, pairwise
-from optim_db import BASES, BY_NAME, FUSED_BASES, TWO_PASS, make
+from optim_db import BASES, BY_NAME, FUSED_BASES, SAM_FAMILY, make
 from test_no_sync import batches, loss_fn, mlp, two_step
 
 from sam_kernels import SAM, SAMPa
@@ -37,7 +37,7 @@ def _run(name, backend, device, base, capturable, steps=6, state=None, start=0):
 
 # every optimizer on every backend, each with both base optimizers somewhere (pairwise, not the product)
 TRAJECTORY_CASES = pairwise(
-    {"name": [(n, n) for n in TWO_PASS], "backend,device": [(c.id, tuple(c.values)) for c in backend_cases()],
+    {"name": [(n, n) for n in SAM_FAMILY], "backend,device": [(c.id, tuple(c.values)) for c in backend_cases()],
      "base": [(b, b) for b in FUSED_BASES]},
     valid=lambda c: c["backend,device"] in {tuple(b.values) for b in BY_NAME[c["name"]].backends})
 

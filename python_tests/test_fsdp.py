@@ -72,7 +72,7 @@ def train(model, opt, rank=0, world=1, counts=None, steps=range(STEPS), scaled=F
         elif rank == 0:
             g._local_tensor[0, 0] = float("nan")
 
-    one_gradient = isinstance(opt, MSAM)  # its gradient is the one at the perturbed point (first_step first)
+    one_gradient = opt.step_kind() == "momentum"  # MSAM: its gradient is at the perturbed point (first_step first)
     for i in steps:
         x, y = data[i]
         x, y = x.chunk(world)[rank], y.chunk(world)[rank]

@@ -12,7 +12,8 @@ import warnings
 import pytest
 import torch
 from conftest import ROUNDING, backend_cases
-from optim_db import BASES, FUSED_BASES, PERIODIC, TWO_PASS, make, restores_exactly
+from optim_db import BASES, BY_NAME, FUSED_BASES, PERIODIC, SAM_FAMILY, gradient_before_first_step, make, \
+    restores_exactly
 from torch import nn
 
 from sam_kernels import SAM, GaussSAM, SAMPa
@@ -36,12 +37,14 @@ def sampa_loss(model, batch):  # module level: a SAMPa holding it can be pickled
 
 
 def two_step(model, opt, batch, poison=None):
-    """One SAM step; poison = (pass, parameter index, value) writes value into that gradient."""
+    """One step through the two-step API; poison = (pass, parameter index, value) writes value into
+    that gradient ("first": the one before first_step, which MSAM's loop does not take)."""
     x, y = batch
     params = list(model.parameters())
-    nn.functional.cross_entropy(model(x), y).backward()
-    if poison and poison[0] == "first":
-        params[poison[1]].grad.view(-1)[0] = poison[2]
+    if gradient_before_first_step(opt):
+        nn.functional.cross_entropy(model(x), y).backward()
+        if poison and poison[0] == "first":
+            params[poison[1]].grad.view(-1)[0] = poison[2]
     opt.first_step(zero_grad=True)
     nn.functional.cross_entropy(model(x), y).backward()
     if poison and poison[0] == "second":
@@ -79,7 +82,7 @@ def assert_same(a, b):
 
 # --- 1. duplicate parameters ---------------------------------------------------------------
 
-@pytest.mark.parametrize("name", TWO_PASS)
+@pytest.mark.parametrize("name", SAM_FAMILY)
 def test_duplicate_parameters_rejected(name):
     model = mlp()
     w = model[0].weight
@@ -114,7 +117,7 @@ def _copies(model, opt):
 
 
 @pytest.mark.parametrize("base", FUSED_BASES)
-@pytest.mark.parametrize("name", TWO_PASS)
+@pytest.mark.parametrize("name", SAM_FAMILY)
 def test_copy_steps_like_the_original(name, base):
     cls, kw = BASES[base]
     model = mlp()
@@ -211,7 +214,7 @@ def test_copy_between_the_two_steps_is_refused():
 # --- 3-5. add_param_group ------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
-@pytest.mark.parametrize("name", TWO_PASS)
+@pytest.mark.parametrize("name", SAM_FAMILY)
 def test_add_param_group_steps_and_round_trips(name, backend, device):
     model = mlp().to(device)
     opt = make(name, model[0].parameters(), torch.optim.AdamW, lr=1e-2, backend=backend)
@@ -268,7 +271,7 @@ def test_add_param_group_sampa():
     ({"betas": (0.9, 1.5)}, r"param_groups\[1\]: AdamW refuses these options: Invalid beta parameter at index 1"),
     ({"eps": -1.0}, r"param_groups\[1\]: AdamW refuses these options: Invalid epsilon value: -1.0"),
 ])
-@pytest.mark.parametrize("name", TWO_PASS)
+@pytest.mark.parametrize("name", SAM_FAMILY)
 def test_add_param_group_validates_before_changing_anything(name, bad, match):
     model = mlp()
     opt = make(name, model[0].parameters(), torch.optim.AdamW, lr=1e-2)
@@ -301,26 +304,33 @@ def test_sampa_sparse_gradient_is_named():
     assert_same(before, [p.detach() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("name", TWO_PASS)
+@pytest.mark.parametrize("name", SAM_FAMILY)
 def test_sparse_gradient_is_named(name):
     emb = nn.Embedding(10, 3, sparse=True)
     lin = nn.Linear(3, 2)
     opt = make(name, [{"params": list(lin.parameters())}, {"params": [emb.weight]}], torch.optim.SGD, lr=0.1)
     lin(emb(torch.tensor([1, 2]))).sum().backward()
     before = [p.detach().clone() for p in (*lin.parameters(), emb.weight)]
-    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\]: sparse gradients"):
+    if not gradient_before_first_step(opt):  # MSAM: the first call that reads it is second_step
         opt.first_step()
+        lin(emb(torch.tensor([1, 2]))).sum().backward()
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\]: sparse gradients"):
+        opt.first_step() if gradient_before_first_step(opt) else opt.second_step()
     assert_same(before, [p.detach() for p in (*lin.parameters(), emb.weight)])
 
 
 # --- 7. any non-finite value, in any gradient, in either pass --------------------------------
 
+WHERE = {"first-weight": ("first", 0), "first-bias": ("first", 3), "second-bias": ("second", 1),
+         "second-weight": ("second", 2)}  # (the gradient: before first_step or at the perturbed point, parameter)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-@pytest.mark.parametrize("where", [("first", 0), ("first", 3), ("second", 1), ("second", 2)],
-                         ids=["first-weight", "first-bias", "second-bias", "second-weight"])
 @pytest.mark.parametrize("backend, device", BACKENDS)
-@pytest.mark.parametrize("name", TWO_PASS)
-def test_nonfinite_anywhere_skips_bit_for_bit(name, backend, device, where, value):
+@pytest.mark.parametrize("name, where", [  # MSAM takes no gradient before first_step
+    pytest.param(name, where, id=f"{name}-{wid}") for name in SAM_FAMILY for wid, where in WHERE.items()
+    if where[0] == "second" or BY_NAME[name].reads_first_gradient])
+def test_nonfinite_anywhere_skips_bit_for_bit(name, where, backend, device, value):
     model = mlp()
     opt = make(name, model.parameters(), torch.optim.AdamW, lr=1e-2, backend=backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
@@ -329,10 +339,11 @@ def test_nonfinite_anywhere_skips_bit_for_bit(name, backend, device, where, valu
         two_step(model, opt, data(3))  # the next step is a SAM step again (PSAM's period, LookSAM's k)
     before = snapshot(model, opt)
     x, y = data(1)
-    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
     params = list(model.parameters())
-    if where[0] == "first":
-        params[where[1]].grad.view(-1)[0] = value
+    if gradient_before_first_step(opt):
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        if where[0] == "first":
+            params[where[1]].grad.view(-1)[0] = value
     opt.first_step(zero_grad=True, grad_scaler=scaler)
     scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
     if where[0] == "second":
@@ -341,7 +352,7 @@ def test_nonfinite_anywhere_skips_bit_for_bit(name, backend, device, where, valu
     scaler.update()
     weights, base_state, ours, steps = snapshot(model, opt)
     if not restores_exactly(name) and where[0] == "second":
-        # perturbed before the bad gradient showed: the move (nuSAM's rank-1 term, LookSAM's) is
+        # perturbed before the bad gradient showed: the move (nuSAM's rank-1 term, LookSAM's, MSAM's) is
         # removed by recomputing it, within one rounding of x_t (no copy of the weights: docs/guides/algorithms.md)
         for w, w0 in zip(weights, before[0]):
             torch.testing.assert_close(w, w0, **ROUNDING)
@@ -383,7 +394,7 @@ def test_nonfinite_anywhere_sampa(where, param):
     (dict(momentum=float("nan")), "momentum"), (dict(weight_decay=float("inf")), "weight_decay"),
     (dict(dampening=float("nan")), "dampening"), (dict(max_grad_norm=float("inf")), "max_grad_norm"),
 ])
-@pytest.mark.parametrize("name", TWO_PASS)
+@pytest.mark.parametrize("name", SAM_FAMILY)
 def test_nonfinite_hyperparameters_rejected(name, kw, match):
     model = mlp()
     kw = {"lr": 0.1, **kw}
@@ -440,7 +451,7 @@ def test_gausssam_seed_from_global_rng():
 
 # --- 10. step(closure) returns the loss -------------------------------------------------------
 
-@pytest.mark.parametrize("name", TWO_PASS)
+@pytest.mark.parametrize("name", SAM_FAMILY)
 def test_step_closure_returns_the_loss(name):
     model = mlp()
     opt = make(name, model.parameters(), torch.optim.SGD, lr=0.1)
@@ -459,10 +470,10 @@ def test_step_closure_returns_the_loss(name):
 
 # --- 11. a base optimizer instance where params go ----------------------------------------------
 
-@pytest.mark.parametrize("name", TWO_PASS)
+@pytest.mark.parametrize("name", SAM_FAMILY)
 def test_base_optimizer_instance_as_params(name):
     model = mlp()
-    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with pytest.raises(TypeError, match=r"pass the base optimizer as base_optimizer= and params=None"):
         make(name, base, torch.optim.SGD)
     opt = make(name, None, base)  # the way that works

@@ -11,7 +11,7 @@ import contextlib
 import pytest
 import torch
 from conftest import backend_cases
-from optim_db import BASES, FUSED_BASES, class_backend_cases, make
+from optim_db import BASES, FUSED_BASES, class_backend_cases, gradient_before_first_step, make
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
@@ -59,25 +59,30 @@ def loss_fn(model, batch):
 
 
 def two_step(model, opt, batch, scaler=None, poison=None, unscale=False, closure=False):
-    """One step of the documented loops; only the optimizer calls run under the mode."""
-    def backward(when):
+    """One step of the documented loops; only the optimizer calls run under the mode. poison:
+    the gradient that gets a NaN, "first" or "second" (MSAM's one gradient is both)."""
+    def backward(*when):
         loss = loss_fn(model, batch)
         (scaler.scale(loss) if scaler else loss).backward()
-        if poison == when:
+        if poison in when:
             model[2].weight.grad[0, 0] = float("nan")
 
     opt.zero_grad()
-    backward("first")
+    if gradient_before_first_step(opt):
+        backward("first")
+        perturbed = ("second",)
+    else:  # MSAM: its one gradient, at the perturbed point
+        perturbed = ("first", "second")
     if closure:
         def fn():
             with _disable_current_modes():  # the closure is the user's code
-                backward("second")
+                backward(*perturbed)
         with no_sync(batch[0].device):
             opt.step(fn, grad_scaler=scaler)
     elif opt.sam_step_due:
         with no_sync(batch[0].device):
             opt.first_step(zero_grad=True, grad_scaler=scaler)
-        backward("second")
+        backward(*perturbed)
         if unscale:  # the clipping recipe: unscale, clip, then step
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -22,7 +22,7 @@ from conftest import backend_cases
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
-from optim_db import BASE_OPTIONS, BASES, BY_NAME, make
+from optim_db import BASE_OPTIONS, BASES, BY_NAME, gradient_before_first_step, make
 from torch import nn
 
 
@@ -134,7 +134,8 @@ class WarmEqualsFresh(RuleBasedStateMachine):
                 return loss
             return opt.step(closure)
         opt.zero_grad()
-        self.loss(model, batch).backward()
+        if gradient_before_first_step(opt):  # (MSAM moves first, then takes its one gradient)
+            self.loss(model, batch).backward()
         if not opt.sam_step_due:
             return opt.base_step(zero_grad=True)
         opt.first_step(zero_grad=True)

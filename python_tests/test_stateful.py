@@ -4,9 +4,10 @@ load and deepcopy mid-run, add_param_group, parameters without a gradient, resto
 exceptions. The gradients are the test's inputs (not a model's), so every step has an oracle in
 plain torch: the weights after a step are torch.optim's base step from x_t with the second
 gradient (unscaled, clipped like clip_grad_norm_), the perturbation is the class's (SAM's
-rho g / ||g||, ASAM's, a unit Gaussian direction, nuSAM's rank-1 terms), and a step with any
-non-finite gradient leaves weights and state as they were, counted in skipped_steps, the scaler
-backing off. After each action the weights, the base state and the counters are compared."""
+rho g / ||g||, ASAM's, a unit Gaussian direction, nuSAM's rank-1 terms, MSAM's -rho b / ||b|| along
+the base's momentum), and a step with any non-finite gradient leaves weights and state as they
+were, counted in skipped_steps, the scaler backing off. After each action the weights, the base
+state and the counters are compared."""
 from __future__ import annotations
 
 import copy
@@ -101,7 +102,7 @@ def check_close(actual, expected, what):
 
 def perturbation_ok(name, xs, ps, g1):
     """The first step's displacement e = x - x_t is the class's perturbation of the direction g1
-    (the gradient; F-SAM's d)."""
+    (the gradient; F-SAM's d; MSAM's momentum)."""
     es = [p.detach() - x for p, x in zip(ps, xs)]
     if name in ("sam", "psam", "gsam", "fsam", "looksam"):
         n = torch.linalg.vector_norm(torch.stack([g.norm() for g in g1]))
@@ -112,6 +113,10 @@ def perturbation_ok(name, xs, ps, g1):
         n = torch.linalg.vector_norm(torch.stack([(ti * g).norm() for ti, g in zip(t, g1)]))
         for e, ti, g in zip(es, t, g1):
             check_close(e, RHO * ti * ti * g / n, "ASAM's perturbation")
+    elif name == "msam":  # g1 is the base's momentum before the step: -rho b / ||b|| (none yet: no move)
+        n = torch.linalg.vector_norm(torch.stack([b.norm() for b in g1]))
+        for e, b in zip(es, g1):
+            check_close(e, -RHO * b / n if n > 0 else torch.zeros_like(b), "MSAM's perturbation")
     elif name == "gausssam":
         n = torch.linalg.vector_norm(torch.stack([e.norm() for e in es]))
         check_close(n, torch.tensor(RHO), "GaussSAM's radius")
@@ -162,6 +167,13 @@ class TwoStepMachine(RuleBasedStateMachine):
         for i, p in enumerate(self.params[:self.live]):
             p.grad = None if i in missing else grads[i].clone()
 
+    def _momentum(self) -> list:
+        """MSAM's direction: the base's momentum per live parameter (zeros where it has none yet)."""
+        key = "exp_avg" if self.base.startswith("adam") else "momentum_buffer"
+        state = self.opt.base_optimizer.state
+        return [state[p][key].detach().clone() if p in state and key in state[p] else torch.zeros_like(p)
+                for p in self.params[:self.live]]
+
     def _scale(self) -> float:
         return self.scaler.get_scale() if self.scaler is not None else 1.0
 
@@ -192,12 +204,14 @@ class TwoStepMachine(RuleBasedStateMachine):
             g1[where].view(-1)[0] = value
         if poison == "second" and where not in missing:
             g2[where].view(-1)[0] = value
+        reads_first = BY_NAME[self.name].reads_first_gradient  # (MSAM's first_step reads no gradient)
+        direction = self._momentum() if not reads_first else \
+            self.variant.direction(g1) if self.variant is not None else g1
         self._set([g * scale for g in g1])
         self.opt.first_step(zero_grad=True, grad_scaler=self.scaler)
-        bad = (due and poison == "first") or (poison == "second" and where not in missing)
+        bad = (due and poison == "first" and reads_first) or (poison == "second" and where not in missing)
         if due and not bad and poison != "first":
-            perturbation_ok(self.name, xs, self.params[:self.live],
-                            self.variant.direction(g1) if self.variant is not None else g1)
+            perturbation_ok(self.name, xs, self.params[:self.live], direction)
         self._set([g * scale for g in g2], missing)
         self.opt.second_step(zero_grad=True, grad_scaler=self.scaler)
         self.steps += 1
@@ -334,6 +348,8 @@ test_gsam_sgd_nesterov_cpu = machine("gsam", "sgd-nesterov", "cpu", clip=1.0)
 test_fsam_adamw_cpu = machine("fsam", "adamw", "cpu")
 test_looksam_sgd_torch = machine("looksam", "sgd", "torch", clip=0.5)
 test_looksam_adam_amsgrad_cpu = machine("looksam", "adam-amsgrad", "cpu")
+test_msam_sgd_nesterov_cpu = machine("msam", "sgd-nesterov", "cpu", clip=0.5)
+test_msam_adam_amsgrad_torch = machine("msam", "adam-amsgrad", "torch")
 
 
 # --- SAMPa: its own gradients (through the model); two backends side by side ---------------------
