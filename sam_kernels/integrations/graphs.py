@@ -194,7 +194,10 @@ class GraphedStep:
         kind = self._kind()
         if kind not in self.graphs:
             if self._warm[kind] < self.warmup:
-                self._warm[kind] += 1
+                if not (kind == "momentum" and self.optimizer.steps == 0):
+                    # MSAM's step 0 has no momentum to move along (e_0 = 0) and no gradients yet:
+                    # its plans are not those of later steps, so it does not count as a warm-up
+                    self._warm[kind] += 1
                 return self._side_stream(lambda: self._eager(batch))
             self._capture(kind)
         self._check_unchanged()
