@@ -59,7 +59,6 @@ OPTIM_DB = [
 BY_NAME = {info.name: info for info in OPTIM_DB}
 SAM_FAMILY = [info.name for info in OPTIM_DB if info.two_pass]  # the two-step API (first_step / second_step)
 TWO_PASS = [name for name in SAM_FAMILY if BY_NAME[name].reads_first_gradient]  # a gradient before first_step
-ONE_GRADIENT = [name for name in SAM_FAMILY if not BY_NAME[name].reads_first_gradient]  # MSAM: the move comes first
 PERIODIC = ("psam", "looksam")  # SAM steps every other step here (the others: a base or reuse step)
 
 

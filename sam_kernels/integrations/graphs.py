@@ -32,6 +32,7 @@ interface; `step.graphed` says which and `step.why_eager` why.
 """
 from __future__ import annotations
 
+import collections
 import warnings
 from typing import Any, Callable
 
@@ -97,7 +98,7 @@ class GraphedStep:
         self.model, self.loss_fn, self.optimizer, self.scaler = model, loss_fn, optimizer, grad_scaler
         self.warmup = warmup
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
-        self._warm = {"sam": 0, "base": 0, "reuse": 0, "momentum": 0}
+        self._warm: collections.Counter[str] = collections.Counter()  # eager warm-up steps taken, per step kind
         self._static: dict[str, tuple] = {}  # kind -> (static input leaves, static loss)
         self._capture_state = None  # what the graphs were captured with (checked before each replay)
         self._sampa = not isinstance(optimizer, SharpnessAwareOptimizer)
